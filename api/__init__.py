@@ -1,0 +1,28 @@
+"""inferq's HTTP API: a Flask app factory and one blueprint per area."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from api import auth, catalog, errors, extensions, health, jobs, openapi, stream
+from api.config import DEFAULTS
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """Build the API. Settings come from ``INFERQ_``-prefixed environment variables
+    (plus ``REDIS_URL``), overridden by ``test_config``."""
+    app = Flask(__name__)
+    app.config.from_mapping(DEFAULTS)
+    app.config.from_prefixed_env("INFERQ")
+    if test_config:
+        app.config.from_mapping(test_config)
+    app.json.sort_keys = False
+    logging.getLogger(__name__).debug("inferq api on %s", app.config["REDIS_URL"])
+
+    extensions.init_app(app)
+    errors.init_app(app)
+    auth.init_app(app)
+    for bp in (health.bp, jobs.bp, stream.bp, catalog.bp, openapi.bp):
+        app.register_blueprint(bp)
+    return app

@@ -1,0 +1,105 @@
+"""Submitting, inspecting and cancelling jobs."""
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import Blueprint, current_app, jsonify, request, url_for
+from rq.exceptions import InvalidJobOperation
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from api.extensions import resources
+from queue_schema import jobs, keys, registry
+from queue_schema.errors import ErrorCode, InferqError
+from queue_schema.events import End
+from queue_schema.operations import InferOperation, JobAccepted, parse_operation
+
+log = logging.getLogger(__name__)
+bp = Blueprint("jobs", __name__)
+
+
+def submit(op: InferOperation) -> tuple[str, dict]:
+    """Check the model and the queue bound, then enqueue. Shared with the OpenAI routes."""
+    res = resources()
+    model = registry.model_info(res.redis, op.model)
+    if model is None:
+        raise InferqError(ErrorCode.MODEL_NOT_FOUND, f"no worker serves a model named {op.model!r}; "
+                          "see GET /v1/models")
+    bound = min(model.queue_depth, int(current_app.config["MAX_QUEUE_DEPTH"]))
+    if jobs.depth(res.redis, op.model) >= bound:
+        raise InferqError(ErrorCode.QUEUE_FULL, f"the queue for {op.model} is full ({bound} jobs); retry later",
+                          retriable=True, headers={"Retry-After": "5"})
+    job_id, queued = jobs.enqueue_infer(res.redis, res.eventlog, op)
+    log.info("job %s queued for %s at position %d", job_id, op.model, queued.position)
+    return job_id, queued.model_dump()
+
+
+def _accepted(job_id: str):
+    body = JobAccepted(job_id=job_id, sse_url=url_for("stream.job_stream", job_id=job_id),
+                       status_url=url_for("jobs.get_job", job_id=job_id))
+    return jsonify(body.model_dump()), 202, {"Location": body.status_url}
+
+
+@bp.post("/v1/jobs")
+def create_job():
+    op = parse_operation(request.get_data())
+    job_id, _ = submit(op)
+    return _accepted(job_id)
+
+
+@bp.post("/v1/inference")
+def create_inference():
+    """Deprecated alias of ``POST /v1/jobs``; ``operation`` may be left out."""
+    op = parse_operation(request.get_data(), default_operation="infer")
+    job_id, _ = submit(op)
+    response, status, headers = _accepted(job_id)
+    headers.update({"Deprecation": "true", "Link": '</v1/jobs>; rel="successor-version"'})
+    return response, status, headers
+
+
+def _view_or_404(job_id: str) -> jobs.JobView:
+    res = resources()
+    view = jobs.view(res.redis, res.eventlog, job_id)
+    if view is None:
+        raise InferqError(ErrorCode.JOB_NOT_FOUND, f"no job {job_id!r} (unknown, or its log expired)")
+    return view
+
+
+@bp.get("/v1/jobs/<job_id>")
+def get_job(job_id: str):
+    return jsonify(_view_or_404(job_id).to_dict())
+
+
+@bp.delete("/v1/jobs/<job_id>")
+def cancel_job(job_id: str):
+    """Cancel: a queued job at once, a running one cooperatively (the worker stops between tokens)."""
+    res = resources()
+    view = _view_or_404(job_id)
+    if view.terminal is not None or view.state in ("finished", "failed", "cancelled"):
+        raise InferqError(ErrorCode.JOB_FINISHED, f"job {job_id} already ended ({view.state})")
+    # The flag covers a job a worker is about to take; the message reaches one already running.
+    pipe = res.redis.pipeline(transaction=False)
+    pipe.set(keys.job_cancel(job_id), 1, ex=24 * 3600)
+    pipe.publish(keys.CANCEL_CHANNEL, job_id)
+    pipe.execute()
+    if view.state == "queued" and _cancel_queued(job_id):
+        log.info("job %s cancelled while queued", job_id)
+        return jsonify(job_id=job_id, state="cancelled")
+    log.info("job %s: cancel requested while running", job_id)
+    return jsonify(job_id=job_id, state="cancelling"), 202
+
+
+def _cancel_queued(job_id: str) -> bool:
+    """End a queued job's stream ourselves; False if a worker got to it first."""
+    res = resources()
+    try:
+        Job.fetch(job_id, connection=res.redis, serializer=JSONSerializer).cancel()
+    except InvalidJobOperation:
+        pass
+    event = End(job_id=job_id, seq=res.eventlog.next_seq(job_id), tokens_out=0, decode_time_ms=0,
+                stop_reason="cancelled", text="")
+    try:
+        return res.eventlog.append(event)
+    except redis.ResponseError:  # the seq was taken: a worker started it meanwhile
+        return False

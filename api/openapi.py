@@ -1,0 +1,79 @@
+"""The OpenAPI document, built from the pydantic contract so it cannot drift."""
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from queue_schema.events import event_json_schema
+from queue_schema.operations import InferOperation, JobAccepted
+
+bp = Blueprint("openapi", __name__)
+
+_ERROR = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
+        "code": {"type": "string"}, "message": {"type": "string"},
+        "errors": {"type": "array", "items": {"type": "object", "properties": {
+            "field": {"type": "string"}, "constraint": {"type": "string"}, "message": {"type": "string"}}}}}}},
+}
+_JOB_ID = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+
+
+def _json(ref: str) -> dict:
+    return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+
+
+def _errors(*statuses: int) -> dict:
+    return {str(s): {"description": "error", **_json("Error")} for s in statuses}
+
+
+def _schemas() -> dict:
+    schemas = {"Error": _ERROR}
+    for name, model in (("InferOperation", InferOperation), ("JobAccepted", JobAccepted)):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[name] = schema
+    events = event_json_schema()
+    for name, sub in events.pop("$defs", {}).items():
+        schemas[f"Event{name}"] = sub
+    return schemas
+
+
+def document() -> dict:
+    submit = {"requestBody": {"required": True, **_json("InferOperation")},
+              "responses": {"202": {"description": "accepted", **_json("JobAccepted")},
+                            **_errors(400, 401, 404, 422, 503)}}
+    job_obj = {"description": "job state", "content": {"application/json": {"schema": {"type": "object"}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "inferq", "version": "0.1.0",
+                 "description": "A job-queue worker pool for GGUF language models."},
+        "paths": {
+            "/v1/jobs": {"post": {"summary": "Submit an operation", **submit}},
+            "/v1/inference": {"post": {"summary": "Deprecated alias of POST /v1/jobs", "deprecated": True,
+                                       **submit}},
+            "/v1/jobs/{job_id}": {
+                "get": {"summary": "Job state, position, result and timings", "parameters": _JOB_ID,
+                        "responses": {"200": job_obj, **_errors(401, 404, 503)}},
+                "delete": {"summary": "Cancel a job", "parameters": _JOB_ID,
+                           "responses": {"200": job_obj, "202": job_obj, **_errors(401, 404, 409, 503)}}},
+            "/v1/jobs/{job_id}/stream": {"get": {
+                "summary": "The job's events as Server-Sent Events (id = seq, event = type)",
+                "parameters": _JOB_ID + [{"name": "Last-Event-ID", "in": "header", "required": False,
+                                          "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "event stream",
+                                      "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                              **_errors(401, 404, 422, 503)}}},
+            "/v1/models": {"get": {"summary": "Served models", "responses": {"200": job_obj, **_errors(401, 503)}}},
+            "/v1/workers": {"get": {"summary": "Live workers", "responses": {"200": job_obj, **_errors(401, 503)}}},
+            "/health": {"get": {"summary": "Process alive", "responses": {"200": job_obj}}},
+            "/ready": {"get": {"summary": "Redis answers and a worker serves a model",
+                               "responses": {"200": job_obj, "503": job_obj}}},
+        },
+        "components": {"schemas": _schemas(),
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+@bp.get("/openapi.json")
+def openapi_json():
+    return jsonify(document())

@@ -1,0 +1,266 @@
+"""The ``inferq`` command line."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from inferq import logs
+from inferq.client import ApiError, ApiUnreachable, Client
+
+DATA_DIR = os.environ.get("INFERQ_DATA_DIR", ".inferq")
+
+
+def _model_arg(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise click.BadParameter("expected NAME=PATH, for example --model tiny=models/tiny.gguf")
+    return name, path
+
+
+def _client(ctx: click.Context) -> Client:
+    return Client(ctx.obj.get("api_url"))
+
+
+def _fail(message: str):
+    raise click.ClickException(message)
+
+
+class _Group(click.Group):
+    """Turns the errors every command can meet into one clear line."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ApiUnreachable as exc:
+            _fail(f"{exc} (is `inferq up` or `inferq api` running? set INFERQ_API_URL)")
+        except ApiError as exc:
+            _fail(f"API error {exc.status} {exc.code}: {exc.message}")
+
+
+@click.group(cls=_Group)
+@click.option("--api-url", envvar="INFERQ_API_URL", default=None, help="API base URL (env INFERQ_API_URL).")
+@click.option("--log-level", envvar="INFERQ_LOG_LEVEL", default="INFO", show_default=True)
+@click.pass_context
+def main(ctx, api_url, log_level):
+    """inferq: a job-queue worker pool for GGUF language models.
+
+    \b
+    inferq up                                # Redis + API + a demo worker
+    inferq submit "def fib(n):" --model demo # stream a job to the terminal
+    """
+    logs.setup(log_level)
+    ctx.obj = {"api_url": api_url}
+
+
+def _ensure_demo_model() -> tuple[str, str]:
+    from inferq.testmodel import make_llama_gguf
+
+    path = Path(DATA_DIR) / "models" / "demo.gguf"
+    if not path.exists():
+        make_llama_gguf(path, "tiny", seed=0)
+    return "demo", str(path)
+
+
+@main.command()
+@click.option("--model", "models", multiple=True, type=_model_arg, help="NAME=PATH; repeat for more workers.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--backend", default="auto", show_default=True)
+@click.option("--gpu-layers", default=0, show_default=True)
+@click.option("--threads", default=0, help="Threads per worker (0: share the cores).")
+@click.option("--redis-url", envvar="REDIS_URL", default=None,
+              help="Use this Redis; unset: start an embedded redis-server (env REDIS_URL).")
+def up(models, host, port, backend, gpu_layers, threads, redis_url):
+    """Run the whole stack on this machine until Ctrl-C.
+
+    \b
+    inferq up                                   # demo model
+    inferq up --model llama=models/llama.gguf --port 9000
+    """
+    from inferq.stack import Stack, StackError, WorkerArgs
+
+    models = list(models) or [_ensure_demo_model()]
+    for name, path in models:
+        _check_model_path(path)
+    share = threads or max(1, (os.cpu_count() or 1) // len(models))
+    stack = Stack([WorkerArgs(n, p, backend, gpu_layers, share) for n, p in models], host, port, DATA_DIR, redis_url)
+    try:
+        stack.start()
+        click.echo(f"inferq is up: API {stack.api_url}  models: {', '.join(n for n, _ in models)}  "
+                   f"redis: {stack.redis_url}")
+        click.echo(f"try: inferq submit \"def \" --model {models[0][0]}   (Ctrl-C to stop)")
+        stack.wait()
+    except StackError as exc:
+        _fail(str(exc))
+    finally:
+        click.echo("stopping inferq ...", err=True)
+        stack.stop()
+
+
+@main.command()
+@click.option("--model", "model", default=None, type=_model_arg, help="NAME=PATH (default: the demo model).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--max-tokens", default=64, show_default=True)
+@click.argument("prompt", default="def ")
+def demo(model, port, max_tokens, prompt):
+    """Start the stack, stream one job to the terminal, and stop.
+
+    \b
+    inferq demo "import "
+    """
+    from inferq.stack import Stack, StackError, WorkerArgs
+
+    name, path = model or _ensure_demo_model()
+    stack = Stack([WorkerArgs(name, path, threads=os.cpu_count() or 1)], port=port, data_dir=DATA_DIR,
+                  redis_url=os.environ.get("REDIS_URL"))
+    try:
+        stack.start()
+        click.echo(f"stack up at {stack.api_url}; streaming a job for model {name!r}:", err=True)
+        code = _stream_job(Client(stack.api_url), prompt, name, dict(max_tokens=max_tokens, temperature=0.0),
+                           as_json=False)
+    except StackError as exc:
+        _fail(str(exc))
+    finally:
+        stack.stop()
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--workers", default=1, show_default=True, help="gunicorn processes (gevent).")
+def api(host, port, workers):
+    """Serve the HTTP API with gunicorn + gevent (reads REDIS_URL, INFERQ_API_TOKENS)."""
+    os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--workers",
+                               str(workers), "--bind", f"{host}:{port}", "api.wsgi:app"])
+
+
+def _check_model_path(path: str) -> None:
+    from worker.backends import ModelLoadError, check_model_file
+
+    try:
+        check_model_file(path)
+    except ModelLoadError as exc:
+        _fail(exc.message)
+
+
+@main.command()
+@click.option("--model", "model", required=True, type=_model_arg, help="NAME=PATH of the GGUF file to serve.")
+@click.option("--backend", default="auto", show_default=True, help="auto | ctransformers")
+@click.option("--gpu-layers", default=0, show_default=True, help="Layers to offload to the GPU.")
+@click.option("--threads", default=0, show_default=True, help="CPU threads (0: all cores).")
+@click.option("--ctx-size", default=0, show_default=True, help="Context length (0: the model's).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
+@click.option("--queue-depth", default=1000, show_default=True, help="Queued jobs past which the API answers 503.")
+@click.option("--burst", is_flag=True, help="Quit when the queues are empty.")
+@click.option("--redis-url", envvar="REDIS_URL", default="redis://127.0.0.1:6379/0", show_default=True)
+def worker(model, backend, gpu_layers, threads, ctx_size, device, queue_depth, burst, redis_url):
+    """Load one model and run its jobs until SIGTERM/Ctrl-C (the running job finishes first).
+
+    \b
+    inferq worker --model tiny=models/tiny.gguf --threads 2
+    """
+    from worker.backends import LoadOptions
+    from worker.main import WorkerStartError, run_worker
+    from worker.runtime import ModelSpec
+
+    name, path = model
+    _check_model_path(path)
+    spec = ModelSpec(name, path, backend, LoadOptions(threads=threads, gpu_layers=gpu_layers, ctx_size=ctx_size),
+                     device, queue_depth)
+    try:
+        run_worker(redis_url, spec, burst=burst)
+    except WorkerStartError as exc:
+        _fail(str(exc))
+
+
+def _stream_job(client: Client, prompt: str, model: str, fields: dict, as_json: bool) -> int:
+    accepted = client.submit(prompt, model=model, **fields)
+    job_id = accepted["job_id"]
+    if not as_json:
+        click.echo(f"job {job_id}", err=True)
+    start, first = time.monotonic(), None
+    for event in client.events(job_id):
+        if as_json:
+            click.echo(json.dumps(event))
+        elif event["type"] == "queued" and event["position"] > 0:
+            click.echo(f"queued at position {event['position']}", err=True)
+        elif event["type"] == "token":
+            first = first or time.monotonic()
+            click.echo(event["t"], nl=False)
+        elif event["type"] == "end":
+            ttft = f"{(first - start) * 1000:.0f} ms" if first else "-"
+            click.echo("")
+            click.echo(f"[{event['tokens_out']} tokens, {event['stop_reason']}, TTFT {ttft}, "
+                       f"{event['decode_time_ms']} ms decoding]", err=True)
+        elif event["type"] == "error":
+            click.echo(f"\nerror {event['code']}: {event['message']}", err=True)
+            return 1
+    return 0
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--model", required=True, help="Model name a worker serves.")
+@click.option("--max-tokens", default=256, show_default=True)
+@click.option("--temperature", default=0.8, show_default=True)
+@click.option("--seed", default=-1, show_default=True)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--priority", type=click.Choice(["high", "normal", "low"]), default="normal", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print every event as a JSON line.")
+@click.pass_context
+def submit(ctx, prompt, model, max_tokens, temperature, seed, stop, priority, as_json):
+    """Submit a prompt and stream the tokens to the terminal.
+
+    \b
+    inferq submit "def fib(n):" --model demo --max-tokens 64
+    inferq submit "hello" --model demo --json
+    """
+    fields = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, stop=list(stop), priority=priority)
+    sys.exit(_stream_job(_client(ctx), prompt, model, fields, as_json))
+
+
+@main.command()
+@click.argument("job_id")
+@click.pass_context
+def status(ctx, job_id):
+    """Show a job's state, position, result and timings as JSON."""
+    click.echo(json.dumps(_client(ctx).status(job_id), indent=2))
+
+
+@main.command()
+@click.argument("job_id")
+@click.pass_context
+def cancel(ctx, job_id):
+    """Cancel a queued or running job."""
+    click.echo(json.dumps(_client(ctx).cancel(job_id)))
+
+
+@main.command()
+@click.pass_context
+def models(ctx):
+    """List the models live workers serve."""
+    for m in _client(ctx).models():
+        click.echo(f"{m['id']}\tworkers={m['workers']}\tqueued={m['queued']}\tcontext={m['context_length']}"
+                   f"\tbackend={m['backend']}")
+
+
+@main.command("make-test-model")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--shape", type=click.Choice(["tiny", "slow", "small"]), default="tiny", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def make_test_model(path, shape, seed):
+    """Write the tiny random-weight llama GGUF the tests use.
+
+    \b
+    inferq make-test-model models/tiny.gguf
+    """
+    from inferq.testmodel import make_llama_gguf
+
+    out = make_llama_gguf(path, shape, seed=seed)
+    click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")

@@ -1,0 +1,103 @@
+"""A small Python client for the inferq HTTP API, streaming included."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import requests
+
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class ApiUnreachable(Exception):
+    pass
+
+
+class Client:
+    def __init__(self, base_url: str | None = None, token: str | None = None, timeout: float = 10.0):
+        self.base_url = (base_url or os.environ.get("INFERQ_API_URL") or DEFAULT_API_URL).rstrip("/")
+        if token is None:
+            token = (os.environ.get("INFERQ_API_TOKENS") or "").split(",")[0].strip() or None
+        self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        self.timeout = timeout
+
+    def _request(self, method: str, path: str, **kwargs) -> requests.Response:
+        try:
+            resp = self.session.request(method, self.base_url + path, timeout=kwargs.pop("timeout", self.timeout),
+                                        **kwargs)
+        except requests.ConnectionError:
+            raise ApiUnreachable(f"cannot reach the inferq API at {self.base_url}") from None
+        if resp.status_code >= 400:
+            try:
+                err = resp.json()["error"]
+                code, message = err.get("code", str(resp.status_code)), err.get("message", "")
+            except (ValueError, KeyError, TypeError):
+                code, message = str(resp.status_code), resp.text[:200]
+            raise ApiError(resp.status_code, code, message)
+        return resp
+
+    def submit(self, prompt: str | None = None, model: str = "demo", **fields) -> dict:
+        body = {"operation": "infer", "model": model, **fields}
+        if prompt is not None:
+            body["prompt"] = prompt
+        return self._request("POST", "/v1/jobs", json=body).json()
+
+    def status(self, job_id: str) -> dict:
+        return self._request("GET", f"/v1/jobs/{job_id}").json()
+
+    def cancel(self, job_id: str) -> dict:
+        return self._request("DELETE", f"/v1/jobs/{job_id}").json()
+
+    def models(self) -> list[dict]:
+        return self._request("GET", "/v1/models").json()["data"]
+
+    def workers(self) -> list[dict]:
+        return self._request("GET", "/v1/workers").json()["workers"]
+
+    def events(self, job_id: str, last_event_id: int | None = None, reconnects: int = 5) -> Iterator[dict]:
+        """Yield the job's events until ``end``/``error``; reconnects with Last-Event-ID on a dropped stream."""
+        while True:
+            headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+            try:
+                resp = self._request("GET", f"/v1/jobs/{job_id}/stream", headers=headers, stream=True,
+                                     timeout=(self.timeout, 60))
+                for event in parse_sse(resp.iter_lines(chunk_size=None)):
+                    data = json.loads(event["data"])
+                    last_event_id = data["seq"]
+                    yield data
+                    if data["type"] in ("end", "error"):
+                        return
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, ApiUnreachable):
+                if reconnects <= 0:
+                    raise
+                reconnects -= 1
+
+
+def parse_sse(lines) -> Iterator[dict]:
+    """SSE lines (bytes) to events: dicts with ``event``, ``id`` and ``data``."""
+    event: dict = {}
+    data: list[str] = []
+    for raw in lines:
+        line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        if not line:
+            if data:
+                yield {**event, "data": "\n".join(data)}
+            event, data = {}, []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            data.append(value)
+        elif name in ("event", "id", "retry"):
+            event[name] = value

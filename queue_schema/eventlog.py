@@ -1,0 +1,124 @@
+"""The event log: each job's events in a Redis Stream, relayed live on pub/sub.
+
+``append`` writes an event to the job's stream *and* publishes it on the job's
+channel in one round trip (a Lua script, so a rejected write is never
+published). The stream entry id is ``<seq>-1``: Redis refuses an id that is not
+larger than the last one, so two writers can never give two events one seq,
+and a replay from a given seq is a plain XRANGE. Terminal events carry a
+``closed`` field and the script refuses any write after one, so a job's
+stream ends with exactly one ``end`` or ``error`` even when the API (cancel)
+and a worker race.
+
+The published message is flask-sse's message format (``data``, ``type``,
+``id``), so the API's SSE blueprint relays it as it comes.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+
+import redis
+from flask_sse import Message
+
+from queue_schema import keys
+from queue_schema.events import Narration, _Event, parse_event
+
+DEFAULT_TTL_S = 24 * 3600  # a finished job's log lives this long (replay, late watchers)
+NARRATION_LOG_MAXLEN = 10_000
+
+_APPEND = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if last[1] and #last[1][2] > 2 then return 0 end
+if ARGV[5] == '1' then
+  redis.call('XADD', KEYS[1], ARGV[1], 'e', ARGV[2], 'closed', '1')
+else
+  redis.call('XADD', KEYS[1], ARGV[1], 'e', ARGV[2])
+end
+redis.call('PUBLISH', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+_NARRATE = """
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
+redis.call('PUBLISH', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+def _entry_id(seq: int) -> str:
+    return f"{seq}-1"
+
+
+def sse_message(event_json: str, event_type: str, seq: int | None) -> Message:
+    """The flask-sse message for an event; ``id`` is the seq as a string (flask-sse drops a falsy 0)."""
+    return Message(event_json, type=event_type, id=None if seq is None else str(seq))
+
+
+class EventLog:
+    """Append and replay job events. Safe to share between threads."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int = DEFAULT_TTL_S):
+        self.redis = client
+        self.ttl_s = ttl_s
+        self._append = client.register_script(_APPEND)
+        self._narrate = client.register_script(_NARRATE)
+
+    def append(self, event: _Event) -> bool:
+        """Write one event; False if the job's stream was already closed."""
+        return self.append_many([event])
+
+    def append_many(self, events: Sequence[_Event], pipe: redis.client.Pipeline | None = None) -> bool:
+        """Write events in order in one round trip (a pipeline of script calls).
+
+        With ``pipe`` the commands are only queued, for the caller to execute.
+        Raises ``redis.ResponseError`` if a seq is already taken; returns False if
+        the stream was closed by a terminal event before some of these.
+        """
+        own = pipe is None
+        pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
+        for event in events:
+            self._queue_append(pipe, event)
+        if not own:
+            return True
+        results = pipe.execute(raise_on_error=False)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return all(results)
+
+    def _queue_append(self, pipe, event: _Event) -> None:
+        data = event.model_dump_json(exclude_none=True)
+        if event.job_id is not None:
+            msg = json.dumps(sse_message(data, event.type, event.seq).to_dict())
+            self._append(keys=[keys.job_events(event.job_id), keys.job_channel(event.job_id)],
+                         args=[_entry_id(event.seq), data, msg, self.ttl_s, int(event.terminal)], client=pipe)
+        if isinstance(event, Narration):
+            msg = json.dumps(sse_message(data, event.type, None).to_dict())
+            self._narrate(keys=[keys.NARRATION_LOG, keys.NARRATION_CHANNEL],
+                          args=[data, msg, NARRATION_LOG_MAXLEN], client=pipe)
+
+    def replay(self, job_id: str, after_seq: int = -1, until_seq: int | None = None) -> list[_Event]:
+        """Events with ``after_seq < seq`` (and ``seq <= until_seq`` if given), in order."""
+        end = "+" if until_seq is None else _entry_id(until_seq)
+        entries = self.redis.xrange(keys.job_events(job_id), f"{after_seq + 1}-0", end)
+        return [parse_event(fields[b"e"]) for _, fields in entries]
+
+    def last(self, job_id: str) -> _Event | None:
+        entries = self.redis.xrevrange(keys.job_events(job_id), count=1)
+        return parse_event(entries[0][1][b"e"]) if entries else None
+
+    def next_seq(self, job_id: str) -> int:
+        last = self.last(job_id)
+        return 0 if last is None else last.seq + 1
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self.redis.exists(keys.job_events(job_id)))
+
+    def recent_narration(self, count: int = 100) -> list[_Event]:
+        entries = self.redis.xrevrange(keys.NARRATION_LOG, count=count)
+        return [parse_event(fields[b"e"]) for _, fields in reversed(entries)]
+
+
+def events_text(events: Iterable[_Event]) -> str:
+    """The text a stream of events spells, from its token events."""
+    return "".join(e.t for e in events if e.type == "token")  # type: ignore[attr-defined]

@@ -1,0 +1,110 @@
+"""The events a job emits, one JSON object each.
+
+Every event has ``type``, ``job_id``, ``seq`` (0, 1, 2... per job, no gaps)
+and ``ts`` (ms since the epoch). A job's stream is ``queued``, ``started``,
+then ``token``/``narration``/``metrics``, and ends with exactly one ``end``
+or ``error``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from queue_schema.errors import EventDecodeError
+
+StopReason = Literal["max_tokens", "eos", "stop_sequence", "cancelled"]
+JobErrorCode = Literal["INVALID_REQUEST", "CONTEXT_LENGTH_EXCEEDED", "MODEL_NOT_FOUND", "WORKER_LOST",
+                       "TIMEOUT", "VRAM_OOM", "INFERENCE_FAILED", "CANCELLED"]
+TERMINAL_TYPES = frozenset({"end", "error"})
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: str
+    seq: int = Field(ge=0)
+    ts: int = Field(default_factory=now_ms)
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_TYPES  # type: ignore[attr-defined]
+
+
+class Queued(_Event):
+    type: Literal["queued"] = "queued"
+    position: int = Field(ge=0, description="Jobs ahead of this one, higher priorities included.")
+    queue: str
+
+
+class Started(_Event):
+    type: Literal["started"] = "started"
+    model: str
+    worker: str
+    queue_wait_ms: int
+
+
+class Token(_Event):
+    type: Literal["token"] = "token"
+    t: str = Field(description="Text of this token; always complete UTF-8 characters.")
+    i: int = Field(ge=0, description="0-based index of the generated token.")
+
+
+class Narration(_Event):
+    type: Literal["narration"] = "narration"
+    # Worker-level narration (a model loaded) belongs to no job: no job_id, no seq.
+    job_id: str | None = None  # type: ignore[assignment]
+    seq: int | None = Field(None, ge=0)  # type: ignore[assignment]
+    actor: str
+    action: str
+    target: str
+    human: str
+    cute: str | None = None
+    story: str | None = None
+
+
+class Metrics(_Event):
+    type: Literal["metrics"] = "metrics"
+    tokens_per_sec: float
+    vram_bytes: int
+    prompt_tokens: int
+    tokens_out: int
+
+
+class End(_Event):
+    type: Literal["end"] = "end"
+    tokens_out: int
+    decode_time_ms: int
+    stop_reason: StopReason
+    text: str
+
+
+class Error(_Event):
+    type: Literal["error"] = "error"
+    code: JobErrorCode
+    message: str
+    retriable: bool = False
+
+
+Event = Annotated[Union[Queued, Started, Token, Narration, Metrics, End, Error], Field(discriminator="type")]
+EVENT_TYPES: dict[str, type[_Event]] = {
+    cls.model_fields["type"].default: cls for cls in (Queued, Started, Token, Narration, Metrics, End, Error)
+}
+_ADAPTER: TypeAdapter = TypeAdapter(Event)
+
+
+def parse_event(raw: bytes | str) -> _Event:
+    """Decode one event from its JSON; EventDecodeError if it is not one."""
+    try:
+        return _ADAPTER.validate_json(raw)
+    except ValidationError as exc:
+        raise EventDecodeError(f"not an inferq event: {exc.error_count()} validation errors") from None
+
+
+def event_json_schema() -> dict:
+    return _ADAPTER.json_schema()

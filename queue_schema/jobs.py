@@ -1,0 +1,146 @@
+"""How an operation becomes an RQ job, and how a job's state is read back.
+
+Both the API (submit, status, cancel) and the worker (re-queue) go through
+here, so queue names, the job function and the serializer agree.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import redis
+from rq import Queue
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from queue_schema import keys
+from queue_schema.eventlog import EventLog
+from queue_schema.events import Queued, _Event
+from queue_schema.operations import InferOperation
+
+# The worker's entry point, named by string: the API never imports worker code.
+INFER_FUNC = "worker.infer_job.run_infer"
+RESULT_TTL_S = 24 * 3600
+# RQ's own hard timeout is a backstop behind the worker's cooperative deadline.
+RQ_TIMEOUT_GRACE_S = 60
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def queue(client: redis.Redis, model: str, priority: str) -> Queue:
+    return Queue(keys.queue_name(model, priority), connection=client, serializer=JSONSerializer)
+
+
+def model_queues(client: redis.Redis, model: str) -> list[Queue]:
+    """The model's queues in the order a worker drains them."""
+    return [queue(client, model, p) for p in keys.PRIORITIES]
+
+
+def queued_ahead(client: redis.Redis, model: str, priority: str) -> int:
+    """Jobs that will be taken before a job enqueued now at ``priority``."""
+    pipe = client.pipeline(transaction=False)
+    for p in keys.PRIORITIES[: keys.PRIORITIES.index(priority) + 1]:
+        pipe.llen(queue(client, model, p).key)
+    return sum(pipe.execute())
+
+
+def depth(client: redis.Redis, model: str) -> int:
+    pipe = client.pipeline(transaction=False)
+    for q in model_queues(client, model):
+        pipe.llen(q.key)
+    return sum(pipe.execute())
+
+
+def enqueue_infer(client: redis.Redis, log: EventLog, op: InferOperation, job_id: str | None = None,
+                  seq: int = 0) -> tuple[str, Queued]:
+    """Log the ``queued`` event and enqueue the job in one round trip."""
+    job_id = job_id or new_job_id()
+    q = queue(client, op.model, op.priority)
+    event = Queued(job_id=job_id, seq=seq, position=queued_ahead(client, op.model, op.priority), queue=q.name)
+    # One MULTI/EXEC: a worker can never see the job before its ``queued`` event.
+    pipe = client.pipeline()
+    q.enqueue_call(
+        INFER_FUNC,
+        kwargs={"payload": op.model_dump(mode="json")},
+        job_id=job_id,
+        timeout=op.timeout_s + RQ_TIMEOUT_GRACE_S,
+        result_ttl=RESULT_TTL_S,
+        failure_ttl=RESULT_TTL_S,
+        description=f"infer {op.model} max_tokens={op.max_tokens}",  # never the prompt
+        meta={"model": op.model, "priority": op.priority, "submitted_ms": event.ts},
+        pipeline=pipe,
+    )
+    log.append_many([event], pipe=pipe)
+    pipe.execute()
+    return job_id, event
+
+
+@dataclass
+class JobView:
+    """What a client sees of a job: state, position, result, timings."""
+
+    job_id: str
+    state: str  # queued | running | finished | failed | cancelled
+    model: str | None
+    position: int | None
+    terminal: _Event | None
+    submitted_ms: int | None
+    started_ms: int | None
+
+    def to_dict(self) -> dict:
+        out: dict = {"job_id": self.job_id, "state": self.state, "model": self.model,
+                     "position": self.position, "submitted_ms": self.submitted_ms, "started_ms": self.started_ms}
+        t = self.terminal
+        if t is not None and t.type == "end":
+            out["result"] = {"text": t.text, "tokens_out": t.tokens_out, "stop_reason": t.stop_reason,
+                             "decode_time_ms": t.decode_time_ms}
+            out["finished_ms"] = t.ts
+        elif t is not None:
+            out["error"] = {"code": t.code, "message": t.message, "retriable": t.retriable}
+            out["finished_ms"] = t.ts
+        return out
+
+
+def view(client: redis.Redis, log: EventLog, job_id: str) -> JobView | None:
+    """The job's state, from its event log first (the truth) and RQ second."""
+    try:
+        job = Job.fetch(job_id, connection=client, serializer=JSONSerializer)
+    except Exception:  # rq raises NoSuchJobError, or a decode error for foreign keys
+        job = None
+    last = log.last(job_id)
+    if job is None and last is None:
+        return None
+    meta = job.meta if job is not None else {}
+    started_ms = int(job.started_at.timestamp() * 1000) if job is not None and job.started_at else None
+    terminal = last if last is not None and last.terminal else None
+    position = None
+    if terminal is not None:
+        if terminal.type == "end":
+            state = "cancelled" if terminal.stop_reason == "cancelled" else "finished"
+        else:
+            state = "cancelled" if terminal.code == "CANCELLED" else "failed"
+    else:
+        status = job.get_status(refresh=False) if job is not None else None
+        if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
+            state = "queued"
+            position = _position(client, job)
+        elif status == JobStatus.CANCELED:
+            state = "cancelled"
+        elif status in (JobStatus.FAILED, JobStatus.STOPPED):
+            state = "failed"
+        else:
+            state = "running"
+    return JobView(job_id, state, meta.get("model"), position, terminal, meta.get("submitted_ms"), started_ms)
+
+
+def _position(client: redis.Redis, job: Job) -> int | None:
+    model, priority = job.meta.get("model"), job.meta.get("priority")
+    if not model or priority not in keys.PRIORITIES:
+        return None
+    own = queue(client, model, priority).get_job_position(job.id)
+    if own is None:
+        return None
+    higher = keys.PRIORITIES[: keys.PRIORITIES.index(priority)]
+    return own + sum(queue(client, model, p).count for p in higher)

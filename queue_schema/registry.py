@@ -1,0 +1,88 @@
+"""Live workers and the models they serve, kept fresh by worker heartbeats.
+
+A worker writes its record with a short TTL every few seconds; a record that
+expires means the worker is gone. Models stay known for a while after their
+last worker left, so a restarting worker does not turn submits into 404s.
+"""
+from __future__ import annotations
+
+import time
+
+import redis
+from pydantic import BaseModel, ConfigDict
+
+from queue_schema import keys
+
+HEARTBEAT_INTERVAL_S = 2.0
+WORKER_TTL_S = 10  # a worker silent this long is considered lost
+MODEL_TTL_S = 600
+
+
+class WorkerInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    host: str
+    pid: int
+    model: str
+    backend: str
+    backend_reason: str = ""
+    device: str = "cpu"
+    state: str = "loading"  # loading | idle | busy | unhealthy | stopping
+    current_job: str | None = None
+    last_tokens_per_sec: float | None = None
+    vram_bytes: int = 0
+    context_length: int = 0
+    started_at: float = 0.0
+    heartbeat_at: float = 0.0
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    context_length: int
+    queue_depth: int  # the bound past which the API answers 503
+    backend: str
+    last_seen: float = 0.0
+
+
+def publish_heartbeat(client: redis.Redis, worker: WorkerInfo, model: ModelInfo) -> None:
+    now = time.time()
+    worker = worker.model_copy(update={"heartbeat_at": now})
+    model = model.model_copy(update={"last_seen": now})
+    pipe = client.pipeline(transaction=False)
+    pipe.set(keys.worker(worker.id), worker.model_dump_json(), ex=WORKER_TTL_S)
+    pipe.zadd(keys.WORKERS, {worker.id: now})
+    pipe.set(keys.model(model.name), model.model_dump_json(), ex=MODEL_TTL_S)
+    pipe.zadd(keys.MODELS, {model.name: now})
+    pipe.execute()
+
+
+def remove_worker(client: redis.Redis, worker_id: str) -> None:
+    pipe = client.pipeline(transaction=False)
+    pipe.delete(keys.worker(worker_id))
+    pipe.zrem(keys.WORKERS, worker_id)
+    pipe.execute()
+
+
+def live_workers(client: redis.Redis) -> list[WorkerInfo]:
+    ids = [i.decode() for i in client.zrangebyscore(keys.WORKERS, time.time() - WORKER_TTL_S, "+inf")]
+    client.zremrangebyscore(keys.WORKERS, "-inf", time.time() - 3600)
+    if not ids:
+        return []
+    blobs = client.mget([keys.worker(i) for i in ids])
+    return [WorkerInfo.model_validate_json(b) for b in blobs if b]
+
+
+def known_models(client: redis.Redis) -> list[ModelInfo]:
+    names = [n.decode() for n in client.zrangebyscore(keys.MODELS, time.time() - MODEL_TTL_S, "+inf")]
+    if not names:
+        return []
+    blobs = client.mget([keys.model(n) for n in names])
+    return [ModelInfo.model_validate_json(b) for b in blobs if b]
+
+
+def model_info(client: redis.Redis, name: str) -> ModelInfo | None:
+    blob = client.get(keys.model(name))
+    return ModelInfo.model_validate_json(blob) if blob else None

@@ -1,0 +1,164 @@
+"""Fixtures: a real redis-server, real GGUF files, real worker processes.
+
+Isolation comes from names, not from wiping Redis: each test that needs its
+own queue uses its own model name.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+
+from inferq.embedded_redis import EmbeddedRedis, free_port
+from inferq.testmodel import make_llama_gguf
+from queue_schema import registry
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), appendonly=False).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server) -> str:
+    return redis_server.url
+
+
+@pytest.fixture()
+def r(redis_url) -> redis.Redis:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_dir) -> Path:
+    return make_llama_gguf(model_dir / "tiny.gguf", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def slow_model(model_dir) -> Path:
+    return make_llama_gguf(model_dir / "slow.gguf", "slow", seed=1)
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class WorkerProcess:
+    def __init__(self, proc: subprocess.Popen, model: str, log_path: Path):
+        self.proc, self.model, self.log_path = proc, model, log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def start_worker(redis_url: str, model: str, path: Path, tmp: Path, *extra: str, wait: bool = True) -> WorkerProcess:
+    log_path = tmp / f"worker-{model}-{uuid.uuid4().hex[:6]}.log"
+    cmd = [sys.executable, "-m", "inferq", "worker", "--model", f"{model}={path}", "--threads", "1",
+           "--redis-url", redis_url, *extra]
+    proc = subprocess.Popen(cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+    worker = WorkerProcess(proc, model, log_path)
+    if wait:
+        client = redis.Redis.from_url(redis_url)
+
+        def ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"worker exited with {proc.returncode}:\n{worker.log()}")
+            return any(w.model == model and w.state == "idle" for w in registry.live_workers(client))
+
+        wait_until(ready, what=f"worker for {model}")
+    return worker
+
+
+@pytest.fixture(scope="session")
+def worker_factory(redis_url, tmp_path_factory):
+    """Start real worker processes; all are stopped at the end of the session."""
+    started: list[WorkerProcess] = []
+    tmp = tmp_path_factory.mktemp("workers")
+
+    def factory(model: str, path: Path, *extra: str, wait: bool = True) -> WorkerProcess:
+        w = start_worker(redis_url, model, path, tmp, *extra, wait=wait)
+        started.append(w)
+        return w
+
+    yield factory
+    for w in started:
+        if w.proc.poll() is None:
+            w.proc.kill()
+            w.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def tiny_worker(worker_factory, tiny_model) -> WorkerProcess:
+    return worker_factory("tiny", tiny_model)
+
+
+@pytest.fixture(scope="session")
+def slow_worker(worker_factory, slow_model) -> WorkerProcess:
+    return worker_factory("slow", slow_model)
+
+
+@pytest.fixture()
+def app(redis_url):
+    from api import create_app
+
+    return create_app({"REDIS_URL": redis_url, "TESTING": True, "KEEPALIVE_S": 1.0})
+
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def live_api(redis_url, tmp_path_factory):
+    """The API served for real by gunicorn + gevent on a free port."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("api") / "gunicorn.log"
+    env = {**os.environ, "REDIS_URL": redis_url, "INFERQ_KEEPALIVE_S": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--workers", "1",
+                             "--bind", f"127.0.0.1:{port}", "api.wsgi:app"], cwd=ROOT, env=env,
+                            stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        if proc.poll() is not None:
+            raise AssertionError(f"gunicorn exited:\n{log_path.read_text()}")
+        try:
+            return requests.get(url + "/health", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    wait_until(up, what="gunicorn")
+    yield url
+    proc.terminate()
+    proc.wait(15)

@@ -1,0 +1,55 @@
+"""Small helpers for talking to the API from tests (Flask test client or real HTTP)."""
+from __future__ import annotations
+
+import json
+
+from inferq.client import parse_sse
+
+
+def submit(client, **fields) -> str:
+    body = {"operation": "infer", **fields}
+    resp = client.post("/v1/jobs", json=body)
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    return resp.get_json()["job_id"]
+
+
+def sse_frames(client, job_id: str, last_event_id: int | None = None, limit: int | None = None,
+               until: str | None = None) -> list[dict]:
+    """Raw SSE frames (event, id, data) of a job's stream; stops early after ``limit``
+    frames, or after the first frame whose event type is ``until``."""
+    headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+    resp = client.get(f"/v1/jobs/{job_id}/stream", headers=headers, buffered=False)
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert resp.mimetype == "text/event-stream"
+    frames = []
+
+    def lines():
+        buf = b""
+        for chunk in resp.response:
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                yield line
+
+    try:
+        for frame in parse_sse(lines()):
+            frames.append(frame)
+            if (limit is not None and len(frames) >= limit) or frame.get("event") == until:
+                break
+    finally:
+        resp.close()
+    return frames
+
+
+def events(client, job_id: str, last_event_id: int | None = None, limit: int | None = None,
+           until: str | None = None) -> list[dict]:
+    out = []
+    for frame in sse_frames(client, job_id, last_event_id, limit, until):
+        event = json.loads(frame["data"])
+        assert frame["id"] == str(event["seq"]) and frame["event"] == event["type"]
+        out.append(event)
+    return out
+
+
+def text_of(evts: list[dict]) -> str:
+    return "".join(e["t"] for e in evts if e["type"] == "token")

@@ -1,0 +1,72 @@
+"""Validation of submitted operations: every bad input gets a code, none echoes the prompt."""
+import json
+
+import pytest
+
+from queue_schema.errors import ErrorCode, InferqError
+from queue_schema.operations import parse_operation
+
+SECRET = "SECRET-PROMPT-TEXT"
+
+
+def ok(**fields):
+    return {"operation": "infer", "model": "tiny", "prompt": SECRET, **fields}
+
+
+def test_defaults_follow_the_design():
+    op = parse_operation(ok())
+    assert (op.max_tokens, op.temperature, op.top_p, op.top_k, op.repetition_penalty, op.seed) == (
+        256, 0.8, 0.95, 40, 1.1, -1)
+    assert op.priority == "normal" and op.stream is True and op.stop == []
+
+
+@pytest.mark.parametrize("body,code,field", [
+    (b"{not json", ErrorCode.INVALID_JSON, None),
+    (b"[1, 2]", ErrorCode.INVALID_REQUEST, "body"),
+    ({"model": "tiny", "prompt": SECRET}, ErrorCode.INVALID_REQUEST, "operation"),
+    ({"operation": "train", "model": "tiny"}, ErrorCode.UNSUPPORTED_OPERATION, None),
+    ({"operation": 7, "model": "tiny"}, ErrorCode.UNSUPPORTED_OPERATION, None),
+    (ok(max_tokens="many"), ErrorCode.INVALID_REQUEST, "max_tokens"),
+    (ok(max_tokens="5"), ErrorCode.INVALID_REQUEST, "max_tokens"),
+    (ok(max_tokens=0), ErrorCode.INVALID_REQUEST, "max_tokens"),
+    (ok(max_tokens=4097), ErrorCode.INVALID_REQUEST, "max_tokens"),
+    (ok(temperature=2.5), ErrorCode.INVALID_REQUEST, "temperature"),
+    (ok(top_p=1.5), ErrorCode.INVALID_REQUEST, "top_p"),
+    (ok(top_k=-1), ErrorCode.INVALID_REQUEST, "top_k"),
+    (ok(repetition_penalty=3), ErrorCode.INVALID_REQUEST, "repetition_penalty"),
+    (ok(seed=-2), ErrorCode.INVALID_REQUEST, "seed"),
+    (ok(stop=["a", "b", "c", "d", "e"]), ErrorCode.INVALID_REQUEST, "stop"),
+    (ok(stop=["x" * 101]), ErrorCode.INVALID_REQUEST, "stop"),
+    (ok(stop=[""]), ErrorCode.INVALID_REQUEST, "stop"),
+    (ok(priority="urgent"), ErrorCode.INVALID_REQUEST, "priority"),
+    (ok(stream="yes"), ErrorCode.INVALID_REQUEST, "stream"),
+    (ok(metadata={"blob": "x" * 5000}), ErrorCode.INVALID_REQUEST, "metadata"),
+    (ok(surprise=1), ErrorCode.INVALID_REQUEST, "surprise"),
+    (ok(prompt=""), ErrorCode.INVALID_REQUEST, "prompt"),
+    (ok(prompt="x" * 32769), ErrorCode.INVALID_REQUEST, "prompt"),
+    (ok(model="../etc"), ErrorCode.INVALID_REQUEST, "model"),
+    ({"operation": "infer", "model": "tiny"}, ErrorCode.INVALID_REQUEST, "body"),
+    (ok(messages=[{"role": "user", "content": "hi"}]), ErrorCode.INVALID_REQUEST, "body"),
+    ({"operation": "infer", "model": "tiny", "messages": [{"role": "robot", "content": "x"}]},
+     ErrorCode.INVALID_REQUEST, "messages.0.role"),
+])
+def test_bad_input_is_rejected_with_a_code(body, code, field):
+    raw = body if isinstance(body, bytes) else json.dumps(body)
+    with pytest.raises(InferqError) as info:
+        parse_operation(raw)
+    err = info.value
+    assert err.code == code
+    if field is not None:
+        assert field in [e["field"] for e in err.errors]
+    assert SECRET not in json.dumps(err.to_dict())
+
+
+def test_chat_messages_are_accepted():
+    op = parse_operation({"operation": "infer", "model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert op.messages[0].content == "hi" and op.prompt is None
+
+
+def test_stop_limit_counts_bytes_not_characters():
+    with pytest.raises(InferqError):
+        parse_operation(ok(stop=["😀" * 26]))  # 104 bytes, 26 characters
+    assert parse_operation(ok(stop=["😀" * 25])).stop == ["😀" * 25]

@@ -1,0 +1,220 @@
+"""Submit -> Redis -> worker -> event log -> SSE, with a real worker process."""
+import threading
+import time
+
+import pytest
+import requests
+
+from inferq.client import Client
+from tests.conftest import wait_until
+from tests.helpers import events, submit, text_of
+
+pytestmark = pytest.mark.usefixtures("tiny_worker")
+
+
+def run(client, **fields):
+    job = submit(client, model="tiny", **fields)
+    return job, events(client, job)
+
+
+def test_job_streams_from_queued_to_end_and_matches_its_status(client):
+    job, evts = run(client, prompt="Hello world, the data", max_tokens=32, temperature=0)
+    types = [e["type"] for e in evts]
+    assert types[:2] == ["queued", "started"]
+    assert types[-2:] == ["narration", "end"] or types[-1] == "end"
+    assert types.count("end") == 1 and "error" not in types
+    assert [e["seq"] for e in evts] == list(range(len(evts)))
+    assert all(e["job_id"] == job for e in evts)
+    assert types.index("metrics") < types.index("end")
+    assert {e["action"] for e in evts if e["type"] == "narration"} >= {"start", "finish"}
+    end = evts[-1]
+    assert end["text"] == text_of(evts)
+    assert end["tokens_out"] == 32 and end["stop_reason"] == "max_tokens"
+    metrics = next(e for e in evts if e["type"] == "metrics")
+    assert metrics["tokens_out"] == 32 and metrics["prompt_tokens"] > 0 and metrics["tokens_per_sec"] > 0
+    status = client.get(f"/v1/jobs/{job}").get_json()
+    assert status["state"] == "finished"
+    assert status["result"]["text"] == end["text"]
+    assert status["result"]["tokens_out"] == 32
+    assert status["submitted_ms"] <= status["finished_ms"]
+
+
+def test_token_events_are_valid_text_with_increasing_indexes(client):
+    _, evts = run(client, prompt="漢字 and emoji 😀 together", max_tokens=100, temperature=0)
+    tokens = [e for e in evts if e["type"] == "token"]
+    assert tokens
+    for e in tokens:
+        e["t"].encode("utf-8")  # would raise on a lone surrogate
+        assert e["t"]
+    idx = [e["i"] for e in tokens]
+    assert idx == sorted(idx) and len(set(idx)) == len(idx)
+
+
+def test_greedy_decoding_repeats_exactly(client):
+    a = run(client, prompt="import queue", max_tokens=40, temperature=0)[1][-1]["text"]
+    b = run(client, prompt="import queue", max_tokens=40, temperature=0)[1][-1]["text"]
+    assert a == b and a
+
+
+def test_fixed_seed_sampling_repeats_and_seeds_matter(client):
+    texts = [run(client, prompt="def model", max_tokens=40, temperature=1.0, seed=s)[1][-1]["text"]
+             for s in (42, 42, 7, 8)]
+    assert texts[0] == texts[1]
+    assert len(set(texts[1:])) > 1
+
+
+def test_late_subscriber_and_last_event_id_get_exactly_the_missing_events(client):
+    job, full = run(client, prompt="stream me", max_tokens=30, temperature=0)
+    assert events(client, job) == full  # a late subscriber replays the whole log
+    for k in (0, 3, len(full) - 2):
+        assert events(client, job, last_event_id=k) == full[k + 1:]
+    assert events(client, job, last_event_id=len(full) - 1) == []
+
+
+def test_reconnect_mid_stream_with_last_event_id(client, slow_worker):
+    job = submit(client, model="slow", prompt="go", max_tokens=400, temperature=0)
+    first = events(client, job, limit=12)
+    rest = events(client, job, last_event_id=first[-1]["seq"])
+    seqs = [e["seq"] for e in first + rest]
+    assert seqs == list(range(len(seqs)))
+    assert rest[-1]["type"] == "end"
+    assert events(client, job) == first + rest
+
+
+def test_two_watchers_over_http_see_identical_streams(live_api, slow_worker):
+    api = Client(live_api)
+    job = api.submit("watch", model="slow", max_tokens=300, temperature=0)["job_id"]
+    seen: dict[int, list] = {}
+
+    def watch(n):
+        seen[n] = list(api.events(job))
+
+    threads = [threading.Thread(target=watch, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert seen[0] == seen[1] == seen[2]
+    assert seen[0][-1]["type"] == "end" and seen[0][-1]["tokens_out"] == 300
+
+
+def test_raw_http_stream_has_sse_framing(live_api, tiny_worker):
+    job = Client(live_api).submit("curl me", model="tiny", max_tokens=5, temperature=0)["job_id"]
+    with requests.get(f"{live_api}/v1/jobs/{job}/stream", stream=True, timeout=30) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        body = resp.content.decode()
+    assert body.startswith("retry: ")
+    assert "event:queued\ndata:{" in body and "\nid:0\n" in body
+    assert body.rstrip().splitlines()[-1].startswith("id:")
+    assert "event:end" in body
+
+
+def split_stop(tokens):
+    """A stop string made of the end of one token and the start of the next, plus where it first occurs."""
+    text = "".join(tokens)
+    pos = 0
+    for a, b in zip(tokens, tokens[1:]):
+        pos += len(a)
+        if a[-1:].isalnum() and b[:1].isalnum():
+            stop = a[-1] + b[:1]
+            first = text.find(stop)
+            if first > 0:
+                return stop, first
+    pytest.skip("no alphanumeric token boundary in the sample")
+
+
+def test_stop_strings_split_across_tokens_never_leak(client):
+    _, base = run(client, prompt="the data and the model", max_tokens=120, temperature=0, repetition_penalty=1.0)
+    tokens = [e["t"] for e in base if e["type"] == "token"]
+    stop, first = split_stop(tokens)
+    _, evts = run(client, prompt="the data and the model", max_tokens=120, temperature=0,
+                  repetition_penalty=1.0, stop=[stop])
+    end = evts[-1]
+    assert end["stop_reason"] == "stop_sequence"
+    assert end["text"] == "".join(tokens)[:first]
+    assert text_of(evts) == end["text"] and stop not in text_of(evts)
+
+
+def test_single_token_stop_string(client):
+    _, base = run(client, prompt="queue worker", max_tokens=60, temperature=0)
+    tokens = [e["t"] for e in base if e["type"] == "token"]
+    stop = next(t for t in tokens[3:] if t.strip() and "\ufffd" not in t)
+    _, evts = run(client, prompt="queue worker", max_tokens=60, temperature=0, stop=[stop])
+    assert evts[-1]["stop_reason"] == "stop_sequence"
+    assert stop not in evts[-1]["text"]
+    assert evts[-1]["text"] == "".join(tokens)[: "".join(tokens).find(stop)]
+
+
+def test_wide_prompt_of_5000_characters_is_refused_cleanly_and_the_worker_lives(client):
+    wide = ("😀漢字🎉한국어ß∑" * 1000)[:5000]
+    _, evts = run(client, prompt=wide, max_tokens=16)
+    assert evts[-1]["type"] == "error"
+    assert evts[-1]["code"] == "CONTEXT_LENGTH_EXCEEDED"
+    assert "context" in evts[-1]["message"] and wide[:20] not in evts[-1]["message"]
+    job = evts[0]["job_id"]
+    assert client.get(f"/v1/jobs/{job}").get_json()["state"] == "failed"
+    _, after = run(client, prompt="still alive?", max_tokens=8, temperature=0)
+    assert after[-1]["type"] == "end" and after[-1]["tokens_out"] == 8
+
+
+def test_chat_messages_use_the_fallback_template(client):
+    _, evts = run(client, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
+    assert evts[-1]["type"] == "end" and evts[-1]["tokens_out"] == 4
+
+
+def test_metadata_is_echoed_in_the_result(client, r):
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    job, _ = run(client, prompt="meta", max_tokens=2, metadata={"user": "u1", "n": 3})
+    result = Job.fetch(job, connection=r, serializer=JSONSerializer).return_value()
+    assert result["metadata"] == {"user": "u1", "n": 3}
+
+
+def test_cancel_queued_then_running(client, slow_worker):
+    running = submit(client, model="slow", prompt="long", max_tokens=3500, temperature=0)
+    waiting = submit(client, model="slow", prompt="queued", max_tokens=10)
+    assert events(client, running, until="token")[-1]["type"] == "token"
+
+    resp = client.delete(f"/v1/jobs/{waiting}")
+    assert resp.status_code == 200 and resp.get_json()["state"] == "cancelled"
+    assert [e["type"] for e in events(client, waiting)] == ["queued", "end"]
+    assert events(client, waiting)[-1]["stop_reason"] == "cancelled"
+    assert client.get(f"/v1/jobs/{waiting}").get_json()["state"] == "cancelled"
+
+    t0 = time.monotonic()
+    resp = client.delete(f"/v1/jobs/{running}")
+    assert resp.status_code == 202 and resp.get_json()["state"] == "cancelling"
+    evts = events(client, running)
+    elapsed = time.monotonic() - t0
+    end = evts[-1]
+    assert end["type"] == "end" and end["stop_reason"] == "cancelled"
+    assert 0 < end["tokens_out"] < 3500
+    assert end["text"] == text_of(evts)
+    assert elapsed < 5
+    assert client.get(f"/v1/jobs/{running}").get_json()["state"] == "cancelled"
+    assert client.delete(f"/v1/jobs/{running}").status_code == 409
+    # The worker is free again.
+    job = submit(client, model="slow", prompt="next", max_tokens=3, temperature=0)
+    assert events(client, job)[-1]["tokens_out"] == 3
+
+
+def test_queue_position_is_reported_while_waiting(client, r, worker_factory, tiny_model):
+    import signal
+
+    w = worker_factory("paused", tiny_model)
+    w.proc.send_signal(signal.SIGSTOP)
+    try:
+        # The stopped worker is blocked in BLPOP: Redis hands it the first job.
+        blocker = submit(client, model="paused", prompt="first", max_tokens=2)
+        wait_until(lambda: r.llen("rq:queue:inferq.paused.normal") == 0, what="the blocker to be popped")
+        jobs = [submit(client, model="paused", prompt=f"p{i}", max_tokens=2) for i in range(3)]
+        high = submit(client, model="paused", prompt="vip", max_tokens=2, priority="high")
+        positions = [client.get(f"/v1/jobs/{j}").get_json()["position"] for j in jobs + [high]]
+        assert positions == [1, 2, 3, 0]
+        assert events(client, jobs[2], limit=1)[0]["position"] == 2
+        assert all(client.get(f"/v1/jobs/{j}").get_json()["state"] == "queued" for j in jobs)
+    finally:
+        w.proc.send_signal(signal.SIGCONT)
+    for j in [blocker] + jobs + [high]:
+        assert events(client, j)[-1]["type"] == "end"

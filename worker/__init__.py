@@ -1,0 +1,1 @@
+"""inferq workers: keep one GGUF model loaded and run infer jobs from RQ."""

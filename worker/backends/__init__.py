@@ -1,0 +1,42 @@
+"""Model backends behind one protocol (see ``base.Backend``)."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from worker.backends.base import Backend, LoadOptions, ModelLoadError
+
+BACKENDS = ("ctransformers",)
+# Without --ctx-size a worker uses the file's trained context, capped here: a
+# 128k-token KV cache would take far more memory than most hosts have.
+DEFAULT_MAX_CTX = 4096
+
+
+def check_model_file(path: str) -> None:
+    """Fail with one clear line before a C library sees a bad file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    with p.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"not a GGUF file (bad magic {magic!r}): {path}")
+
+
+def load_backend(name: str, path: str, options: LoadOptions) -> Backend:
+    from worker.gguf_meta import read_info
+
+    check_model_file(path)
+    info = read_info(path)  # refuses damaged files before a C library mmaps them
+    if not options.ctx_size:
+        options = replace(options, ctx_size=min(info.context_length or 512, DEFAULT_MAX_CTX))
+    if name in ("auto", "ctransformers"):
+        from worker.backends.ctransformers_backend import CTransformersBackend
+
+        backend = CTransformersBackend(path, options)
+        backend.info = info
+        return backend
+    raise ModelLoadError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
+
+
+__all__ = ["Backend", "LoadOptions", "ModelLoadError", "load_backend", "check_model_file", "BACKENDS"]

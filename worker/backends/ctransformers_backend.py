@@ -1,0 +1,99 @@
+"""ctransformers backend: the one every install has (CPU and CUDA wheels).
+
+We call its C functions directly rather than ``LLM.tokenize``: that method
+sizes its output buffer by characters while the C side writes one int per
+token, and byte-fallback text (emoji, CJK) has more tokens than characters,
+so it overflows the buffer and corrupts the heap.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Sequence
+from ctypes import c_int
+
+import numpy as np
+
+from worker.backends.base import Backend, LoadOptions, ModelLoadError
+
+
+def _library(gpu_layers: int) -> str | None:
+    """Which of ctransformers' bundled libraries to load.
+
+    ctransformers asks py-cpuinfo, which takes over a second; /proc/cpuinfo
+    answers the same question at once on Linux. ``INFERQ_CT_LIB`` overrides
+    (a bundled name or the path of a library built from source).
+    """
+    if os.environ.get("INFERQ_CT_LIB"):
+        return os.environ["INFERQ_CT_LIB"]
+    if gpu_layers > 0 or platform.system() != "Linux":
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    if "avx2" in flags:
+        return "avx2"
+    if "avx" in flags and "f16c" in flags:
+        return "avx"
+    return "basic"
+
+
+class CTransformersBackend(Backend):
+    name = "ctransformers"
+
+    def __init__(self, path: str, options: LoadOptions, model_type: str | None = None):
+        super().__init__(path, options)
+        try:
+            from ctransformers import LLM
+            from ctransformers.llm import Config
+        except ImportError as exc:  # pragma: no cover - ctransformers is a base dependency
+            raise ModelLoadError(f"ctransformers is not installed: {exc}") from None
+        config = Config(context_length=options.ctx_size or -1, gpu_layers=options.gpu_layers,
+                        threads=options.resolved_threads, batch_size=options.batch_size)
+        try:
+            self._llm = LLM(path, model_type=model_type, config=config, lib=_library(options.gpu_layers))
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise ModelLoadError(f"ctransformers could not load {path}: {exc}") from None
+        self._lib = self._llm._lib
+        self._handle = self._llm._llm
+        self.model_type = self._llm.model_type
+        self.context_length = self._lib.ctransformers_llm_context_length(self._handle)
+        self.eos_token_id = self._lib.ctransformers_llm_eos_token_id(self._handle)
+        self.bos_token_id = self._lib.ctransformers_llm_bos_token_id(self._handle)
+        self.vocab_size = self._lib.ctransformers_llm_vocab_size(self._handle)
+        self._threads = options.resolved_threads
+        self._piece_cache: dict[int, bytes] = {}
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        # At most one token per byte, plus BOS and the leading space SentencePiece adds.
+        out = (c_int * (len(data) + 2))()
+        n = self._lib.ctransformers_llm_tokenize(self._handle, data, add_bos, out)
+        return out[:n]
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._piece_cache.get(token)
+        if piece is None:
+            piece = self._lib.ctransformers_llm_detokenize(self._handle, token) or b""
+            self._piece_cache[token] = piece
+        return piece
+
+    def is_eos(self, token: int) -> bool:
+        return bool(self._lib.ctransformers_llm_is_eos_token(self._handle, token))
+
+    def _eval(self, tokens: Sequence[int], n_past: int) -> None:
+        arr = (c_int * len(tokens))(*tokens)
+        ok = self._lib.ctransformers_llm_batch_eval(self._handle, arr, len(tokens), n_past,
+                                                    self.options.batch_size, self._threads)
+        if not ok:
+            raise RuntimeError("ctransformers failed to evaluate tokens")
+
+    def _logits(self) -> np.ndarray:
+        size = self._lib.ctransformers_llm_logits_size(self._handle)
+        return np.ctypeslib.as_array(self._lib.ctransformers_llm_logits_data(self._handle), shape=(size,))
+
+    def close(self) -> None:
+        llm, self._llm = getattr(self, "_llm", None), None
+        del llm  # LLM.__del__ frees the C model

@@ -1,0 +1,84 @@
+"""Runs one infer job on the loaded model and tells its story as events."""
+from __future__ import annotations
+
+import logging
+import time
+
+from queue_schema.errors import ErrorCode, InferqError
+from queue_schema.events import now_ms
+from queue_schema.operations import InferOperation
+from worker import chat_template, narration, token_loop
+from worker.publisher import JobEmitter
+from worker.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+
+class JobFailed(InferqError):
+    """Raised after the job's ``error`` event is logged, so RQ files the job as failed."""
+
+
+def prompt_text(runtime: WorkerRuntime, op: InferOperation) -> str:
+    if op.prompt is not None:
+        return op.prompt
+    template = runtime.info.chat_template if runtime.info else None
+    return chat_template.render([m.model_dump() for m in op.messages], template)
+
+
+def run_job(runtime: WorkerRuntime, job_id: str, op: InferOperation, meta: dict) -> dict:
+    emitter = JobEmitter(job_id, runtime.publisher, runtime.eventlog.next_seq(job_id))
+    runtime.cancel.watch(job_id)
+    try:
+        return _run(runtime, emitter, op, meta)
+    finally:
+        runtime.cancel.clear()
+        runtime.publisher.flush()
+
+
+def _fail(runtime: WorkerRuntime, emitter: JobEmitter, code: ErrorCode, message: str, retriable: bool = False):
+    runtime.narrate(narration.job_failed(runtime.id, emitter.job_id, code.value, message), emitter)
+    emitter.emit("error", code=code.value, message=message, retriable=retriable)
+    raise JobFailed(code, message, retriable=retriable)
+
+
+def _run(runtime: WorkerRuntime, emitter: JobEmitter, op: InferOperation, meta: dict) -> dict:
+    backend = runtime.backend
+    job_id = emitter.job_id
+    wait_ms = max(0, now_ms() - int(meta.get("submitted_ms") or now_ms()))
+    emitter.emit("started", model=runtime.spec.name, worker=runtime.id, queue_wait_ms=wait_ms)
+    if runtime.cancel.is_cancelled():
+        emitter.emit("end", tokens_out=0, decode_time_ms=0, stop_reason="cancelled", text="")
+        return {"text": "", "tokens_out": 0, "stop_reason": "cancelled"}
+    try:
+        prompt = backend.tokenize(prompt_text(runtime, op))
+    except Exception as exc:  # a template error, or a tokenizer failure
+        _fail(runtime, emitter, ErrorCode.INVALID_REQUEST, f"cannot build the prompt: {exc}")
+    runtime.narrate(narration.job_started(runtime.id, job_id, runtime.spec.name, wait_ms, len(prompt)), emitter)
+    if len(prompt) + op.max_tokens > backend.context_length:
+        _fail(runtime, emitter, ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+              f"prompt is {len(prompt)} tokens and max_tokens is {op.max_tokens}: "
+              f"{len(prompt) + op.max_tokens} is over the model's context of {backend.context_length} tokens")
+    deadline = time.monotonic() + op.timeout_s
+    try:
+        gen = token_loop.generate(backend, prompt, op, lambda t, i: emitter.emit("token", t=t, i=i),
+                                  runtime.cancel.is_cancelled, deadline)
+    except MemoryError as exc:
+        _fail(runtime, emitter, ErrorCode.VRAM_OOM, f"out of memory while decoding: {exc}", retriable=True)
+    except Exception as exc:
+        log.exception("job %s: backend failed on worker %s", job_id, runtime.id)
+        _fail(runtime, emitter, ErrorCode.INFERENCE_FAILED, f"the backend failed: {exc}", retriable=True)
+    if gen.stop_reason == "timeout":
+        _fail(runtime, emitter, ErrorCode.TIMEOUT,
+              f"decoding ran past timeout_s={op.timeout_s} after {gen.tokens_out} tokens", retriable=False)
+    runtime.last_tokens_per_sec = gen.tokens_per_sec
+    emitter.emit("metrics", tokens_per_sec=round(gen.tokens_per_sec, 2), vram_bytes=backend.vram_bytes(),
+                 prompt_tokens=len(prompt), tokens_out=gen.tokens_out)
+    runtime.narrate(narration.job_finished(runtime.id, job_id, gen.tokens_out, gen.decode_time_ms / 1000,
+                                           gen.tokens_per_sec, gen.stop_reason), emitter)
+    emitter.emit("end", tokens_out=gen.tokens_out, decode_time_ms=gen.decode_time_ms,
+                 stop_reason=gen.stop_reason, text=gen.text)
+    log.info("job %s on %s: %d tokens, %.1f tok/s, %s", job_id, runtime.id, gen.tokens_out,
+             gen.tokens_per_sec, gen.stop_reason)
+    return {"text": gen.text, "tokens_out": gen.tokens_out, "stop_reason": gen.stop_reason,
+            "prompt_tokens": len(prompt), "decode_time_ms": gen.decode_time_ms,
+            "first_token_ms": gen.first_token_ms, "metadata": op.metadata}

@@ -1,0 +1,42 @@
+"""The RQ worker that keeps one model loaded.
+
+It subclasses ``SimpleWorker``: jobs run in this process, without a fork per
+job, because a CUDA context does not survive fork and reloading a model per
+job is far too slow.
+"""
+from __future__ import annotations
+
+import logging
+
+from rq import SimpleWorker
+from rq.serializers import JSONSerializer
+
+from queue_schema import jobs
+from queue_schema.errors import InferqError
+from worker.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+
+class InferqWorker(SimpleWorker):
+    def __init__(self, runtime: WorkerRuntime, **kwargs):
+        self.runtime = runtime
+        super().__init__(jobs.model_queues(runtime.redis, runtime.spec.name), name=runtime.id,
+                         connection=runtime.redis, serializer=JSONSerializer,
+                         exception_handlers=[self._log_failure], disable_default_exception_handler=True,
+                         **kwargs)
+
+    def execute_job(self, job, queue):
+        self.runtime.set_state("busy", job.id)
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self.runtime.set_state("stopping" if self._stop_requested else "idle")
+
+    def _log_failure(self, job, exc_type, exc_value, tb) -> bool:
+        # Expected failures (bad prompt, too long, cancelled) are INFO; surprises get a traceback.
+        if isinstance(exc_value, InferqError):
+            log.info("job %s on %s failed: %s %s", job.id, self.name, exc_value.code.value, exc_value.message)
+        else:
+            log.error("job %s on %s failed unexpectedly", job.id, self.name, exc_info=(exc_type, exc_value, tb))
+        return False

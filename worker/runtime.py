@@ -1,0 +1,126 @@
+"""A worker process's state: its loaded model and the threads around it.
+
+One process holds one model for its whole life. The RQ job function finds
+the runtime through ``current()`` because RQ calls jobs by import path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import redis
+
+from queue_schema import registry
+from queue_schema.eventlog import EventLog
+from queue_schema.events import Narration
+from worker import narration
+from worker.backends import Backend, LoadOptions, load_backend
+from worker.cancel_watcher import CancelWatcher
+from worker.gguf_meta import GGUFInfo
+from worker.publisher import EventPublisher
+
+log = logging.getLogger(__name__)
+_current: "WorkerRuntime | None" = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    path: str
+    backend: str = "auto"
+    options: LoadOptions = field(default_factory=LoadOptions)
+    device: str = "cpu"
+    queue_depth: int = 1000
+
+
+class WorkerRuntime:
+    def __init__(self, client: redis.Redis, spec: ModelSpec, worker_id: str | None = None):
+        self.redis = client
+        self.spec = spec
+        self.id = worker_id or f"{spec.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        self.eventlog = EventLog(client)
+        self.publisher = EventPublisher(self.eventlog)
+        self.state = "loading"
+        self.current_job: str | None = None
+        self.last_tokens_per_sec: float | None = None
+        self.backend: Backend | None = None
+        self.info: GGUFInfo | None = None
+        self.backend_reason = ""
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self.cancel = CancelWatcher(client)
+        self._heartbeat = threading.Thread(target=self._beat, name="inferq-heartbeat", daemon=True)
+
+    # --- lifecycle -------------------------------------------------------------------
+    def load(self) -> None:
+        """Load the model (once, before any job) and start heartbeating."""
+        self._heartbeat.start()
+        start = time.perf_counter()
+        self.backend = load_backend(self.spec.backend, self.spec.path, self.spec.options)
+        self.info = self.backend.info
+        self.backend_reason = ("requested" if self.spec.backend != "auto"
+                               else f"{self.info.architecture} file; ctransformers is the default backend")
+        seconds = time.perf_counter() - start
+        self.narrate(narration.model_loaded(self.id, self.spec.name, os.path.getsize(self.spec.path),
+                                            self.backend.name, self.spec.device, self.backend.context_length, seconds))
+        self.set_state("idle")
+        log.info("worker %s: loaded %s from %s in %.2fs", self.id, self.spec.name, self.spec.path, seconds)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self.publisher.flush(5)
+        try:
+            registry.remove_worker(self.redis, self.id)
+        except redis.RedisError:
+            pass
+
+    def set_state(self, state: str, job_id: str | None = None) -> None:
+        self.state, self.current_job = state, job_id
+        self._publish_heartbeat()
+
+    def narrate(self, fields: dict, job_emitter=None) -> None:
+        if job_emitter is not None:
+            job_emitter.emit("narration", **fields)
+        else:
+            self.publisher.put(Narration(**fields))
+
+    # --- heartbeat -------------------------------------------------------------------
+    def worker_info(self) -> registry.WorkerInfo:
+        b = self.backend
+        return registry.WorkerInfo(
+            id=self.id, host=socket.gethostname(), pid=os.getpid(), model=self.spec.name,
+            backend=b.name if b else self.spec.backend, backend_reason=self.backend_reason,
+            device=self.spec.device, state=self.state, current_job=self.current_job,
+            last_tokens_per_sec=self.last_tokens_per_sec, vram_bytes=b.vram_bytes() if b else 0,
+            context_length=b.context_length if b else 0, started_at=self.started_at)
+
+    def model_info(self) -> registry.ModelInfo:
+        b = self.backend
+        return registry.ModelInfo(name=self.spec.name, context_length=b.context_length if b else 0,
+                                  queue_depth=self.spec.queue_depth, backend=b.name if b else self.spec.backend)
+
+    def _publish_heartbeat(self) -> None:
+        try:
+            registry.publish_heartbeat(self.redis, self.worker_info(), self.model_info())
+        except redis.RedisError as exc:
+            log.warning("worker %s: heartbeat failed: %s", self.id, exc)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(registry.HEARTBEAT_INTERVAL_S):
+            self._publish_heartbeat()
+
+
+def install(runtime: WorkerRuntime) -> None:
+    global _current
+    _current = runtime
+
+
+def current() -> WorkerRuntime:
+    if _current is None:
+        raise RuntimeError("no model is loaded in this process: infer jobs run only in an inferq worker")
+    return _current
