@@ -89,17 +89,17 @@ def up(models, host, port, backend, gpu_layers, threads, redis_url):
         _check_model_path(path)
     share = threads or max(1, (os.cpu_count() or 1) // len(models))
     stack = Stack([WorkerArgs(n, p, backend, gpu_layers, share) for n, p in models], host, port, DATA_DIR, redis_url)
-    try:
-        stack.start()
+
+    def ready(stack):
         click.echo(f"inferq is up: API {stack.api_url}  models: {', '.join(n for n, _ in models)}  "
                    f"redis: {stack.redis_url}")
         click.echo(f"try: inferq submit \"def \" --model {models[0][0]}   (Ctrl-C to stop)")
-        stack.wait()
+
+    try:
+        stack.run(on_ready=ready)
     except StackError as exc:
         _fail(str(exc))
-    finally:
-        click.echo("stopping inferq ...", err=True)
-        stack.stop()
+    click.echo("inferq stopped", err=True)
 
 
 @main.command()
@@ -113,21 +113,24 @@ def demo(model, port, max_tokens, prompt):
     \b
     inferq demo "import "
     """
-    from inferq.stack import Stack, StackError, WorkerArgs
+    from inferq.stack import Interrupted, Stack, StackError, WorkerArgs
 
     name, path = model or _ensure_demo_model()
     stack = Stack([WorkerArgs(name, path, threads=os.cpu_count() or 1)], port=port, data_dir=DATA_DIR,
                   redis_url=os.environ.get("REDIS_URL"))
-    try:
-        stack.start()
+    result = {"code": 1}
+
+    def stream_one(stack):
         click.echo(f"stack up at {stack.api_url}; streaming a job for model {name!r}:", err=True)
-        code = _stream_job(Client(stack.api_url), prompt, name, dict(max_tokens=max_tokens, temperature=0.0),
-                           as_json=False)
+        result["code"] = _stream_job(Client(stack.api_url), prompt, name,
+                                     dict(max_tokens=max_tokens, temperature=0.0), as_json=False)
+        raise Interrupted()  # one job is the whole demo
+
+    try:
+        stack.run(on_ready=stream_one)
     except StackError as exc:
         _fail(str(exc))
-    finally:
-        stack.stop()
-    sys.exit(code)
+    sys.exit(result["code"])
 
 
 @main.command()

@@ -31,6 +31,14 @@ class StackError(Exception):
     pass
 
 
+class Interrupted(Exception):
+    """SIGINT/SIGTERM reached ``inferq up``: time to stop the stack."""
+
+
+def _interrupt(signum, frame):
+    raise Interrupted()
+
+
 class Stack:
     def __init__(self, workers: list[WorkerArgs], host: str = "127.0.0.1", port: int = 8000,
                  data_dir: str | Path = ".inferq", redis_url: str | None = None, api_processes: int = 1):
@@ -82,19 +90,26 @@ class Stack:
             if code is not None:
                 raise StackError(f"{name} exited with code {code}")
 
-    def wait(self) -> None:
-        """Block until a signal arrives or a child dies."""
-        stop = {"flag": False}
+    def run(self, on_ready=None) -> None:
+        """Start, call ``on_ready``, and serve until SIGINT/SIGTERM or a child dies; always stop.
 
-        def _stop(signum, frame):
-            stop["flag"] = True
-
-        old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        The handlers go in before anything starts: a signal that arrives while
+        the stack is still starting must not leave orphaned children.
+        """
+        old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while not stop["flag"]:
+            self.start()
+            if on_ready:
+                on_ready(self)
+            while True:
                 self.check_children()
                 time.sleep(0.3)
+        except Interrupted:
+            pass
         finally:
+            for s in old:
+                signal.signal(s, signal.SIG_IGN)  # stopping takes a moment; don't cut it short
+            self.stop()
             for s, h in old.items():
                 signal.signal(s, h)
 

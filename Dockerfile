@@ -1,0 +1,13 @@
+# CPU image: the API, and CPU workers (ctransformers' bundled avx2/avx/basic builds).
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+RUN apt-get update && apt-get install -y --no-install-recommends curl libgomp1 && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY setup.cfg pyproject.toml README.md ./
+COPY api ./api
+COPY worker ./worker
+COPY queue_schema ./queue_schema
+COPY inferq ./inferq
+RUN pip install --no-cache-dir .
+EXPOSE 8000
+CMD ["gunicorn", "--worker-class", "gevent", "--workers", "2", "--bind", "0.0.0.0:8000", "api.wsgi:app"]

@@ -1,0 +1,111 @@
+"""Every bad-input class answers with its status and code, as JSON, never echoing the prompt."""
+import json
+import signal
+
+import pytest
+
+from inferq.embedded_redis import free_port
+from tests.helpers import events, submit
+
+SECRET = "SECRET-PROMPT-TEXT"
+
+
+def body(**fields):
+    return {"operation": "infer", "model": "tiny", "prompt": SECRET, **fields}
+
+
+@pytest.mark.usefixtures("tiny_worker")
+@pytest.mark.parametrize("raw,status,code", [
+    (b"{not json", 400, "INVALID_JSON"),
+    (json.dumps(body(max_tokens="many")).encode(), 422, "INVALID_REQUEST"),
+    (json.dumps(body(temperature=9)).encode(), 422, "INVALID_REQUEST"),
+    (json.dumps(body(extra_field=True)).encode(), 422, "INVALID_REQUEST"),
+    (json.dumps({**body(), "operation": "embed"}).encode(), 400, "UNSUPPORTED_OPERATION"),
+    (json.dumps(body(model="no-such-model")).encode(), 404, "MODEL_NOT_FOUND"),
+    (json.dumps(body(prompt=SECRET * 3000)).encode(), 422, "INVALID_REQUEST"),
+])
+def test_bad_submissions(client, raw, status, code):
+    resp = client.post("/v1/jobs", data=raw, content_type="application/json")
+    assert resp.status_code == status
+    err = resp.get_json()["error"]
+    assert err["code"] == code and err["message"]
+    assert SECRET not in resp.get_data(as_text=True)
+    if status == 422:
+        assert err["errors"] and {"field", "constraint", "message"} <= set(err["errors"][0])
+
+
+def test_unknown_job_route_and_method(client):
+    assert client.get("/v1/jobs/nope").get_json()["error"]["code"] == "JOB_NOT_FOUND"
+    assert client.get("/v1/jobs/nope/stream").status_code == 404
+    assert client.delete("/v1/jobs/nope").status_code == 404
+    resp = client.get("/no/such/route")
+    assert resp.status_code == 404 and resp.get_json()["error"]["code"] == "NOT_FOUND"
+    resp = client.put("/v1/jobs")
+    assert resp.status_code == 405 and resp.get_json()["error"]["code"] == "METHOD_NOT_ALLOWED"
+
+
+@pytest.mark.usefixtures("tiny_worker")
+def test_bad_last_event_id(client):
+    job = submit(client, model="tiny", prompt="x", max_tokens=1)
+    resp = client.get(f"/v1/jobs/{job}/stream", headers={"Last-Event-ID": "abc"})
+    assert resp.status_code == 422
+
+
+def test_oversized_body_is_413_json(client):
+    resp = client.post("/v1/jobs", data=b"x" * (2 << 20), content_type="application/json")
+    assert resp.status_code == 413 and resp.get_json()["error"]["code"] == "INVALID_REQUEST"
+
+
+@pytest.mark.usefixtures("tiny_worker")
+def test_deprecated_inference_alias(client):
+    resp = client.post("/v1/inference", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert resp.status_code == 202
+    assert resp.headers["Deprecation"] == "true" and "successor-version" in resp.headers["Link"]
+    assert events(client, resp.get_json()["job_id"])[-1]["type"] == "end"
+
+
+def test_full_queue_is_503_with_retry_after_and_loses_nothing(client, worker_factory, tiny_model):
+    w = worker_factory("bounded", tiny_model, "--queue-depth", "2")
+    w.proc.send_signal(signal.SIGSTOP)
+    try:
+        accepted = [submit(client, model="bounded", prompt=f"j{i}", max_tokens=2) for i in range(3)]
+        resp = client.post("/v1/jobs", json=body(model="bounded"))
+        assert resp.status_code == 503
+        assert resp.get_json()["error"]["code"] == "QUEUE_FULL" and int(resp.headers["Retry-After"]) > 0
+    finally:
+        w.proc.send_signal(signal.SIGCONT)
+    for job in accepted:  # the jobs already queued all finish
+        assert events(client, job)[-1]["type"] == "end"
+
+
+def test_redis_down_is_503_never_500():
+    from api import create_app
+
+    app = create_app({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "TESTING": True})
+    c = app.test_client()
+    for method, path, kw in [("post", "/v1/jobs", {"json": body()}), ("get", "/v1/jobs/abc", {}),
+                             ("get", "/v1/jobs/abc/stream", {}), ("delete", "/v1/jobs/abc", {}),
+                             ("get", "/v1/models", {}), ("get", "/v1/workers", {})]:
+        resp = getattr(c, method)(path, **kw)
+        assert resp.status_code == 503, (path, resp.get_data(as_text=True))
+        assert resp.get_json()["error"]["code"] == "REDIS_UNAVAILABLE"
+        assert "Traceback" not in resp.get_data(as_text=True)
+    assert c.get("/ready").status_code == 503
+    assert c.get("/health").status_code == 200
+
+
+@pytest.mark.usefixtures("tiny_worker")
+def test_ready_models_workers_and_openapi(client):
+    ready = client.get("/ready")
+    assert ready.status_code == 200 and "tiny" in ready.get_json()["models"]
+    models = client.get("/v1/models").get_json()
+    assert models["object"] == "list"
+    tiny = next(m for m in models["data"] if m["id"] == "tiny")
+    assert tiny["object"] == "model" and tiny["workers"] >= 1 and tiny["context_length"] == 512
+    workers = client.get("/v1/workers").get_json()["workers"]
+    w = next(w for w in workers if w["model"] == "tiny")
+    assert w["backend"] == "ctransformers" and w["state"] in ("idle", "busy") and w["pid"] > 0
+    doc = client.get("/openapi.json").get_json()
+    assert doc["openapi"].startswith("3.1")
+    assert "/v1/jobs" in doc["paths"] and "InferOperation" in doc["components"]["schemas"]
+    assert doc["components"]["schemas"]["InferOperation"]["properties"]["max_tokens"]["maximum"] == 4096

@@ -1,0 +1,59 @@
+"""`inferq up` as a user runs it, and worker shutdown on SIGTERM."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from inferq.client import Client
+from inferq.embedded_redis import free_port
+from tests.conftest import ROOT, wait_until
+from tests.helpers import events, submit
+
+
+@pytest.mark.slow
+def test_inferq_up_serves_the_demo_model_and_stops_cleanly(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["INFERQ_DATA_DIR"] = str(tmp_path / "data")
+    proc = subprocess.Popen([sys.executable, "-m", "inferq", "up", "--port", str(port), "--threads", "1"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    api = Client(f"http://127.0.0.1:{port}")
+    try:
+        wait_until(lambda: proc.poll() is not None or _ready(api), timeout=60, what="inferq up")
+        assert proc.poll() is None
+        assert [m["id"] for m in api.models()] == ["demo"]
+        job = api.submit("def ", model="demo", max_tokens=16, temperature=0)["job_id"]
+        evts = list(api.events(job))
+        assert evts[-1]["type"] == "end" and evts[-1]["tokens_out"] == 16
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out
+    assert (tmp_path / "data" / "redis" / "appendonlydir").exists() or (tmp_path / "data" / "redis").exists()
+
+
+def _ready(api):
+    try:
+        return api._request("GET", "/ready").status_code == 200
+    except Exception:
+        return False
+
+
+def test_worker_finishes_its_job_on_sigterm_and_exits_0(client, worker_factory, slow_model):
+    w = worker_factory("term", slow_model)
+    job = submit(client, model="term", prompt="finish me", max_tokens=600, temperature=0)
+    assert events(client, job, until="token")[-1]["type"] == "token"
+    queued_after = submit(client, model="term", prompt="not taken", max_tokens=2)
+    w.proc.send_signal(signal.SIGTERM)
+    evts = events(client, job)
+    # Finished normally (random weights may hit EOS before max_tokens), not cut short.
+    assert evts[-1]["type"] == "end" and evts[-1]["stop_reason"] in ("max_tokens", "eos")
+    assert w.proc.wait(30) == 0
+    # It took no new job: the next one is still queued, for another worker.
+    assert client.get(f"/v1/jobs/{queued_after}").get_json()["state"] == "queued"
+    other = worker_factory("term", slow_model)
+    assert events(client, queued_after)[-1]["type"] == "end"
+    other.stop()
