@@ -87,7 +87,7 @@ def up(models, host, port, backend, gpu_layers, threads, redis_url):
     models = list(models) or [_ensure_demo_model()]
     for name, path in models:
         _check_model_path(path)
-    share = threads or max(1, (os.cpu_count() or 1) // len(models))
+    share = threads or max(1, ((os.cpu_count() or 2) - 1) // len(models))
     stack = Stack([WorkerArgs(n, p, backend, gpu_layers, share) for n, p in models], host, port, DATA_DIR, redis_url)
 
     def ready(stack):
@@ -116,7 +116,7 @@ def demo(model, port, max_tokens, prompt):
     from inferq.stack import Interrupted, Stack, StackError, WorkerArgs
 
     name, path = model or _ensure_demo_model()
-    stack = Stack([WorkerArgs(name, path, threads=os.cpu_count() or 1)], port=port, data_dir=DATA_DIR,
+    stack = Stack([WorkerArgs(name, path)], port=port, data_dir=DATA_DIR,
                   redis_url=os.environ.get("REDIS_URL"))
     result = {"code": 1}
 
@@ -156,7 +156,7 @@ def _check_model_path(path: str) -> None:
 @click.option("--model", "model", required=True, type=_model_arg, help="NAME=PATH of the GGUF file to serve.")
 @click.option("--backend", default="auto", show_default=True, help="auto | ctransformers")
 @click.option("--gpu-layers", default=0, show_default=True, help="Layers to offload to the GPU.")
-@click.option("--threads", default=0, show_default=True, help="CPU threads (0: all cores).")
+@click.option("--threads", default=0, show_default=True, help="CPU threads (0: all cores but one).")
 @click.option("--ctx-size", default=0, show_default=True, help="Context length (0: the model's).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
 @click.option("--queue-depth", default=1000, show_default=True, help="Queued jobs past which the API answers 503.")

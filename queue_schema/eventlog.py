@@ -26,16 +26,23 @@ from queue_schema.events import Narration, _Event, parse_event
 DEFAULT_TTL_S = 24 * 3600  # a finished job's log lives this long (replay, late watchers)
 NARRATION_LOG_MAXLEN = 10_000
 
+# ARGV: ttl, then (entry id, event json, flask-sse message, terminal flag) per event.
+# One call writes a whole batch: the publisher's Python cost per event is
+# what competes with decoding for the GIL.
 _APPEND = """
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if last[1] and #last[1][2] > 2 then return 0 end
-if ARGV[5] == '1' then
-  redis.call('XADD', KEYS[1], ARGV[1], 'e', ARGV[2], 'closed', '1')
-else
-  redis.call('XADD', KEYS[1], ARGV[1], 'e', ARGV[2])
+for i = 2, #ARGV, 4 do
+  if ARGV[i + 3] == '1' then
+    redis.call('XADD', KEYS[1], ARGV[i], 'e', ARGV[i + 1], 'closed', '1')
+    redis.call('PUBLISH', KEYS[2], ARGV[i + 2])
+    redis.call('EXPIRE', KEYS[1], ARGV[1])
+    return 1
+  end
+  redis.call('XADD', KEYS[1], ARGV[i], 'e', ARGV[i + 1])
+  redis.call('PUBLISH', KEYS[2], ARGV[i + 2])
 end
-redis.call('PUBLISH', KEYS[2], ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
 """
 _NARRATE = """
@@ -54,6 +61,10 @@ def sse_message(event_json: str, event_type: str, seq: int | None) -> Message:
     return Message(event_json, type=event_type, id=None if seq is None else str(seq))
 
 
+def _sse_json(event_json: str, event_type: str, seq: int | None) -> str:
+    return json.dumps(sse_message(event_json, event_type, seq).to_dict())
+
+
 class EventLog:
     """Append and replay job events. Safe to share between threads."""
 
@@ -68,7 +79,7 @@ class EventLog:
         return self.append_many([event])
 
     def append_many(self, events: Sequence[_Event], pipe: redis.client.Pipeline | None = None) -> bool:
-        """Write events in order in one round trip (a pipeline of script calls).
+        """Write events in order in one round trip: one script call per job's run of events.
 
         With ``pipe`` the commands are only queued, for the caller to execute.
         Raises ``redis.ResponseError`` if a seq is already taken; returns False if
@@ -76,8 +87,21 @@ class EventLog:
         """
         own = pipe is None
         pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
+        run_job, run_args = None, []
         for event in events:
-            self._queue_append(pipe, event)
+            data = event.model_dump_json(exclude_none=True)
+            if event.job_id is not None:
+                if event.job_id != run_job and run_args:
+                    self._flush_run(pipe, run_job, run_args)
+                    run_args = []
+                run_job = event.job_id
+                run_args += [_entry_id(event.seq), data, _sse_json(data, event.type, event.seq),
+                             "1" if event.terminal else "0"]
+            if isinstance(event, Narration):
+                self._narrate(keys=[keys.NARRATION_LOG, keys.NARRATION_CHANNEL],
+                              args=[data, _sse_json(data, event.type, None), NARRATION_LOG_MAXLEN], client=pipe)
+        if run_args:
+            self._flush_run(pipe, run_job, run_args)
         if not own:
             return True
         results = pipe.execute(raise_on_error=False)
@@ -86,16 +110,9 @@ class EventLog:
                 raise result
         return all(results)
 
-    def _queue_append(self, pipe, event: _Event) -> None:
-        data = event.model_dump_json(exclude_none=True)
-        if event.job_id is not None:
-            msg = json.dumps(sse_message(data, event.type, event.seq).to_dict())
-            self._append(keys=[keys.job_events(event.job_id), keys.job_channel(event.job_id)],
-                         args=[_entry_id(event.seq), data, msg, self.ttl_s, int(event.terminal)], client=pipe)
-        if isinstance(event, Narration):
-            msg = json.dumps(sse_message(data, event.type, None).to_dict())
-            self._narrate(keys=[keys.NARRATION_LOG, keys.NARRATION_CHANNEL],
-                          args=[data, msg, NARRATION_LOG_MAXLEN], client=pipe)
+    def _flush_run(self, pipe, job_id: str, args: list) -> None:
+        self._append(keys=[keys.job_events(job_id), keys.job_channel(job_id)], args=[self.ttl_s, *args],
+                     client=pipe)
 
     def replay(self, job_id: str, after_seq: int = -1, until_seq: int | None = None) -> list[_Event]:
         """Events with ``after_seq < seq`` (and ``seq <= until_seq`` if given), in order."""

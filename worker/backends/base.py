@@ -23,14 +23,17 @@ class ModelLoadError(InferqError):
 
 @dataclass(frozen=True)
 class LoadOptions:
-    threads: int = 0  # 0: every core
+    threads: int = 0  # 0: every core but one
     gpu_layers: int = 0
     ctx_size: int = 0  # 0: the model's own
     batch_size: int = 256
 
     @property
     def resolved_threads(self) -> int:
-        return self.threads if self.threads > 0 else (os.cpu_count() or 1)
+        # One core is left to the worker's own threads (publisher, heartbeat):
+        # ggml's threads spin at barriers, and a third runnable thread on two
+        # cores cut decoding to a twentieth in our measurements.
+        return self.threads if self.threads > 0 else max(1, (os.cpu_count() or 2) - 1)
 
 
 class Backend:

@@ -1,0 +1,72 @@
+"""Pieces the benchmarks share: a private stack (Redis, worker, gunicorn API) and stats."""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+import requests
+
+from inferq.embedded_redis import EmbeddedRedis, free_port
+from queue_schema import registry
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+
+
+def pct(values, q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def summary(values) -> str:
+    return f"min {min(values):8.2f}  p50 {statistics.median(values):8.2f}  p95 {pct(values, 0.95):8.2f}"
+
+
+@contextmanager
+def stack(models: dict[str, Path], threads: int, api_processes: int = 1, workers_per_model: int = 1):
+    """Redis + one worker per model + gunicorn API, torn down on exit. Yields (api_url, redis_url)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    server = EmbeddedRedis(OUT / "redis", appendonly=False).start()
+    procs = []
+    env = {**os.environ, "REDIS_URL": server.url, "INFERQ_LOG_LEVEL": "WARNING"}
+    try:
+        for name, path in models.items():
+            for _ in range(workers_per_model):
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "inferq", "--log-level", "WARNING", "worker", "--model", f"{name}={path}",
+                     "--threads", str(threads), "--redis-url", server.url], cwd=ROOT, env=env))
+        port = free_port()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--workers", str(api_processes),
+             "--bind", f"127.0.0.1:{port}", "--log-level", "warning", "api.wsgi:app"], cwd=ROOT, env=env))
+        url = f"http://127.0.0.1:{port}"
+        client = redis.Redis.from_url(server.url)
+        want = len(models) * workers_per_model
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            idle = [w for w in registry.live_workers(client) if w.state == "idle"]
+            try:
+                up = requests.get(url + "/health", timeout=1).ok
+            except requests.ConnectionError:
+                up = False
+            if up and len(idle) >= want:
+                break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("benchmark stack did not come up")
+        yield url, server.url
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        server.stop()
