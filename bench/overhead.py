@@ -26,15 +26,19 @@ from worker.sampling import Sampler
 PROMPT = "def fibonacci(n): return the data model of the queue worker"
 
 
+def prompt(run: int) -> str:
+    # A different first word per run: neither side can reuse a cached prompt prefix.
+    return f"{run} {PROMPT}"
+
+
 def direct(path, threads: int, max_tokens: int, runs: int):
     backend = load_backend("ctransformers", str(path), LoadOptions(threads=threads))
-    prompt = backend.tokenize(PROMPT)
     rates, ttfts, counts = [], [], []
-    for _ in range(runs):
-        backend._context.clear()  # no prefix reuse: the path's worker evaluates the prompt each time too
+    for run in range(runs):
+        tokens = backend.tokenize(prompt(run))
         start = time.perf_counter()
         stamps = []
-        for _token in backend.generate(prompt, Sampler(temperature=0)):
+        for _token in backend.generate(tokens, Sampler(temperature=0)):
             stamps.append(time.perf_counter())
             if len(stamps) == max_tokens:
                 break
@@ -45,12 +49,12 @@ def direct(path, threads: int, max_tokens: int, runs: int):
     return rates, ttfts, counts
 
 
-def through_api(url: str, model: str, max_tokens: int, runs: int):
+def through_api(url: str, model: str, max_tokens: int, runs: int, first_run: int = 0):
     rates, ttfts, counts = [], [], []
     session = requests.Session()
-    for _ in range(runs):
+    for run in range(first_run, first_run + runs):
         start = time.perf_counter()
-        job = session.post(f"{url}/v1/jobs", json={"operation": "infer", "model": model, "prompt": PROMPT,
+        job = session.post(f"{url}/v1/jobs", json={"operation": "infer", "model": model, "prompt": prompt(run),
                                                   "max_tokens": max_tokens, "temperature": 0}).json()["job_id"]
         stamps, tokens_out = [], 0
         with session.get(f"{url}/v1/jobs/{job}/stream", stream=True) as resp:
@@ -79,7 +83,7 @@ def main(argv=None):
 
     d_rate, d_ttft, d_n = direct(path, args.threads, args.max_tokens, args.runs)
     with stack({args.model: path}, args.threads) as (url, _):
-        through_api(url, args.model, args.max_tokens, 1)  # warm-up: connections, first-job costs
+        through_api(url, args.model, 4, 1, first_run=-1)  # warm-up (own prompt): connections, first-job costs
         p_rate, p_ttft, p_n = through_api(url, args.model, args.max_tokens, args.runs)
     assert d_n == p_n, f"token counts differ: direct {d_n} vs path {p_n}"
     added = [p - d for p, d in zip(sorted(p_ttft), sorted(d_ttft))]

@@ -218,3 +218,25 @@ def test_queue_position_is_reported_while_waiting(client, r, worker_factory, tin
         w.proc.send_signal(signal.SIGCONT)
     for j in [blocker] + jobs + [high]:
         assert events(client, j)[-1]["type"] == "end"
+
+
+def test_keep_alive_comments_while_a_job_waits(live_api, worker_factory, tiny_model):
+    import signal
+
+    w = worker_factory("sleepy", tiny_model)
+    w.proc.send_signal(signal.SIGSTOP)
+    try:
+        api = Client(live_api)
+        api.submit("blocker", model="sleepy", max_tokens=2)  # may be swallowed by the stopped BLPOP
+        job = api.submit("wait", model="sleepy", max_tokens=2)["job_id"]
+        seen = b""
+        with requests.get(f"{live_api}/v1/jobs/{job}/stream", stream=True, timeout=10) as resp:
+            deadline = time.monotonic() + 5
+            for chunk in resp.iter_content(chunk_size=None):
+                seen += chunk
+                if b": keep-alive" in seen or time.monotonic() > deadline:
+                    break
+        assert b"event:queued" in seen and b": keep-alive" in seen
+    finally:
+        w.proc.send_signal(signal.SIGCONT)
+    assert list(Client(live_api).events(job))[-1]["type"] == "end"
