@@ -12,7 +12,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed  ## start the stack, stream one job, stop
-	$(VENV)/bin/inferq demo "def "
+	$(VENV)/bin/inferq --log-level WARNING demo "def "
 
 up: $(VENV)/.installed  ## run the stack until Ctrl-C
 	$(VENV)/bin/inferq up

@@ -55,7 +55,9 @@ class Stack:
         return f"http://{self.host}:{self.port}"
 
     def _env(self) -> dict:
-        return {**os.environ, "REDIS_URL": self.redis_url}
+        # Children log at the level `inferq up` was given.
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        return {**os.environ, "REDIS_URL": self.redis_url, "INFERQ_LOG_LEVEL": level}
 
     def start(self, ready_timeout: float = 120.0) -> None:
         if not self.redis_url:
