@@ -78,16 +78,24 @@ def cancel_job(job_id: str):
     view = _view_or_404(job_id)
     if view.terminal is not None or view.state in ("finished", "failed", "cancelled"):
         raise InferqError(ErrorCode.JOB_FINISHED, f"job {job_id} already ended ({view.state})")
+    if request_cancel(job_id, view.state):
+        return jsonify(job_id=job_id, state="cancelled")
+    return jsonify(job_id=job_id, state="cancelling"), 202
+
+
+def request_cancel(job_id: str, state: str) -> bool:
+    """Cancel a job that has not ended; True if it ended at once (it was still queued)."""
+    res = resources()
     # The flag covers a job a worker is about to take; the message reaches one already running.
     pipe = res.redis.pipeline(transaction=False)
     pipe.set(keys.job_cancel(job_id), 1, ex=24 * 3600)
     pipe.publish(keys.CANCEL_CHANNEL, job_id)
     pipe.execute()
-    if view.state == "queued" and _cancel_queued(job_id):
+    if state == "queued" and _cancel_queued(job_id):
         log.info("job %s cancelled while queued", job_id)
-        return jsonify(job_id=job_id, state="cancelled")
+        return True
     log.info("job %s: cancel requested while running", job_id)
-    return jsonify(job_id=job_id, state="cancelling"), 202
+    return False
 
 
 def _cancel_queued(job_id: str) -> bool:

@@ -43,6 +43,11 @@ def document() -> dict:
               "responses": {"202": {"description": "accepted", **_json("JobAccepted")},
                             **_errors(400, 401, 404, 422, 503)}}
     job_obj = {"description": "job state", "content": {"application/json": {"schema": {"type": "object"}}}}
+    openai_body = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
+    openai_responses = {"200": {"description": "completion (JSON, or SSE when stream is true)",
+                                "content": {"application/json": {"schema": {"type": "object"}},
+                                            "text/event-stream": {"schema": {"type": "string"}}}},
+                        **{str(s): job_obj for s in (400, 401, 404, 500, 503)}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "inferq", "version": "0.1.0",
@@ -65,6 +70,10 @@ def document() -> dict:
                               **_errors(401, 404, 422, 503)}}},
             "/v1/models": {"get": {"summary": "Served models", "responses": {"200": job_obj, **_errors(401, 503)}}},
             "/v1/workers": {"get": {"summary": "Live workers", "responses": {"200": job_obj, **_errors(401, 503)}}},
+            "/v1/completions": {"post": {"summary": "OpenAI-compatible completion (an infer job)",
+                                         "requestBody": openai_body, "responses": openai_responses}},
+            "/v1/chat/completions": {"post": {"summary": "OpenAI-compatible chat completion (an infer job)",
+                                              "requestBody": openai_body, "responses": openai_responses}},
             "/health": {"get": {"summary": "Process alive", "responses": {"200": job_obj}}},
             "/ready": {"get": {"summary": "Redis answers and a worker serves a model",
                                "responses": {"200": job_obj, "503": job_obj}}},

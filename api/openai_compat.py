@@ -1,0 +1,267 @@
+"""OpenAI-compatible ``/v1/completions`` and ``/v1/chat/completions``.
+
+Each request becomes an ordinary ``infer`` job, so priorities, queue bounds,
+cancellation, ``GET /v1/jobs`` and the dashboards all apply. Unknown OpenAI
+fields are ignored (clients send many); errors take OpenAI's shape.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import redis
+from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from api import stream as sse_relay
+from api.extensions import resources
+from api.jobs import request_cancel, submit
+from queue_schema import jobs
+from queue_schema.errors import ErrorCode, InferqError
+from queue_schema.operations import InferOperation
+
+log = logging.getLogger(__name__)
+bp = Blueprint("openai", __name__)
+
+_FINISH = {"eos": "stop", "stop_sequence": "stop", "cancelled": "stop", "max_tokens": "length"}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+                409: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+                503: "server_error"}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, ge=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported")
+        return n
+
+    def infer_fields(self, default_max: int) -> dict:
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        fields = dict(model=self.model, max_tokens=self.max_completion_tokens or self.max_tokens or default_max,
+                      temperature=self.temperature, top_p=self.top_p, stop=stop, stream=self.stream,
+                      repetition_penalty=1.0)  # OpenAI has no repetition penalty: leave logits alone
+        if self.seed is not None:
+            fields["seed"] = self.seed
+        if self.user:
+            fields["metadata"] = {"user": self.user}
+        return fields
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+
+    def operation(self) -> InferOperation:
+        prompt = self.prompt if isinstance(self.prompt, str) else "".join(self.prompt)
+        return _infer(prompt=prompt, **self.infer_fields(default_max=16))
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: keep the text ones
+            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+
+    def operation(self) -> InferOperation:
+        roles = {"developer": "system"}
+        messages = [{"role": roles.get(m.role, m.role), "content": m.text()} for m in self.messages]
+        return _infer(messages=messages, **self.infer_fields(default_max=256))
+
+
+def _infer(**fields) -> InferOperation:
+    try:
+        return InferOperation.model_validate({"operation": "infer", **fields})
+    except ValidationError as exc:
+        err = exc.errors(include_input=False, include_url=False)[0]
+        raise OpenAIError(400, f"{'.'.join(map(str, err['loc']))}: {err['msg']}", param=str(err["loc"][0]),
+                          code="invalid_value") from None
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def _error_body(status: int, message: str, code: str | None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "code": code,
+                      "param": param}}
+
+
+@bp.errorhandler(OpenAIError)
+def _openai_error(exc: OpenAIError):
+    return jsonify(_error_body(exc.status, exc.message, exc.code, exc.param)), exc.status
+
+
+@bp.errorhandler(InferqError)
+def _inferq_error(exc: InferqError):
+    code = "model_not_found" if exc.code == ErrorCode.MODEL_NOT_FOUND else exc.code.value.lower()
+    return jsonify(_error_body(exc.status, exc.message, code)), exc.status, exc.headers
+
+
+@bp.errorhandler(redis.RedisError)
+def _redis_error(exc):
+    return jsonify(_error_body(503, "the queue (Redis) is unavailable; retry shortly", "redis_unavailable")), 503
+
+
+def _parse(model_cls):
+    try:
+        body = json.loads(request.get_data() or b"null")
+    except ValueError:
+        raise OpenAIError(400, "request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "request body must be a JSON object", code="invalid_request")
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors(include_input=False, include_url=False)[0]
+        param = ".".join(str(p) for p in err["loc"])
+        raise OpenAIError(400, f"{param}: {err['msg']}", param=param, code="invalid_value") from None
+
+
+def _events(job_id: str):
+    """The job's events as dicts, from its log and then live, until the terminal one."""
+    keepalive = float(current_app.config["KEEPALIVE_S"])
+    for message in sse_relay.bp.job_messages(job_id, -1, keepalive):
+        yield None if isinstance(message, str) else json.loads(message.data)
+
+
+class _Shape:
+    """What differs between the completion and the chat-completion responses."""
+
+    def __init__(self, chat: bool, job_id: str, model: str):
+        self.chat, self.model = chat, model
+        self.id = ("chatcmpl-" if chat else "cmpl-") + job_id
+        self.created = int(time.time())
+
+    def _base(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {**self._base("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {**self._base("text_completion"), "choices": [choice]}
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {**self._base("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
+                "usage": usage}
+
+    def whole(self, text: str, finish: str, usage: dict) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish}
+            return {**self._base("chat.completion"), "choices": [choice], "usage": usage}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {**self._base("text_completion"), "choices": [choice], "usage": usage}
+
+
+def _usage(prompt_tokens: int, end: dict) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": end["tokens_out"],
+            "total_tokens": prompt_tokens + end["tokens_out"]}
+
+
+def _job_error(event: dict) -> OpenAIError:
+    status = 400 if event["code"] in ("CONTEXT_LENGTH_EXCEEDED", "INVALID_REQUEST") else 500
+    return OpenAIError(status, event["message"], code=event["code"].lower())
+
+
+def _respond(req: _Request, chat: bool):
+    op = req.operation()
+    job_id, _ = submit(op)
+    shape = _Shape(chat, job_id, op.model)
+    headers = {"X-Inferq-Job-Id": job_id}
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return Response(stream_with_context(_stream(job_id, shape, include_usage)), mimetype="text/event-stream",
+                        headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    prompt_tokens = 0
+    for event in _events(job_id):
+        if event is None:
+            continue
+        if event["type"] == "metrics":
+            prompt_tokens = event["prompt_tokens"]
+        elif event["type"] == "error":
+            raise _job_error(event)
+        elif event["type"] == "end":
+            body = shape.whole(event["text"], _FINISH[event["stop_reason"]], _usage(prompt_tokens, event))
+            return jsonify(body), 200, headers
+    raise OpenAIError(500, "the job's stream ended without a result", code="inference_failed")
+
+
+def _stream(job_id: str, shape: _Shape, include_usage: bool):
+    def data(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    done = False
+    prompt_tokens = 0
+    try:
+        if shape.chat:
+            yield data(shape.chunk(None, None, first=True))
+        for event in _events(job_id):
+            if event is None:
+                yield ": keep-alive\n\n"
+            elif event["type"] == "token":
+                yield data(shape.chunk(event["t"], None))
+            elif event["type"] == "metrics":
+                prompt_tokens = event["prompt_tokens"]
+            elif event["type"] == "error":
+                done = True
+                err = _job_error(event)
+                yield data(_error_body(err.status, err.message, err.code))
+            elif event["type"] == "end":
+                done = True
+                yield data(shape.chunk(None, _FINISH[event["stop_reason"]]))
+                if include_usage:
+                    yield data(shape.usage_chunk(_usage(prompt_tokens, event)))
+        yield "data: [DONE]\n\n"
+    finally:
+        if not done:  # the client went away mid-stream: free the worker
+            try:
+                res = resources()
+                view = jobs.view(res.redis, res.eventlog, job_id)
+                if view is not None and view.terminal is None:
+                    request_cancel(job_id, view.state)
+            except redis.RedisError:
+                log.warning("job %s: could not cancel after the client disconnected", job_id)
+
+
+@bp.post("/v1/completions")
+def completions():
+    return _respond(_parse(CompletionRequest), chat=False)
+
+
+@bp.post("/v1/chat/completions")
+def chat_completions():
+    return _respond(_parse(ChatRequest), chat=True)

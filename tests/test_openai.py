@@ -1,0 +1,150 @@
+"""The OpenAI routes, driven by the official openai client against a real API and worker."""
+import time
+
+import openai
+import pytest
+import requests
+
+from inferq.testmodel import make_llama_gguf
+from tests.helpers import events
+
+pytestmark = pytest.mark.usefixtures("tiny_worker")
+TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+@pytest.fixture()
+def oai(live_api):
+    return openai.OpenAI(base_url=f"{live_api}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def test_completion_non_streamed(oai, client):
+    resp = oai.completions.create(model="tiny", prompt="def data", max_tokens=12, temperature=0)
+    assert resp.object == "text_completion" and resp.id.startswith("cmpl-") and resp.model == "tiny"
+    choice = resp.choices[0]
+    assert choice.finish_reason == "length"
+    assert resp.usage.completion_tokens == 12 and resp.usage.prompt_tokens > 0
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + 12
+    # It was an ordinary job: visible with the same text.
+    job_id = resp.id.removeprefix("cmpl-")
+    status = client.get(f"/v1/jobs/{job_id}").get_json()
+    assert status["state"] == "finished" and status["result"]["text"] == choice.text
+
+
+def test_completion_streamed_with_usage(oai):
+    chunks = list(oai.completions.create(model="tiny", prompt="def data", max_tokens=12, temperature=0,
+                                         stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].choices == []
+    whole = oai.completions.create(model="tiny", prompt="def data", max_tokens=12, temperature=0)
+    assert text == whole.choices[0].text  # greedy: same text streamed or not
+
+
+def test_chat_non_streamed_and_streamed(oai):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    resp = oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0, seed=1)
+    assert resp.object == "chat.completion" and resp.choices[0].message.role == "assistant"
+    assert resp.usage.completion_tokens == 10 and resp.choices[0].finish_reason == "length"
+    stream = oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0, seed=1,
+                                         stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == resp.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_stop_and_max_completion_tokens(oai):
+    base = oai.completions.create(model="tiny", prompt="queue worker", max_tokens=40, temperature=0).choices[0].text
+    words = [w for w in base.split(" ") if w.isalnum() and len(w) > 1]
+    if not words:
+        pytest.skip("no word to stop on in the sample")
+    stop = words[0]
+    resp = oai.completions.create(model="tiny", prompt="queue worker", max_tokens=40, temperature=0, stop=stop)
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.choices[0].text == base[: base.find(stop)]
+    chat = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                       max_completion_tokens=3, temperature=0)
+    assert chat.usage.completion_tokens == 3
+
+
+def test_errors_in_openai_shape(oai, live_api):
+    with pytest.raises(openai.NotFoundError) as nf:
+        oai.completions.create(model="no-such-model", prompt="x")
+    assert nf.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as br:
+        oai.completions.create(model="tiny", prompt="x", n=2)
+    assert br.value.body["param"] == "n" and br.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError):
+        oai.completions.create(model="tiny", prompt="x", temperature=5)
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model="tiny", messages=[])
+    raw = requests.post(f"{live_api}/v1/chat/completions", data=b"{oops", timeout=10)
+    assert raw.status_code == 400 and set(raw.json()["error"]) == {"message", "type", "code", "param"}
+
+
+def test_unknown_openai_fields_are_ignored(oai):
+    resp = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       presence_penalty=0.5, logit_bias={"1": 1}, user="alice",
+                                       extra_body={"some_future_field": True})
+    assert resp.usage.completion_tokens == 2
+
+
+def test_models_in_openai_shape(oai):
+    ids = [m.id for m in oai.models.list()]
+    assert "tiny" in ids
+
+
+def test_context_overflow_is_a_400(oai):
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.completions.create(model="tiny", prompt="word " * 600, max_tokens=16)
+    assert "context" in info.value.message
+
+
+def test_disconnecting_a_stream_cancels_its_job(oai, client, slow_worker):
+    stream = oai.chat.completions.create(model="slow", messages=[{"role": "user", "content": "go on"}],
+                                         max_tokens=3500, temperature=0, stream=True)
+    job_id = None
+    for n, chunk in enumerate(stream):
+        job_id = chunk.id.removeprefix("chatcmpl-")
+        if n >= 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 15
+    while client.get(f"/v1/jobs/{job_id}").get_json()["state"] != "cancelled":
+        assert time.monotonic() < deadline, "the abandoned job was not cancelled"
+        time.sleep(0.1)
+    end = events(client, job_id)[-1]
+    assert end["stop_reason"] == "cancelled" and end["tokens_out"] < 3500
+    t0 = time.monotonic()
+    nxt = oai.completions.create(model="slow", prompt="next", max_tokens=3, temperature=0)
+    assert nxt.usage.completion_tokens == 3 and time.monotonic() - t0 < 10
+
+
+def test_chat_uses_the_models_own_template(oai, worker_factory, model_dir, tiny_model):
+    from worker import chat_template
+    from worker.backends import LoadOptions, load_backend
+
+    path = make_llama_gguf(model_dir / "templated.gguf", "tiny", seed=0, chat_template=TEMPLATE)
+    worker_factory("templated", path)
+    msgs = [{"role": "user", "content": "hello there"}]
+    backend = load_backend("ctransformers", str(tiny_model), LoadOptions(threads=1))
+    own = len(backend.tokenize(chat_template.render(msgs, TEMPLATE)))
+    fallback = len(backend.tokenize(chat_template.render(msgs, None)))
+    assert own != fallback
+    with_template = oai.chat.completions.create(model="templated", messages=msgs, max_tokens=1)
+    without = oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=1)
+    assert with_template.usage.prompt_tokens == own
+    assert without.usage.prompt_tokens == fallback
+
+
+def test_a_hostile_template_is_refused_by_the_sandbox():
+    from jinja2.exceptions import SecurityError
+
+    from worker import chat_template
+
+    evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(SecurityError):
+        chat_template.render([{"role": "user", "content": "x"}], evil)
