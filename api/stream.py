@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Iterator
 
+import redis
 from flask import current_app, request, stream_with_context
 from flask_sse import Message, ServerSentEventsBlueprint
 
@@ -92,8 +93,13 @@ class EventStreamBlueprint(ServerSentEventsBlueprint):
         @stream_with_context
         def generate():
             yield f"retry: {retry}\n\n"
-            for message in self.job_messages(job_id, after, keepalive):
-                yield str(message)
+            try:
+                for message in self.job_messages(job_id, after, keepalive):
+                    yield str(message)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # Mid-stream the status line is long sent: end the stream; the client
+                # reconnects with Last-Event-ID and resumes from the log.
+                log.warning("stream for job %s ended: redis unavailable (%s)", job_id, exc)
 
         return current_app.response_class(generate(), mimetype="text/event-stream",
                                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

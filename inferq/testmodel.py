@@ -65,8 +65,12 @@ def vocabulary(extra: int = 0) -> tuple[list[str], list[float], list[int]]:
 
 
 def make_llama_gguf(path: str | Path, shape: ModelShape | str = "tiny", seed: int = 0,
-                    dtype: str = "f32", chat_template: str | None = None) -> Path:
-    """Write a llama GGUF with random weights to ``path`` and return the path."""
+                    dtype: str = "f32", chat_template: str | None = None, arch: str = "llama") -> Path:
+    """Write a llama GGUF with random weights to ``path`` and return the path.
+
+    ``arch`` only renames the architecture (the tensors stay llama's): a way to
+    make a file that a backend must refuse.
+    """
     import gguf  # the writer is only needed here, not by the worker at run time
 
     if isinstance(shape, str):
@@ -82,7 +86,7 @@ def make_llama_gguf(path: str | Path, shape: ModelShape | str = "tiny", seed: in
         return (rng.standard_normal(dims, dtype=np.float32) * scale).astype(wtype)
 
     head_dim = shape.n_embd // shape.n_head
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(f"inferq-test-{shape.n_embd}x{shape.n_layer}-s{seed}")
     writer.add_context_length(shape.n_ctx)
     writer.add_embedding_length(shape.n_embd)

@@ -15,7 +15,7 @@ from rq.serializers import JSONSerializer
 
 from queue_schema import keys
 from queue_schema.eventlog import EventLog
-from queue_schema.events import Queued, _Event
+from queue_schema.events import Queued, _Event, now_ms
 from queue_schema.operations import InferOperation
 
 # The worker's entry point, named by string: the API never imports worker code.
@@ -69,7 +69,8 @@ def enqueue_infer(client: redis.Redis, log: EventLog, op: InferOperation, job_id
         result_ttl=RESULT_TTL_S,
         failure_ttl=RESULT_TTL_S,
         description=f"infer {op.model} max_tokens={op.max_tokens}",  # never the prompt
-        meta={"model": op.model, "priority": op.priority, "submitted_ms": event.ts},
+        meta={"model": op.model, "priority": op.priority, "submitted_ms": event.ts,
+              "expires_ms": event.ts + op.ttl_s * 1000 if op.ttl_s else None},
         pipeline=pipe,
     )
     log.append_many([event], pipe=pipe)
@@ -82,7 +83,7 @@ class JobView:
     """What a client sees of a job: state, position, result, timings."""
 
     job_id: str
-    state: str  # queued | running | finished | failed | cancelled
+    state: str  # queued | expired | running | finished | failed | cancelled
     model: str | None
     position: int | None
     terminal: _Event | None
@@ -126,6 +127,9 @@ def view(client: redis.Redis, log: EventLog, job_id: str) -> JobView | None:
         if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
             state = "queued"
             position = _position(client, job)
+            expires = meta.get("expires_ms")
+            if expires and now_ms() > expires:
+                state = "expired"  # the worker that takes it will end it with TIMEOUT
         elif status == JobStatus.CANCELED:
             state = "cancelled"
         elif status in (JobStatus.FAILED, JobStatus.STOPPED):

@@ -37,6 +37,11 @@ def job_cancel(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:cancel"
 
 
+def job_lost(job_id: str, worker_name: str) -> str:
+    """Claim taken by the one reaper that handles a job lost with this worker."""
+    return f"{PREFIX}:job:{job_id}:lost:{worker_name}"
+
+
 def worker(worker_id: str) -> str:
     """JSON describing one live worker; expires unless heartbeats refresh it."""
     return f"{PREFIX}:worker:{worker_id}"

@@ -44,6 +44,8 @@ class InferOperation(BaseModel):
     priority: Priority = "normal"
     stream: bool = True
     timeout_s: int = Field(600, ge=1, le=3600, description="Decoding deadline once started.")
+    ttl_s: int | None = Field(None, ge=1, le=7 * 24 * 3600,
+                              description="Give up (error TIMEOUT) if the job waited longer than this to start.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Echoed back; at most 2 KB of JSON.")
 
     @field_validator("stop")

@@ -8,6 +8,7 @@ def test_key_names_are_pinned():
     assert keys.job_channel("j1") == "inferq:job:j1:live"
     assert keys.job_cancel("j1") == "inferq:job:j1:cancel"
     assert keys.worker("w1") == "inferq:worker:w1"
+    assert keys.job_lost("j1", "w1") == "inferq:job:j1:lost:w1"
     assert keys.model("tiny") == "inferq:model:tiny"
     assert keys.WORKERS == "inferq:workers"
     assert keys.MODELS == "inferq:models"

@@ -46,6 +46,9 @@ def _run(runtime: WorkerRuntime, emitter: JobEmitter, op: InferOperation, meta: 
     job_id = emitter.job_id
     wait_ms = max(0, now_ms() - int(meta.get("submitted_ms") or now_ms()))
     emitter.emit("started", model=runtime.spec.name, worker=runtime.id, queue_wait_ms=wait_ms)
+    if op.ttl_s is not None and wait_ms > op.ttl_s * 1000:
+        _fail(runtime, emitter, ErrorCode.TIMEOUT,
+              f"the job waited {wait_ms / 1000:.1f} s in the queue, longer than its ttl_s={op.ttl_s}", retriable=True)
     if runtime.cancel.is_cancelled():
         emitter.emit("end", tokens_out=0, decode_time_ms=0, stop_reason="cancelled", text="")
         return {"text": "", "tokens_out": 0, "stop_reason": "cancelled"}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import redis
 
@@ -31,8 +32,31 @@ def run_worker(redis_url: str, spec: ModelSpec, burst: bool = False, max_jobs: i
         runtime.shutdown()
         raise WorkerStartError(exc.message) from None
     runtime_mod.install(runtime)
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    incarnation = 0
     try:
-        InferqWorker(runtime).work(burst=burst, max_jobs=max_jobs, logging_level=logging.getLevelName(
-            logging.getLogger().getEffectiveLevel()))
+        while True:
+            InferqWorker(runtime, incarnation).work(burst=burst, max_jobs=max_jobs, logging_level=level)
+            if burst or max_jobs or runtime.stop_requested or _redis_ok(client):
+                return
+            # RQ's loop gives up when Redis goes away; the model stays loaded and we wait.
+            log.warning("worker %s: lost Redis; waiting for it to come back", runtime.id)
+            _wait_for_redis(client, runtime)
+            incarnation += 1
     finally:
         runtime.shutdown()
+
+
+def _redis_ok(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def _wait_for_redis(client: redis.Redis, runtime: WorkerRuntime) -> None:
+    delay = 0.2
+    while not runtime.stop_requested and not _redis_ok(client):
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+    log.info("worker %s: Redis is back", runtime.id)

@@ -19,9 +19,11 @@ log = logging.getLogger(__name__)
 
 
 class InferqWorker(SimpleWorker):
-    def __init__(self, runtime: WorkerRuntime, **kwargs):
+    def __init__(self, runtime: WorkerRuntime, incarnation: int = 0, **kwargs):
         self.runtime = runtime
-        super().__init__(jobs.model_queues(runtime.redis, runtime.spec.name), name=runtime.id,
+        # A worker that reconnects after a Redis outage registers anew under a new
+        # name; the part before "~" is its inferq id (see reaper.inferq_worker_id).
+        super().__init__(jobs.model_queues(runtime.redis, runtime.spec.name), name=f"{runtime.id}~{incarnation}",
                          connection=runtime.redis, serializer=JSONSerializer,
                          exception_handlers=[self._log_failure], disable_default_exception_handler=True,
                          **kwargs)
@@ -32,6 +34,10 @@ class InferqWorker(SimpleWorker):
             super().execute_job(job, queue)
         finally:
             self.runtime.set_state("stopping" if self._stop_requested else "idle")
+
+    def request_stop(self, signum, frame):
+        self.runtime.stop_requested = True
+        super().request_stop(signum, frame)
 
     def _log_failure(self, job, exc_type, exc_value, tb) -> bool:
         # Expected failures (bad prompt, too long, cancelled) are INFO; surprises get a traceback.

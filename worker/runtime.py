@@ -18,7 +18,7 @@ import redis
 from queue_schema import registry
 from queue_schema.eventlog import EventLog
 from queue_schema.events import Narration
-from worker import narration
+from worker import narration, reaper
 from worker.backends import Backend, LoadOptions, load_backend
 from worker.cancel_watcher import CancelWatcher
 from worker.gguf_meta import GGUFInfo
@@ -52,6 +52,7 @@ class WorkerRuntime:
         self.info: GGUFInfo | None = None
         self.backend_reason = ""
         self.started_at = time.time()
+        self.stop_requested = False  # set on SIGTERM/SIGINT: finish the job, take no other
         self._stop = threading.Event()
         self.cancel = CancelWatcher(client)
         self._heartbeat = threading.Thread(target=self._beat, name="inferq-heartbeat", daemon=True)
@@ -113,6 +114,13 @@ class WorkerRuntime:
     def _beat(self) -> None:
         while not self._stop.wait(registry.HEARTBEAT_INTERVAL_S):
             self._publish_heartbeat()
+            if self.backend is not None:
+                try:
+                    reaper.reap(self.redis, self.eventlog, self.spec.name, self.id)
+                except redis.RedisError as exc:
+                    log.warning("worker %s: could not check for lost jobs: %s", self.id, exc)
+                except Exception:  # never let a surprise stop the heartbeats
+                    log.exception("worker %s: checking for lost jobs failed", self.id)
 
 
 def install(runtime: WorkerRuntime) -> None:
