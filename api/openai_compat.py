@@ -12,7 +12,9 @@ import time
 
 import redis
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api import stream as sse_relay
 from api.extensions import resources
@@ -35,27 +37,26 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# 100 bytes of UTF-8 is the real limit; JSON Schema cannot say bytes, and 25 characters always fit.
+StopString = Annotated[str, Field(min_length=1, json_schema_extra={"maxLength": 25})]
+
+
 class _Request(BaseModel):
+    """Fields inferq uses; OpenAI's others are accepted and ignored."""
+
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     max_tokens: int | None = Field(None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, ge=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
+    seed: int | None = Field(None, ge=-1, le=2**63 - 1)
+    n: Literal[1] = Field(1, description="Only one choice per request.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
 
     def infer_fields(self, default_max: int) -> dict:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -70,7 +71,8 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    prompt: Annotated[str, Field(min_length=1, max_length=32768)] | Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=32768)]], Field(min_length=1, max_length=1)]
 
     def operation(self) -> InferOperation:
         prompt = self.prompt if isinstance(self.prompt, str) else "".join(self.prompt)
@@ -79,8 +81,8 @@ class CompletionRequest(_Request):
 
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str | list[dict] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[str, Field(max_length=32768)] | list[dict] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: keep the text ones
@@ -89,7 +91,7 @@ class ChatMessageIn(BaseModel):
 
 
 class ChatRequest(_Request):
-    messages: list[ChatMessageIn] = Field(min_length=1)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=256)
 
     def operation(self) -> InferOperation:
         roles = {"developer": "system"}

@@ -28,7 +28,10 @@ def _errors(*statuses: int) -> dict:
 
 def _schemas() -> dict:
     schemas = {"Error": _ERROR}
-    for name, model in (("InferOperation", InferOperation), ("JobAccepted", JobAccepted)):
+    from api.openai_compat import ChatRequest, CompletionRequest
+
+    for name, model in (("InferOperation", InferOperation), ("JobAccepted", JobAccepted),
+                        ("CompletionRequest", CompletionRequest), ("ChatRequest", ChatRequest)):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[name] = schema
@@ -43,7 +46,8 @@ def document() -> dict:
               "responses": {"202": {"description": "accepted", **_json("JobAccepted")},
                             **_errors(400, 401, 404, 422, 503)}}
     job_obj = {"description": "job state", "content": {"application/json": {"schema": {"type": "object"}}}}
-    openai_body = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
+    completion_body = {"required": True, **_json("CompletionRequest")}
+    chat_body = {"required": True, **_json("ChatRequest")}
     openai_responses = {"200": {"description": "completion (JSON, or SSE when stream is true)",
                                 "content": {"application/json": {"schema": {"type": "object"}},
                                             "text/event-stream": {"schema": {"type": "string"}}}},
@@ -71,9 +75,9 @@ def document() -> dict:
             "/v1/models": {"get": {"summary": "Served models", "responses": {"200": job_obj, **_errors(401, 503)}}},
             "/v1/workers": {"get": {"summary": "Live workers", "responses": {"200": job_obj, **_errors(401, 503)}}},
             "/v1/completions": {"post": {"summary": "OpenAI-compatible completion (an infer job)",
-                                         "requestBody": openai_body, "responses": openai_responses}},
+                                         "requestBody": completion_body, "responses": openai_responses}},
             "/v1/chat/completions": {"post": {"summary": "OpenAI-compatible chat completion (an infer job)",
-                                              "requestBody": openai_body, "responses": openai_responses}},
+                                              "requestBody": chat_body, "responses": openai_responses}},
             "/health": {"get": {"summary": "Process alive", "responses": {"200": job_obj}}},
             "/ready": {"get": {"summary": "Redis answers and a worker serves a model",
                                "responses": {"200": job_obj, "503": job_obj}}},

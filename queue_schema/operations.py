@@ -6,13 +6,23 @@ only member today. Adding one means adding a model to ``OPERATIONS``.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from queue_schema.errors import ErrorCode, InferqError
 
 Priority = Literal["high", "normal", "low"]
+
+
+def _integral(value: Any) -> Any:
+    # JSON Schema counts 26.0 as an integer; strict mode would not. Strings and
+    # booleans still fail, as strict mode intends.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_PROMPT_CHARS = 32768
 MAX_METADATA_BYTES = 2048
@@ -28,25 +38,38 @@ class ChatMessage(BaseModel):
 class InferOperation(BaseModel):
     """Generate text from a prompt (or chat messages) with one model."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # The document says what the validators enforce: exactly one of prompt/messages.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, json_schema_extra={
+        "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
 
-    operation: Literal["infer"] = "infer"
+    operation: Literal["infer"]
     model: str = Field(pattern=MODEL_NAME_PATTERN, description="Name a worker serves.")
-    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
-    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)] | SkipJsonSchema[None] = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)] | SkipJsonSchema[None] = None
     max_tokens: int = Field(256, ge=1, le=4096)
     temperature: float = Field(0.8, ge=0, le=2, description="0 means greedy decoding.")
     top_p: float = Field(0.95, ge=0, le=1)
     top_k: int = Field(40, ge=0, le=100000, description="0 turns top-k off.")
     repetition_penalty: float = Field(1.1, ge=0, le=2)
     seed: int = Field(-1, ge=-1, le=2**63 - 1, description="-1 picks a random seed.")
-    stop: list[str] = Field(default_factory=list, max_length=4)
+    # The limit is 100 bytes of UTF-8, which JSON Schema cannot say; 25 characters always fit.
+    stop: list[Annotated[str, Field(min_length=1, json_schema_extra={"maxLength": 25})]] = Field(
+        default_factory=list, max_length=4, description="Up to 4 stop strings of 1..100 bytes of UTF-8.")
     priority: Priority = "normal"
     stream: bool = True
     timeout_s: int = Field(600, ge=1, le=3600, description="Decoding deadline once started.")
-    ttl_s: int | None = Field(None, ge=1, le=7 * 24 * 3600,
-                              description="Give up (error TIMEOUT) if the job waited longer than this to start.")
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Echoed back; at most 2 KB of JSON.")
+    ttl_s: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] | SkipJsonSchema[None] = Field(
+        None, description="Give up (error TIMEOUT) if the job waited longer than this to start.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Echoed back; at most 2 KB of JSON.",
+                                     json_schema_extra={"maxProperties": 16,
+                                                        "additionalProperties": {"type": ["string", "number",
+                                                                                          "boolean", "null"],
+                                                                                 "maxLength": 100}})
+
+    @field_validator("max_tokens", "top_k", "seed", "timeout_s", "ttl_s", mode="before")
+    @classmethod
+    def _integral_floats(cls, value: Any) -> Any:
+        return _integral(value)
 
     @field_validator("stop")
     @classmethod

@@ -61,6 +61,13 @@ def test_bad_input_is_rejected_with_a_code(body, code, field):
     assert SECRET not in json.dumps(err.to_dict())
 
 
+def test_integral_floats_count_as_integers_as_in_json_schema():
+    assert parse_operation(ok(max_tokens=26.0)).max_tokens == 26
+    for bad in (26.5, True, "26"):
+        with pytest.raises(InferqError):
+            parse_operation(ok(max_tokens=bad))
+
+
 def test_chat_messages_are_accepted():
     op = parse_operation({"operation": "infer", "model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert op.messages[0].content == "hi" and op.prompt is None
