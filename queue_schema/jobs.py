@@ -63,7 +63,7 @@ def enqueue_infer(client: redis.Redis, log: EventLog, op: InferOperation, job_id
     pipe = client.pipeline()
     q.enqueue_call(
         INFER_FUNC,
-        kwargs={"payload": op.model_dump(mode="json")},
+        kwargs={"payload": op.model_dump(mode="json", exclude_none=True)},
         job_id=job_id,
         timeout=op.timeout_s + RQ_TIMEOUT_GRACE_S,
         result_ttl=RESULT_TTL_S,

@@ -9,7 +9,6 @@ import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic.json_schema import SkipJsonSchema
 
 from queue_schema.errors import ErrorCode, InferqError
 
@@ -44,8 +43,10 @@ class InferOperation(BaseModel):
 
     operation: Literal["infer"]
     model: str = Field(pattern=MODEL_NAME_PATTERN, description="Name a worker serves.")
-    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)] | SkipJsonSchema[None] = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)] | SkipJsonSchema[None] = None
+    # Omitted means None; an explicit null is refused. Typed without "| None" so the
+    # document and error paths stay simple (no union branches).
+    prompt: str = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)  # type: ignore[assignment]
+    messages: list[ChatMessage] = Field(None, min_length=1, max_length=256)  # type: ignore[assignment]
     max_tokens: int = Field(256, ge=1, le=4096)
     temperature: float = Field(0.8, ge=0, le=2, description="0 means greedy decoding.")
     top_p: float = Field(0.95, ge=0, le=1)
@@ -58,8 +59,8 @@ class InferOperation(BaseModel):
     priority: Priority = "normal"
     stream: bool = True
     timeout_s: int = Field(600, ge=1, le=3600, description="Decoding deadline once started.")
-    ttl_s: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] | SkipJsonSchema[None] = Field(
-        None, description="Give up (error TIMEOUT) if the job waited longer than this to start.")
+    ttl_s: int = Field(None, ge=1, le=7 * 24 * 3600,  # type: ignore[assignment]
+                       description="Give up (error TIMEOUT) if the job waited longer than this to start.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Echoed back; at most 2 KB of JSON.",
                                      json_schema_extra={"maxProperties": 16,
                                                         "additionalProperties": {"type": ["string", "number",

@@ -6,6 +6,7 @@ import pytest
 import requests
 
 from inferq.client import Client
+from tests.conftest import wait_until
 from tests.helpers import events, submit, text_of
 
 pytestmark = pytest.mark.usefixtures("tiny_worker")
@@ -166,7 +167,9 @@ def test_metadata_is_echoed_in_the_result(client, r):
     from rq.serializers import JSONSerializer
 
     job, _ = run(client, prompt="meta", max_tokens=2, metadata={"user": "u1", "n": 3})
-    result = Job.fetch(job, connection=r, serializer=JSONSerializer).return_value()
+    # RQ stores the return value a moment after the worker logged `end`.
+    result = wait_until(lambda: Job.fetch(job, connection=r, serializer=JSONSerializer).return_value(),
+                        what="RQ's stored result")
     assert result["metadata"] == {"user": "u1", "n": 3}
 
 
@@ -240,3 +243,22 @@ def test_keep_alive_comments_while_a_job_waits(live_api, worker_factory, tiny_mo
     finally:
         w.proc.send_signal(signal.SIGCONT)
     assert list(Client(live_api).events(job))[-1]["type"] == "end"
+
+
+def test_a_job_the_worker_cannot_read_still_ends_its_stream(client, r):
+    """Enqueued past the API (an old client, a hand-made job): the worker answers with an error event."""
+    from queue_schema import jobs as job_contract
+    from queue_schema.events import Queued
+
+    job_id = job_contract.new_job_id()
+    queue = job_contract.queue(r, "tiny", "normal")
+    from api.extensions import resources
+
+    with client.application.app_context():
+        resources().eventlog.append(Queued(job_id=job_id, seq=0, position=0, queue=queue.name))
+    queue.enqueue_call(job_contract.INFER_FUNC, kwargs={"payload": {"operation": "infer", "model": "tiny",
+                                                                    "prompt": None, "max_tokens": "x"}},
+                       job_id=job_id, meta={"model": "tiny", "priority": "normal"})
+    last = events(client, job_id)[-1]
+    assert last["type"] == "error" and last["code"] == "INVALID_REQUEST"
+    assert client.get(f"/v1/jobs/{job_id}").get_json()["state"] == "failed"

@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import time
 
+from pydantic import ValidationError
+
 from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.events import now_ms
 from queue_schema.operations import InferOperation
@@ -25,11 +27,25 @@ def prompt_text(runtime: WorkerRuntime, op: InferOperation) -> str:
     return chat_template.render([m.model_dump() for m in op.messages], template)
 
 
-def run_job(runtime: WorkerRuntime, job_id: str, op: InferOperation, meta: dict) -> dict:
+def run_job(runtime: WorkerRuntime, job_id: str, payload: dict, meta: dict) -> dict:
+    """Run one job; whatever happens, its stream ends with ``end`` or ``error``."""
     emitter = JobEmitter(job_id, runtime.publisher, runtime.eventlog.next_seq(job_id))
     runtime.cancel.watch(job_id)
     try:
+        try:
+            op = InferOperation.model_validate(payload)
+        except ValidationError as exc:
+            emitter.emit("started", model=runtime.spec.name, worker=runtime.id, queue_wait_ms=0)
+            _fail(runtime, emitter, ErrorCode.INVALID_REQUEST,
+                  f"the job's payload is not a valid infer operation ({exc.error_count()} errors)")
         return _run(runtime, emitter, op, meta)
+    except JobFailed:
+        raise
+    except Exception as exc:  # a bug: still close the stream so no client waits forever
+        log.exception("job %s: unexpected failure on worker %s", job_id, runtime.id)
+        emitter.emit("error", code=ErrorCode.INFERENCE_FAILED.value, retriable=True,
+                     message=f"internal error in the worker: {exc.__class__.__name__}")
+        raise
     finally:
         runtime.cancel.clear()
         runtime.publisher.flush()
