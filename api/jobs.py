@@ -5,7 +5,7 @@ import logging
 
 import redis
 from flask import Blueprint, current_app, jsonify, request, url_for
-from rq.exceptions import InvalidJobOperation
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -103,8 +103,12 @@ def _cancel_queued(job_id: str) -> bool:
     res = resources()
     try:
         Job.fetch(job_id, connection=res.redis, serializer=JSONSerializer).cancel()
-    except InvalidJobOperation:
+    except (InvalidJobOperation, NoSuchJobError):
         pass
+    except ValueError:
+        # RQ raises this when the job's execution vanishes mid-cancel: a worker
+        # just took (or finished) it, so the cooperative cancel takes over.
+        return False
     event = End(job_id=job_id, seq=res.eventlog.next_seq(job_id), tokens_out=0, decode_time_ms=0,
                 stop_reason="cancelled", text="")
     try:

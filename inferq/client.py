@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 
 import requests
@@ -63,23 +64,40 @@ class Client:
     def workers(self) -> list[dict]:
         return self._request("GET", "/v1/workers").json()["workers"]
 
-    def events(self, job_id: str, last_event_id: int | None = None, reconnects: int = 5) -> Iterator[dict]:
-        """Yield the job's events until ``end``/``error``; reconnects with Last-Event-ID on a dropped stream."""
+    def events(self, job_id: str, last_event_id: int | None = None, reconnects: int = 20) -> Iterator[dict]:
+        """Yield the job's events until ``end``/``error``.
+
+        A dropped stream, or an API that answers 503 while Redis is away, is
+        retried with backoff and resumed with Last-Event-ID: no event is
+        missed or repeated.
+        """
+        delay = 0.1
         while True:
             headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
             try:
-                resp = self._request("GET", f"/v1/jobs/{job_id}/stream", headers=headers, stream=True,
-                                     timeout=(self.timeout, 60))
-                for event in parse_sse(resp.iter_lines(chunk_size=None)):
-                    data = json.loads(event["data"])
-                    last_event_id = data["seq"]
-                    yield data
-                    if data["type"] in ("end", "error"):
-                        return
-            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, ApiUnreachable):
-                if reconnects <= 0:
+                with self._request("GET", f"/v1/jobs/{job_id}/stream", headers=headers, stream=True,
+                                   timeout=(self.timeout, 60)) as resp:
+                    for event in parse_sse(resp.iter_lines(chunk_size=None)):
+                        data = json.loads(event["data"])
+                        last_event_id = data["seq"]
+                        delay = 0.1
+                        yield data
+                        if data["type"] in ("end", "error"):
+                            return
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, ApiUnreachable) as exc:
+                self._backoff_or_raise(exc, reconnects)
+            except ApiError as exc:
+                if exc.status != 503:
                     raise
-                reconnects -= 1
+                self._backoff_or_raise(exc, reconnects)
+            reconnects -= 1
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    @staticmethod
+    def _backoff_or_raise(exc: Exception, reconnects: int) -> None:
+        if reconnects <= 0:
+            raise exc
 
 
 def parse_sse(lines) -> Iterator[dict]:

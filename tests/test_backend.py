@@ -50,6 +50,13 @@ def test_greedy_decoding_is_deterministic_and_prefix_reuse_is_exact(backend):
     assert len(first) == 40 and other
 
 
+def test_health_probe_decodes_and_leaves_generation_unchanged(backend):
+    prompt = backend.tokenize("the data model")
+    before = take(backend.generate(prompt, Sampler(temperature=0)), 10)
+    assert backend.health() is True
+    assert take(backend.generate(prompt, Sampler(temperature=0)), 10) == before
+
+
 def test_generation_stops_when_asked(backend):
     calls = []
 

@@ -82,9 +82,11 @@ def _run(runtime: WorkerRuntime, emitter: JobEmitter, op: InferOperation, meta: 
         gen = token_loop.generate(backend, prompt, op, lambda t, i: emitter.emit("token", t=t, i=i),
                                   runtime.cancel.is_cancelled, deadline)
     except MemoryError as exc:
+        runtime.check_health()
         _fail(runtime, emitter, ErrorCode.VRAM_OOM, f"out of memory while decoding: {exc}", retriable=True)
     except Exception as exc:
         log.exception("job %s: backend failed on worker %s", job_id, runtime.id)
+        runtime.check_health()
         _fail(runtime, emitter, ErrorCode.INFERENCE_FAILED, f"the backend failed: {exc}", retriable=True)
     if gen.stop_reason == "timeout":
         _fail(runtime, emitter, ErrorCode.TIMEOUT,

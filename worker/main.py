@@ -37,6 +37,8 @@ def run_worker(redis_url: str, spec: ModelSpec, burst: bool = False, max_jobs: i
     try:
         while True:
             InferqWorker(runtime, incarnation).work(burst=burst, max_jobs=max_jobs, logging_level=level)
+            if runtime.unhealthy:
+                raise WorkerStartError("the model stopped working after a backend failure; restart the worker")
             if burst or max_jobs or runtime.stop_requested or _redis_ok(client):
                 return
             # RQ's loop gives up when Redis goes away; the model stays loaded and we wait.

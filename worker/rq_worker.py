@@ -33,7 +33,10 @@ class InferqWorker(SimpleWorker):
         try:
             super().execute_job(job, queue)
         finally:
-            self.runtime.set_state("stopping" if self._stop_requested else "idle")
+            if self.runtime.unhealthy:
+                self._stop_requested = True  # leave the queue to healthy workers
+            else:
+                self.runtime.set_state("stopping" if self._stop_requested else "idle")
 
     def request_stop(self, signum, frame):
         self.runtime.stop_requested = True

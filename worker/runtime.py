@@ -53,6 +53,7 @@ class WorkerRuntime:
         self.backend_reason = ""
         self.started_at = time.time()
         self.stop_requested = False  # set on SIGTERM/SIGINT: finish the job, take no other
+        self.unhealthy = False
         self._stop = threading.Event()
         self.cancel = CancelWatcher(client)
         self._heartbeat = threading.Thread(target=self._beat, name="inferq-heartbeat", daemon=True)
@@ -79,6 +80,16 @@ class WorkerRuntime:
             registry.remove_worker(self.redis, self.id)
         except redis.RedisError:
             pass
+
+    def check_health(self) -> bool:
+        """After a backend failure: keep serving if the model still works, else stop taking jobs."""
+        if self.backend is not None and self.backend.health():
+            return True
+        log.error("worker %s: the model no longer decodes; taking no more jobs", self.id)
+        self.unhealthy = True
+        self.stop_requested = True
+        self.set_state("unhealthy", self.current_job)
+        return False
 
     def set_state(self, state: str, job_id: str | None = None) -> None:
         self.state, self.current_job = state, job_id

@@ -66,7 +66,13 @@ class Backend:
         return 0
 
     def health(self) -> bool:
-        return True
+        """Can the model still decode? Evaluates one token and checks the logits."""
+        try:
+            self._context.clear()  # the probe overwrites the cache's first slot
+            self._eval([self.eos_token_id], 0)
+            return bool(np.isfinite(self._logits()).all())
+        except Exception:
+            return False
 
     def close(self) -> None:
         pass
