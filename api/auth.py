@@ -11,7 +11,7 @@ from flask import Flask, current_app, request
 
 from queue_schema.errors import ErrorCode, InferqError
 
-OPEN_ENDPOINTS = {"health.health", "health.ready", "health.metrics", "static"}
+OPEN_ENDPOINTS = {"health.health", "health.ready", "metrics.metrics", "static"}
 QUERY_TOKEN_ENDPOINTS = {"stream.job_stream", "stream.narration"}
 
 
@@ -38,6 +38,8 @@ def presented_token() -> str | None:
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value:
         return value.strip()
+    if scheme.lower() == "basic" and request.authorization is not None:
+        return request.authorization.password  # any user name; the token is the password
     if request.endpoint in QUERY_TOKEN_ENDPOINTS:
         return request.args.get("access_token")
     return None
@@ -48,8 +50,10 @@ def check_request() -> None:
     if not tokens or request.endpoint in OPEN_ENDPOINTS or request.method == "OPTIONS":
         return
     if not token_ok(presented_token(), tokens):
+        # Browsers answer a Basic challenge with a login box: offer it on the dashboard.
+        scheme = "Basic" if (request.blueprint or "") == "rq_dashboard" else "Bearer"
         raise InferqError(ErrorCode.UNAUTHORIZED, "missing or invalid bearer token",
-                          headers={"WWW-Authenticate": 'Bearer realm="inferq"'})
+                          headers={"WWW-Authenticate": f'{scheme} realm="inferq"'})
 
 
 def init_app(app: Flask) -> None:

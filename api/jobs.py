@@ -10,7 +10,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from api.extensions import resources
-from queue_schema import jobs, keys, registry
+from queue_schema import jobs, keys, registry, stats
 from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.events import End
 from queue_schema.operations import InferOperation, JobAccepted, parse_operation
@@ -112,6 +112,12 @@ def _cancel_queued(job_id: str) -> bool:
     event = End(job_id=job_id, seq=res.eventlog.next_seq(job_id), tokens_out=0, decode_time_ms=0,
                 stop_reason="cancelled", text="")
     try:
-        return res.eventlog.append(event)
+        ended = res.eventlog.append(event)
     except redis.ResponseError:  # the seq was taken: a worker started it meanwhile
         return False
+    if ended:
+        view = jobs.view(res.redis, res.eventlog, job_id)
+        pipe = res.redis.pipeline(transaction=False)
+        stats.count(pipe, "cancelled", (view.model if view else None) or "unknown")
+        pipe.execute()
+    return ended

@@ -82,6 +82,48 @@ class EventStreamBlueprint(ServerSentEventsBlueprint):
             except Exception:  # the connection may already be gone with the client
                 pass
 
+    def narration_messages(self, keepalive_s: float, backlog: int, follow: bool = True) -> Iterator[Message | str]:
+        """Every job's and worker's narration: recent ones from the log, then live (if ``follow``)."""
+        pubsub = self.redis.pubsub()
+        try:
+            pubsub.subscribe(keys.NARRATION_CHANNEL)
+            for event in resources().eventlog.recent_narration(backlog):
+                yield sse_message(event.model_dump_json(exclude_none=True), event.type, None)
+            if not follow:
+                return
+            quiet_since = time.monotonic()
+            while True:
+                m = pubsub.get_message(timeout=min(1.0, keepalive_s))
+                if m is not None and m["type"] == "message":
+                    quiet_since = time.monotonic()
+                    yield Message(**json.loads(m["data"]))
+                elif time.monotonic() - quiet_since >= keepalive_s:
+                    quiet_since = time.monotonic()
+                    yield ": keep-alive\n\n"
+        finally:
+            try:
+                pubsub.close()
+            except Exception:  # the connection may already be gone with the client
+                pass
+
+    def narration(self):
+        """The operators' feed: narration of all jobs and workers, as SSE (never ends)."""
+        backlog = min(max(request.args.get("backlog", 20, type=int), 0), 1000)
+        follow = request.args.get("follow", "true").lower() not in ("0", "false", "no")
+        keepalive = float(current_app.config["KEEPALIVE_S"])
+
+        @stream_with_context
+        def generate():
+            yield f"retry: {int(current_app.config['SSE_RETRY_MS'])}\n\n"
+            try:
+                for message in self.narration_messages(keepalive, backlog, follow):
+                    yield str(message)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("narration feed ended: redis unavailable (%s)", exc)
+
+        return current_app.response_class(generate(), mimetype="text/event-stream",
+                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     def job_stream(self, job_id: str):
         res = resources()
         if not res.eventlog.exists(job_id):
@@ -120,3 +162,4 @@ def _last_event_id() -> int:
 
 bp = EventStreamBlueprint("stream", __name__)
 bp.add_url_rule("/v1/jobs/<job_id>/stream", endpoint="job_stream", view_func=bp.job_stream)
+bp.add_url_rule("/v1/narration", endpoint="narration", view_func=bp.narration)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from inferq import logs
+from inferq import logs as log_setup
 from inferq.client import ApiError, ApiUnreachable, Client
 
 DATA_DIR = os.environ.get("INFERQ_DATA_DIR", ".inferq")
@@ -53,7 +53,7 @@ def main(ctx, api_url, log_level):
     inferq up                                # Redis + API + a demo worker
     inferq submit "def fib(n):" --model demo # stream a job to the terminal
     """
-    logs.setup(log_level)
+    log_setup.setup(log_level)
     ctx.obj = {"api_url": api_url}
 
 
@@ -176,10 +176,38 @@ def worker(model, backend, gpu_layers, threads, ctx_size, device, queue_depth, b
     _check_model_path(path)
     spec = ModelSpec(name, path, backend, LoadOptions(threads=threads, gpu_layers=gpu_layers, ctx_size=ctx_size),
                      device, queue_depth)
+    progress = _LoadProgress(name, path)
     try:
-        run_worker(redis_url, spec, burst=burst)
+        run_worker(redis_url, spec, burst=burst, on_loaded=progress.done)
     except WorkerStartError as exc:
+        progress.done()
         _fail(str(exc))
+
+
+class _LoadProgress:
+    """A spinner with the file size and elapsed time while a model loads (on a terminal)."""
+
+    def __init__(self, name: str, path: str):
+        import threading
+
+        self.label = f"loading {name} ({os.path.getsize(path) / 1e6:.1f} MB)"
+        self.start = time.monotonic()
+        self._done = threading.Event()
+        if sys.stderr.isatty():
+            threading.Thread(target=self._spin, daemon=True).start()
+
+    def _spin(self):
+        frames = "|/-\\"
+        n = 0
+        while not self._done.wait(0.1):
+            n += 1
+            click.echo(f"\r{frames[n % 4]} {self.label} {time.monotonic() - self.start:.1f} s", err=True, nl=False)
+
+    def done(self, *_):
+        if not self._done.is_set():
+            self._done.set()
+            if sys.stderr.isatty():
+                click.echo(f"\r{self.label}: done in {time.monotonic() - self.start:.1f} s", err=True)
 
 
 def _stream_job(client: Client, prompt: str, model: str, fields: dict, as_json: bool) -> int:
@@ -191,16 +219,20 @@ def _stream_job(client: Client, prompt: str, model: str, fields: dict, as_json: 
     for event in client.events(job_id):
         if as_json:
             click.echo(json.dumps(event))
-        elif event["type"] == "queued" and event["position"] > 0:
-            click.echo(f"queued at position {event['position']}", err=True)
+        elif event["type"] == "queued":
+            eta = f", about {event['eta_s']:.0f} s" if event.get("eta_s") else ""
+            click.echo(f"queued at position {event['position']}{eta}", err=True)
         elif event["type"] == "token":
             first = first or time.monotonic()
             click.echo(event["t"], nl=False)
+        elif event["type"] == "started" and not as_json:
+            click.echo(f"started on {event['worker']} after {event['queue_wait_ms']} ms in the queue", err=True)
         elif event["type"] == "end":
             ttft = f"{(first - start) * 1000:.0f} ms" if first else "-"
+            rate = event["tokens_out"] / (event["decode_time_ms"] / 1000) if event["decode_time_ms"] else 0.0
             click.echo("")
-            click.echo(f"[{event['tokens_out']} tokens, {event['stop_reason']}, TTFT {ttft}, "
-                       f"{event['decode_time_ms']} ms decoding]", err=True)
+            click.echo(f"[{event['tokens_out']} tokens, {rate:.0f} tok/s, TTFT {ttft}, "
+                       f"stopped on {event['stop_reason']}]", err=True)
         elif event["type"] == "error":
             click.echo(f"\nerror {event['code']}: {event['message']}", err=True)
             return 1
@@ -251,6 +283,24 @@ def models(ctx):
     for m in _client(ctx).models():
         click.echo(f"{m['id']}\tworkers={m['workers']}\tqueued={m['queued']}\tcontext={m['context_length']}"
                    f"\tbackend={m['backend']}")
+
+
+@main.command()
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new narration as it happens.")
+@click.option("--backlog", default=20, show_default=True, help="How many recent events to show first.")
+@click.pass_context
+def logs(ctx, follow, backlog):
+    """Print the narration feed: the story of every job and worker.
+
+    \b
+    inferq logs --follow
+    """
+    import datetime
+
+    for event in _client(ctx).narration(follow=follow, backlog=backlog):
+        when = datetime.datetime.fromtimestamp(event["ts"] / 1000).strftime("%H:%M:%S")
+        job = f" job {event['job_id'][:8]}" if event.get("job_id") else ""
+        click.echo(f"{when} {event['actor']}{job}: {event['human']}")
 
 
 @main.command("make-test-model")

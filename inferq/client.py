@@ -64,6 +64,14 @@ class Client:
     def workers(self) -> list[dict]:
         return self._request("GET", "/v1/workers").json()["workers"]
 
+    def narration(self, follow: bool = True, backlog: int = 20) -> Iterator[dict]:
+        """The operators' narration feed (recent events, then live ones if ``follow``)."""
+        params = {"follow": "true" if follow else "false", "backlog": backlog}
+        with self._request("GET", "/v1/narration", params=params, stream=True,
+                           timeout=(self.timeout, None)) as resp:
+            for event in parse_sse(resp.iter_lines(chunk_size=None)):
+                yield json.loads(event["data"])
+
     def events(self, job_id: str, last_event_id: int | None = None, reconnects: int = 20) -> Iterator[dict]:
         """Yield the job's events until ``end``/``error``.
 

@@ -40,6 +40,7 @@ class Queued(_Event):
     type: Literal["queued"] = "queued"
     position: int = Field(ge=0, description="Jobs ahead of this one, higher priorities included.")
     queue: str
+    eta_s: float | None = Field(None, description="Estimated wait before it starts, from recent throughput.")
 
 
 class Started(_Event):

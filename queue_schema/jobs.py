@@ -13,7 +13,7 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from queue_schema import keys
+from queue_schema import keys, registry, stats
 from queue_schema.eventlog import EventLog
 from queue_schema.events import Queued, _Event, now_ms
 from queue_schema.operations import InferOperation
@@ -53,12 +53,23 @@ def depth(client: redis.Redis, model: str) -> int:
     return sum(pipe.execute())
 
 
+def eta_seconds(client: redis.Redis, model: str, position: int) -> float | None:
+    """Wait before a job at ``position`` starts: jobs ahead x recent job time / serving workers."""
+    per_job = stats.job_seconds(client, model)
+    if per_job is None:
+        return None
+    serving = sum(1 for w in registry.live_workers(client) if w.model == model and w.state in ("idle", "busy"))
+    return round((position + 1) * per_job / max(1, serving), 2) if serving else None
+
+
 def enqueue_infer(client: redis.Redis, log: EventLog, op: InferOperation, job_id: str | None = None,
                   seq: int = 0) -> tuple[str, Queued]:
     """Log the ``queued`` event and enqueue the job in one round trip."""
     job_id = job_id or new_job_id()
     q = queue(client, op.model, op.priority)
-    event = Queued(job_id=job_id, seq=seq, position=queued_ahead(client, op.model, op.priority), queue=q.name)
+    position = queued_ahead(client, op.model, op.priority)
+    event = Queued(job_id=job_id, seq=seq, position=position, queue=q.name,
+                   eta_s=eta_seconds(client, op.model, position))
     # One MULTI/EXEC: a worker can never see the job before its ``queued`` event.
     pipe = client.pipeline()
     q.enqueue_call(
@@ -74,6 +85,8 @@ def enqueue_infer(client: redis.Redis, log: EventLog, op: InferOperation, job_id
         pipeline=pipe,
     )
     log.append_many([event], pipe=pipe)
+    if seq == 0:
+        stats.count(pipe, "submitted", op.model)
     pipe.execute()
     return job_id, event
 
@@ -90,9 +103,12 @@ class JobView:
     submitted_ms: int | None
     started_ms: int | None
 
+    eta_s: float | None = None
+
     def to_dict(self) -> dict:
         out: dict = {"job_id": self.job_id, "state": self.state, "model": self.model,
-                     "position": self.position, "submitted_ms": self.submitted_ms, "started_ms": self.started_ms}
+                     "position": self.position, "eta_s": self.eta_s, "submitted_ms": self.submitted_ms,
+                     "started_ms": self.started_ms}
         t = self.terminal
         if t is not None and t.type == "end":
             out["result"] = {"text": t.text, "tokens_out": t.tokens_out, "stop_reason": t.stop_reason,
@@ -136,7 +152,8 @@ def view(client: redis.Redis, log: EventLog, job_id: str) -> JobView | None:
             state = "failed"
         else:
             state = "running"
-    return JobView(job_id, state, meta.get("model"), position, terminal, meta.get("submitted_ms"), started_ms)
+    eta = eta_seconds(client, meta["model"], position) if position is not None and meta.get("model") else None
+    return JobView(job_id, state, meta.get("model"), position, terminal, meta.get("submitted_ms"), started_ms, eta)
 
 
 def _position(client: redis.Redis, job: Job) -> int | None:

@@ -15,6 +15,12 @@ MODELS = f"{PREFIX}:models"  # sorted set: model name -> last time a worker serv
 CANCEL_CHANNEL = f"{PREFIX}:cancel"  # pub/sub: job ids to cancel cooperatively
 NARRATION_CHANNEL = f"{PREFIX}:narration"  # pub/sub: every narration event, for operators
 NARRATION_LOG = f"{PREFIX}:narration:log"  # stream: recent narration, for late watchers
+COUNTERS = f"{PREFIX}:stats:counters"  # hash: "<counter>|<model>" -> count, for /metrics
+
+
+def histogram(name: str, model: str) -> str:
+    """Hash of cumulative bucket counts (plus sum and count) of one histogram for one model."""
+    return f"{PREFIX}:stats:hist:{name}:{model}"
 
 
 def queue_name(model: str, priority: str) -> str:

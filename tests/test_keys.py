@@ -16,13 +16,15 @@ def test_key_names_are_pinned():
     assert keys.NARRATION_CHANNEL == "inferq:narration"
     assert keys.NARRATION_LOG == "inferq:narration:log"
     assert keys.PRIORITIES == ("high", "normal", "low")
+    assert keys.COUNTERS == "inferq:stats:counters"
+    assert keys.histogram("ttft_seconds", "tiny") == "inferq:stats:hist:ttft_seconds:tiny"
 
 
 def test_no_other_module_spells_a_key():
     import pathlib
     import re
 
-    spelled = re.compile(r"""['"]inferq[:.](job|worker|workers|model|models|cancel|narration)\b""")
+    spelled = re.compile(r"""['"]inferq[:.](job|worker|workers|model|models|cancel|narration|stats)\b""")
 
     root = pathlib.Path(__file__).resolve().parent.parent
     offenders = []

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
+import redis
 from pydantic import ValidationError
 
+from queue_schema import log_context, stats
 from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.events import now_ms
 from queue_schema.operations import InferOperation
@@ -14,6 +17,7 @@ from worker.publisher import JobEmitter
 from worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
+LOG_PROMPTS = os.environ.get("INFERQ_LOG_PROMPTS") == "1"
 
 
 class JobFailed(InferqError):
@@ -31,6 +35,9 @@ def run_job(runtime: WorkerRuntime, job_id: str, payload: dict, meta: dict) -> d
     """Run one job; whatever happens, its stream ends with ``end`` or ``error``."""
     emitter = JobEmitter(job_id, runtime.publisher, runtime.eventlog.next_seq(job_id))
     runtime.cancel.watch(job_id)
+    token = log_context.job_id.set(job_id)
+    started = time.monotonic()
+    outcome, result = "failed", {}
     try:
         try:
             op = InferOperation.model_validate(payload)
@@ -38,7 +45,9 @@ def run_job(runtime: WorkerRuntime, job_id: str, payload: dict, meta: dict) -> d
             emitter.emit("started", model=runtime.spec.name, worker=runtime.id, queue_wait_ms=0)
             _fail(runtime, emitter, ErrorCode.INVALID_REQUEST,
                   f"the job's payload is not a valid infer operation ({exc.error_count()} errors)")
-        return _run(runtime, emitter, op, meta)
+        result = _run(runtime, emitter, op, meta)
+        outcome = "cancelled" if result["stop_reason"] == "cancelled" else "finished"
+        return result
     except JobFailed:
         raise
     except Exception as exc:  # a bug: still close the stream so no client waits forever
@@ -49,6 +58,19 @@ def run_job(runtime: WorkerRuntime, job_id: str, payload: dict, meta: dict) -> d
     finally:
         runtime.cancel.clear()
         runtime.publisher.flush()
+        _record(runtime, meta, outcome, result, time.monotonic() - started)
+        log_context.job_id.reset(token)
+
+
+def _record(runtime: WorkerRuntime, meta: dict, outcome: str, result: dict, seconds: float) -> None:
+    ttft = result.get("first_token_ms")
+    wait = result.get("queue_wait_ms")
+    try:
+        stats.record_job(runtime.redis, runtime.spec.name, outcome, result.get("tokens_out", 0),
+                         None if ttft is None else ttft / 1000, None if wait is None else wait / 1000,
+                         seconds if outcome == "finished" else None)
+    except redis.RedisError as exc:  # metrics are not worth failing a job over
+        log.warning("worker %s: could not record job stats: %s", runtime.id, exc)
 
 
 def _fail(runtime: WorkerRuntime, emitter: JobEmitter, code: ErrorCode, message: str, retriable: bool = False):
@@ -67,11 +89,14 @@ def _run(runtime: WorkerRuntime, emitter: JobEmitter, op: InferOperation, meta: 
               f"the job waited {wait_ms / 1000:.1f} s in the queue, longer than its ttl_s={op.ttl_s}", retriable=True)
     if runtime.cancel.is_cancelled():
         emitter.emit("end", tokens_out=0, decode_time_ms=0, stop_reason="cancelled", text="")
-        return {"text": "", "tokens_out": 0, "stop_reason": "cancelled"}
+        return {"text": "", "tokens_out": 0, "stop_reason": "cancelled", "queue_wait_ms": wait_ms}
     try:
-        prompt = backend.tokenize(prompt_text(runtime, op))
+        text = prompt_text(runtime, op)
+        prompt = backend.tokenize(text)
     except Exception as exc:  # a template error, or a tokenizer failure
         _fail(runtime, emitter, ErrorCode.INVALID_REQUEST, f"cannot build the prompt: {exc}")
+    if LOG_PROMPTS:  # opt-in only: prompts are user data
+        log.info("prompt: %r", text)
     runtime.narrate(narration.job_started(runtime.id, job_id, runtime.spec.name, wait_ms, len(prompt)), emitter)
     if len(prompt) + op.max_tokens > backend.context_length:
         _fail(runtime, emitter, ErrorCode.CONTEXT_LENGTH_EXCEEDED,
@@ -102,4 +127,4 @@ def _run(runtime: WorkerRuntime, emitter: JobEmitter, op: InferOperation, meta: 
              gen.tokens_per_sec, gen.stop_reason)
     return {"text": gen.text, "tokens_out": gen.tokens_out, "stop_reason": gen.stop_reason,
             "prompt_tokens": len(prompt), "decode_time_ms": gen.decode_time_ms,
-            "first_token_ms": gen.first_token_ms, "metadata": op.metadata}
+            "first_token_ms": gen.first_token_ms, "queue_wait_ms": wait_ms, "metadata": op.metadata}

@@ -18,7 +18,8 @@ class WorkerStartError(Exception):
     """The worker cannot start; the message is the one line to show the operator."""
 
 
-def run_worker(redis_url: str, spec: ModelSpec, burst: bool = False, max_jobs: int | None = None) -> None:
+def run_worker(redis_url: str, spec: ModelSpec, burst: bool = False, max_jobs: int | None = None,
+               on_loaded=None) -> None:
     """Load ``spec`` and serve its queues. SIGTERM/Ctrl-C: finish the current job, then return."""
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=2, health_check_interval=30)
     try:
@@ -32,6 +33,8 @@ def run_worker(redis_url: str, spec: ModelSpec, burst: bool = False, max_jobs: i
         runtime.shutdown()
         raise WorkerStartError(exc.message) from None
     runtime_mod.install(runtime)
+    if on_loaded:
+        on_loaded(runtime)
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     incarnation = 0
     try:

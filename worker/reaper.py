@@ -17,7 +17,7 @@ from rq.job_lifecycle import record_job_failure
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from queue_schema import jobs, keys, registry
+from queue_schema import jobs, keys, registry, stats
 from queue_schema.eventlog import EventLog
 from queue_schema.events import Error, Narration, Queued
 
@@ -89,6 +89,7 @@ def _handle(client, eventlog: EventLog, queue, started: StartedJobRegistry, job:
                    "the job can be submitted again")
         eventlog.append(Error(job_id=job.id, seq=seq, code="WORKER_LOST", message=message, retriable=True))
         record_job_failure(job, f"WORKER_LOST: {message}", pipe)
+        stats.count(client, "failed", job.meta.get("model") or "unknown")
     pipe.execute()
     log.warning("job %s: worker %s lost; %s by %s", job.id, owner, action, reaper_id)
     return action

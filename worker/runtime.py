@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from queue_schema import registry
+from queue_schema import log_context, registry
 from queue_schema.eventlog import EventLog
 from queue_schema.events import Narration
 from worker import narration, reaper
@@ -56,6 +56,7 @@ class WorkerRuntime:
         self.unhealthy = False
         self._stop = threading.Event()
         self.cancel = CancelWatcher(client)
+        log_context.worker_id.set(self.id)
         self._heartbeat = threading.Thread(target=self._beat, name="inferq-heartbeat", daemon=True)
 
     # --- lifecycle -------------------------------------------------------------------
@@ -71,7 +72,7 @@ class WorkerRuntime:
         self.narrate(narration.model_loaded(self.id, self.spec.name, os.path.getsize(self.spec.path),
                                             self.backend.name, self.spec.device, self.backend.context_length, seconds))
         self.set_state("idle")
-        log.info("worker %s: loaded %s from %s in %.2fs", self.id, self.spec.name, self.spec.path, seconds)
+
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -96,6 +97,7 @@ class WorkerRuntime:
         self._publish_heartbeat()
 
     def narrate(self, fields: dict, job_emitter=None) -> None:
+        log.info("%s", fields["human"])  # one line per narration event: the story, never the prompt
         if job_emitter is not None:
             job_emitter.emit("narration", **fields)
         else:

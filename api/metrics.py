@@ -1,0 +1,97 @@
+"""``GET /metrics``: Prometheus text, collected from Redis at scrape time.
+
+Workers and API processes write counters and histogram buckets to Redis
+(``queue_schema.stats``); queue depths and worker states are read live. So
+every gunicorn process answers the same, with no multiprocess directory.
+"""
+from __future__ import annotations
+
+import time
+
+import redis
+from flask import Blueprint, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from api.extensions import resources
+from queue_schema import jobs, keys, registry, stats
+
+bp = Blueprint("metrics", __name__)
+_HELP = {
+    "submitted": "Jobs accepted by the API", "finished": "Jobs that ended normally",
+    "failed": "Jobs that ended with an error event", "cancelled": "Jobs cancelled by a client",
+    "tokens": "Tokens generated",
+}
+
+
+class RedisCollector:
+    def __init__(self, client: redis.Redis):
+        self.redis = client
+
+    def collect(self):
+        r = self.redis
+        counters = stats.read_counters(r)
+        for name in stats.COUNTERS:
+            metric = "inferq_tokens_generated" if name == "tokens" else f"inferq_jobs_{name}"
+            family = CounterMetricFamily(metric, _HELP[name], labels=["model"])
+            for model, value in sorted(counters.get(name, {}).items()):
+                family.add_metric([model], value)
+            yield family
+        models = sorted(m.name for m in registry.known_models(r))
+        depth = GaugeMetricFamily("inferq_queue_depth", "Jobs waiting", labels=["model", "priority"])
+        oldest = GaugeMetricFamily("inferq_queue_oldest_job_age_seconds", "Age of the oldest waiting job",
+                                   labels=["model", "priority"])
+        for model in models:
+            for priority in keys.PRIORITIES:
+                q = jobs.queue(r, model, priority)
+                depth.add_metric([model, priority], q.count)
+                oldest.add_metric([model, priority], _oldest_age(r, q))
+        yield depth
+        yield oldest
+        for name, help_text in (("ttft_seconds", "Time from a job's start to its first token"),
+                                ("queue_wait_seconds", "Time jobs waited in the queue")):
+            family = HistogramMetricFamily(f"inferq_{name}", help_text, labels=["model"])
+            for model in models:
+                hist = stats.read_histogram(r, name, model)
+                if hist:
+                    family.add_metric([model], hist[0], hist[1])
+            yield family
+        workers = registry.live_workers(r)
+        by_state = GaugeMetricFamily("inferq_workers", "Live workers", labels=["model", "state"])
+        running = GaugeMetricFamily("inferq_jobs_running", "Jobs being decoded", labels=["model"])
+        rate = GaugeMetricFamily("inferq_worker_tokens_per_second", "Decode rate of the worker's last job",
+                                 labels=["worker", "model"])
+        vram = GaugeMetricFamily("inferq_worker_vram_bytes", "GPU memory the worker's model uses",
+                                 labels=["worker", "model"])
+        tally: dict[tuple[str, str], int] = {}
+        for w in workers:
+            tally[(w.model, w.state)] = tally.get((w.model, w.state), 0) + 1
+            if w.last_tokens_per_sec is not None:
+                rate.add_metric([w.id, w.model], w.last_tokens_per_sec)
+            vram.add_metric([w.id, w.model], w.vram_bytes)
+        for (model, state), n in sorted(tally.items()):
+            by_state.add_metric([model, state], n)
+        for model in models:
+            running.add_metric([model], tally.get((model, "busy"), 0))
+        yield from (by_state, running, rate, vram)
+
+
+def _oldest_age(r: redis.Redis, q) -> float:
+    head = r.lindex(q.key, 0)
+    if head is None:
+        return 0.0
+    try:
+        job = Job.fetch(head.decode(), connection=r, serializer=JSONSerializer)
+    except Exception:  # expired or foreign entry: no age to report
+        return 0.0
+    submitted = job.meta.get("submitted_ms")
+    return max(0.0, time.time() - submitted / 1000) if submitted else 0.0
+
+
+@bp.get("/metrics")
+def metrics():
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(RedisCollector(resources().redis))
+    return Response(generate_latest(reg), mimetype=CONTENT_TYPE_LATEST)

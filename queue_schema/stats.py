@@ -1,0 +1,80 @@
+"""Counters and histograms that workers and the API keep in Redis for ``/metrics``.
+
+Keeping them in Redis (not in process memory) makes them the same whichever
+gunicorn process is scraped and whichever worker did the work, and lets the
+numbers survive process restarts.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import redis
+
+from queue_schema import keys
+
+COUNTERS = ("submitted", "finished", "failed", "cancelled", "tokens")
+BUCKETS = {
+    "ttft_seconds": (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    "queue_wait_seconds": (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800),
+}
+RATE_KEY = "job_seconds_ewma"  # per-model recent job duration, for queue ETAs
+
+
+def count(pipe, counter: str, model: str, n: int = 1) -> None:
+    pipe.hincrby(keys.COUNTERS, f"{counter}|{model}", n)
+
+
+def observe(pipe, name: str, model: str, value: float) -> None:
+    key = keys.histogram(name, model)
+    for bound in BUCKETS[name]:
+        if value <= bound:
+            pipe.hincrby(key, str(bound), 1)
+    pipe.hincrby(key, "+Inf", 1)
+    pipe.hincrbyfloat(key, "sum", value)
+
+
+def record_job(client: redis.Redis, model: str, outcome: str, tokens: int, ttft_s: float | None,
+               wait_s: float | None, duration_s: float | None) -> None:
+    """One round trip at the end of a job: its outcome, tokens, timings, and the ETA average."""
+    pipe = client.pipeline(transaction=False)
+    count(pipe, outcome, model)
+    if tokens:
+        count(pipe, "tokens", model, tokens)
+    if ttft_s is not None:
+        observe(pipe, "ttft_seconds", model, ttft_s)
+    if wait_s is not None:
+        observe(pipe, "queue_wait_seconds", model, wait_s)
+    pipe.execute()
+    if duration_s is not None:
+        update_job_seconds(client, model, duration_s)
+
+
+def update_job_seconds(client: redis.Redis, model: str, seconds: float, weight: float = 0.2) -> None:
+    key = keys.histogram(RATE_KEY, model)
+    old = client.hget(key, "value")
+    value = seconds if old is None else (1 - weight) * float(old) + weight * seconds
+    client.hset(key, mapping={"value": value, "at": time.time()})
+
+
+def job_seconds(client: redis.Redis, model: str) -> float | None:
+    raw = client.hget(keys.histogram(RATE_KEY, model), "value")
+    return float(raw) if raw is not None else None
+
+
+def read_counters(client: redis.Redis) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = defaultdict(dict)
+    for field, value in client.hgetall(keys.COUNTERS).items():
+        counter, _, model = field.decode().partition("|")
+        out[counter][model] = int(value)
+    return out
+
+
+def read_histogram(client: redis.Redis, name: str, model: str) -> tuple[list[tuple[str, int]], float] | None:
+    raw = client.hgetall(keys.histogram(name, model))
+    if not raw:
+        return None
+    values = {k.decode(): v for k, v in raw.items()}
+    buckets = [(str(b), int(values.get(str(b), 0))) for b in BUCKETS[name]]
+    buckets.append(("+Inf", int(values.get("+Inf", 0))))
+    return buckets, float(values.get("sum", 0.0))
