@@ -132,6 +132,8 @@ class EventLog:
         return bool(self.redis.exists(keys.job_events(job_id)))
 
     def recent_narration(self, count: int = 100) -> list[_Event]:
+        if count <= 0:
+            return []
         entries = self.redis.xrevrange(keys.NARRATION_LOG, count=count)
         return [parse_event(fields[b"e"]) for _, fields in reversed(entries)]
 

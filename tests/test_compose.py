@@ -17,7 +17,7 @@ def test_services_and_healthchecks():
     assert "--appendonly" in services["redis"]["command"]
     assert any("/health" in part for part in services["api"]["healthcheck"]["test"])
     assert "gevent" in services["api"]["command"] and "api.wsgi:app" in services["api"]["command"]
-    assert "rq-dashboard" in services["dashboard"]["command"]
+    assert "rq-dashboard" in services["dashboard"]["command"] and "--json" in services["dashboard"]["command"]
 
 
 def test_worker_reserves_a_gpu_and_can_scale():
