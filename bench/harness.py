@@ -53,7 +53,7 @@ def stack(models: dict[str, Path], threads: int, api_processes: int = 1, workers
             idle = [w for w in registry.live_workers(client) if w.state == "idle"]
             try:
                 up = requests.get(url + "/health", timeout=1).ok
-            except requests.ConnectionError:
+            except requests.RequestException:
                 up = False
             if up and len(idle) >= want:
                 break

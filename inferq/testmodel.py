@@ -68,8 +68,9 @@ def make_llama_gguf(path: str | Path, shape: ModelShape | str = "tiny", seed: in
                     dtype: str = "f32", chat_template: str | None = None, arch: str = "llama") -> Path:
     """Write a llama GGUF with random weights to ``path`` and return the path.
 
-    ``arch`` only renames the architecture (the tensors stay llama's): a way to
-    make a file that a backend must refuse.
+    ``arch="qwen2"`` adds the q/k/v biases Qwen 2 has, giving a file only
+    llama-cpp can serve; any other name only renames the architecture, a way
+    to make a file that a backend must refuse.
     """
     import gguf  # the writer is only needed here, not by the worker at run time
 
@@ -115,6 +116,9 @@ def make_llama_gguf(path: str | Path, shape: ModelShape | str = "tiny", seed: in
         writer.add_tensor(f"blk.{i}.attn_q.weight", weight(d, d))
         writer.add_tensor(f"blk.{i}.attn_k.weight", weight(kv, d))
         writer.add_tensor(f"blk.{i}.attn_v.weight", weight(kv, d))
+        if arch == "qwen2":
+            for name, size in (("q", d), ("k", kv), ("v", kv)):
+                writer.add_tensor(f"blk.{i}.attn_{name}.bias", weight(size, scale=0.02).astype(np.float32))
         writer.add_tensor(f"blk.{i}.attn_output.weight", weight(d, d))
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", norm())
         writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(shape.n_ff, d))

@@ -122,6 +122,26 @@ def tiny_worker(worker_factory, tiny_model) -> WorkerProcess:
     return worker_factory("tiny", tiny_model)
 
 
+BACKENDS = ("ctransformers", "llama-cpp")
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend_name(request) -> str:
+    from worker.backends.selection import installed
+
+    if request.param not in installed():
+        pytest.skip(f"{request.param} is not installed (make test installs it)")
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny(worker_factory, tiny_model, backend_name) -> str:
+    """A model name served by a worker on the backend under test: the pipeline suite runs on each."""
+    name = f"tiny-{backend_name}"
+    worker_factory(name, tiny_model, "--backend", backend_name)
+    return name
+
+
 @pytest.fixture(scope="session")
 def slow_worker(worker_factory, slow_model) -> WorkerProcess:
     return worker_factory("slow", slow_model)
@@ -155,7 +175,7 @@ def live_api(redis_url, tmp_path_factory):
             raise AssertionError(f"gunicorn exited:\n{log_path.read_text()}")
         try:
             return requests.get(url + "/health", timeout=1).ok
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or slow to answer on a busy machine
             return False
 
     wait_until(up, what="gunicorn")

@@ -9,16 +9,13 @@ from inferq.client import Client
 from tests.conftest import wait_until
 from tests.helpers import events, submit, text_of
 
-pytestmark = pytest.mark.usefixtures("tiny_worker")
-
-
-def run(client, **fields):
-    job = submit(client, model="tiny", **fields)
+def run(client, model, **fields):
+    job = submit(client, model=model, **fields)
     return job, events(client, job)
 
 
-def test_job_streams_from_queued_to_end_and_matches_its_status(client):
-    job, evts = run(client, prompt="Hello world, the data", max_tokens=32, temperature=0)
+def test_job_streams_from_queued_to_end_and_matches_its_status(client, tiny):
+    job, evts = run(client, tiny, prompt="Hello world, the data", max_tokens=32, temperature=0)
     types = [e["type"] for e in evts]
     assert types[:2] == ["queued", "started"]
     assert types[-2:] == ["narration", "end"] or types[-1] == "end"
@@ -39,8 +36,8 @@ def test_job_streams_from_queued_to_end_and_matches_its_status(client):
     assert status["submitted_ms"] <= status["finished_ms"]
 
 
-def test_token_events_are_valid_text_with_increasing_indexes(client):
-    _, evts = run(client, prompt="漢字 and emoji 😀 together", max_tokens=100, temperature=0)
+def test_token_events_are_valid_text_with_increasing_indexes(client, tiny):
+    _, evts = run(client, tiny, prompt="漢字 and emoji 😀 together", max_tokens=100, temperature=0)
     tokens = [e for e in evts if e["type"] == "token"]
     assert tokens
     for e in tokens:
@@ -50,21 +47,21 @@ def test_token_events_are_valid_text_with_increasing_indexes(client):
     assert idx == sorted(idx) and len(set(idx)) == len(idx)
 
 
-def test_greedy_decoding_repeats_exactly(client):
-    a = run(client, prompt="import queue", max_tokens=40, temperature=0)[1][-1]["text"]
-    b = run(client, prompt="import queue", max_tokens=40, temperature=0)[1][-1]["text"]
+def test_greedy_decoding_repeats_exactly(client, tiny):
+    a = run(client, tiny, prompt="import queue", max_tokens=40, temperature=0)[1][-1]["text"]
+    b = run(client, tiny, prompt="import queue", max_tokens=40, temperature=0)[1][-1]["text"]
     assert a == b and a
 
 
-def test_fixed_seed_sampling_repeats_and_seeds_matter(client):
-    texts = [run(client, prompt="def model", max_tokens=40, temperature=1.0, seed=s)[1][-1]["text"]
+def test_fixed_seed_sampling_repeats_and_seeds_matter(client, tiny):
+    texts = [run(client, tiny, prompt="def model", max_tokens=40, temperature=1.0, seed=s)[1][-1]["text"]
              for s in (42, 42, 7, 8)]
     assert texts[0] == texts[1]
     assert len(set(texts[1:])) > 1
 
 
-def test_late_subscriber_and_last_event_id_get_exactly_the_missing_events(client):
-    job, full = run(client, prompt="stream me", max_tokens=30, temperature=0)
+def test_late_subscriber_and_last_event_id_get_exactly_the_missing_events(client, tiny):
+    job, full = run(client, tiny, prompt="stream me", max_tokens=30, temperature=0)
     assert events(client, job) == full  # a late subscriber replays the whole log
     for k in (0, 3, len(full) - 2):
         assert events(client, job, last_event_id=k) == full[k + 1:]
@@ -98,8 +95,8 @@ def test_two_watchers_over_http_see_identical_streams(live_api, slow_worker):
     assert seen[0][-1]["type"] == "end" and seen[0][-1]["tokens_out"] == 300
 
 
-def test_raw_http_stream_has_sse_framing(live_api, tiny_worker):
-    job = Client(live_api).submit("curl me", model="tiny", max_tokens=5, temperature=0)["job_id"]
+def test_raw_http_stream_has_sse_framing(live_api, tiny):
+    job = Client(live_api).submit("curl me", model=tiny, max_tokens=5, temperature=0)["job_id"]
     with requests.get(f"{live_api}/v1/jobs/{job}/stream", stream=True, timeout=30) as resp:
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         body = resp.content.decode()
@@ -123,11 +120,11 @@ def split_stop(tokens):
     pytest.skip("no alphanumeric token boundary in the sample")
 
 
-def test_stop_strings_split_across_tokens_never_leak(client):
-    _, base = run(client, prompt="the data and the model", max_tokens=120, temperature=0, repetition_penalty=1.0)
+def test_stop_strings_split_across_tokens_never_leak(client, tiny):
+    _, base = run(client, tiny, prompt="the data and the model", max_tokens=120, temperature=0, repetition_penalty=1.0)
     tokens = [e["t"] for e in base if e["type"] == "token"]
     stop, first = split_stop(tokens)
-    _, evts = run(client, prompt="the data and the model", max_tokens=120, temperature=0,
+    _, evts = run(client, tiny, prompt="the data and the model", max_tokens=120, temperature=0,
                   repetition_penalty=1.0, stop=[stop])
     end = evts[-1]
     assert end["stop_reason"] == "stop_sequence"
@@ -135,38 +132,38 @@ def test_stop_strings_split_across_tokens_never_leak(client):
     assert text_of(evts) == end["text"] and stop not in text_of(evts)
 
 
-def test_single_token_stop_string(client):
-    _, base = run(client, prompt="queue worker", max_tokens=60, temperature=0)
+def test_single_token_stop_string(client, tiny):
+    _, base = run(client, tiny, prompt="queue worker", max_tokens=60, temperature=0)
     tokens = [e["t"] for e in base if e["type"] == "token"]
     stop = next(t for t in tokens[3:] if t.strip() and "\ufffd" not in t)
-    _, evts = run(client, prompt="queue worker", max_tokens=60, temperature=0, stop=[stop])
+    _, evts = run(client, tiny, prompt="queue worker", max_tokens=60, temperature=0, stop=[stop])
     assert evts[-1]["stop_reason"] == "stop_sequence"
     assert stop not in evts[-1]["text"]
     assert evts[-1]["text"] == "".join(tokens)[: "".join(tokens).find(stop)]
 
 
-def test_wide_prompt_of_5000_characters_is_refused_cleanly_and_the_worker_lives(client):
+def test_wide_prompt_of_5000_characters_is_refused_cleanly_and_the_worker_lives(client, tiny):
     wide = ("😀漢字🎉한국어ß∑" * 1000)[:5000]
-    _, evts = run(client, prompt=wide, max_tokens=16)
+    _, evts = run(client, tiny, prompt=wide, max_tokens=16)
     assert evts[-1]["type"] == "error"
     assert evts[-1]["code"] == "CONTEXT_LENGTH_EXCEEDED"
     assert "context" in evts[-1]["message"] and wide[:20] not in evts[-1]["message"]
     job = evts[0]["job_id"]
     assert client.get(f"/v1/jobs/{job}").get_json()["state"] == "failed"
-    _, after = run(client, prompt="still alive?", max_tokens=8, temperature=0)
+    _, after = run(client, tiny, prompt="still alive?", max_tokens=8, temperature=0)
     assert after[-1]["type"] == "end" and after[-1]["tokens_out"] == 8
 
 
-def test_chat_messages_use_the_fallback_template(client):
-    _, evts = run(client, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
+def test_chat_messages_use_the_fallback_template(client, tiny):
+    _, evts = run(client, tiny, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
     assert evts[-1]["type"] == "end" and evts[-1]["tokens_out"] == 4
 
 
-def test_metadata_is_echoed_in_the_result(client, r):
+def test_metadata_is_echoed_in_the_result(client, r, tiny):
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    job, _ = run(client, prompt="meta", max_tokens=2, metadata={"user": "u1", "n": 3})
+    job, _ = run(client, tiny, prompt="meta", max_tokens=2, metadata={"user": "u1", "n": 3})
     # RQ stores the return value a moment after the worker logged `end`.
     result = wait_until(lambda: Job.fetch(job, connection=r, serializer=JSONSerializer).return_value(),
                         what="RQ's stored result")
@@ -245,20 +242,20 @@ def test_keep_alive_comments_while_a_job_waits(live_api, worker_factory, tiny_mo
     assert list(Client(live_api).events(job))[-1]["type"] == "end"
 
 
-def test_a_job_the_worker_cannot_read_still_ends_its_stream(client, r):
+def test_a_job_the_worker_cannot_read_still_ends_its_stream(client, r, tiny):
     """Enqueued past the API (an old client, a hand-made job): the worker answers with an error event."""
     from queue_schema import jobs as job_contract
     from queue_schema.events import Queued
 
     job_id = job_contract.new_job_id()
-    queue = job_contract.queue(r, "tiny", "normal")
+    queue = job_contract.queue(r, tiny, "normal")
     from api.extensions import resources
 
     with client.application.app_context():
         resources().eventlog.append(Queued(job_id=job_id, seq=0, position=0, queue=queue.name))
-    queue.enqueue_call(job_contract.INFER_FUNC, kwargs={"payload": {"operation": "infer", "model": "tiny",
+    queue.enqueue_call(job_contract.INFER_FUNC, kwargs={"payload": {"operation": "infer", "model": tiny,
                                                                     "prompt": None, "max_tokens": "x"}},
-                       job_id=job_id, meta={"model": "tiny", "priority": "normal"})
+                       job_id=job_id, meta={"model": tiny, "priority": "normal"})
     last = events(client, job_id)[-1]
     assert last["type"] == "error" and last["code"] == "INVALID_REQUEST"
     assert client.get(f"/v1/jobs/{job_id}").get_json()["state"] == "failed"

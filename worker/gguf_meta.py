@@ -13,6 +13,7 @@ class GGUFInfo:
     chat_template: str | None
     context_length: int
     file_type: int | None
+    tensor_types: frozenset[str] = frozenset()  # e.g. {"F32", "Q4_0"}
 
 
 def _field(reader, key: str):
@@ -50,4 +51,5 @@ def read_info(path: str) -> GGUFInfo:
         chat_template=_field(reader, "tokenizer.chat_template"),
         context_length=int(_field(reader, f"{arch}.context_length") or 0),
         file_type=_field(reader, "general.file_type"),
+        tensor_types=frozenset(t.tensor_type.name for t in reader.tensors),
     )

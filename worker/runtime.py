@@ -66,8 +66,7 @@ class WorkerRuntime:
         start = time.perf_counter()
         self.backend = load_backend(self.spec.backend, self.spec.path, self.spec.options)
         self.info = self.backend.info
-        self.backend_reason = ("requested" if self.spec.backend != "auto"
-                               else f"{self.info.architecture} file; ctransformers is the default backend")
+        self.backend_reason = self.backend.reason
         seconds = time.perf_counter() - start
         self.narrate(narration.model_loaded(self.id, self.spec.name, os.path.getsize(self.spec.path),
                                             self.backend.name, self.spec.device, self.backend.context_length, seconds))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from worker.backends.base import Backend, LoadOptions, ModelLoadError
 
-BACKENDS = ("ctransformers",)
+BACKENDS = ("ctransformers", "llama-cpp")
 # Without --ctx-size a worker uses the file's trained context, capped here: a
 # 128k-token KV cache would take far more memory than most hosts have.
 DEFAULT_MAX_CTX = 4096
@@ -27,16 +27,23 @@ def load_backend(name: str, path: str, options: LoadOptions) -> Backend:
     from worker.gguf_meta import read_info
 
     check_model_file(path)
+    from worker.backends.selection import choose
+
     info = read_info(path)  # refuses damaged files before a C library mmaps them
+    choice = choose(info, name)
     if not options.ctx_size:
         options = replace(options, ctx_size=min(info.context_length or 512, DEFAULT_MAX_CTX))
-    if name in ("auto", "ctransformers"):
+    if choice.backend == "llama-cpp":
+        from worker.backends.llama_cpp_backend import LlamaCppBackend
+
+        backend: Backend = LlamaCppBackend(path, options)
+    else:
         from worker.backends.ctransformers_backend import CTransformersBackend
 
         backend = CTransformersBackend(path, options)
-        backend.info = info
-        return backend
-    raise ModelLoadError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
+    backend.info = info
+    backend.reason = choice.reason
+    return backend
 
 
 __all__ = ["Backend", "LoadOptions", "ModelLoadError", "load_backend", "check_model_file", "BACKENDS"]

@@ -47,6 +47,7 @@ class Backend:
         self.context_length = 0
         self.eos_token_id = -1
         self.info = None  # GGUFInfo, set by load_backend
+        self.reason = ""  # why load_backend chose this backend
         self._context: list[int] = []  # tokens whose keys/values are in the cache
 
     # --- what each backend provides -------------------------------------------------
