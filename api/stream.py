@@ -111,18 +111,7 @@ class EventStreamBlueprint(ServerSentEventsBlueprint):
         backlog = min(max(request.args.get("backlog", 20, type=int), 0), 1000)
         follow = request.args.get("follow", "true").lower() not in ("0", "false", "no")
         keepalive = float(current_app.config["KEEPALIVE_S"])
-
-        @stream_with_context
-        def generate():
-            yield f"retry: {int(current_app.config['SSE_RETRY_MS'])}\n\n"
-            try:
-                for message in self.narration_messages(keepalive, backlog, follow):
-                    yield str(message)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("narration feed ended: redis unavailable (%s)", exc)
-
-        return current_app.response_class(generate(), mimetype="text/event-stream",
-                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _sse_response(self.narration_messages(keepalive, backlog, follow), "the narration feed")
 
     def job_stream(self, job_id: str):
         res = resources()
@@ -130,21 +119,28 @@ class EventStreamBlueprint(ServerSentEventsBlueprint):
             raise InferqError(ErrorCode.JOB_NOT_FOUND, f"no event log for job {job_id!r} (unknown, or expired)")
         after = _last_event_id()
         keepalive = float(current_app.config["KEEPALIVE_S"])
-        retry = int(current_app.config["SSE_RETRY_MS"])
+        return _sse_response(self.job_messages(job_id, after, keepalive), f"the stream of job {job_id}")
 
-        @stream_with_context
-        def generate():
-            yield f"retry: {retry}\n\n"
-            try:
-                for message in self.job_messages(job_id, after, keepalive):
-                    yield str(message)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                # Mid-stream the status line is long sent: end the stream; the client
-                # reconnects with Last-Event-ID and resumes from the log.
-                log.warning("stream for job %s ended: redis unavailable (%s)", job_id, exc)
 
-        return current_app.response_class(generate(), mimetype="text/event-stream",
-                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def _sse_response(messages, what: str):
+    """An event-stream response for ``messages``; a Redis failure ends it quietly.
+
+    Mid-stream the status line is long sent: ending the stream is all that is
+    left, and the client reconnects (with Last-Event-ID) and resumes from the log.
+    """
+    retry = int(current_app.config["SSE_RETRY_MS"])
+
+    @stream_with_context
+    def generate():
+        yield f"retry: {retry}\n\n"
+        try:
+            for message in messages:
+                yield str(message)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("%s ended: redis unavailable (%s)", what, exc)
+
+    return current_app.response_class(generate(), mimetype="text/event-stream",
+                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _last_event_id() -> int:
