@@ -5,7 +5,7 @@ import logging
 
 from flask import Flask
 
-from api import auth, catalog, dashboard, errors, extensions, health, jobs, metrics, openai_compat, openapi, stream
+from api import auth, catalog, dashboard, errors, extensions, health, jobs, metrics, openai_compat, openapi, stream, ui
 from api.config import DEFAULTS
 
 
@@ -23,7 +23,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     extensions.init_app(app)
     errors.init_app(app)
     auth.init_app(app)
-    for bp in (health.bp, metrics.bp, jobs.bp, stream.bp, catalog.bp, openai_compat.bp, openapi.bp):
+    for bp in (health.bp, metrics.bp, jobs.bp, stream.bp, catalog.bp, openai_compat.bp, openapi.bp, ui.bp):
         app.register_blueprint(bp)
     dashboard.init_app(app)
     return app

@@ -11,7 +11,8 @@ from flask import Flask, current_app, request
 
 from queue_schema.errors import ErrorCode, InferqError
 
-OPEN_ENDPOINTS = {"health.health", "health.ready", "metrics.metrics", "static"}
+# The page and its files are open: the page itself asks for a token.
+OPEN_ENDPOINTS = {"health.health", "health.ready", "metrics.metrics", "static", "ui.index", "ui.static"}
 QUERY_TOKEN_ENDPOINTS = {"stream.job_stream", "stream.narration"}
 
 
