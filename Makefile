@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo up test bench clean
+.PHONY: demo up test browser bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,12 @@ demo: $(VENV)/.installed  ## start the stack, stream one job, stop
 up: $(VENV)/.installed  ## run the stack until Ctrl-C
 	$(VENV)/bin/inferq up
 
-test: $(VENV)/.installed  ## install everything and run the test suite
+browser:  ## Debian's Chromium for the browser tests (they are skipped without it)
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium could not be installed: the browser tests will be skipped"
+
+test: $(VENV)/.installed browser  ## install everything and run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from api import lifecycle
 from api import stream as sse_relay
 from api.extensions import resources
 from api.jobs import request_cancel, submit
@@ -249,7 +250,7 @@ def _stream(job_id: str, shape: _Shape, include_usage: bool):
                     yield data(shape.usage_chunk(_usage(prompt_tokens, event)))
         yield "data: [DONE]\n\n"
     finally:
-        if not done:  # the client went away mid-stream: free the worker
+        if not done and not lifecycle.stopping.is_set():  # the client went away mid-stream: free the worker
             try:
                 res = resources()
                 view = jobs.view(res.redis, res.eventlog, job_id)

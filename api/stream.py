@@ -21,6 +21,7 @@ import redis
 from flask import current_app, request, stream_with_context
 from flask_sse import Message, ServerSentEventsBlueprint
 
+from api import lifecycle
 from api.extensions import resources
 from queue_schema import keys
 from queue_schema.errors import ErrorCode, InferqError
@@ -57,7 +58,7 @@ class EventStreamBlueprint(ServerSentEventsBlueprint):
             if last is not None and last.terminal and last.seq <= sent:
                 return  # the client already has the end (Last-Event-ID at or past it)
             quiet_since = time.monotonic()
-            while True:
+            while not lifecycle.stopping.is_set():
                 m = pubsub.get_message(timeout=min(1.0, keepalive_s))
                 if m is None or m["type"] != "message":
                     if time.monotonic() - quiet_since >= keepalive_s:
@@ -92,7 +93,7 @@ class EventStreamBlueprint(ServerSentEventsBlueprint):
             if not follow:
                 return
             quiet_since = time.monotonic()
-            while True:
+            while not lifecycle.stopping.is_set():
                 m = pubsub.get_message(timeout=min(1.0, keepalive_s))
                 if m is not None and m["type"] == "message":
                     quiet_since = time.monotonic()

@@ -123,3 +123,49 @@ def test_redis_restart_workers_and_api_recover(tmp_path, tiny_model):
     finally:
         worker.stop(signal.SIGKILL)
         server.stop()
+
+
+def test_api_sigterm_ends_open_streams_cleanly(redis_url, slow_worker, tiny_worker):
+    """A stopping API process ends its SSE streams at once instead of holding them to its grace timeout."""
+    import requests
+
+    from inferq.client import Client
+    from inferq.embedded_redis import free_port
+
+    port = free_port()
+    api = subprocess.Popen([sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--graceful-timeout", "30",
+                            "--bind", f"127.0.0.1:{port}", "api.wsgi:app"], cwd=ROOT,
+                           env={**__import__("os").environ, "REDIS_URL": redis_url},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _ok(url), what="the API")
+        job = Client(url).submit("long", model="slow", max_tokens=600, temperature=0)["job_id"]
+        feed = requests.get(f"{url}/v1/narration", stream=True, timeout=30)
+        stream = requests.get(f"{url}/v1/jobs/{job}/stream", stream=True, timeout=30)
+        next(stream.iter_content(chunk_size=None))
+        t0 = time.monotonic()
+        api.send_signal(signal.SIGTERM)
+        assert api.wait(15) == 0
+        assert time.monotonic() - t0 < 5  # not the 30 s grace timeout
+        feed.close()
+        stream.close()
+    finally:
+        if api.poll() is None:
+            api.kill()
+    # The job itself was not touched by the API going away: it runs to its normal end.
+    from queue_schema.eventlog import EventLog
+
+    log = EventLog(redis.Redis.from_url(redis_url))
+    last = wait_until(lambda: (lambda e: e if e is not None and e.terminal else None)(log.last(job)),
+                      timeout=60, what="the job to end")
+    assert last.type == "end" and last.stop_reason in ("max_tokens", "eos")
+
+
+def _ok(url):
+    import requests
+
+    try:
+        return requests.get(url + "/health", timeout=1).ok
+    except requests.RequestException:
+        return False
