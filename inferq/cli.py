@@ -73,9 +73,10 @@ def _ensure_demo_model() -> tuple[str, str]:
 @click.option("--backend", default="auto", show_default=True)
 @click.option("--gpu-layers", default=0, show_default=True)
 @click.option("--threads", default=0, help="Threads per worker (0: share the cores).")
+@click.option("--gpus", default=None, help="all, or GPU indexes like 0,1: one worker per GPU per model.")
 @click.option("--redis-url", envvar="REDIS_URL", default=None,
               help="Use this Redis; unset: start an embedded redis-server (env REDIS_URL).")
-def up(models, host, port, backend, gpu_layers, threads, redis_url):
+def up(models, host, port, backend, gpu_layers, threads, gpus, redis_url):
     """Run the whole stack on this machine until Ctrl-C.
 
     \b
@@ -88,7 +89,9 @@ def up(models, host, port, backend, gpu_layers, threads, redis_url):
     for name, path in models:
         _check_model_path(path)
     share = threads or max(1, ((os.cpu_count() or 2) - 1) // len(models))
-    stack = Stack([WorkerArgs(n, p, backend, gpu_layers, share) for n, p in models], host, port, DATA_DIR, redis_url)
+    devices = _gpu_devices(gpus) if gpus else ["cpu"]
+    stack = Stack([WorkerArgs(n, p, backend, gpu_layers, share, device) for n, p in models for device in devices],
+                  host, port, DATA_DIR, redis_url)
 
     def ready(stack):
         click.echo(f"inferq is up: API {stack.api_url}  models: {', '.join(n for n, _ in models)}  "
@@ -141,6 +144,26 @@ def api(host, port, workers):
     """Serve the HTTP API with gunicorn + gevent (reads REDIS_URL, INFERQ_API_TOKENS)."""
     os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--workers",
                                str(workers), "--bind", f"{host}:{port}", "api.wsgi:app"])
+
+
+def _gpu_devices(gpus: str) -> list[str]:
+    from worker import gpu
+
+    try:
+        available = gpu.count()
+    except gpu.GPUError as exc:
+        _fail(str(exc))
+    if gpus == "all":
+        indexes = list(range(available))
+    else:
+        try:
+            indexes = [int(i) for i in gpus.split(",")]
+        except ValueError:
+            _fail(f"--gpus must be all or indexes like 0,1, not {gpus!r}")
+    missing = [i for i in indexes if i >= available]
+    if missing or not indexes:
+        _fail(f"GPU(s) {missing or gpus} not found: {available} visible on this host")
+    return [f"cuda:{i}" for i in indexes]
 
 
 def _check_model_path(path: str) -> None:

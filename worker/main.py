@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import redis
 
 from queue_schema.errors import InferqError
+from worker import gpu
 from worker import runtime as runtime_mod
 from worker.rq_worker import InferqWorker
 from worker.runtime import ModelSpec, WorkerRuntime
@@ -21,6 +23,12 @@ class WorkerStartError(Exception):
 def run_worker(redis_url: str, spec: ModelSpec, burst: bool = False, max_jobs: int | None = None,
                on_loaded=None) -> None:
     """Load ``spec`` and serve its queues. SIGTERM/Ctrl-C: finish the current job, then return."""
+    try:
+        gpu_index = gpu.pin(spec.device)  # before any CUDA library loads
+    except gpu.GPUError as exc:
+        raise WorkerStartError(str(exc)) from None
+    if gpu_index is not None and spec.options.gpu_layers == 0:
+        spec = replace(spec, options=replace(spec.options, gpu_layers=999))  # a GPU worker offloads everything
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=2, health_check_interval=30)
     try:
         client.ping()

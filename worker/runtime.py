@@ -64,11 +64,16 @@ class WorkerRuntime:
         """Load the model (once, before any job) and start heartbeating."""
         self._heartbeat.start()
         start = time.perf_counter()
+        size = os.path.getsize(self.spec.path)
+        self.narrate(dict(actor=self.id, action="loading", target=self.spec.name,
+                          human=f"Loading model {self.spec.name} ({size / 1e6:.1f} MB) on {self.spec.device}"))
         self.backend = load_backend(self.spec.backend, self.spec.path, self.spec.options)
+        if self.spec.device.startswith("cuda:"):
+            self.backend.gpu_index = int(self.spec.device.split(":", 1)[1])
         self.info = self.backend.info
         self.backend_reason = self.backend.reason
         seconds = time.perf_counter() - start
-        self.narrate(narration.model_loaded(self.id, self.spec.name, os.path.getsize(self.spec.path),
+        self.narrate(narration.model_loaded(self.id, self.spec.name, size,
                                             self.backend.name, self.spec.device, self.backend.context_length, seconds))
         self.set_state("idle")
 

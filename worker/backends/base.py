@@ -63,8 +63,12 @@ class Backend:
     def _logits(self) -> np.ndarray:
         raise NotImplementedError
 
+    gpu_index: int | None = None  # set by the runtime for a worker pinned to a GPU
+
     def vram_bytes(self) -> int:
-        return 0
+        from worker import gpu
+
+        return gpu.process_vram_bytes(self.gpu_index)
 
     def health(self) -> bool:
         """Can the model still decode? Evaluates one token and checks the logits."""
