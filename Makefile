@@ -25,5 +25,12 @@ browser:  ## Debian's Chromium for the browser tests (they are skipped without i
 test: $(VENV)/.installed browser  ## install everything and run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+bench: $(VENV)/.installed  ## the benchmarks (each also runs alone: python -m bench.<name>)
+	$(PY) -m bench.overhead --model tiny
+	$(PY) -m bench.overhead --model small --runs 5 --max-tokens 64
+	$(PY) -m bench.backends --model small
+	$(PY) -m bench.enqueue
+	$(PY) -m bench.soak --jobs 2000
+
 clean:
 	rm -rf $(VENV) .inferq .pytest_cache

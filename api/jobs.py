@@ -22,15 +22,15 @@ bp = Blueprint("jobs", __name__)
 def submit(op: InferOperation) -> tuple[str, dict]:
     """Check the model and the queue bound, then enqueue. Shared with the OpenAI routes."""
     res = resources()
-    model = registry.model_info(res.redis, op.model)
-    if model is None:
+    snap = jobs.snapshot(res.redis, op.model)  # model, queue lengths and ETA inputs in one round trip
+    if snap.model is None:
         raise InferqError(ErrorCode.MODEL_NOT_FOUND, f"no worker serves a model named {op.model!r}; "
                           "see GET /v1/models")
-    bound = min(model.queue_depth, int(current_app.config["MAX_QUEUE_DEPTH"]))
-    if jobs.depth(res.redis, op.model) >= bound:
+    bound = min(snap.model.queue_depth, int(current_app.config["MAX_QUEUE_DEPTH"]))
+    if snap.depth >= bound:
         raise InferqError(ErrorCode.QUEUE_FULL, f"the queue for {op.model} is full ({bound} jobs); retry later",
                           retriable=True, headers={"Retry-After": "5"})
-    job_id, queued = jobs.enqueue_infer(res.redis, res.eventlog, op)
+    job_id, queued = jobs.enqueue_infer(res.redis, res.eventlog, op, snap=snap)
     log.info("job %s queued for %s at position %d", job_id, op.model, queued.position)
     return job_id, queued.model_dump()
 

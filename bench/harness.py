@@ -29,18 +29,24 @@ def summary(values) -> str:
 
 
 @contextmanager
-def stack(models: dict[str, Path], threads: int, api_processes: int = 1, workers_per_model: int = 1):
-    """Redis + one worker per model + gunicorn API, torn down on exit. Yields (api_url, redis_url)."""
+def stack(models: dict[str, Path], threads: int, api_processes: int = 1, workers_per_model: int = 1,
+          worker_args: tuple[str, ...] = (), env_extra: dict | None = None, procs_out: list | None = None):
+    """Redis + one worker per model + gunicorn API, torn down on exit. Yields (api_url, redis_url).
+
+    ``procs_out`` receives the worker processes (for benchmarks that pause them).
+    """
     OUT.mkdir(parents=True, exist_ok=True)
     server = EmbeddedRedis(OUT / "redis", appendonly=False).start()
     procs = []
-    env = {**os.environ, "REDIS_URL": server.url, "INFERQ_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "REDIS_URL": server.url, "INFERQ_LOG_LEVEL": "WARNING", **(env_extra or {})}
     try:
         for name, path in models.items():
             for _ in range(workers_per_model):
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "inferq", "--log-level", "WARNING", "worker", "--model", f"{name}={path}",
-                     "--threads", str(threads), "--redis-url", server.url], cwd=ROOT, env=env))
+                     "--threads", str(threads), "--redis-url", server.url, *worker_args], cwd=ROOT, env=env))
+        if procs_out is not None:
+            procs_out.extend(procs)
         port = free_port()
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--workers", str(api_processes),

@@ -5,6 +5,7 @@ here, so queue names, the job function and the serializer agree.
 """
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -38,38 +39,61 @@ def model_queues(client: redis.Redis, model: str) -> list[Queue]:
     return [queue(client, model, p) for p in keys.PRIORITIES]
 
 
-def queued_ahead(client: redis.Redis, model: str, priority: str) -> int:
-    """Jobs that will be taken before a job enqueued now at ``priority``."""
+def queue_key(model: str, priority: str) -> str:
+    """The Redis list RQ keeps for the queue (RQ's prefix, our name): read without building a Queue."""
+    return Queue.redis_queue_namespace_prefix + keys.queue_name(model, priority)
+
+
+@dataclass
+class QueueSnapshot:
+    """What a submit needs to know, read in one round trip."""
+
+    model: registry.ModelInfo | None
+    lengths: dict[str, int]  # priority -> waiting jobs
+    job_seconds: float | None
+    serving_workers: int
+
+    @property
+    def depth(self) -> int:
+        return sum(self.lengths.values())
+
+    def ahead(self, priority: str) -> int:
+        """Jobs taken before one enqueued now at ``priority``."""
+        return sum(self.lengths[p] for p in keys.PRIORITIES[: keys.PRIORITIES.index(priority) + 1])
+
+    def eta(self, position: int) -> float | None:
+        """Wait before a job at ``position`` starts: jobs ahead x recent job time / serving workers."""
+        if self.job_seconds is None or not self.serving_workers:
+            return None
+        return round((position + 1) * self.job_seconds / self.serving_workers, 2)
+
+
+def snapshot(client: redis.Redis, model: str) -> QueueSnapshot:
+    now = time.time()
     pipe = client.pipeline(transaction=False)
-    for p in keys.PRIORITIES[: keys.PRIORITIES.index(priority) + 1]:
-        pipe.llen(queue(client, model, p).key)
-    return sum(pipe.execute())
+    pipe.get(keys.model(model))
+    for p in keys.PRIORITIES:
+        pipe.llen(queue_key(model, p))
+    pipe.hget(keys.histogram(stats.RATE_KEY, model), "value")
+    pipe.zcount(keys.model_workers(model), now - registry.WORKER_TTL_S, "+inf")
+    blob, *rest = pipe.execute()
+    lengths, (per_job, serving) = dict(zip(keys.PRIORITIES, rest[:-2])), rest[-2:]
+    return QueueSnapshot(registry.ModelInfo.model_validate_json(blob) if blob else None, lengths,
+                         float(per_job) if per_job is not None else None, int(serving))
 
 
 def depth(client: redis.Redis, model: str) -> int:
-    pipe = client.pipeline(transaction=False)
-    for q in model_queues(client, model):
-        pipe.llen(q.key)
-    return sum(pipe.execute())
-
-
-def eta_seconds(client: redis.Redis, model: str, position: int) -> float | None:
-    """Wait before a job at ``position`` starts: jobs ahead x recent job time / serving workers."""
-    per_job = stats.job_seconds(client, model)
-    if per_job is None:
-        return None
-    serving = sum(1 for w in registry.live_workers(client) if w.model == model and w.state in ("idle", "busy"))
-    return round((position + 1) * per_job / max(1, serving), 2) if serving else None
+    return snapshot(client, model).depth
 
 
 def enqueue_infer(client: redis.Redis, log: EventLog, op: InferOperation, job_id: str | None = None,
-                  seq: int = 0) -> tuple[str, Queued]:
-    """Log the ``queued`` event and enqueue the job in one round trip."""
+                  seq: int = 0, snap: QueueSnapshot | None = None) -> tuple[str, Queued]:
+    """Log the ``queued`` event and enqueue the job in one round trip (plus one to read ``snap``)."""
     job_id = job_id or new_job_id()
     q = queue(client, op.model, op.priority)
-    position = queued_ahead(client, op.model, op.priority)
-    event = Queued(job_id=job_id, seq=seq, position=position, queue=q.name,
-                   eta_s=eta_seconds(client, op.model, position))
+    snap = snap or snapshot(client, op.model)
+    position = snap.ahead(op.priority)
+    event = Queued(job_id=job_id, seq=seq, position=position, queue=q.name, eta_s=snap.eta(position))
     # One MULTI/EXEC: a worker can never see the job before its ``queued`` event.
     pipe = client.pipeline()
     q.enqueue_call(
@@ -152,7 +176,7 @@ def view(client: redis.Redis, log: EventLog, job_id: str) -> JobView | None:
             state = "failed"
         else:
             state = "running"
-    eta = eta_seconds(client, meta["model"], position) if position is not None and meta.get("model") else None
+    eta = snapshot(client, meta["model"]).eta(position) if position is not None and meta.get("model") else None
     return JobView(job_id, state, meta.get("model"), position, terminal, meta.get("submitted_ms"), started_ms, eta)
 
 
@@ -164,4 +188,4 @@ def _position(client: redis.Redis, job: Job) -> int | None:
     if own is None:
         return None
     higher = keys.PRIORITIES[: keys.PRIORITIES.index(priority)]
-    return own + sum(queue(client, model, p).count for p in higher)
+    return own + sum(client.llen(queue_key(model, p)) for p in higher)

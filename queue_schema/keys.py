@@ -53,6 +53,11 @@ def worker(worker_id: str) -> str:
     return f"{PREFIX}:worker:{worker_id}"
 
 
+def model_workers(name: str) -> str:
+    """Sorted set of the model's workers by last heartbeat (epoch s): a cheap live count."""
+    return f"{PREFIX}:model:{name}:workers"
+
+
 def model(name: str) -> str:
     """JSON describing a served model (context length, queue bound); refreshed by its workers."""
     return f"{PREFIX}:model:{name}"

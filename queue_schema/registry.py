@@ -56,13 +56,21 @@ def publish_heartbeat(client: redis.Redis, worker: WorkerInfo, model: ModelInfo)
     pipe.zadd(keys.WORKERS, {worker.id: now})
     pipe.set(keys.model(model.name), model.model_dump_json(), ex=MODEL_TTL_S)
     pipe.zadd(keys.MODELS, {model.name: now})
+    serving = keys.model_workers(model.name)
+    if worker.state in ("idle", "busy"):
+        pipe.zadd(serving, {worker.id: now})
+    else:
+        pipe.zrem(serving, worker.id)
+    pipe.zremrangebyscore(serving, "-inf", now - WORKER_TTL_S)
+    pipe.expire(serving, MODEL_TTL_S)
     pipe.execute()
 
 
-def remove_worker(client: redis.Redis, worker_id: str) -> None:
+def remove_worker(client: redis.Redis, worker_id: str, model: str) -> None:
     pipe = client.pipeline(transaction=False)
     pipe.delete(keys.worker(worker_id))
     pipe.zrem(keys.WORKERS, worker_id)
+    pipe.zrem(keys.model_workers(model), worker_id)
     pipe.execute()
 
 

@@ -10,6 +10,7 @@ def test_key_names_are_pinned():
     assert keys.worker("w1") == "inferq:worker:w1"
     assert keys.job_lost("j1", "w1") == "inferq:job:j1:lost:w1"
     assert keys.model("tiny") == "inferq:model:tiny"
+    assert keys.model_workers("tiny") == "inferq:model:tiny:workers"
     assert keys.WORKERS == "inferq:workers"
     assert keys.MODELS == "inferq:models"
     assert keys.CANCEL_CHANNEL == "inferq:cancel"

@@ -82,7 +82,7 @@ class WorkerRuntime:
         self._stop.set()
         self.publisher.flush(5)
         try:
-            registry.remove_worker(self.redis, self.id)
+            registry.remove_worker(self.redis, self.id, self.spec.name)
         except redis.RedisError:
             pass
 

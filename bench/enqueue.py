@@ -1,0 +1,85 @@
+"""Jobs/s accepted by POST /v1/jobs with 1, 8 and 32 clients, against RQ's own Queue.enqueue in the same run.
+
+    python -m bench.enqueue --seconds 3
+
+The model's worker is paused (SIGSTOP) so only acceptance is measured: the
+API validates, checks the model and the queue bound, logs the `queued`
+event and enqueues in one MULTI/EXEC. The baseline enqueues trivial
+JSON-serialized jobs with RQ directly from one client.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+import time
+
+import redis
+import requests
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from bench.harness import OUT, stack
+from inferq.testmodel import make_llama_gguf
+
+
+def rq_baseline(redis_url: str, seconds: float) -> float:
+    q = Queue("bench.baseline", connection=redis.Redis.from_url(redis_url), serializer=JSONSerializer)
+    n, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        q.enqueue("worker.infer_job.run_infer", payload={"operation": "infer"})
+        n += 1
+    return n / seconds
+
+
+def api_rate(url: str, clients: int, seconds: float) -> tuple[float, int]:
+    counts, errors = [0] * clients, [0] * clients
+    end = time.monotonic() + seconds
+    body = {"operation": "infer", "model": "bench", "prompt": "hello", "max_tokens": 8}
+
+    def client(i):
+        session = requests.Session()
+        while time.monotonic() < end:
+            if session.post(f"{url}/v1/jobs", json=body, timeout=10).status_code == 202:
+                counts[i] += 1
+            else:
+                errors[i] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / seconds, sum(errors)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--api-processes", type=int, default=1)
+    args = ap.parse_args(argv)
+    path = OUT / "tiny.gguf"
+    if not path.exists():
+        make_llama_gguf(path, "tiny", seed=0)
+    workers: list = []
+    with stack({"bench": path}, threads=1, api_processes=args.api_processes, worker_args=("--queue-depth", "10000000"),
+               env_extra={"INFERQ_MAX_QUEUE_DEPTH": "10000000"}, procs_out=workers) as (url, redis_url):
+        for w in workers:
+            w.send_signal(signal.SIGSTOP)  # measure acceptance, not decoding
+        try:
+            baseline = rq_baseline(redis_url, args.seconds)
+            rows = [(c, *api_rate(url, c, args.seconds)) for c in (1, 8, 32)]
+        finally:
+            for w in workers:
+                w.send_signal(signal.SIGCONT)
+    print(f"enqueue: {args.seconds:.0f} s per row, {args.api_processes} API process(es) (gunicorn+gevent)")
+    print(f"{'who':34}{'jobs/s':>10}{'errors':>8}")
+    print(f"{'RQ Queue.enqueue, 1 client':34}{baseline:10.0f}{0:8d}")
+    for clients, rate, errors in rows:
+        print(f"{f'POST /v1/jobs, {clients} clients':34}{rate:10.0f}{errors:8d}")
+    best = max(r for _, r, _ in rows)
+    print(f"ratio best API rate / RQ enqueue: {best / baseline:.2f}")
+
+
+if __name__ == "__main__":
+    main()
