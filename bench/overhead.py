@@ -32,7 +32,9 @@ def prompt(run: int) -> str:
 
 
 def direct(path, threads: int, max_tokens: int, runs: int):
-    backend = load_backend("ctransformers", str(path), LoadOptions(threads=threads))
+    # "auto", as the worker does: both sides must run the same engine.
+    backend = load_backend("auto", str(path), LoadOptions(threads=threads))
+    direct.backend = backend.name
     rates, ttfts, counts = [], [], []
     for run in range(runs):
         tokens = backend.tokenize(prompt(run))
@@ -88,7 +90,7 @@ def main(argv=None):
     assert d_n == p_n, f"token counts differ: direct {d_n} vs path {p_n}"
     added = [p - d for p, d in zip(sorted(p_ttft), sorted(d_ttft))]
     ratio = statistics.median(p_rate) / statistics.median(d_rate)
-    print(f"overhead: model={args.model} file={path.stat().st_size / 1e6:.1f}MB "
+    print(f"overhead: model={args.model} backend={direct.backend} file={path.stat().st_size / 1e6:.1f}MB "
           f"threads={LoadOptions(threads=args.threads).resolved_threads} "
           f"tokens={d_n[0]} runs={args.runs}")
     print(f"{'':24}{'tokens/s':>44}   {'TTFT ms':>44}")
