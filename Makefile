@@ -30,6 +30,7 @@ bench: $(VENV)/.installed  ## the benchmarks (each also runs alone: python -m be
 	$(PY) -m bench.overhead --model small --runs 5 --max-tokens 64
 	$(PY) -m bench.backends --model small
 	$(PY) -m bench.enqueue
+	$(PY) -m bench.scaleout
 	$(PY) -m bench.soak --jobs 2000
 
 clean:

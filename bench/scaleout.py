@@ -1,0 +1,55 @@
+"""Aggregate tokens/s with 1 and 2 workers on the same queue, under enough concurrent jobs to keep them busy.
+
+    python -m bench.scaleout --jobs 16 --max-tokens 200
+
+Each worker decodes with one thread, so on this 2-core machine two workers
+can use both cores; the ratio shows how much of that the queue delivers.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from bench.harness import OUT, stack
+from inferq.client import Client
+from inferq.testmodel import make_llama_gguf
+
+
+def run(url: str, jobs: int, max_tokens: int) -> tuple[float, int]:
+    client = Client(url, timeout=30)
+
+    def one(i):
+        job = client.submit(f"{i} scale out", model="scale", max_tokens=max_tokens, temperature=0)["job_id"]
+        return list(client.events(job))[-1].get("tokens_out", 0)
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(jobs) as pool:
+        tokens = sum(pool.map(one, range(jobs)))
+    return time.monotonic() - start, tokens
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=200)
+    ap.add_argument("--model", choices=["tiny", "slow", "small"], default="slow")
+    args = ap.parse_args(argv)
+    path = OUT / f"{args.model}.gguf"
+    if not path.exists():
+        make_llama_gguf(path, args.model, seed=0)
+    rows = []
+    for workers in (1, 2):
+        with stack({"scale": path}, threads=1, workers_per_model=workers) as (url, _):
+            run(url, 2, 8)  # warm-up
+            seconds, tokens = run(url, args.jobs, args.max_tokens)
+        rows.append((workers, seconds, tokens, tokens / seconds))
+    print(f"scale-out: model={args.model} jobs={args.jobs} max_tokens={args.max_tokens}, 1 thread per worker")
+    print(f"{'workers':>8}{'seconds':>10}{'tokens':>10}{'tokens/s':>10}")
+    for workers, seconds, tokens, rate in rows:
+        print(f"{workers:8d}{seconds:10.2f}{tokens:10d}{rate:10.1f}")
+    print(f"ratio 2 workers / 1 worker aggregate tokens/s: {rows[1][3] / rows[0][3]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
