@@ -31,6 +31,7 @@ bench: $(VENV)/.installed  ## the benchmarks (each also runs alone: python -m be
 	$(PY) -m bench.backends --model small
 	$(PY) -m bench.enqueue
 	$(PY) -m bench.scaleout
+	$(PY) -m bench.fanout
 	$(PY) -m bench.soak --jobs 2000
 
 clean:

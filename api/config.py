@@ -11,4 +11,7 @@ DEFAULTS = {
     "SSE_RETRY_MS": 2000,  # reconnect delay suggested to EventSource clients
     "MAX_CONTENT_LENGTH": 1 << 20,
     "EVENT_TTL_S": 24 * 3600,
+    # Each open SSE stream holds one pub/sub connection; redis-py's default pool
+    # (100) would cap a process at ~100 watchers.
+    "REDIS_MAX_CONNECTIONS": 10000,
 }

@@ -17,7 +17,8 @@ class Resources:
 
 def init_app(app: Flask) -> None:
     client = redis.Redis.from_url(app.config["REDIS_URL"], socket_connect_timeout=2, socket_timeout=10,
-                                  health_check_interval=30, retry_on_timeout=False)
+                                  health_check_interval=30, retry_on_timeout=False,
+                                  max_connections=int(app.config["REDIS_MAX_CONNECTIONS"]))
     app.extensions["inferq"] = Resources(client, EventLog(client, ttl_s=int(app.config["EVENT_TTL_S"])))
 
 

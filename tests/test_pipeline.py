@@ -259,3 +259,31 @@ def test_a_job_the_worker_cannot_read_still_ends_its_stream(client, r, tiny):
     last = events(client, job_id)[-1]
     assert last["type"] == "error" and last["code"] == "INVALID_REQUEST"
     assert client.get(f"/v1/jobs/{job_id}").get_json()["state"] == "failed"
+
+
+def test_more_watchers_than_redis_pys_default_pool(live_api, worker_factory, tiny_model):
+    """150 streams on one job through one API process: all complete and identical (the pool is not capped at 100)."""
+    import signal
+
+    w = worker_factory("crowd", tiny_model)
+    w.proc.send_signal(signal.SIGSTOP)
+    api = Client(live_api, timeout=30)
+    results: dict[int, list] = {}
+    try:
+        api.submit("blocker", model="crowd", max_tokens=2)
+        job = api.submit("crowd", model="crowd", max_tokens=12, temperature=0)["job_id"]
+
+        def watch(n):
+            results[n] = [e["seq"] for e in api.events(job, reconnects=0)]
+
+        threads = [threading.Thread(target=watch, args=(n,), daemon=True) for n in range(150)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+    finally:
+        w.proc.send_signal(signal.SIGCONT)
+    for t in threads:
+        t.join(60)
+    assert len(results) == 150
+    first = results[0]
+    assert first == list(range(len(first))) and all(r == first for r in results.values())

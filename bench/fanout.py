@@ -1,0 +1,88 @@
+"""Fan-out: 100 and 1,000 concurrent SSE clients on one API process (gunicorn + gevent).
+
+    python -m bench.fanout --clients 100 1000 --max-tokens 60
+
+All clients attach to one job while its worker is paused, then the worker
+resumes: every token event goes to every client. Latency is the client's
+receipt time minus the event's own ``ts`` (same machine, same clock);
+missed events are gaps in a client's seq list (must be 0).
+"""
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import gevent  # noqa: E402
+import requests  # noqa: E402
+
+from bench.harness import OUT, pct, stack  # noqa: E402
+from inferq.client import parse_sse  # noqa: E402
+from inferq.testmodel import make_llama_gguf  # noqa: E402
+
+
+def watch(url: str, job_id: str, connected: list, out: list) -> None:
+    seqs, lat = [], []
+    with requests.get(f"{url}/v1/jobs/{job_id}/stream", stream=True, timeout=120) as resp:
+        connected.append(1)
+        for frame in parse_sse(resp.iter_lines(chunk_size=None)):
+            now_ms = time.time() * 1000
+            event = json.loads(frame["data"])
+            seqs.append(event["seq"])
+            if event["type"] == "token":
+                lat.append(now_ms - event["ts"])
+            if event["type"] in ("end", "error"):
+                break
+    out.append((seqs, lat))
+
+
+def one_round(url: str, workers: list, clients: int, max_tokens: int) -> dict:
+    for w in workers:
+        w.send_signal(signal.SIGSTOP)
+    job = requests.post(f"{url}/v1/jobs", json={"operation": "infer", "model": "fan", "prompt": "fan out",
+                                               "max_tokens": max_tokens, "temperature": 0}, timeout=10).json()
+    connected, out = [], []
+    greenlets = [gevent.spawn(watch, url, job["job_id"], connected, out) for _ in range(clients)]
+    deadline = time.monotonic() + 60
+    while len(connected) < clients and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    gevent.sleep(0.5)  # let the last ones finish replaying the queued event
+    for w in workers:
+        w.send_signal(signal.SIGCONT)
+    gevent.joinall(greenlets, timeout=180)
+    latencies = [x for _, lat in out for x in lat]
+    complete = [s for s, _ in out if s == list(range(len(s))) and s]
+    expected = max((len(s) for s, _ in out), default=0)
+    missed = sum(expected - len(s) for s, _ in out) + (clients - len(out)) * expected
+    return {"clients": clients, "finished": len(out), "gapless": len(complete), "missed": missed,
+            "p50": statistics.median(latencies) if latencies else float("nan"),
+            "p99": pct(latencies, 0.99) if latencies else float("nan"), "events": len(latencies)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--max-tokens", type=int, default=60)
+    ap.add_argument("--model", choices=["tiny", "slow", "small"], default="small")
+    args = ap.parse_args(argv)
+    path = OUT / f"{args.model}.gguf"
+    if not path.exists():
+        make_llama_gguf(path, args.model, seed=0)
+    workers: list = []
+    with stack({"fan": path}, threads=1, procs_out=workers) as (url, _):
+        rows = [one_round(url, workers, n, args.max_tokens) for n in args.clients]
+    print(f"fan-out: one job, model={args.model}, {args.max_tokens} tokens, 1 API process (gunicorn+gevent)")
+    print(f"{'clients':>8}{'finished':>10}{'gap-free':>10}{'missed':>8}{'token events':>14}{'p50 ms':>9}{'p99 ms':>9}")
+    for r in rows:
+        print(f"{r['clients']:8d}{r['finished']:10d}{r['gapless']:10d}{r['missed']:8d}{r['events']:14d}"
+              f"{r['p50']:9.1f}{r['p99']:9.1f}")
+    last = rows[-1]
+    print(f"headline: {last['clients']} streams, p99 {last['p99']:.1f} ms, {last['missed']} missed")
+
+
+if __name__ == "__main__":
+    main()
