@@ -10,7 +10,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from api.extensions import resources
-from queue_schema import jobs, keys, registry, stats
+from queue_schema import jobs, keys, stats
 from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.events import End
 from queue_schema.operations import InferOperation, JobAccepted, parse_operation
@@ -74,7 +74,6 @@ def get_job(job_id: str):
 @bp.delete("/v1/jobs/<job_id>")
 def cancel_job(job_id: str):
     """Cancel: a queued job at once, a running one cooperatively (the worker stops between tokens)."""
-    res = resources()
     view = _view_or_404(job_id)
     if view.terminal is not None or view.state in ("finished", "failed", "cancelled"):
         raise InferqError(ErrorCode.JOB_FINISHED, f"job {job_id} already ended ({view.state})")

@@ -12,8 +12,7 @@ import argparse
 import statistics
 import time
 
-from bench.harness import OUT
-from inferq.testmodel import make_llama_gguf
+from bench.harness import model_file
 from worker.backends import LoadOptions, load_backend
 from worker.backends.selection import installed
 from worker.sampling import Sampler
@@ -45,9 +44,7 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="0: the worker's default (cores - 1)")
     args = ap.parse_args(argv)
-    path = OUT / f"{args.model}.gguf"
-    if not path.exists():
-        make_llama_gguf(path, args.model, seed=0)
+    path = model_file(args.model)
     threads = LoadOptions(threads=args.threads).resolved_threads
     results = {name: measure(name, path, threads, args.tokens, args.runs)
                for name in ("ctransformers", "llama-cpp") if name in installed()}

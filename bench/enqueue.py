@@ -19,8 +19,7 @@ import requests
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from bench.harness import OUT, stack
-from inferq.testmodel import make_llama_gguf
+from bench.harness import model_file, stack
 
 
 def rq_baseline(redis_url: str, seconds: float) -> float:
@@ -58,9 +57,7 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--api-processes", type=int, default=1)
     args = ap.parse_args(argv)
-    path = OUT / "tiny.gguf"
-    if not path.exists():
-        make_llama_gguf(path, "tiny", seed=0)
+    path = model_file("tiny")
     workers: list = []
     with stack({"bench": path}, threads=1, api_processes=args.api_processes, worker_args=("--queue-depth", "10000000"),
                env_extra={"INFERQ_MAX_QUEUE_DEPTH": "10000000"}, procs_out=workers) as (url, redis_url):

@@ -20,9 +20,8 @@ import time  # noqa: E402
 import gevent  # noqa: E402
 import requests  # noqa: E402
 
-from bench.harness import OUT, pct, stack  # noqa: E402
+from bench.harness import model_file, pct, stack  # noqa: E402
 from inferq.client import parse_sse  # noqa: E402
-from inferq.testmodel import make_llama_gguf  # noqa: E402
 
 
 def watch(url: str, job_id: str, connected: list, out: list) -> None:
@@ -69,9 +68,7 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=60)
     ap.add_argument("--model", choices=["tiny", "slow", "small"], default="small")
     args = ap.parse_args(argv)
-    path = OUT / f"{args.model}.gguf"
-    if not path.exists():
-        make_llama_gguf(path, args.model, seed=0)
+    path = model_file(args.model)
     workers: list = []
     with stack({"fan": path}, threads=1, procs_out=workers) as (url, _):
         rows = [one_round(url, workers, n, args.max_tokens) for n in args.clients]

@@ -19,6 +19,16 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 
 
+def model_file(shape: str) -> Path:
+    """The benchmark's GGUF of that shape (see inferq.testmodel.SHAPES), written once into bench/out."""
+    from inferq.testmodel import make_llama_gguf
+
+    path = OUT / f"{shape}.gguf"
+    if not path.exists():
+        make_llama_gguf(path, shape, seed=0)
+    return path
+
+
 def pct(values, q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]

@@ -17,9 +17,8 @@ import time
 
 import requests
 
-from bench.harness import OUT, stack, summary
+from bench.harness import model_file, stack, summary
 from inferq.client import parse_sse
-from inferq.testmodel import make_llama_gguf
 from worker.backends import LoadOptions, load_backend
 from worker.sampling import Sampler
 
@@ -79,9 +78,7 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0, help="0: the worker's default (cores - 1)")
     args = ap.parse_args(argv)
-    path = OUT / f"{args.model}.gguf"
-    if not path.exists():
-        make_llama_gguf(path, args.model, seed=0)
+    path = model_file(args.model)
 
     d_rate, d_ttft, d_n = direct(path, args.threads, args.max_tokens, args.runs)
     with stack({args.model: path}, args.threads) as (url, _):

@@ -11,9 +11,8 @@ import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from bench.harness import OUT, stack
+from bench.harness import model_file, stack
 from inferq.client import Client
-from inferq.testmodel import make_llama_gguf
 
 
 def run(url: str, jobs: int, max_tokens: int) -> tuple[float, int]:
@@ -35,9 +34,7 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=200)
     ap.add_argument("--model", choices=["tiny", "slow", "small"], default="slow")
     args = ap.parse_args(argv)
-    path = OUT / f"{args.model}.gguf"
-    if not path.exists():
-        make_llama_gguf(path, args.model, seed=0)
+    path = model_file(args.model)
     rows = []
     for workers in (1, 2):
         with stack({"scale": path}, threads=1, workers_per_model=workers) as (url, _):

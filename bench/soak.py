@@ -19,9 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from bench.harness import OUT, stack
+from bench.harness import model_file, stack
 from inferq.client import Client, parse_sse
-from inferq.testmodel import make_llama_gguf
 
 
 def read_with_drops(url: str, job_id: str, rng: random.Random) -> tuple[list[dict], int]:
@@ -82,9 +81,7 @@ def main(argv=None):
     ap.add_argument("--cancel-rate", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
-    path = OUT / "tiny.gguf"
-    if not path.exists():
-        make_llama_gguf(path, "tiny", seed=0)
+    path = model_file("tiny")
     start = time.monotonic()
     with stack({"soak": path}, threads=1, workers_per_model=args.workers) as (url, _):
         with ThreadPoolExecutor(args.clients) as pool:
