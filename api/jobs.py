@@ -30,7 +30,7 @@ def submit(op: InferOperation) -> tuple[str, dict]:
     if snap.depth >= bound:
         raise InferqError(ErrorCode.QUEUE_FULL, f"the queue for {op.model} is full ({bound} jobs); retry later",
                           retriable=True, headers={"Retry-After": "5"})
-    job_id, queued = jobs.enqueue_infer(res.redis, res.eventlog, op, snap=snap)
+    job_id, queued = jobs.enqueue_infer(res.redis, res.eventlog, op, snap)
     log.info("job %s queued for %s at position %d", job_id, op.model, queued.position)
     return job_id, queued.model_dump()
 

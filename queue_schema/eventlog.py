@@ -15,7 +15,7 @@ The published message is flask-sse's message format (``data``, ``type``,
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import redis
 from flask_sse import Message
@@ -136,8 +136,3 @@ class EventLog:
             return []
         entries = self.redis.xrevrange(keys.NARRATION_LOG, count=count)
         return [parse_event(fields[b"e"]) for _, fields in reversed(entries)]
-
-
-def events_text(events: Iterable[_Event]) -> str:
-    """The text a stream of events spells, from its token events."""
-    return "".join(e.t for e in events if e.type == "token")  # type: ignore[attr-defined]

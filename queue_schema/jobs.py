@@ -86,14 +86,12 @@ def depth(client: redis.Redis, model: str) -> int:
     return snapshot(client, model).depth
 
 
-def enqueue_infer(client: redis.Redis, log: EventLog, op: InferOperation, job_id: str | None = None,
-                  seq: int = 0, snap: QueueSnapshot | None = None) -> tuple[str, Queued]:
-    """Log the ``queued`` event and enqueue the job in one round trip (plus one to read ``snap``)."""
-    job_id = job_id or new_job_id()
+def enqueue_infer(client: redis.Redis, log: EventLog, op: InferOperation, snap: QueueSnapshot) -> tuple[str, Queued]:
+    """Log the ``queued`` event and enqueue the job in one round trip; ``snap`` gives position and ETA."""
+    job_id = new_job_id()
     q = queue(client, op.model, op.priority)
-    snap = snap or snapshot(client, op.model)
     position = snap.ahead(op.priority)
-    event = Queued(job_id=job_id, seq=seq, position=position, queue=q.name, eta_s=snap.eta(position))
+    event = Queued(job_id=job_id, seq=0, position=position, queue=q.name, eta_s=snap.eta(position))
     # One MULTI/EXEC: a worker can never see the job before its ``queued`` event.
     pipe = client.pipeline()
     q.enqueue_call(
@@ -109,8 +107,7 @@ def enqueue_infer(client: redis.Redis, log: EventLog, op: InferOperation, job_id
         pipeline=pipe,
     )
     log.append_many([event], pipe=pipe)
-    if seq == 0:
-        stats.count(pipe, "submitted", op.model)
+    stats.count(pipe, "submitted", op.model)
     pipe.execute()
     return job_id, event
 
@@ -166,7 +163,8 @@ def view(client: redis.Redis, log: EventLog, job_id: str) -> JobView | None:
         status = job.get_status(refresh=False) if job is not None else None
         if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
             state = "queued"
-            position = _position(client, job)
+            snap = snapshot(client, meta["model"]) if meta.get("model") else None
+            position = _position(client, job, snap)
             expires = meta.get("expires_ms")
             if expires and now_ms() > expires:
                 state = "expired"  # the worker that takes it will end it with TIMEOUT
@@ -176,16 +174,16 @@ def view(client: redis.Redis, log: EventLog, job_id: str) -> JobView | None:
             state = "failed"
         else:
             state = "running"
-    eta = snapshot(client, meta["model"]).eta(position) if position is not None and meta.get("model") else None
+    eta = snap.eta(position) if position is not None else None
     return JobView(job_id, state, meta.get("model"), position, terminal, meta.get("submitted_ms"), started_ms, eta)
 
 
-def _position(client: redis.Redis, job: Job) -> int | None:
+def _position(client: redis.Redis, job: Job, snap: QueueSnapshot | None) -> int | None:
     model, priority = job.meta.get("model"), job.meta.get("priority")
-    if not model or priority not in keys.PRIORITIES:
+    if snap is None or priority not in keys.PRIORITIES:
         return None
     own = queue(client, model, priority).get_job_position(job.id)
     if own is None:
         return None
     higher = keys.PRIORITIES[: keys.PRIORITIES.index(priority)]
-    return own + sum(client.llen(queue_key(model, p)) for p in higher)
+    return own + sum(snap.lengths[p] for p in higher)

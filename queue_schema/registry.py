@@ -89,8 +89,3 @@ def known_models(client: redis.Redis) -> list[ModelInfo]:
         return []
     blobs = client.mget([keys.model(n) for n in names])
     return [ModelInfo.model_validate_json(b) for b in blobs if b]
-
-
-def model_info(client: redis.Redis, name: str) -> ModelInfo | None:
-    blob = client.get(keys.model(name))
-    return ModelInfo.model_validate_json(blob) if blob else None
