@@ -8,6 +8,8 @@ COPY api ./api
 COPY worker ./worker
 COPY queue_schema ./queue_schema
 COPY inferq ./inferq
+# The demo model is installed as package data (setup.cfg data_files).
+COPY models/demo.gguf ./models/
 RUN pip install --no-cache-dir .
 EXPOSE 8000
 CMD ["gunicorn", "--worker-class", "gevent", "--workers", "2", "--bind", "0.0.0.0:8000", "api.wsgi:app"]

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo up test browser bench clean
+.PHONY: demo up test browser bench demo-model clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ browser:  ## Debian's Chromium for the browser tests (they are skipped without i
 test: $(VENV)/.installed browser  ## install everything and run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed  ## the benchmarks (each also runs alone: python -m bench.<name>)
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev,llama,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed  ## the benchmarks, then their plots (each also runs alone: python -m bench.<name>)
 	$(PY) -m bench.overhead --model tiny
 	$(PY) -m bench.overhead --model small --runs 5 --max-tokens 64
 	$(PY) -m bench.backends --model small
@@ -33,6 +37,14 @@ bench: $(VENV)/.installed  ## the benchmarks (each also runs alone: python -m be
 	$(PY) -m bench.scaleout
 	$(PY) -m bench.fanout
 	$(PY) -m bench.soak --jobs 2000
+	$(PY) -m bench.peer --model small
+	$(PY) -m bench.report
+
+TRAIN_VENV ?= .train-venv
+demo-model:  ## retrain models/demo.gguf from this Python's stdlib (~25 min on 2 cores)
+	$(PYTHON) -m venv $(TRAIN_VENV)
+	$(TRAIN_VENV)/bin/pip install --quiet -e '.[train]'
+	$(TRAIN_VENV)/bin/python models/train_demo.py --seed 0
 
 clean:
 	rm -rf $(VENV) .inferq .pytest_cache

@@ -5,7 +5,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import click
 
@@ -57,13 +56,13 @@ def main(ctx, api_url, log_level):
     ctx.obj = {"api_url": api_url}
 
 
-def _ensure_demo_model() -> tuple[str, str]:
-    from inferq.testmodel import make_llama_gguf
+def _demo_model() -> tuple[str, str]:
+    from inferq import demo_model
 
-    path = Path(DATA_DIR) / "models" / "demo.gguf"
-    if not path.exists():
-        make_llama_gguf(path, "tiny", seed=0)
-    return "demo", str(path)
+    try:
+        return demo_model.NAME, str(demo_model.path())
+    except FileNotFoundError as exc:
+        _fail(str(exc))
 
 
 @main.command()
@@ -85,7 +84,7 @@ def up(models, host, port, backend, gpu_layers, threads, gpus, redis_url):
     """
     from inferq.stack import Stack, StackError, WorkerArgs
 
-    models = list(models) or [_ensure_demo_model()]
+    models = list(models) or [_demo_model()]
     for name, path in models:
         _check_model_path(path)
     share = threads or max(1, ((os.cpu_count() or 2) - 1) // len(models))
@@ -118,7 +117,7 @@ def demo(model, port, max_tokens, prompt):
     """
     from inferq.stack import Interrupted, Stack, StackError, WorkerArgs
 
-    name, path = model or _ensure_demo_model()
+    name, path = model or _demo_model()
     stack = Stack([WorkerArgs(name, path)], port=port, data_dir=DATA_DIR,
                   redis_url=os.environ.get("REDIS_URL"))
     result = {"code": 1}
@@ -126,7 +125,8 @@ def demo(model, port, max_tokens, prompt):
     def stream_one(stack):
         click.echo(f"stack up at {stack.api_url}; streaming a job for model {name!r}:", err=True)
         result["code"] = _stream_job(Client(stack.api_url), prompt, name,
-                                     dict(max_tokens=max_tokens, temperature=0.0), as_json=False)
+                                     dict(max_tokens=max_tokens, temperature=0.0), as_json=False,
+                                     echo_prompt=True)
         raise Interrupted()  # one job is the whole demo
 
     try:
@@ -233,7 +233,8 @@ class _LoadProgress:
                 click.echo(f"\r{self.label}: done in {time.monotonic() - self.start:.1f} s", err=True)
 
 
-def _stream_job(client: Client, prompt: str, model: str, fields: dict, as_json: bool) -> int:
+def _stream_job(client: Client, prompt: str, model: str, fields: dict, as_json: bool,
+                echo_prompt: bool = False) -> int:
     accepted = client.submit(prompt, model=model, **fields)
     job_id = accepted["job_id"]
     if not as_json:
@@ -246,6 +247,8 @@ def _stream_job(client: Client, prompt: str, model: str, fields: dict, as_json: 
             eta = f", about {event['eta_s']:.0f} s" if event.get("eta_s") else ""
             click.echo(f"queued at position {event['position']}{eta}", err=True)
         elif event["type"] == "token":
+            if first is None and echo_prompt:
+                click.echo(prompt, nl=False)  # the continuation reads as one text
             first = first or time.monotonic()
             click.echo(event["t"], nl=False)
         elif event["type"] == "started" and not as_json:

@@ -9,6 +9,7 @@ import pytest
 from inferq.client import Client
 from inferq.embedded_redis import free_port
 from tests.conftest import ROOT, wait_until
+from tests.test_demo_model import reference_text
 from tests.helpers import events, submit
 
 
@@ -24,9 +25,12 @@ def test_inferq_up_serves_the_demo_model_and_stops_cleanly(tmp_path):
         wait_until(lambda: proc.poll() is not None or _ready(api), timeout=60, what="inferq up")
         assert proc.poll() is None
         assert [m["id"] for m in api.models()] == ["demo"]
-        job = api.submit("def ", model="demo", max_tokens=16, temperature=0)["job_id"]
+        expected, n = reference_text("def ")
+        job = api.submit("def ", model="demo", max_tokens=n, temperature=0, repetition_penalty=1.0)["job_id"]
         evts = list(api.events(job))
-        assert evts[-1]["type"] == "end" and evts[-1]["tokens_out"] == 16
+        assert evts[-1]["type"] == "end" and evts[-1]["tokens_out"] == n
+        # Through Redis, the worker and SSE, the text is what the PyTorch model wrote.
+        assert "".join(e["t"] for e in evts if e["type"] == "token") == expected
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
@@ -57,3 +61,15 @@ def test_worker_finishes_its_job_on_sigterm_and_exits_0(client, worker_factory, 
     other = worker_factory("term", slow_model)
     assert events(client, queued_after)[-1]["type"] == "end"
     other.stop()
+
+
+@pytest.mark.slow
+def test_inferq_demo_streams_a_continuation_of_the_prompt(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["INFERQ_DATA_DIR"] = str(tmp_path / "data")
+    proc = subprocess.run([sys.executable, "-m", "inferq", "--log-level", "WARNING", "demo", "--port",
+                           str(free_port()), "--max-tokens", "16", "import "],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("import ") and len(proc.stdout.strip()) > len("import ")
+    assert "[16 tokens" in proc.stderr and "Traceback" not in proc.stderr
