@@ -11,7 +11,9 @@ DEFAULTS = {
     "SSE_RETRY_MS": 2000,  # reconnect delay suggested to EventSource clients
     "MAX_CONTENT_LENGTH": 1 << 20,
     "EVENT_TTL_S": 24 * 3600,
-    # Each open SSE stream holds one pub/sub connection; redis-py's default pool
-    # (100) would cap a process at ~100 watchers.
-    "REDIS_MAX_CONNECTIONS": 10000,
+    # Per API process. Streams share one pub/sub connection (api/fanout.py); other
+    # requests borrow a pooled connection per command and wait (up to
+    # REDIS_POOL_TIMEOUT_S) when all are busy, instead of opening more.
+    "REDIS_MAX_CONNECTIONS": 64,
+    "REDIS_POOL_TIMEOUT_S": 5.0,
 }

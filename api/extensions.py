@@ -6,20 +6,29 @@ from dataclasses import dataclass
 import redis
 from flask import Flask, current_app
 
-from queue_schema.eventlog import EventLog
+from api.fanout import ChannelHub
+from queue_schema.eventlog import EventLog, relayed_frame
 
 
 @dataclass
 class Resources:
     redis: redis.Redis
     eventlog: EventLog
+    channels: ChannelHub  # the process's one pub/sub connection, for every stream
 
 
 def init_app(app: Flask) -> None:
-    client = redis.Redis.from_url(app.config["REDIS_URL"], socket_connect_timeout=2, socket_timeout=10,
-                                  health_check_interval=30, retry_on_timeout=False,
-                                  max_connections=int(app.config["REDIS_MAX_CONNECTIONS"]))
-    app.extensions["inferq"] = Resources(client, EventLog(client, ttl_s=int(app.config["EVENT_TTL_S"])))
+    # A bounded pool that makes a request wait for a free connection: under gevent
+    # a burst of 1,000 stream connects would otherwise open 1,000 connections (and
+    # redis-py reads its package metadata for each new one). No API route blocks on
+    # Redis for long (streams share the hub's pub/sub connection), so waits are short.
+    pool = redis.BlockingConnectionPool.from_url(
+        app.config["REDIS_URL"], max_connections=int(app.config["REDIS_MAX_CONNECTIONS"]),
+        timeout=float(app.config["REDIS_POOL_TIMEOUT_S"]), socket_connect_timeout=2, socket_timeout=10,
+        health_check_interval=30, retry_on_timeout=False)
+    client = redis.Redis(connection_pool=pool)
+    app.extensions["inferq"] = Resources(client, EventLog(client, ttl_s=int(app.config["EVENT_TTL_S"])),
+                                         ChannelHub(client, decode=relayed_frame))
 
 
 def resources() -> Resources:

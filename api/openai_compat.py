@@ -154,8 +154,11 @@ def _parse(model_cls):
 def _events(job_id: str):
     """The job's events as dicts, from its log and then live, until the terminal one."""
     keepalive = float(current_app.config["KEEPALIVE_S"])
-    for message in sse_relay.bp.job_messages(job_id, -1, keepalive):
-        yield None if isinstance(message, str) else json.loads(message.data)
+    for frames in sse_relay.bp.job_batches(job_id, -1, keepalive):
+        if not frames:
+            yield None
+        for frame in frames:
+            yield json.loads(frame.data)
 
 
 class _Shape:

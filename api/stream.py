@@ -5,27 +5,27 @@ publishes flask-sse messages) and the response; this adds the shared Redis
 pool, replay from ``Last-Event-ID``, de-duplication and gap back-fill,
 keep-alive comments, and the end of the stream after ``end``/``error``.
 
-Order matters: subscribe first, then replay the log, then relay live
-messages, skipping what was already sent. An event published between the
+Order matters: subscribe first (on the process's shared pub/sub connection,
+api/fanout.py), then replay the log, then relay live messages, skipping what
+was already sent. An event published between the
 replay and the first live read is therefore either in the log or on the
 channel, never in neither.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
 
 import redis
 from flask import current_app, request, stream_with_context
-from flask_sse import Message, ServerSentEventsBlueprint
+from flask_sse import ServerSentEventsBlueprint
 
 from api import lifecycle
 from api.extensions import resources
 from queue_schema import keys
 from queue_schema.errors import ErrorCode, InferqError
-from queue_schema.eventlog import sse_message
+from queue_schema.eventlog import RelayedFrame, logged_frame
 from queue_schema.events import TERMINAL_TYPES
 
 log = logging.getLogger(__name__)
@@ -37,75 +37,68 @@ class EventStreamBlueprint(ServerSentEventsBlueprint):
     def redis(self):
         return resources().redis
 
-    def job_messages(self, job_id: str, after_seq: int, keepalive_s: float) -> Iterator[Message | str]:
-        """Messages for one job after ``after_seq``; a comment string on silence."""
+    def job_batches(self, job_id: str, after_seq: int, keepalive_s: float) -> Iterator[list[RelayedFrame]]:
+        """One job's events after ``after_seq``, in order, as batches (one write each); [] on silence."""
         eventlog = resources().eventlog
-        pubsub = self.redis.pubsub()
-        try:
-            pubsub.subscribe(keys.job_channel(job_id))
-            deadline = time.monotonic() + SUBSCRIBE_WAIT_S
-            while time.monotonic() < deadline:  # the log is read only once the subscription is live
-                m = pubsub.get_message(timeout=deadline - time.monotonic())
-                if m and m["type"] == "subscribe":
-                    break
-            sent = after_seq
-            for event in eventlog.replay(job_id, after_seq=sent):
-                yield sse_message(event.model_dump_json(exclude_none=True), event.type, event.seq)
-                sent = event.seq
-                if event.terminal:
-                    return
+        with resources().channels.subscribe(keys.job_channel(job_id), SUBSCRIBE_WAIT_S) as sub:
+            frames, sent, done = _frames_from_log(eventlog, job_id, after_seq)
+            if frames:
+                yield frames
+            if done:
+                return
             last = eventlog.last(job_id)
             if last is not None and last.terminal and last.seq <= sent:
                 return  # the client already has the end (Last-Event-ID at or past it)
             quiet_since = time.monotonic()
             while not lifecycle.stopping.is_set():
-                m = pubsub.get_message(timeout=min(1.0, keepalive_s))
-                if m is None or m["type"] != "message":
+                batch = sub.get_batch(timeout=min(1.0, keepalive_s))
+                if not batch:
                     if time.monotonic() - quiet_since >= keepalive_s:
                         quiet_since = time.monotonic()
-                        yield ": keep-alive\n\n"
+                        # A quiet channel may also mean a message was lost: the log has the truth.
+                        frames, sent, done = _frames_from_log(eventlog, job_id, sent)
+                        yield frames
+                        if done:
+                            return
                     continue
-                message = Message(**json.loads(m["data"]))
-                seq = int(message.id)
-                if seq <= sent:
-                    continue
-                if seq > sent + 1:  # missed on the channel: back-fill from the log
-                    for event in eventlog.replay(job_id, after_seq=sent, until_seq=seq - 1):
-                        yield sse_message(event.model_dump_json(exclude_none=True), event.type, event.seq)
-                yield message
-                sent = seq
-                quiet_since = time.monotonic()
-                if message.type in TERMINAL_TYPES:
+                frames, done = [], False
+                for frame in batch:
+                    if frame.seq <= sent:
+                        continue
+                    if frame.seq > sent + 1:  # missed on the channel: back-fill from the log
+                        frames += map(logged_frame, eventlog.replay(job_id, after_seq=sent, until_seq=frame.seq - 1))
+                    frames.append(frame)
+                    sent = frame.seq
+                    if frame.type in TERMINAL_TYPES:
+                        done = True
+                        break
+                if frames:
+                    yield frames
+                    quiet_since = time.monotonic()
+                if done:
                     return
-        finally:
-            try:
-                pubsub.close()
-            except Exception:  # the connection may already be gone with the client
-                pass
 
-    def narration_messages(self, keepalive_s: float, backlog: int, follow: bool = True) -> Iterator[Message | str]:
+    def job_messages(self, job_id: str, after_seq: int, keepalive_s: float) -> Iterator[str]:
+        """SSE text for one job's events after ``after_seq``; a comment on silence."""
+        for frames in self.job_batches(job_id, after_seq, keepalive_s):
+            yield "".join(f.text for f in frames) or ": keep-alive\n\n"
+
+    def narration_messages(self, keepalive_s: float, backlog: int, follow: bool = True) -> Iterator[str]:
         """Every job's and worker's narration: recent ones from the log, then live (if ``follow``)."""
-        pubsub = self.redis.pubsub()
-        try:
-            pubsub.subscribe(keys.NARRATION_CHANNEL)
+        with resources().channels.subscribe(keys.NARRATION_CHANNEL, SUBSCRIBE_WAIT_S) as sub:
             for event in resources().eventlog.recent_narration(backlog):
-                yield sse_message(event.model_dump_json(exclude_none=True), event.type, None)
+                yield logged_frame(event, with_id=False).text
             if not follow:
                 return
             quiet_since = time.monotonic()
             while not lifecycle.stopping.is_set():
-                m = pubsub.get_message(timeout=min(1.0, keepalive_s))
-                if m is not None and m["type"] == "message":
+                batch = sub.get_batch(timeout=min(1.0, keepalive_s))
+                if batch:
                     quiet_since = time.monotonic()
-                    yield Message(**json.loads(m["data"]))
+                    yield "".join(frame.text for frame in batch)
                 elif time.monotonic() - quiet_since >= keepalive_s:
                     quiet_since = time.monotonic()
                     yield ": keep-alive\n\n"
-        finally:
-            try:
-                pubsub.close()
-            except Exception:  # the connection may already be gone with the client
-                pass
 
     def narration(self):
         """The operators' feed: narration of all jobs and workers, as SSE (never ends)."""
@@ -121,6 +114,17 @@ class EventStreamBlueprint(ServerSentEventsBlueprint):
         after = _last_event_id()
         keepalive = float(current_app.config["KEEPALIVE_S"])
         return _sse_response(self.job_messages(job_id, after, keepalive), f"the stream of job {job_id}")
+
+
+def _frames_from_log(eventlog, job_id: str, after_seq: int) -> tuple[list[RelayedFrame], int, bool]:
+    """Frames of the logged events after ``after_seq``, the last seq, and whether it ended."""
+    frames, sent = [], after_seq
+    for event in eventlog.replay(job_id, after_seq=after_seq):
+        frames.append(logged_frame(event))
+        sent = event.seq
+        if event.terminal:
+            return frames, sent, True
+    return frames, sent, False
 
 
 def _sse_response(messages, what: str):

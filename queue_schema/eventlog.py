@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import redis
 from flask_sse import Message
@@ -59,6 +60,28 @@ def _entry_id(seq: int) -> str:
 def sse_message(event_json: str, event_type: str, seq: int | None) -> Message:
     """The flask-sse message for an event; ``id`` is the seq as a string (flask-sse drops a falsy 0)."""
     return Message(event_json, type=event_type, id=None if seq is None else str(seq))
+
+
+class RelayedFrame(NamedTuple):
+    """An event as the API relays it: parsed once per process, written to every stream."""
+
+    seq: int | None
+    type: str
+    data: str  # the event's JSON
+    text: str  # its SSE frame, ready to write
+
+
+def relayed_frame(published: bytes) -> RelayedFrame:
+    """The frame of a message published on a channel."""
+    message = Message(**json.loads(published))
+    return RelayedFrame(None if message.id is None else int(message.id), message.type, message.data, str(message))
+
+
+def logged_frame(event: _Event, with_id: bool = True) -> RelayedFrame:
+    """The frame of an event read from a log; the narration feed's frames carry no SSE id."""
+    seq = event.seq if with_id else None
+    data = event.model_dump_json(exclude_none=True)
+    return RelayedFrame(seq, event.type, data, str(sse_message(data, event.type, seq)))
 
 
 def _sse_json(event_json: str, event_type: str, seq: int | None) -> str:

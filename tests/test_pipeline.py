@@ -261,8 +261,8 @@ def test_a_job_the_worker_cannot_read_still_ends_its_stream(client, r, tiny):
     assert client.get(f"/v1/jobs/{job_id}").get_json()["state"] == "failed"
 
 
-def test_more_watchers_than_redis_pys_default_pool(live_api, worker_factory, tiny_model):
-    """150 streams on one job through one API process: all complete and identical (the pool is not capped at 100)."""
+def test_more_watchers_than_the_api_has_redis_connections(live_api, worker_factory, tiny_model):
+    """150 streams on one job through one API process, whose Redis pool holds 64: all complete and identical."""
     import signal
 
     w = worker_factory("crowd", tiny_model)

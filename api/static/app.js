@@ -67,6 +67,7 @@ function watch(jobId, sseUrl) {
   state.lastSeq = -1;
   state.started = performance.now();
   state.firstToken = null;
+  state.ended = false;
   $("cancel").disabled = false;
   setStatus("submitted");
   // On a dropped connection EventSource reconnects by itself and sends Last-Event-ID;
@@ -99,6 +100,7 @@ function onEvent(ev, source) {
       break;
     case "end":
     case "error": {
+      state.ended = true;
       source.close();  // otherwise EventSource would reconnect for ever
       $("cancel").disabled = true;
       if (ev.type === "end") {
@@ -118,7 +120,12 @@ function onEvent(ev, source) {
 
 async function cancelJob() {
   if (!state.job) return;
-  try { await api("DELETE", `/v1/jobs/${state.job}`); setStatus("cancelling…"); }
+  const job = state.job;
+  try {
+    await api("DELETE", `/v1/jobs/${job}`);
+    // The stream's end can arrive before this answer does: never paint over it.
+    if (state.job === job && !state.ended) setStatus("cancelling…");
+  }
   catch (err) { setStatus(err.message); }
 }
 

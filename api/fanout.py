@@ -1,0 +1,193 @@
+"""One Redis pub/sub connection per API process, shared by every stream that process serves.
+
+With a connection per stream, Redis writes each event once per watcher and the
+API parses it once per watcher: at 1,000 watchers of one job that is 1,000
+socket reads per token. Here one reader thread (a greenlet under gevent) reads
+each message once and hands it to the queues of the local watchers of its
+channel.
+
+A subscription is ready only once Redis has confirmed the SUBSCRIBE that
+covers it, so callers can subscribe, then replay the event log, and know that
+anything published after the replay reaches them. If the connection breaks,
+every subscription is failed (``redis.ConnectionError`` from ``get``): the
+stream ends and its client resumes with Last-Event-ID, from the log.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+log = logging.getLogger(__name__)
+_BROKEN = object()
+IDLE_S = 5.0
+
+
+class Subscription:
+    def __init__(self, hub: "ChannelHub", channel: str):
+        self.hub = hub
+        self.channel = channel
+        self.ready = threading.Event()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def get_batch(self, timeout: float, limit: int = 256) -> list:
+        """The messages waiting (at least one), or [] after ``timeout`` seconds of nothing."""
+        try:
+            first = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return []
+        batch = [first]
+        while len(batch) < limit:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        if any(m is _BROKEN for m in batch):
+            raise redis.ConnectionError("the API's pub/sub connection to Redis broke")
+        return batch
+
+    def put(self, data) -> None:
+        self._queue.put(data)
+
+    def close(self) -> None:
+        self.hub.unsubscribe(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ChannelHub:
+    def __init__(self, client: redis.Redis, decode: Callable[[bytes], object] = bytes):
+        self._client = client
+        self._decode = decode  # once per message, however many listeners share it
+        self._lock = threading.Lock()
+        self._listeners: dict[str, set[Subscription]] = {}
+        # SUBSCRIBEs sent and confirmed per channel: a channel is live for its
+        # listeners when every SUBSCRIBE sent for it has been confirmed.
+        self._sent: dict[str, int] = {}
+        self._confirmed: dict[str, int] = {}
+        self._pubsub = None
+        self._reader: threading.Thread | None = None
+        self._idle_since = time.monotonic()
+
+    def subscribe(self, channel: str, timeout: float = 5.0) -> Subscription:
+        """A live subscription to ``channel``; ConnectionError if Redis doesn't confirm it in time."""
+        sub = Subscription(self, channel)
+        with self._lock:
+            self._start()
+            listeners = self._listeners.setdefault(channel, set())
+            listeners.add(sub)
+            if len(listeners) == 1:
+                self._sent[channel] = self._sent.get(channel, 0) + 1
+                try:
+                    self._pubsub.subscribe(channel)
+                except (redis.ConnectionError, redis.TimeoutError, OSError):
+                    self._drop(sub)
+                    raise
+            elif self._confirmed.get(channel, 0) == self._sent.get(channel, 0):
+                sub.ready.set()
+        if not sub.ready.wait(timeout):
+            sub.close()
+            raise redis.ConnectionError(f"Redis did not confirm the subscription to {channel} in {timeout} s")
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            if self._drop(sub) and self._pubsub is not None:
+                try:
+                    self._pubsub.unsubscribe(sub.channel)
+                except (redis.ConnectionError, redis.TimeoutError, OSError):
+                    pass  # the reader sees the broken connection and resets
+
+    def listener_count(self) -> int:
+        with self._lock:
+            return sum(len(s) for s in self._listeners.values())
+
+    def _drop(self, sub: Subscription) -> bool:
+        """Forget ``sub``; True if it was its channel's last listener."""
+        listeners = self._listeners.get(sub.channel)
+        if not listeners or sub not in listeners:
+            return False
+        listeners.discard(sub)
+        if listeners:
+            return False
+        del self._listeners[sub.channel]
+        return True
+
+    def _start(self) -> None:
+        if self._reader is not None and self._reader.is_alive():
+            return
+        self._pubsub = self._client.pubsub()
+        self._reader = threading.Thread(target=self._read, name="inferq-pubsub", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                # While nothing is subscribed this waits for the first SUBSCRIBE to be sent.
+                m = self._pubsub.get_message(timeout=1.0)
+                if m is None:
+                    if self._stop_if_idle():
+                        return
+                    continue
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                log.warning("pub/sub connection lost (%s); failing %d streams", exc, self.listener_count())
+                self._reset()
+                time.sleep(0.2)
+                continue
+            channel = m["channel"].decode() if isinstance(m["channel"], bytes) else m["channel"]
+            with self._lock:
+                listeners = tuple(self._listeners.get(channel, ()))
+                if m["type"] == "subscribe":
+                    self._confirmed[channel] = self._confirmed.get(channel, 0) + 1
+                    if self._confirmed[channel] == self._sent.get(channel, 0):
+                        for sub in listeners:
+                            sub.ready.set()
+                elif m["type"] == "unsubscribe" and not listeners and \
+                        self._confirmed.get(channel) == self._sent.get(channel):
+                    del self._confirmed[channel], self._sent[channel]  # nothing in flight: forget it
+            if m["type"] == "message" and listeners:
+                try:
+                    payload = self._decode(m["data"])
+                except Exception:  # one malformed message must not stop every stream
+                    log.exception("dropped an undecodable message on %s", channel)
+                    continue
+                for sub in listeners:
+                    sub.put(payload)
+
+    def _stop_if_idle(self) -> bool:
+        """Give the connection back after IDLE_S with no listeners; the next subscribe starts over."""
+        with self._lock:
+            if self._listeners:
+                self._idle_since = time.monotonic()
+                return False
+            if time.monotonic() - self._idle_since < IDLE_S:
+                return False
+            self._pubsub.close()
+            self._pubsub, self._reader = None, None
+            self._sent.clear()
+            self._confirmed.clear()
+            return True
+
+    def _reset(self) -> None:
+        """Fail every subscription and start over on a fresh connection."""
+        with self._lock:
+            for listeners in self._listeners.values():
+                for sub in listeners:
+                    sub.put(_BROKEN)
+                    sub.ready.set()  # a waiter wakes, then finds the connection broken in get_batch
+            self._listeners.clear()
+            self._sent.clear()
+            self._confirmed.clear()
+            old, self._pubsub = self._pubsub, self._client.pubsub()
+        try:
+            old.close()
+        except Exception:  # already broken; nothing to tidy
+            pass
