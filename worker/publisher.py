@@ -18,17 +18,21 @@ from queue_schema.events import EVENT_TYPES, _Event, now_ms
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 512
-# After the first pending event, wait this long for more before writing: one
-# wake-up and one round trip per few tokens instead of per token. Each wake-up
-# steals a core from the decode threads, which matters far more than 2 ms of
-# latency on a stream.
+# In a burst (events coming faster than one per BURST_S), wait LINGER_S after the
+# first pending event before writing: one wake-up and one round trip per few
+# tokens instead of per token. Each wake-up steals a core from the decode
+# threads, which matters more than 2 ms on a stream. Outside a burst (the first
+# token after the prompt, or a model slower than 200 tokens/s) there is nothing
+# to batch, and the event goes out at once.
 LINGER_S = 0.002
+BURST_S = 0.005
 
 
 class EventPublisher:
     def __init__(self, eventlog: EventLog):
         self.eventlog = eventlog
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._last_write = 0.0
         self._thread = threading.Thread(target=self._run, name="inferq-publisher", daemon=True)
         self._thread.start()
 
@@ -44,7 +48,7 @@ class EventPublisher:
     def _run(self) -> None:
         while True:
             batch = [self._queue.get()]
-            if not isinstance(batch[0], threading.Event):
+            if not isinstance(batch[0], threading.Event) and time.monotonic() - self._last_write < BURST_S:
                 time.sleep(LINGER_S)
             while len(batch) < MAX_BATCH:
                 try:
@@ -54,6 +58,7 @@ class EventPublisher:
             events = [e for e in batch if not isinstance(e, threading.Event)]
             if events:
                 self._write(events)
+                self._last_write = time.monotonic()
             for marker in batch:
                 if isinstance(marker, threading.Event):
                     marker.set()

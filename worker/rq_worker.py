@@ -38,6 +38,16 @@ class InferqWorker(SimpleWorker):
             else:
                 self.runtime.set_state("stopping" if self._stop_requested else "idle")
 
+    def heartbeat(self, timeout=None, pipeline=None):
+        # RQ writes its heartbeat as three separate commands, and calls it between
+        # taking a job and running it: three round trips before the first token.
+        # In one pipeline they are one.
+        if pipeline is not None:
+            return super().heartbeat(timeout, pipeline)
+        with self.connection.pipeline(transaction=False) as pipe:
+            super().heartbeat(timeout, pipe)
+            pipe.execute()
+
     def request_stop(self, signum, frame):
         self.runtime.stop_requested = True
         super().request_stop(signum, frame)

@@ -55,6 +55,7 @@ class WorkerRuntime:
         self.stop_requested = False  # set on SIGTERM/SIGINT: finish the job, take no other
         self.unhealthy = False
         self._stop = threading.Event()
+        self._state_changed = threading.Event()
         self.cancel = CancelWatcher(client)
         log_context.worker_id.set(self.id)
         self._heartbeat = threading.Thread(target=self._beat, name="inferq-heartbeat", daemon=True)
@@ -80,6 +81,9 @@ class WorkerRuntime:
 
     def shutdown(self) -> None:
         self._stop.set()
+        self._state_changed.set()
+        if self._heartbeat.is_alive():
+            self._heartbeat.join(10)  # its last beat must not land after the removal below
         self.publisher.flush(5)
         try:
             registry.remove_worker(self.redis, self.id, self.spec.name)
@@ -97,8 +101,10 @@ class WorkerRuntime:
         return False
 
     def set_state(self, state: str, job_id: str | None = None) -> None:
+        # The heartbeat thread writes it within a round trip: a job starting
+        # (or the next one being taken) does not wait on Redis for it.
         self.state, self.current_job = state, job_id
-        self._publish_heartbeat()
+        self._state_changed.set()
 
     def narrate(self, fields: dict, job_emitter=None) -> None:
         log.info("%s", fields["human"])  # one line per narration event: the story, never the prompt
@@ -129,8 +135,16 @@ class WorkerRuntime:
             log.warning("worker %s: heartbeat failed: %s", self.id, exc)
 
     def _beat(self) -> None:
-        while not self._stop.wait(registry.HEARTBEAT_INTERVAL_S):
+        next_tick = time.monotonic() + registry.HEARTBEAT_INTERVAL_S
+        while True:
+            self._state_changed.wait(max(0.0, next_tick - time.monotonic()))
+            if self._stop.is_set():
+                return
+            self._state_changed.clear()
             self._publish_heartbeat()
+            if time.monotonic() < next_tick:
+                continue  # a state change, not the periodic tick
+            next_tick = time.monotonic() + registry.HEARTBEAT_INTERVAL_S
             if self.backend is not None:
                 try:
                     reaper.reap(self.redis, self.eventlog, self.spec.name, self.id)
