@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
-from bench.harness import model_file
+from bench.harness import greedy_stamps, model_file, save, ttft_and_rate
 from worker.backends import LoadOptions, load_backend
 from worker.backends.selection import installed
-from worker.sampling import Sampler
 
 PROMPT = "def fibonacci(n): return the data model of the queue worker " * 4
 
@@ -25,14 +23,9 @@ def measure(name: str, path, threads: int, tokens: int, runs: int) -> dict:
     rates, prompt_ms = [], []
     for run in range(runs):
         prompt = backend.tokenize(f"{run} {PROMPT}")  # no cached prefix between runs
-        start = time.perf_counter()
-        stamps = []
-        for _ in backend.generate(prompt, Sampler(temperature=0)):
-            stamps.append(time.perf_counter())
-            if len(stamps) == tokens:
-                break
-        prompt_ms.append((stamps[0] - start) * 1000)
-        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        first_ms, rate = ttft_and_rate(*greedy_stamps(backend, prompt, tokens))
+        prompt_ms.append(first_ms)
+        rates.append(rate)
     backend.close()
     return {"rates": rates, "prompt_ms": prompt_ms, "prompt_tokens": len(prompt)}
 
@@ -57,6 +50,7 @@ def main(argv=None):
     if len(results) == 2:
         ratio = statistics.median(results["llama-cpp"]["rates"]) / statistics.median(results["ctransformers"]["rates"])
         print(f"ratio llama-cpp/ctransformers decode tokens/s (median): {ratio:.2f}")
+    save(f"backends-{args.model}", {"threads": threads, "results": results})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import requests
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from bench.harness import model_file, stack
+from bench.harness import model_file, save, stack
 
 
 def rq_baseline(redis_url: str, seconds: float) -> float:
@@ -76,6 +76,7 @@ def main(argv=None):
         print(f"{f'POST /v1/jobs, {clients} clients':34}{rate:10.0f}{errors:8d}")
     best = max(r for _, r, _ in rows)
     print(f"ratio best API rate / RQ enqueue: {best / baseline:.2f}")
+    save("enqueue", {"rq_enqueue": baseline, "api": [{"clients": c, "rate": r, "errors": e} for c, r, e in rows]})
 
 
 if __name__ == "__main__":

@@ -18,9 +18,11 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import gevent  # noqa: E402
+import gevent.event  # noqa: E402
+import redis  # noqa: E402
 import requests  # noqa: E402
 
-from bench.harness import model_file, pct, stack  # noqa: E402
+from bench.harness import model_file, pct, save, stack  # noqa: E402
 from inferq.client import parse_sse  # noqa: E402
 
 
@@ -39,12 +41,21 @@ def watch(url: str, job_id: str, connected: list, out: list) -> None:
     out.append((seqs, lat))
 
 
-def one_round(url: str, workers: list, clients: int, max_tokens: int) -> dict:
+def count_connections(redis_url: str, peak: list, stop) -> None:
+    """Keep the most Redis client connections seen while the round runs (all processes)."""
+    client = redis.Redis.from_url(redis_url)
+    while not stop.is_set():
+        peak[0] = max(peak[0], client.info("clients")["connected_clients"])
+        gevent.sleep(0.05)
+
+
+def one_round(url: str, redis_url: str, workers: list, clients: int, max_tokens: int) -> dict:
     for w in workers:
         w.send_signal(signal.SIGSTOP)
     job = requests.post(f"{url}/v1/jobs", json={"operation": "infer", "model": "fan", "prompt": "fan out",
                                                "max_tokens": max_tokens, "temperature": 0}, timeout=10).json()
-    connected, out = [], []
+    connected, out, peak, stop = [], [], [0], gevent.event.Event()
+    counter = gevent.spawn(count_connections, redis_url, peak, stop)
     greenlets = [gevent.spawn(watch, url, job["job_id"], connected, out) for _ in range(clients)]
     deadline = time.monotonic() + 60
     while len(connected) < clients and time.monotonic() < deadline:
@@ -53,13 +64,16 @@ def one_round(url: str, workers: list, clients: int, max_tokens: int) -> dict:
     for w in workers:
         w.send_signal(signal.SIGCONT)
     gevent.joinall(greenlets, timeout=180)
+    stop.set()
+    counter.join()
     latencies = [x for _, lat in out for x in lat]
     complete = [s for s, _ in out if s == list(range(len(s))) and s]
     expected = max((len(s) for s, _ in out), default=0)
     missed = sum(expected - len(s) for s, _ in out) + (clients - len(out)) * expected
     return {"clients": clients, "finished": len(out), "gapless": len(complete), "missed": missed,
             "p50": statistics.median(latencies) if latencies else float("nan"),
-            "p99": pct(latencies, 0.99) if latencies else float("nan"), "events": len(latencies)}
+            "p99": pct(latencies, 0.99) if latencies else float("nan"), "events": len(latencies),
+            "redis_connections": peak[0]}
 
 
 def main(argv=None):
@@ -70,15 +84,17 @@ def main(argv=None):
     args = ap.parse_args(argv)
     path = model_file(args.model)
     workers: list = []
-    with stack({"fan": path}, threads=1, procs_out=workers) as (url, _):
-        rows = [one_round(url, workers, n, args.max_tokens) for n in args.clients]
+    with stack({"fan": path}, threads=1, procs_out=workers) as (url, redis_url):
+        rows = [one_round(url, redis_url, workers, n, args.max_tokens) for n in args.clients]
     print(f"fan-out: one job, model={args.model}, {args.max_tokens} tokens, 1 API process (gunicorn+gevent)")
-    print(f"{'clients':>8}{'finished':>10}{'gap-free':>10}{'missed':>8}{'token events':>14}{'p50 ms':>9}{'p99 ms':>9}")
+    print(f"{'clients':>8}{'finished':>10}{'gap-free':>10}{'missed':>8}{'token events':>14}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'redis conns':>13}")
     for r in rows:
         print(f"{r['clients']:8d}{r['finished']:10d}{r['gapless']:10d}{r['missed']:8d}{r['events']:14d}"
-              f"{r['p50']:9.1f}{r['p99']:9.1f}")
+              f"{r['p50']:9.1f}{r['p99']:9.1f}{r['redis_connections']:13d}")
     last = rows[-1]
     print(f"headline: {last['clients']} streams, p99 {last['p99']:.1f} ms, {last['missed']} missed")
+    save("fanout", {"model": args.model, "max_tokens": args.max_tokens, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -29,6 +29,34 @@ def model_file(shape: str) -> Path:
     return path
 
 
+def save(name: str, figures: dict) -> Path:
+    """Keep a run's figures in bench/out/<name>.json, where bench.report draws its plots from."""
+    import json
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{name}.json"
+    path.write_text(json.dumps({"saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), **figures}, indent=1))
+    return path
+
+
+def greedy_stamps(backend, prompt_tokens, max_tokens: int) -> tuple[float, list[float]]:
+    """Decode greedily in-process: the start time and each token's arrival time (perf_counter)."""
+    from worker.sampling import Sampler
+
+    start, stamps = time.perf_counter(), []
+    for _token in backend.generate(prompt_tokens, Sampler(temperature=0)):
+        stamps.append(time.perf_counter())
+        if len(stamps) == max_tokens:
+            break
+    return start, stamps
+
+
+def ttft_and_rate(start: float, stamps: list[float], tokens: int | None = None) -> tuple[float, float]:
+    """Milliseconds to the first token, and tokens/s after it (``tokens`` if the count is known better)."""
+    n = len(stamps) if tokens is None else tokens
+    return (stamps[0] - start) * 1000, (n - 1) / (stamps[-1] - stamps[0])
+
+
 def pct(values, q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]

@@ -17,10 +17,9 @@ import time
 
 import requests
 
-from bench.harness import model_file, stack, summary
+from bench.harness import greedy_stamps, model_file, save, stack, summary, ttft_and_rate
 from inferq.client import parse_sse
 from worker.backends import LoadOptions, load_backend
-from worker.sampling import Sampler
 
 PROMPT = "def fibonacci(n): return the data model of the queue worker"
 
@@ -36,39 +35,50 @@ def direct(path, threads: int, max_tokens: int, runs: int):
     direct.backend = backend.name
     rates, ttfts, counts = [], [], []
     for run in range(runs):
-        tokens = backend.tokenize(prompt(run))
-        start = time.perf_counter()
-        stamps = []
-        for _token in backend.generate(tokens, Sampler(temperature=0)):
-            stamps.append(time.perf_counter())
-            if len(stamps) == max_tokens:
-                break
-        ttfts.append((stamps[0] - start) * 1000)
-        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        start, stamps = greedy_stamps(backend, backend.tokenize(prompt(run)), max_tokens)
+        ttft, rate = ttft_and_rate(start, stamps)
+        ttfts.append(ttft)
+        rates.append(rate)
         counts.append(len(stamps))
     backend.close()
     return rates, ttfts, counts
 
 
+PHASES = ("POST /v1/jobs answered", "accepted -> worker started it", "started -> first token made",
+          "first token made -> client has it")
+
+
 def through_api(url: str, model: str, max_tokens: int, runs: int, first_run: int = 0):
-    rates, ttfts, counts = [], [], []
+    """Rates, TTFTs and token counts through the API, and where each TTFT went (PHASES, ms per run).
+
+    The phases come from the events' own ``ts`` (ms, same clock: one machine).
+    """
+    rates, ttfts, counts, phases = [], [], [], []
     session = requests.Session()
     for run in range(first_run, first_run + runs):
-        start = time.perf_counter()
+        start_wall, start = time.time() * 1000, time.perf_counter()
         job = session.post(f"{url}/v1/jobs", json={"operation": "infer", "model": model, "prompt": prompt(run),
                                                   "max_tokens": max_tokens, "temperature": 0}).json()["job_id"]
-        stamps, tokens_out = [], 0
+        posted = time.time() * 1000
+        stamps, tokens_out, ts = [], 0, {}
         with session.get(f"{url}/v1/jobs/{job}/stream", stream=True) as resp:
             for frame in parse_sse(resp.iter_lines(chunk_size=None)):
                 if frame["event"] == "token":
                     stamps.append(time.perf_counter())
+                    if "token" not in ts:
+                        ts["token"], ts["received"] = json.loads(frame["data"])["ts"], time.time() * 1000
+                elif frame["event"] in ("queued", "started"):
+                    ts[frame["event"]] = json.loads(frame["data"])["ts"]
                 elif frame["event"] == "end":
                     tokens_out = json.loads(frame["data"])["tokens_out"]
                     break
-        ttfts.append((stamps[0] - start) * 1000)
-        rates.append((tokens_out - 1) / (stamps[-1] - stamps[0]))
+        ttft, rate = ttft_and_rate(start, stamps, tokens_out)
+        ttfts.append(ttft)
+        rates.append(rate)
         counts.append(tokens_out)
-    return rates, ttfts, counts
+        phases.append([posted - start_wall, ts["started"] - ts["queued"], ts["token"] - ts["started"],
+                       ts["received"] - ts["token"]])
+    return rates, ttfts, counts, phases
 
 
 def main(argv=None):
@@ -83,7 +93,7 @@ def main(argv=None):
     d_rate, d_ttft, d_n = direct(path, args.threads, args.max_tokens, args.runs)
     with stack({args.model: path}, args.threads) as (url, _):
         through_api(url, args.model, 4, 1, first_run=-1)  # warm-up (own prompt): connections, first-job costs
-        p_rate, p_ttft, p_n = through_api(url, args.model, args.max_tokens, args.runs)
+        p_rate, p_ttft, p_n, phases = through_api(url, args.model, args.max_tokens, args.runs)
     assert d_n == p_n, f"token counts differ: direct {d_n} vs path {p_n}"
     added = [p - d for p, d in zip(sorted(p_ttft), sorted(d_ttft))]
     ratio = statistics.median(p_rate) / statistics.median(d_rate)
@@ -94,7 +104,15 @@ def main(argv=None):
     print(f"{'direct (in-process)':24}{summary(d_rate)}   {summary(d_ttft)}")
     print(f"{'API->Redis->worker->SSE':24}{summary(p_rate)}   {summary(p_ttft)}")
     print(f"TTFT added by the path: p50 {statistics.median(added):.2f} ms, max {max(added):.2f} ms")
+    print(f"where the path's TTFT goes (p50 over runs, ms; event ts has 1 ms steps); direct TTFT p50 "
+          f"{statistics.median(d_ttft):.1f}:")
+    for i, phase in enumerate(PHASES):
+        print(f"    {phase:36}{statistics.median(p[i] for p in phases):8.1f}")
     print(f"ratio path/direct decode tokens/s (median): {ratio:.3f}")
+    save(f"overhead-{args.model}", {"backend": direct.backend, "direct_rates": d_rate, "path_rates": p_rate,
+                                    "direct_ttft_ms": d_ttft, "path_ttft_ms": p_ttft, "added_ttft_ms": added,
+                                    "phases_ms": dict(zip(PHASES, map(list, zip(*phases)))),
+                                    "ratio": ratio})
 
 
 if __name__ == "__main__":
