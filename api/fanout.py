@@ -82,6 +82,8 @@ class ChannelHub:
         sub = Subscription(self, channel)
         with self._lock:
             self._start()
+            if not self._listeners:
+                self._replace_if_dropped()
             listeners = self._listeners.setdefault(channel, set())
             listeners.add(sub)
             if len(listeners) == 1:
@@ -127,6 +129,27 @@ class ChannelHub:
         self._pubsub = self._client.pubsub()
         self._reader = threading.Thread(target=self._read, name="inferq-pubsub", daemon=True)
         self._reader.start()
+
+    def _replace_if_dropped(self) -> None:
+        # With nothing subscribed the reader leaves the socket alone, so a Redis
+        # restart in a quiet spell would only show when this SUBSCRIBE failed on
+        # the dead connection, failing the stream it was for.
+        pubsub = self._pubsub
+        if pubsub.connection is None or pubsub.subscribed:
+            return  # not connected yet, or the reader is reading it
+        try:
+            dropped = pubsub.connection.can_read(timeout=0)  # unsubscribed: only EOF can be waiting
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            dropped = True
+        if dropped:
+            log.info("pub/sub connection was dropped while idle; opening a new one")
+            self._sent.clear()
+            self._confirmed.clear()
+            self._pubsub = self._client.pubsub()
+            try:
+                pubsub.close()
+            except Exception:  # already broken; nothing to tidy
+                pass
 
     def _read(self) -> None:
         while True:

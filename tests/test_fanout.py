@@ -56,6 +56,23 @@ def test_a_broken_connection_fails_streams_and_the_hub_recovers(r, redis_url):
     again.close()
 
 
+def test_a_connection_dropped_while_nothing_listens_does_not_fail_the_next_stream(r, redis_url):
+    """With no subscriptions the reader leaves the socket alone, so a Redis restart in a
+    quiet spell would otherwise only show when the next stream's SUBSCRIBE fails on it."""
+    name = f"hub-{uuid.uuid4().hex[:8]}"
+    hub = ChannelHub(redis.Redis.from_url(redis_url, client_name=name))
+    channel = f"test:hub:{uuid.uuid4().hex}"
+    hub.subscribe(channel).close()
+    wait_until(lambda: numsub(r, channel) == 0, what="the unsubscribe")
+    for c in r.client_list():
+        if c["name"] == name:
+            r.client_kill_filter(_id=c["id"])
+    sub = hub.subscribe(channel)  # at once: before the reader could notice anything
+    r.publish(channel, "first")
+    assert sub.get_batch(2.0) == [b"first"]
+    sub.close()
+
+
 def _try_subscribe(hub, channel):
     try:
         return hub.subscribe(channel, timeout=1.0)
