@@ -30,6 +30,9 @@ class WorkerInfo(BaseModel):
     device: str = "cpu"
     state: str = "loading"  # loading | idle | busy | unhealthy | stopping
     current_job: str | None = None
+    # Bumped each time the worker re-registers with RQ after losing Redis; jobs
+    # an older incarnation started are not running any more.
+    incarnation: int = 0
     last_tokens_per_sec: float | None = None
     vram_bytes: int = 0
     context_length: int = 0

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+
+import redis
 
 from inferq.client import parse_sse
 
@@ -53,3 +56,12 @@ def events(client, job_id: str, last_event_id: int | None = None, limit: int | N
 
 def text_of(evts: list[dict]) -> str:
     return "".join(e["t"] for e in evts if e["type"] == "token")
+
+
+def shut_redis_down_once(redis_url: str, marker: str) -> str:
+    """An RQ job that takes Redis away just before its worker's post-job bookkeeping, the first time it runs."""
+    if os.path.exists(marker):
+        return "second run"
+    open(marker, "w").close()
+    redis.Redis.from_url(redis_url).shutdown()
+    return "first run"

@@ -6,11 +6,14 @@ import time
 
 import pytest
 import redis
+from rq import Queue
+from rq.job import JobStatus
+from rq.serializers import JSONSerializer
 
 from api import create_app
 from inferq.embedded_redis import EmbeddedRedis
 from inferq.testmodel import make_llama_gguf
-from queue_schema import registry
+from queue_schema import keys, registry
 from tests.conftest import ROOT, start_worker, wait_until
 from tests.helpers import events, submit, text_of
 
@@ -123,6 +126,73 @@ def test_redis_restart_workers_and_api_recover(tmp_path, tiny_model):
     finally:
         worker.stop(signal.SIGKILL)
         server.stop()
+
+
+@pytest.mark.slow
+def test_redis_outage_mid_job_loses_no_events_and_leaves_the_worker_prompt(tmp_path, slow_model):
+    server = EmbeddedRedis(tmp_path / "redis", appendonly=True).start()
+    worker = start_worker(server.url, "outage", slow_model, tmp_path)
+    app = create_app({"REDIS_URL": server.url, "TESTING": True}).test_client()
+    try:
+        # The deadline ends the job 1 s in, whatever this machine's speed: inside the outage.
+        job = submit(app, model="outage", prompt="go", max_tokens=4000, temperature=0, timeout_s=1)
+        assert events(app, job, until="token")[-1]["type"] == "token"
+        server.stop()
+        time.sleep(3)
+        server.start()
+        # Every event the worker made while Redis was away reached the log, in order.
+        evts = events(app, job)
+        assert [e["seq"] for e in evts] == list(range(len(evts)))
+        assert evts[-1]["type"] == "error" and evts[-1]["code"] == "TIMEOUT", evts[-1]
+        wait_until(lambda: app.get(f"/v1/jobs/{job}").get_json()["state"] == "failed", what="the job's state")
+        # Idle past redis-py's default 5 s socket timeout: a worker blocking for jobs on a
+        # connection with that timeout falls into RQ's back-off and leaves jobs waiting.
+        time.sleep(12)
+        t0 = time.monotonic()
+        assert events(app, submit(app, model="outage", prompt="after", max_tokens=5))[-1]["type"] == "end"
+        assert time.monotonic() - t0 < 3, worker.log()
+        assert worker.proc.poll() is None, worker.log()
+        assert "Timeout reading" not in worker.log(), worker.log()
+    finally:
+        worker.stop(signal.SIGKILL)
+        server.stop()
+
+
+def test_redis_lost_during_rqs_bookkeeping_leaves_the_worker_serving(tmp_path, tiny_model):
+    """Redis going away between a job's end and RQ's bookkeeping ends RQ's loop with an
+    error out of its own teardown; the worker must wait, register again, and the job
+    its old registration had started must not stay "started" forever."""
+    server = EmbeddedRedis(tmp_path / "redis", appendonly=True).start()
+    worker = start_worker(server.url, "phoenix", tiny_model, tmp_path)
+    try:
+        client = redis.Redis.from_url(server.url)
+        queue = Queue(keys.queue_name("phoenix", "normal"), connection=client, serializer=JSONSerializer)
+        marker = tmp_path / "shut-down-once"
+        job = queue.enqueue("tests.helpers.shut_redis_down_once", server.url, str(marker))
+        wait_until(lambda: not _pings(client), what="the job to take Redis down")
+        # Restart Redis only once RQ has given up (or the worker has died, as it used to).
+        wait_until(lambda: worker.proc.poll() is not None or "RQ's loop ended" in worker.log(),
+                   what="RQ's loop to end", timeout=30)
+        server.start()
+        wait_until(lambda: any(w.model == "phoenix" and w.state == "idle" and w.incarnation == 1
+                               for w in registry.live_workers(client)), what="the worker to register again")
+        # The reaper sees the job's owner is a past incarnation; it ran again on the new one.
+        wait_until(lambda: job.get_status(refresh=True) == JobStatus.FINISHED, what="the job to finish",
+                   timeout=30)
+        assert job.return_value() == "second run"
+        assert worker.proc.poll() is None, worker.log()
+        app = create_app({"REDIS_URL": server.url, "TESTING": True}).test_client()
+        assert events(app, submit(app, model="phoenix", prompt="after", max_tokens=5))[-1]["type"] == "end"
+    finally:
+        worker.stop(signal.SIGKILL)
+        server.stop()
+
+
+def _pings(client) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
 
 
 def test_api_sigterm_ends_open_streams_cleanly(redis_url, slow_worker, tiny_worker):

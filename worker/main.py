@@ -14,6 +14,7 @@ from worker.rq_worker import InferqWorker
 from worker.runtime import ModelSpec, WorkerRuntime
 
 log = logging.getLogger(__name__)
+SOCKET_TIMEOUT_S = 10
 
 
 class WorkerStartError(Exception):
@@ -29,7 +30,15 @@ def run_worker(redis_url: str, spec: ModelSpec, burst: bool = False, max_jobs: i
         raise WorkerStartError(str(exc)) from None
     if gpu_index is not None and spec.options.gpu_layers == 0:
         spec = replace(spec, options=replace(spec.options, gpu_layers=999))  # a GPU worker offloads everything
-    client = redis.Redis.from_url(redis_url, socket_connect_timeout=2, health_check_interval=30)
+    # Heartbeats, events and cancels get a short socket timeout, so a dead link shows
+    # within seconds. RQ's BLPOP blocks for minutes, and RQ sets the timeout it needs
+    # on its own client's pool, but only for connections made after it does: sharing
+    # one pool left RQ blocking on the earlier connections' 5 s default, and each
+    # time-out sent RQ into a back-off of up to a minute with jobs waiting.
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=SOCKET_TIMEOUT_S,
+                                  health_check_interval=30)
+    rq_client = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=None,
+                                     health_check_interval=30)
     try:
         client.ping()
     except redis.RedisError as exc:
@@ -44,18 +53,27 @@ def run_worker(redis_url: str, spec: ModelSpec, burst: bool = False, max_jobs: i
     if on_loaded:
         on_loaded(runtime)
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-    incarnation = 0
     try:
         while True:
-            InferqWorker(runtime, incarnation).work(burst=burst, max_jobs=max_jobs, logging_level=level)
+            try:
+                InferqWorker(runtime, connection=rq_client).work(burst=burst, max_jobs=max_jobs, logging_level=level)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # RQ leaves its loop on a Redis error between jobs, then fails to
+                # deregister and lets that error out: the model stays loaded and we wait.
+                log.warning("worker %s: RQ's loop ended on a Redis error: %s", runtime.id, exc)
             if runtime.unhealthy:
                 raise WorkerStartError("the model stopped working after a backend failure; restart the worker")
-            if burst or max_jobs or runtime.stop_requested or _redis_ok(client):
+            if burst or max_jobs or runtime.stop_requested:
                 return
-            # RQ's loop gives up when Redis goes away; the model stays loaded and we wait.
-            log.warning("worker %s: lost Redis; waiting for it to come back", runtime.id)
+            # Nobody asked it to stop, so RQ gave up (on Redis, or on a surprise it logged).
+            log.warning("worker %s: RQ's loop ended; waiting for Redis, then registering again", runtime.id)
+            if _redis_ok(client):
+                time.sleep(1.0)  # not a Redis outage: do not spin on whatever RQ tripped over
             _wait_for_redis(client, runtime)
-            incarnation += 1
+            # A job cut off by the outage must have its events in the log before
+            # the new incarnation makes it the reaper's to close.
+            runtime.publisher.flush(10)
+            runtime.incarnation += 1
     finally:
         runtime.shutdown()
 

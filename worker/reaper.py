@@ -26,14 +26,26 @@ MAX_REQUEUES = 1
 CLAIM_TTL_S = 24 * 3600
 
 
-def inferq_worker_id(rq_worker_name: str) -> str:
+def split_rq_name(rq_worker_name: str) -> tuple[str, int]:
     """RQ worker names are ``<inferq worker id>~<incarnation>`` (see rq_worker)."""
-    return rq_worker_name.split("~", 1)[0]
+    worker_id, _, incarnation = rq_worker_name.partition("~")
+    return worker_id, int(incarnation) if incarnation.isdigit() else 0
+
+
+def inferq_worker_id(rq_worker_name: str) -> str:
+    return split_rq_name(rq_worker_name)[0]
+
+
+def _owner_running(owner: str, live: dict[str, registry.WorkerInfo]) -> bool:
+    # A worker that lost Redis mid-job comes back as a new incarnation; the job
+    # its old one had started ran to its end (or failed) while Redis was away.
+    worker_id, incarnation = split_rq_name(owner)
+    return worker_id in live and incarnation >= live[worker_id].incarnation
 
 
 def reap(client: redis.Redis, eventlog: EventLog, model: str, reaper_id: str) -> list[tuple[str, str]]:
     """Handle the model's jobs lost with their workers; returns (job_id, action) pairs."""
-    live = {w.id for w in registry.live_workers(client)}
+    live = {w.id: w for w in registry.live_workers(client)}
     done = []
     for queue in jobs.model_queues(client, model):
         started = StartedJobRegistry(queue=queue)
@@ -43,7 +55,7 @@ def reap(client: redis.Redis, eventlog: EventLog, model: str, reaper_id: str) ->
             except NoSuchJobError:
                 continue
             owner = job.worker_name or ""
-            if job.get_status(refresh=False) != JobStatus.STARTED or not owner or inferq_worker_id(owner) in live:
+            if job.get_status(refresh=False) != JobStatus.STARTED or not owner or _owner_running(owner, live):
                 continue
             claim = keys.job_lost(job_id, owner)
             if not client.set(claim, reaper_id, nx=True, ex=CLAIM_TTL_S):
@@ -85,7 +97,8 @@ def _handle(client, eventlog: EventLog, queue, started: StartedJobRegistry, job:
         queue.enqueue_job(job, pipeline=pipe, at_front=True)
     else:
         action = "failed"
-        message = (f"worker {inferq_worker_id(owner)} stopped heartbeating after {tokens} tokens; "
+        message = (f"worker {inferq_worker_id(owner)} was lost (stopped heartbeating or lost Redis) "
+                   f"after {tokens} tokens; "
                    "the job can be submitted again")
         eventlog.append(Error(job_id=job.id, seq=seq, code="WORKER_LOST", message=message, retriable=True))
         record_job_failure(job, f"WORKER_LOST: {message}", pipe)

@@ -19,12 +19,13 @@ log = logging.getLogger(__name__)
 
 
 class InferqWorker(SimpleWorker):
-    def __init__(self, runtime: WorkerRuntime, incarnation: int = 0, **kwargs):
+    def __init__(self, runtime: WorkerRuntime, connection=None, **kwargs):
         self.runtime = runtime
         # A worker that reconnects after a Redis outage registers anew under a new
-        # name; the part before "~" is its inferq id (see reaper.inferq_worker_id).
-        super().__init__(jobs.model_queues(runtime.redis, runtime.spec.name), name=f"{runtime.id}~{incarnation}",
-                         connection=runtime.redis, serializer=JSONSerializer,
+        # name: "<inferq id>~<incarnation>" (see reaper.split_rq_name).
+        super().__init__(jobs.model_queues(runtime.redis, runtime.spec.name),
+                         name=f"{runtime.id}~{runtime.incarnation}",
+                         connection=connection or runtime.redis, serializer=JSONSerializer,
                          exception_handlers=[self._log_failure], disable_default_exception_handler=True,
                          **kwargs)
 

@@ -47,6 +47,7 @@ class WorkerRuntime:
         self.publisher = EventPublisher(self.eventlog)
         self.state = "loading"
         self.current_job: str | None = None
+        self.incarnation = 0
         self.last_tokens_per_sec: float | None = None
         self.backend: Backend | None = None
         self.info: GGUFInfo | None = None
@@ -119,7 +120,7 @@ class WorkerRuntime:
         return registry.WorkerInfo(
             id=self.id, host=socket.gethostname(), pid=os.getpid(), model=self.spec.name,
             backend=b.name if b else self.spec.backend, backend_reason=self.backend_reason,
-            device=self.spec.device, state=self.state, current_job=self.current_job,
+            device=self.spec.device, state=self.state, current_job=self.current_job, incarnation=self.incarnation,
             last_tokens_per_sec=self.last_tokens_per_sec, vram_bytes=b.vram_bytes() if b else 0,
             context_length=b.context_length if b else 0, started_at=self.started_at)
 
