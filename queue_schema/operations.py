@@ -48,10 +48,10 @@ class InferOperation(BaseModel):
     prompt: str = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)  # type: ignore[assignment]
     messages: list[ChatMessage] = Field(None, min_length=1, max_length=256)  # type: ignore[assignment]
     max_tokens: int = Field(256, ge=1, le=4096)
-    temperature: float = Field(0.8, ge=0, le=2, description="0 means greedy decoding.")
+    temperature: float = Field(0.8, ge=0, le=2, description="0 means greedy decoding (after the repetition penalty).")
     top_p: float = Field(0.95, ge=0, le=1)
     top_k: int = Field(40, ge=0, le=100000, description="0 turns top-k off.")
-    repetition_penalty: float = Field(1.1, ge=0, le=2)
+    repetition_penalty: float = Field(1.1, ge=0, le=2, description="Applies at temperature 0 too; 1 turns it off.")
     seed: int = Field(-1, ge=-1, le=2**63 - 1, description="-1 picks a random seed.")
     # The limit is 100 bytes of UTF-8, which JSON Schema cannot say; 25 characters always fit.
     stop: list[Annotated[str, Field(min_length=1, json_schema_extra={"maxLength": 25})]] = Field(
