@@ -6,12 +6,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import redis
 import requests
 
+from inferq.client import parse_sse
 from inferq.embedded_redis import EmbeddedRedis, free_port
 from queue_schema import registry
 
@@ -51,10 +53,38 @@ def greedy_stamps(backend, prompt_tokens, max_tokens: int) -> tuple[float, list[
     return start, stamps
 
 
+def stamped_frames(resp) -> Iterator[tuple[float, dict]]:
+    """A streamed response's SSE frames, each with the time of the network read that brought it.
+
+    Stamping per read rather than per parsed frame keeps tokens that arrived
+    together (the relay writes what is pending in one send) on one instant, so
+    ``ttft_and_rate`` does not count them as decoded in no time."""
+    read_at = [0.0]
+
+    def lines():
+        pending = b""
+        for chunk in resp.iter_content(chunk_size=None):
+            read_at[0] = time.perf_counter()
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            yield from (line.rstrip(b"\r") for line in complete)
+
+    for frame in parse_sse(lines()):
+        yield read_at[0], frame
+
+
 def ttft_and_rate(start: float, stamps: list[float], tokens: int | None = None) -> tuple[float, float]:
-    """Milliseconds to the first token, and tokens/s after it (``tokens`` if the count is known better)."""
+    """Milliseconds to the first token, and tokens/s after the read that brought it.
+
+    ``stamps`` are read times per token (see ``stamped_frames``); ``tokens`` is the
+    count if it is known better than ``len(stamps)``. Tokens that came in the first
+    read took no measurable time, so the rate counts only the later ones; if all
+    came in one read, the rate is over the whole request instead."""
     n = len(stamps) if tokens is None else tokens
-    return (stamps[0] - start) * 1000, (n - 1) / (stamps[-1] - stamps[0])
+    later = n - stamps.count(stamps[0])
+    if later <= 0 or stamps[-1] == stamps[0]:
+        return (stamps[0] - start) * 1000, n / (stamps[-1] - start)
+    return (stamps[0] - start) * 1000, later / (stamps[-1] - stamps[0])
 
 
 def pct(values, q: float) -> float:

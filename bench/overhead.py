@@ -17,8 +17,7 @@ import time
 
 import requests
 
-from bench.harness import greedy_stamps, model_file, save, stack, summary, ttft_and_rate
-from inferq.client import parse_sse
+from bench.harness import greedy_stamps, model_file, save, stack, stamped_frames, summary, ttft_and_rate
 from worker.backends import LoadOptions, load_backend
 
 PROMPT = "def fibonacci(n): return the data model of the queue worker"
@@ -62,9 +61,9 @@ def through_api(url: str, model: str, max_tokens: int, runs: int, first_run: int
         posted = time.time() * 1000
         stamps, tokens_out, ts = [], 0, {}
         with session.get(f"{url}/v1/jobs/{job}/stream", stream=True) as resp:
-            for frame in parse_sse(resp.iter_lines(chunk_size=None)):
+            for read_at, frame in stamped_frames(resp):
                 if frame["event"] == "token":
-                    stamps.append(time.perf_counter())
+                    stamps.append(read_at)
                     if "token" not in ts:
                         ts["token"], ts["received"] = json.loads(frame["data"])["ts"], time.time() * 1000
                 elif frame["event"] in ("queued", "started"):

@@ -22,8 +22,7 @@ from contextlib import contextmanager
 
 import requests
 
-from bench.harness import OUT, model_file, save, stack, summary, ttft_and_rate
-from inferq.client import parse_sse
+from bench.harness import OUT, model_file, save, stack, stamped_frames, summary, ttft_and_rate
 from inferq.embedded_redis import free_port
 
 PROMPT = "def fibonacci(n): return the data model of the queue worker"
@@ -64,12 +63,12 @@ def complete(session: requests.Session, url: str, model: str, prompt: str, max_t
                       json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                             "stream": True}) as resp:
         resp.raise_for_status()
-        for frame in parse_sse(resp.iter_lines(chunk_size=None)):
+        for read_at, frame in stamped_frames(resp):
             if frame["data"] == "[DONE]":
                 break
             choices = json.loads(frame["data"]).get("choices") or [{}]
             if choices[0].get("text"):
-                stamps.append(time.perf_counter())
+                stamps.append(read_at)
     return start, stamps
 
 
