@@ -45,16 +45,24 @@ def record_job(client: redis.Redis, model: str, outcome: str, tokens: int, ttft_
         observe(pipe, "ttft_seconds", model, ttft_s)
     if wait_s is not None:
         observe(pipe, "queue_wait_seconds", model, wait_s)
-    pipe.execute()
     if duration_s is not None:
-        update_job_seconds(client, model, duration_s)
+        update_job_seconds(pipe, model, duration_s)
+    pipe.execute()
 
 
-def update_job_seconds(client: redis.Redis, model: str, seconds: float, weight: float = 0.2) -> None:
-    key = keys.histogram(RATE_KEY, model)
-    old = client.hget(key, "value")
-    value = seconds if old is None else (1 - weight) * float(old) + weight * seconds
-    client.hset(key, mapping={"value": value, "at": time.time()})
+# Read-modify-write in Redis: one round trip, and two workers finishing at
+# once cannot both start from the same old value and lose an update.
+_EWMA = """
+local old = redis.call('HGET', KEYS[1], 'value')
+local value = tonumber(ARGV[1])
+if old then value = (1 - tonumber(ARGV[2])) * tonumber(old) + tonumber(ARGV[2]) * value end
+redis.call('HSET', KEYS[1], 'value', tostring(value), 'at', ARGV[3])
+"""
+
+
+def update_job_seconds(client, model: str, seconds: float, weight: float = 0.2) -> None:
+    """Fold ``seconds`` into the model's moving average (``client`` may be a pipeline)."""
+    client.eval(_EWMA, 1, keys.histogram(RATE_KEY, model), repr(seconds), repr(weight), repr(time.time()))
 
 
 def job_seconds(client: redis.Redis, model: str) -> float | None:

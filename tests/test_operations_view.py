@@ -209,3 +209,29 @@ def test_queued_job_reports_an_eta_once_throughput_is_known(client, r, worker_fa
         assert events(client, job, limit=1)[0]["eta_s"] > 0
     finally:
         w.proc.send_signal(signal.SIGCONT)
+
+
+def test_job_time_average_is_updated_atomically_by_concurrent_workers(r):
+    """The ETA's moving average: each update weighs 0.2, and updates racing from many
+    workers are all applied (a read-then-write from Python would lose some)."""
+    from queue_schema import stats
+
+    model = f"ewma-{os.getpid()}-{time.monotonic_ns()}"
+    stats.update_job_seconds(r, model, 10.0)
+    stats.update_job_seconds(r, model, 20.0)
+    assert stats.job_seconds(r, model) == pytest.approx(0.8 * 10 + 0.2 * 20)
+    # 8 threads x 50 updates from 0 towards 1 with a small weight: the result counts the
+    # updates applied (after n of them it is 1 - 0.999**n), so a lost one shows.
+    model2 = model + "-race"
+    stats.update_job_seconds(r, model2, 0.0)
+
+    def update_50():
+        for _ in range(50):
+            stats.update_job_seconds(r, model2, 1.0, weight=0.001)
+
+    threads = [threading.Thread(target=update_50) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert stats.job_seconds(r, model2) == pytest.approx(1 - 0.999 ** 400, rel=1e-9)
