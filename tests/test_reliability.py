@@ -6,7 +6,7 @@ import time
 
 import pytest
 import redis
-from rq import Queue
+from rq import Queue, Worker
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
@@ -176,6 +176,8 @@ def test_redis_lost_during_rqs_bookkeeping_leaves_the_worker_serving(tmp_path, t
         server.start()
         wait_until(lambda: any(w.model == "phoenix" and w.state == "idle" and w.incarnation == 1
                                for w in registry.live_workers(client)), what="the worker to register again")
+        # RQ knows it under its new name only (the old one would show in rq-dashboard for minutes).
+        assert [w.name.rsplit("~", 1)[1] for w in Worker.all(connection=client)] == ["1"]
         # The reaper sees the job's owner is a past incarnation; it ran again on the new one.
         wait_until(lambda: job.get_status(refresh=True) == JobStatus.FINISHED, what="the job to finish",
                    timeout=30)

@@ -55,8 +55,9 @@ def run_worker(redis_url: str, spec: ModelSpec, burst: bool = False, max_jobs: i
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     try:
         while True:
+            rq_worker = InferqWorker(runtime, connection=rq_client)
             try:
-                InferqWorker(runtime, connection=rq_client).work(burst=burst, max_jobs=max_jobs, logging_level=level)
+                rq_worker.work(burst=burst, max_jobs=max_jobs, logging_level=level)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # RQ leaves its loop on a Redis error between jobs, then fails to
                 # deregister and lets that error out: the model stays loaded and we wait.
@@ -73,6 +74,10 @@ def run_worker(redis_url: str, spec: ModelSpec, burst: bool = False, max_jobs: i
             # A job cut off by the outage must have its events in the log before
             # the new incarnation makes it the reaper's to close.
             runtime.publisher.flush(10)
+            try:
+                rq_worker.register_death()  # what its teardown could not do; else rq-dashboard shows it for minutes
+            except redis.RedisError:
+                pass
             runtime.incarnation += 1
     finally:
         runtime.shutdown()
