@@ -137,9 +137,9 @@ def main(argv=None):
     print(f"{args.clients} concurrent clients, aggregate tok/s: llama_cpp.server {peer_agg:.1f}; "
           f"inferq 1 worker {ours[1]:.1f}, 2 workers {ours[2]:.1f}")
     single_ratio = statistics.median(rows["inferq"]["rates"]) / statistics.median(rows["llama_cpp.server"]["rates"])
-    print(f"single-stream decode inferq/llama_cpp.server {single_ratio:.2f}; "
-          f"TTFT +{statistics.median(rows['inferq']['ttfts']) - statistics.median(rows['llama_cpp.server']['ttfts']):.1f}"
-          f" ms p50; {args.clients}-client aggregate inferq(2 workers)/llama_cpp.server {ours[2] / peer_agg:.2f}")
+    ttft_diff = statistics.median(rows["inferq"]["ttfts"]) - statistics.median(rows["llama_cpp.server"]["ttfts"])
+    print(f"single-stream decode inferq/llama_cpp.server {single_ratio:.2f}; TTFT inferq-peer {ttft_diff:+.1f} ms p50;"
+          f" {args.clients}-client aggregate inferq(2 workers)/llama_cpp.server {ours[2] / peer_agg:.2f}")
     save("peer", {"model": args.model, "threads": args.threads, "clients": args.clients, "rows": rows})
 
 

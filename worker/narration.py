@@ -8,7 +8,8 @@ def _mb(n: int) -> str:
 
 def model_loaded(worker: str, model: str, size: int, backend: str, device: str, ctx: int, seconds: float) -> dict:
     return dict(actor=worker, action="load", target=model,
-                human=f"Loaded model {model} ({_mb(size)}, context {ctx}) on {device} with {backend} in {seconds:.2f} s",
+                human=f"Loaded model {model} ({_mb(size)}, context {ctx}) on {device} with {backend} "
+                      f"in {seconds:.2f} s",
                 cute=f"{model} is warmed up and ready to write")
 
 
