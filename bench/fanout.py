@@ -54,7 +54,6 @@ def watch_raw(url: str, job_id: str, connected: list, out: list) -> None:
     with socket.create_connection((host, int(port)), timeout=120) as sock:
         sock.sendall(f"GET /v1/jobs/{job_id}/stream HTTP/1.1\r\nHost: {host}\r\n"
                      "Accept: text/event-stream\r\n\r\n".encode())
-        connected.append(1)
         pending, done = b"", False
         while not done:
             chunk = sock.recv(65536)
@@ -68,6 +67,8 @@ def watch_raw(url: str, job_id: str, connected: list, out: list) -> None:
                 if not line.startswith(b"data:"):
                     continue
                 event = json.loads(line[5:])  # json skips the optional space
+                if not seqs:
+                    connected.append(1)  # subscribed and replayed: as requests' headers arrive
                 seqs.append(event["seq"])
                 if event["type"] == "token":
                     lat.append(now_ms - event["ts"])

@@ -8,6 +8,7 @@ import pytest
 import redis
 import requests
 
+from api import fanout
 from api.fanout import ChannelHub
 from inferq.client import parse_sse
 from queue_schema import keys
@@ -71,6 +72,47 @@ def test_a_connection_dropped_while_nothing_listens_does_not_fail_the_next_strea
     r.publish(channel, "first")
     assert sub.get_batch(2.0) == [b"first"]
     sub.close()
+
+
+def test_listeners_read_at_their_own_pace_and_what_all_have_read_is_dropped(r, redis_url):
+    hub = ChannelHub(redis.Redis.from_url(redis_url), decode=lambda b: int(b))
+    channel = f"test:hub:{uuid.uuid4().hex}"
+    fast, slow = hub.subscribe(channel), hub.subscribe(channel)
+    got_fast = []
+    for i in range(300):
+        r.publish(channel, i)
+        got_fast.extend(fast.get_batch(2.0))  # keeps up, one message at a time
+    got_slow = []
+    wait_until(lambda: got_slow.extend(slow.get_batch(0.2)) or len(got_slow) >= 300, what="the slow listener")
+    wait_until(lambda: got_fast.extend(fast.get_batch(0.2)) or len(got_fast) >= 300, what="the fast listener")
+    assert got_fast == got_slow == list(range(300))
+    for i in range(300, 300 + fanout.TRIM_EVERY):
+        r.publish(channel, i)
+        assert fast.get_batch(2.0) == slow.get_batch(2.0) == [i]
+    # Everything both have read can go: the buffer holds less than a trim interval.
+    base, frames = hub._channels[channel].window
+    assert base > 0 and len(frames) < fanout.TRIM_EVERY
+    fast.close()
+    slow.close()
+
+
+def test_a_listener_too_far_behind_is_failed_and_the_others_go_on(r, redis_url, monkeypatch):
+    monkeypatch.setattr(fanout, "MAX_BACKLOG", 100)
+    hub = ChannelHub(redis.Redis.from_url(redis_url), decode=lambda b: int(b))
+    channel = f"test:hub:{uuid.uuid4().hex}"
+    reader, stalled = hub.subscribe(channel), hub.subscribe(channel)
+    got = []
+    for i in range(300):
+        r.publish(channel, i)
+        got.extend(reader.get_batch(2.0))
+    wait_until(lambda: got.extend(reader.get_batch(0.2)) or len(got) >= 300, what="the reading listener")
+    assert got == list(range(300))
+    with pytest.raises(redis.ConnectionError, match="behind"):
+        stalled.get_batch(0.2)
+    # The stalled one no longer pins the buffer.
+    assert len(hub._channels[channel].window[1]) <= fanout.MAX_BACKLOG
+    reader.close()
+    stalled.close()
 
 
 def _try_subscribe(hub, channel):
