@@ -75,12 +75,16 @@ def fanout() -> Path | None:
     if not data:
         return None
     fig, (ax,) = figure(f"Fan-out: one job to N SSE clients, one API process ({data['model']} model)")
-    clients = [r["clients"] for r in data["rows"]]
-    ax.plot(clients, [r["p50"] for r in data["rows"]], "o-", label="p50")
-    ax.plot(clients, [r["p99"] for r in data["rows"]], "s-", label="p99")
+    # One line per kind of client; rows saved before there were kinds are "requests".
+    for kind in dict.fromkeys(r.get("kind", "requests") for r in data["rows"]):
+        rows = [r for r in data["rows"] if r.get("kind", "requests") == kind]
+        clients = [r["clients"] for r in rows]
+        ax.plot(clients, [r["p50"] for r in rows], "o-", label=f"p50, {kind} clients")
+        ax.plot(clients, [r["p99"] for r in rows], "s-", label=f"p99, {kind} clients")
+        for r in rows:
+            ax.annotate(f"{r['missed']} missed", (r["clients"], r["p99"]), textcoords="offset points",
+                        xytext=(4, 6))
     ax.axhline(50, color="grey", linestyle="--", label="target p99 50 ms")
-    for r in data["rows"]:
-        ax.annotate(f"{r['missed']} missed", (r["clients"], r["p99"]), textcoords="offset points", xytext=(4, 6))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("concurrent SSE clients")
