@@ -74,14 +74,21 @@ def test_a_connection_dropped_while_nothing_listens_does_not_fail_the_next_strea
     sub.close()
 
 
-def test_listeners_read_at_their_own_pace_and_what_all_have_read_is_dropped(r, redis_url):
+def two_listeners_one_keeping_up(r, redis_url, messages: int):
+    """A hub of int messages, two listeners of one channel, and ``messages`` published
+    one at a time with the first listener reading each as it comes."""
     hub = ChannelHub(redis.Redis.from_url(redis_url), decode=lambda b: int(b))
     channel = f"test:hub:{uuid.uuid4().hex}"
-    fast, slow = hub.subscribe(channel), hub.subscribe(channel)
-    got_fast = []
-    for i in range(300):
+    keeping_up, other = hub.subscribe(channel), hub.subscribe(channel)
+    got = []
+    for i in range(messages):
         r.publish(channel, i)
-        got_fast.extend(fast.get_batch(2.0))  # keeps up, one message at a time
+        got.extend(keeping_up.get_batch(2.0))
+    return hub, channel, keeping_up, other, got
+
+
+def test_listeners_read_at_their_own_pace_and_what_all_have_read_is_dropped(r, redis_url):
+    hub, channel, fast, slow, got_fast = two_listeners_one_keeping_up(r, redis_url, 300)
     got_slow = []
     wait_until(lambda: got_slow.extend(slow.get_batch(0.2)) or len(got_slow) >= 300, what="the slow listener")
     wait_until(lambda: got_fast.extend(fast.get_batch(0.2)) or len(got_fast) >= 300, what="the fast listener")
@@ -98,13 +105,7 @@ def test_listeners_read_at_their_own_pace_and_what_all_have_read_is_dropped(r, r
 
 def test_a_listener_too_far_behind_is_failed_and_the_others_go_on(r, redis_url, monkeypatch):
     monkeypatch.setattr(fanout, "MAX_BACKLOG", 100)
-    hub = ChannelHub(redis.Redis.from_url(redis_url), decode=lambda b: int(b))
-    channel = f"test:hub:{uuid.uuid4().hex}"
-    reader, stalled = hub.subscribe(channel), hub.subscribe(channel)
-    got = []
-    for i in range(300):
-        r.publish(channel, i)
-        got.extend(reader.get_batch(2.0))
+    hub, channel, reader, stalled, got = two_listeners_one_keeping_up(r, redis_url, 300)
     wait_until(lambda: got.extend(reader.get_batch(0.2)) or len(got) >= 300, what="the reading listener")
     assert got == list(range(300))
     with pytest.raises(redis.ConnectionError, match="behind"):

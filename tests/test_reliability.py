@@ -1,5 +1,6 @@
 """Break things for real: kill workers, restart Redis, overrun deadlines, feed bad files."""
 import signal
+from contextlib import contextmanager
 import subprocess
 import sys
 import time
@@ -100,12 +101,21 @@ def test_bad_model_files_stop_the_worker_with_one_line(tmp_path, redis_url, make
     assert "Traceback" not in proc.stderr
 
 
+@contextmanager
+def own_redis_with_worker(tmp_path, model: str, path):
+    """A Redis of this test's own (with AOF, so it can be restarted), a worker and an API client on it."""
+    server = EmbeddedRedis(tmp_path / "redis", appendonly=True).start()
+    worker = start_worker(server.url, model, path, tmp_path)
+    try:
+        yield server, worker, create_app({"REDIS_URL": server.url, "TESTING": True}).test_client()
+    finally:
+        worker.stop(signal.SIGKILL)
+        server.stop()
+
+
 @pytest.mark.slow
 def test_redis_restart_workers_and_api_recover(tmp_path, tiny_model):
-    server = EmbeddedRedis(tmp_path / "redis", appendonly=True).start()
-    worker = start_worker(server.url, "phoenix", tiny_model, tmp_path)
-    app = create_app({"REDIS_URL": server.url, "TESTING": True}).test_client()
-    try:
+    with own_redis_with_worker(tmp_path, "phoenix", tiny_model) as (server, worker, app):
         before = submit(app, model="phoenix", prompt="before", max_tokens=10, temperature=0)
         full = events(app, before)
         assert full[-1]["type"] == "end"
@@ -123,17 +133,11 @@ def test_redis_restart_workers_and_api_recover(tmp_path, tiny_model):
         assert events(app, before, last_event_id=2) == full[3:]
         after = submit(app, model="phoenix", prompt="after", max_tokens=10, temperature=0)
         assert events(app, after)[-1]["type"] == "end"
-    finally:
-        worker.stop(signal.SIGKILL)
-        server.stop()
 
 
 @pytest.mark.slow
 def test_redis_outage_mid_job_loses_no_events_and_leaves_the_worker_prompt(tmp_path, slow_model):
-    server = EmbeddedRedis(tmp_path / "redis", appendonly=True).start()
-    worker = start_worker(server.url, "outage", slow_model, tmp_path)
-    app = create_app({"REDIS_URL": server.url, "TESTING": True}).test_client()
-    try:
+    with own_redis_with_worker(tmp_path, "outage", slow_model) as (server, worker, app):
         # The deadline ends the job 1 s in, whatever this machine's speed: inside the outage.
         job = submit(app, model="outage", prompt="go", max_tokens=4000, temperature=0, timeout_s=1)
         assert events(app, job, until="token")[-1]["type"] == "token"
@@ -153,18 +157,13 @@ def test_redis_outage_mid_job_loses_no_events_and_leaves_the_worker_prompt(tmp_p
         assert time.monotonic() - t0 < 3, worker.log()
         assert worker.proc.poll() is None, worker.log()
         assert "Timeout reading" not in worker.log(), worker.log()
-    finally:
-        worker.stop(signal.SIGKILL)
-        server.stop()
 
 
 def test_redis_lost_during_rqs_bookkeeping_leaves_the_worker_serving(tmp_path, tiny_model):
     """Redis going away between a job's end and RQ's bookkeeping ends RQ's loop with an
     error out of its own teardown; the worker must wait, register again, and the job
     its old registration had started must not stay "started" forever."""
-    server = EmbeddedRedis(tmp_path / "redis", appendonly=True).start()
-    worker = start_worker(server.url, "phoenix", tiny_model, tmp_path)
-    try:
+    with own_redis_with_worker(tmp_path, "phoenix", tiny_model) as (server, worker, app):
         client = redis.Redis.from_url(server.url)
         queue = Queue(keys.queue_name("phoenix", "normal"), connection=client, serializer=JSONSerializer)
         marker = tmp_path / "shut-down-once"
@@ -183,11 +182,7 @@ def test_redis_lost_during_rqs_bookkeeping_leaves_the_worker_serving(tmp_path, t
                    timeout=30)
         assert job.return_value() == "second run"
         assert worker.proc.poll() is None, worker.log()
-        app = create_app({"REDIS_URL": server.url, "TESTING": True}).test_client()
         assert events(app, submit(app, model="phoenix", prompt="after", max_tokens=5))[-1]["type"] == "end"
-    finally:
-        worker.stop(signal.SIGKILL)
-        server.stop()
 
 
 def _pings(client) -> bool:
