@@ -2,6 +2,7 @@
 import json
 import signal
 import threading
+import time
 import uuid
 
 import pytest
@@ -68,7 +69,8 @@ def test_a_connection_dropped_while_nothing_listens_does_not_fail_the_next_strea
     for c in r.client_list():
         if c["name"] == name:
             r.client_kill_filter(_id=c["id"])
-    sub = hub.subscribe(channel)  # at once: before the reader could notice anything
+    time.sleep(0.05)  # the FIN reaches the hub's socket (loopback: at once, but not before CLIENT KILL returns)
+    sub = hub.subscribe(channel)  # well inside the reader's 1 s idle wait: it has not looked at the socket
     r.publish(channel, "first")
     assert sub.get_batch(2.0) == [b"first"]
     sub.close()
