@@ -194,13 +194,17 @@ class ChannelHub:
             dropped = True
         if dropped:
             log.info("pub/sub connection was dropped while idle; opening a new one")
-            self._sent.clear()
-            self._confirmed.clear()
-            self._pubsub = self._client.pubsub()
-            try:
-                pubsub.close()
-            except Exception:  # already broken; nothing to tidy
-                pass
+            self._fresh_connection()
+
+    def _fresh_connection(self) -> None:
+        """Forget every SUBSCRIBE in flight and give the next ones a new connection (lock held)."""
+        self._sent.clear()
+        self._confirmed.clear()
+        old, self._pubsub = self._pubsub, self._client.pubsub()
+        try:
+            old.close()
+        except Exception:  # already broken; nothing to tidy
+            pass
 
     def _read(self) -> None:
         while True:
@@ -258,10 +262,4 @@ class ChannelHub:
                 for sub in shared.listeners:
                     sub.ready.set()  # a waiter wakes, then finds the connection broken in get_batch
             self._channels.clear()
-            self._sent.clear()
-            self._confirmed.clear()
-            old, self._pubsub = self._pubsub, self._client.pubsub()
-        try:
-            old.close()
-        except Exception:  # already broken; nothing to tidy
-            pass
+            self._fresh_connection()

@@ -46,9 +46,10 @@ class EventStreamBlueprint(ServerSentEventsBlueprint):
                 yield frames
             if done:
                 return
-            last = eventlog.last(job_id)
-            if last is not None and last.terminal and last.seq <= sent:
-                return  # the client already has the end (Last-Event-ID at or past it)
+            if not frames:  # nothing after Last-Event-ID: it may be at or past the end already
+                last = eventlog.last(job_id)
+                if last is not None and last.terminal and last.seq <= sent:
+                    return
             quiet_since = time.monotonic()
             while not lifecycle.stopping.is_set():
                 batch = sub.get_batch(timeout=min(1.0, keepalive_s))

@@ -26,8 +26,13 @@ MAX_REQUEUES = 1
 CLAIM_TTL_S = 24 * 3600
 
 
+def rq_name(worker_id: str, incarnation: int) -> str:
+    """The name a worker registers with RQ; a new incarnation after each Redis outage."""
+    return f"{worker_id}~{incarnation}"
+
+
 def split_rq_name(rq_worker_name: str) -> tuple[str, int]:
-    """RQ worker names are ``<inferq worker id>~<incarnation>`` (see rq_worker)."""
+    """The inferq worker id and incarnation in an RQ worker name (see ``rq_name``)."""
     worker_id, _, incarnation = rq_worker_name.partition("~")
     return worker_id, int(incarnation) if incarnation.isdigit() else 0
 

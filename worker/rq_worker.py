@@ -8,24 +8,26 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
 from queue_schema import jobs
 from queue_schema.errors import InferqError
+from worker import reaper
 from worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 
 
 class InferqWorker(SimpleWorker):
-    def __init__(self, runtime: WorkerRuntime, connection=None, **kwargs):
+    def __init__(self, runtime: WorkerRuntime, connection: redis.Redis, **kwargs):
+        """``connection`` is RQ's own client (see worker.main: its socket timeout must outlast BLPOP)."""
         self.runtime = runtime
-        # A worker that reconnects after a Redis outage registers anew under a new
-        # name: "<inferq id>~<incarnation>" (see reaper.split_rq_name).
+        # A worker that reconnects after a Redis outage registers anew under a new name.
         super().__init__(jobs.model_queues(runtime.redis, runtime.spec.name),
-                         name=f"{runtime.id}~{runtime.incarnation}",
-                         connection=connection or runtime.redis, serializer=JSONSerializer,
+                         name=reaper.rq_name(runtime.id, runtime.incarnation),
+                         connection=connection, serializer=JSONSerializer,
                          exception_handlers=[self._log_failure], disable_default_exception_handler=True,
                          **kwargs)
 

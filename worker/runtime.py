@@ -18,7 +18,7 @@ import redis
 from queue_schema import log_context, registry
 from queue_schema.eventlog import EventLog
 from queue_schema.events import Narration
-from worker import narration, reaper
+from worker import gpu, narration, reaper
 from worker.backends import Backend, LoadOptions, load_backend
 from worker.cancel_watcher import CancelWatcher
 from worker.gguf_meta import GGUFInfo
@@ -70,8 +70,7 @@ class WorkerRuntime:
         self.narrate(dict(actor=self.id, action="loading", target=self.spec.name,
                           human=f"Loading model {self.spec.name} ({size / 1e6:.1f} MB) on {self.spec.device}"))
         self.backend = load_backend(self.spec.backend, self.spec.path, self.spec.options)
-        if self.spec.device.startswith("cuda:"):
-            self.backend.gpu_index = int(self.spec.device.split(":", 1)[1])
+        self.backend.gpu_index = gpu.parse_device(self.spec.device)
         self.info = self.backend.info
         self.backend_reason = self.backend.reason
         seconds = time.perf_counter() - start
