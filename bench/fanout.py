@@ -30,7 +30,7 @@ import redis  # noqa: E402
 import requests  # noqa: E402
 
 from bench.harness import model_file, pct, save, stack  # noqa: E402
-from inferq.client import parse_sse  # noqa: E402
+from inferq.client import chunk_lines, parse_sse  # noqa: E402
 
 
 def watch(url: str, job_id: str, connected: list, out: list) -> None:
@@ -54,26 +54,26 @@ def watch_raw(url: str, job_id: str, connected: list, out: list) -> None:
     with socket.create_connection((host, int(port)), timeout=120) as sock:
         sock.sendall(f"GET /v1/jobs/{job_id}/stream HTTP/1.1\r\nHost: {host}\r\n"
                      "Accept: text/event-stream\r\n\r\n".encode())
-        pending, done = b"", False
-        while not done:
-            chunk = sock.recv(65536)
-            if not chunk:
+        read_ms = [0.0]
+
+        def received():
+            while chunk := sock.recv(65536):
+                read_ms[0] = time.time() * 1000
+                yield chunk
+
+        # Each relay write is one HTTP chunk of whole SSE frames, so a data line is
+        # never cut by chunk framing; the chunk-size lines are simply not data lines.
+        for line in chunk_lines(received()):
+            if not line.startswith(b"data:"):
+                continue
+            event = json.loads(line[5:])  # json skips the optional space
+            if not seqs:
+                connected.append(1)  # subscribed and replayed: as requests' headers arrive
+            seqs.append(event["seq"])
+            if event["type"] == "token":
+                lat.append(read_ms[0] - event["ts"])
+            elif event["type"] in ("end", "error"):
                 break
-            now_ms = time.time() * 1000
-            *lines, pending = (pending + chunk).split(b"\n")
-            # Each relay write is one HTTP chunk of whole SSE frames, so a data line is
-            # never cut by chunk framing; the chunk-size lines are simply not data lines.
-            for line in lines:
-                if not line.startswith(b"data:"):
-                    continue
-                event = json.loads(line[5:])  # json skips the optional space
-                if not seqs:
-                    connected.append(1)  # subscribed and replayed: as requests' headers arrive
-                seqs.append(event["seq"])
-                if event["type"] == "token":
-                    lat.append(now_ms - event["ts"])
-                elif event["type"] in ("end", "error"):
-                    done = True
     out.append((seqs, lat))
 
 

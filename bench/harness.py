@@ -13,7 +13,7 @@ from pathlib import Path
 import redis
 import requests
 
-from inferq.client import parse_sse
+from inferq.client import chunk_lines, parse_sse
 from inferq.embedded_redis import EmbeddedRedis, free_port
 from queue_schema import registry
 
@@ -61,15 +61,12 @@ def stamped_frames(resp) -> Iterator[tuple[float, dict]]:
     ``ttft_and_rate`` does not count them as decoded in no time."""
     read_at = [0.0]
 
-    def lines():
-        pending = b""
+    def chunks():
         for chunk in resp.iter_content(chunk_size=None):
             read_at[0] = time.perf_counter()
-            pending += chunk
-            *complete, pending = pending.split(b"\n")
-            yield from (line.rstrip(b"\r") for line in complete)
+            yield chunk
 
-    for frame in parse_sse(lines()):
+    for frame in parse_sse(chunk_lines(chunks())):
         yield read_at[0], frame
 
 

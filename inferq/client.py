@@ -108,6 +108,14 @@ class Client:
             raise exc
 
 
+def chunk_lines(chunks) -> Iterator[bytes]:
+    """The lines (without their end of line) in a stream of byte chunks cut anywhere."""
+    pending = b""
+    for chunk in chunks:
+        *complete, pending = (pending + chunk).split(b"\n")
+        yield from (line.rstrip(b"\r") for line in complete)
+
+
 def parse_sse(lines) -> Iterator[dict]:
     """SSE lines (bytes) to events: dicts with ``event``, ``id`` and ``data``."""
     event: dict = {}

@@ -6,7 +6,7 @@ import os
 
 import redis
 
-from inferq.client import parse_sse
+from inferq.client import chunk_lines, parse_sse
 
 
 def submit(client, **fields) -> str:
@@ -25,17 +25,8 @@ def sse_frames(client, job_id: str, last_event_id: int | None = None, limit: int
     assert resp.status_code == 200, resp.get_data(as_text=True)
     assert resp.mimetype == "text/event-stream"
     frames = []
-
-    def lines():
-        buf = b""
-        for chunk in resp.response:
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                yield line
-
     try:
-        for frame in parse_sse(lines()):
+        for frame in parse_sse(chunk_lines(resp.response)):
             frames.append(frame)
             if (limit is not None and len(frames) >= limit) or frame.get("event") == until:
                 break
