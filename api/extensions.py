@@ -7,7 +7,8 @@ import redis
 from flask import Flask, current_app
 
 from api.fanout import ChannelHub
-from queue_schema.eventlog import EventLog, relayed_frame
+from api import sse
+from queue_schema.eventlog import EventLog
 
 
 @dataclass
@@ -28,7 +29,7 @@ def init_app(app: Flask) -> None:
         health_check_interval=30, retry_on_timeout=False)
     client = redis.Redis(connection_pool=pool)
     app.extensions["inferq"] = Resources(client, EventLog(client, ttl_s=int(app.config["EVENT_TTL_S"])),
-                                         ChannelHub(client, decode=relayed_frame))
+                                         ChannelHub(client, decode=sse.relayed))
 
 
 def resources() -> Resources:

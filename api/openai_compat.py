@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api import lifecycle
-from api import stream as sse_relay
+from api import relay
 from api.extensions import resources
 from api.jobs import request_cancel, submit
 from queue_schema import jobs
@@ -154,7 +154,7 @@ def _parse(model_cls):
 def _events(job_id: str):
     """The job's events as dicts, from its log and then live, until the terminal one."""
     keepalive = float(current_app.config["KEEPALIVE_S"])
-    for frames in sse_relay.bp.job_batches(job_id, -1, keepalive):
+    for frames in relay.job_batches(job_id, -1, keepalive):
         if not frames:
             yield None
         for frame in frames:

@@ -69,7 +69,7 @@ class Client:
         params = {"follow": "true" if follow else "false", "backlog": backlog}
         with self._request("GET", "/v1/narration", params=params, stream=True,
                            timeout=(self.timeout, None)) as resp:
-            for event in parse_sse(resp.iter_lines(chunk_size=None)):
+            for event in parse_sse(chunk_lines(resp.iter_content(chunk_size=None))):
                 yield json.loads(event["data"])
 
     def events(self, job_id: str, last_event_id: int | None = None, reconnects: int = 20) -> Iterator[dict]:
@@ -85,7 +85,7 @@ class Client:
             try:
                 with self._request("GET", f"/v1/jobs/{job_id}/stream", headers=headers, stream=True,
                                    timeout=(self.timeout, 60)) as resp:
-                    for event in parse_sse(resp.iter_lines(chunk_size=None)):
+                    for event in parse_sse(chunk_lines(resp.iter_content(chunk_size=None))):
                         data = json.loads(event["data"])
                         last_event_id = data["seq"]
                         delay = 0.1

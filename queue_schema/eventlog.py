@@ -9,17 +9,15 @@ and a replay from a given seq is a plain XRANGE. Terminal events carry a
 stream ends with exactly one ``end`` or ``error`` even when the API (cancel)
 and a worker race.
 
-The published message is flask-sse's message format (``data``, ``type``,
-``id``), so the API's SSE blueprint relays it as it comes.
+The published message is ``"<seq> <type> <json>"`` (``-`` for no seq): the
+API's relay learns an event's seq and type without parsing its JSON, and the
+SSE wire format stays the API's business (api/sse.py).
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import redis
-from flask_sse import Message
 
 from queue_schema import keys
 from queue_schema.events import Narration, _Event, parse_event
@@ -57,35 +55,9 @@ def _entry_id(seq: int) -> str:
     return f"{seq}-1"
 
 
-def sse_message(event_json: str, event_type: str, seq: int | None) -> Message:
-    """The flask-sse message for an event; ``id`` is the seq as a string (flask-sse drops a falsy 0)."""
-    return Message(event_json, type=event_type, id=None if seq is None else str(seq))
-
-
-class RelayedFrame(NamedTuple):
-    """An event as the API relays it: parsed once per process, written to every stream."""
-
-    seq: int | None
-    type: str
-    data: str  # the event's JSON
-    text: str  # its SSE frame, ready to write
-
-
-def relayed_frame(published: bytes) -> RelayedFrame:
-    """The frame of a message published on a channel."""
-    message = Message(**json.loads(published))
-    return RelayedFrame(None if message.id is None else int(message.id), message.type, message.data, str(message))
-
-
-def logged_frame(event: _Event, with_id: bool = True) -> RelayedFrame:
-    """The frame of an event read from a log; the narration feed's frames carry no SSE id."""
-    seq = event.seq if with_id else None
-    data = event.model_dump_json(exclude_none=True)
-    return RelayedFrame(seq, event.type, data, str(sse_message(data, event.type, seq)))
-
-
-def _sse_json(event_json: str, event_type: str, seq: int | None) -> str:
-    return json.dumps(sse_message(event_json, event_type, seq).to_dict())
+def published(event_json: str, event_type: str, seq: int | None) -> str:
+    """What is published on a job's (or the narration) channel for one event."""
+    return f"{'-' if seq is None else seq} {event_type} {event_json}"
 
 
 class EventLog:
@@ -118,11 +90,11 @@ class EventLog:
                     self._flush_run(pipe, run_job, run_args)
                     run_args = []
                 run_job = event.job_id
-                run_args += [_entry_id(event.seq), data, _sse_json(data, event.type, event.seq),
+                run_args += [_entry_id(event.seq), data, published(data, event.type, event.seq),
                              "1" if event.terminal else "0"]
             if isinstance(event, Narration):
                 self._narrate(keys=[keys.NARRATION_LOG, keys.NARRATION_CHANNEL],
-                              args=[data, _sse_json(data, event.type, None), NARRATION_LOG_MAXLEN], client=pipe)
+                              args=[data, published(data, event.type, None), NARRATION_LOG_MAXLEN], client=pipe)
         if run_args:
             self._flush_run(pipe, run_job, run_args)
         if not own:

@@ -31,7 +31,7 @@ def test_auth_on(secured):
     assert secured.get(f"/v1/jobs/{job}/stream").status_code == 401
     assert secured.get(f"/v1/jobs/{job}/stream?access_token=nope").status_code == 401
     resp = secured.get(f"/v1/jobs/{job}/stream?access_token=s3cret", buffered=True)
-    assert resp.status_code == 200 and b"event:end" in resp.data
+    assert resp.status_code == 200 and b"event: end" in resp.data
     assert secured.get(f"/v1/jobs/{job}?access_token=s3cret").status_code == 401
     assert secured.get(f"/v1/jobs/{job}", headers={"Authorization": "Bearer s3cret"}).status_code == 200
 

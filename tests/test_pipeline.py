@@ -101,9 +101,9 @@ def test_raw_http_stream_has_sse_framing(live_api, tiny):
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         body = resp.content.decode()
     assert body.startswith("retry: ")
-    assert "event:queued\ndata:{" in body and "\nid:0\n" in body
-    assert body.rstrip().splitlines()[-1].startswith("id:")
-    assert "event:end" in body
+    assert "id: 0\nevent: queued\ndata: {" in body
+    assert body.rstrip().split("\n")[-1].startswith("data: {")
+    assert "event: end\ndata: {" in body
 
 
 def split_stop(tokens):
@@ -236,7 +236,7 @@ def test_keep_alive_comments_while_a_job_waits(live_api, worker_factory, tiny_mo
                 seen += chunk
                 if b": keep-alive" in seen or time.monotonic() > deadline:
                     break
-        assert b"event:queued" in seen and b": keep-alive" in seen
+        assert b"event: queued" in seen and b": keep-alive" in seen
     finally:
         w.proc.send_signal(signal.SIGCONT)
     assert list(Client(live_api).events(job))[-1]["type"] == "end"

@@ -1,0 +1,101 @@
+"""The relay: a job's events from its log, then live from its channel, in order, once each.
+
+Order matters: subscribe first (on the process's shared pub/sub connection,
+api/fanout.py), then replay the log, then relay live messages, skipping what
+was already sent. An event published between the replay and the first live
+read is therefore either in the log or on the channel, never in neither. A
+gap on the channel (a message lost in a reconnect) is back-filled from the
+log, and a quiet channel is checked against the log once per keep-alive.
+
+Both the SSE stream routes and the OpenAI routes read jobs through here.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from api import lifecycle, sse
+from api.extensions import resources
+from queue_schema import keys
+from queue_schema.events import TERMINAL_TYPES
+
+SUBSCRIBE_WAIT_S = 5.0
+
+
+def job_batches(job_id: str, after_seq: int, keepalive_s: float) -> Iterator[list[sse.Frame]]:
+    """One job's events after ``after_seq``, in order, as batches (one write each); [] on silence."""
+    eventlog = resources().eventlog
+    with resources().channels.subscribe(keys.job_channel(job_id), SUBSCRIBE_WAIT_S) as sub:
+        frames, sent, done = _frames_from_log(eventlog, job_id, after_seq)
+        if frames:
+            yield frames
+        if done:
+            return
+        if not frames:  # nothing after Last-Event-ID: it may be at or past the end already
+            last = eventlog.last(job_id)
+            if last is not None and last.terminal and last.seq <= sent:
+                return
+        quiet_since = time.monotonic()
+        while not lifecycle.stopping.is_set():
+            batch = sub.get_batch(timeout=min(1.0, keepalive_s))
+            if not batch:
+                if time.monotonic() - quiet_since >= keepalive_s:
+                    quiet_since = time.monotonic()
+                    # A quiet channel may also mean a message was lost: the log has the truth.
+                    frames, sent, done = _frames_from_log(eventlog, job_id, sent)
+                    yield frames
+                    if done:
+                        return
+                continue
+            frames, done = [], False
+            for frame in batch:
+                if frame.seq <= sent:
+                    continue
+                if frame.seq > sent + 1:  # missed on the channel: back-fill from the log
+                    frames += map(sse.logged, eventlog.replay(job_id, after_seq=sent, until_seq=frame.seq - 1))
+                frames.append(frame)
+                sent = frame.seq
+                if frame.type in TERMINAL_TYPES:
+                    done = True
+                    break
+            if frames:
+                yield frames
+                quiet_since = time.monotonic()
+            if done:
+                return
+
+
+def job_messages(job_id: str, after_seq: int, keepalive_s: float) -> Iterator[str]:
+    """SSE text for one job's events after ``after_seq``; a comment on silence."""
+    for frames in job_batches(job_id, after_seq, keepalive_s):
+        yield "".join(f.text for f in frames) or sse.KEEPALIVE
+
+
+def narration_messages(keepalive_s: float, backlog: int, follow: bool = True) -> Iterator[str]:
+    """Every job's and worker's narration: recent ones from the log, then live (if ``follow``)."""
+    with resources().channels.subscribe(keys.NARRATION_CHANNEL, SUBSCRIBE_WAIT_S) as sub:
+        for event in resources().eventlog.recent_narration(backlog):
+            yield sse.logged(event, with_id=False).text
+        if not follow:
+            return
+        quiet_since = time.monotonic()
+        while not lifecycle.stopping.is_set():
+            batch = sub.get_batch(timeout=min(1.0, keepalive_s))
+            if batch:
+                quiet_since = time.monotonic()
+                # Narration is relayed without ids: the feed has no seq of its own.
+                yield "".join(sse.frame(f.data, f.type) for f in batch)
+            elif time.monotonic() - quiet_since >= keepalive_s:
+                quiet_since = time.monotonic()
+                yield sse.KEEPALIVE
+
+
+def _frames_from_log(eventlog, job_id: str, after_seq: int) -> tuple[list[sse.Frame], int, bool]:
+    """Frames of the logged events after ``after_seq``, the last seq, and whether it ended."""
+    frames, sent = [], after_seq
+    for event in eventlog.replay(job_id, after_seq=after_seq):
+        frames.append(sse.logged(event))
+        sent = event.seq
+        if event.terminal:
+            return frames, sent, True
+    return frames, sent, False
