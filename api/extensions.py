@@ -8,6 +8,7 @@ from flask import Flask, current_app
 
 from api.fanout import ChannelHub
 from api import sse
+from queue_schema.admission import Admission
 from queue_schema.eventlog import EventLog
 
 
@@ -16,6 +17,7 @@ class Resources:
     redis: redis.Redis
     eventlog: EventLog
     channels: ChannelHub  # the process's one pub/sub connection, for every stream
+    admission: Admission
 
 
 def init_app(app: Flask) -> None:
@@ -28,8 +30,9 @@ def init_app(app: Flask) -> None:
         timeout=float(app.config["REDIS_POOL_TIMEOUT_S"]), socket_connect_timeout=2, socket_timeout=10,
         health_check_interval=30, retry_on_timeout=False)
     client = redis.Redis(connection_pool=pool)
-    app.extensions["inferq"] = Resources(client, EventLog(client, ttl_s=int(app.config["EVENT_TTL_S"])),
-                                         ChannelHub(client, decode=sse.relayed))
+    ttl = int(app.config["JOB_TTL_S"])
+    app.extensions["inferq"] = Resources(client, EventLog(client, ttl_s=ttl), ChannelHub(client, decode=sse.relayed),
+                                         Admission(client, log_ttl_s=ttl))
 
 
 def resources() -> Resources:

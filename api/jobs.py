@@ -3,36 +3,24 @@ from __future__ import annotations
 
 import logging
 
-import redis
 from flask import Blueprint, current_app, jsonify, request, url_for
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
-from rq.job import Job
-from rq.serializers import JSONSerializer
-
 from api.extensions import resources
-from queue_schema import jobs, keys, stats
+from queue_schema import books, jobs, keys, leases, stats
 from queue_schema.errors import ErrorCode, InferqError
-from queue_schema.events import End
+from queue_schema.eventlog import Appended
 from queue_schema.operations import InferOperation, JobAccepted, parse_operation
 
 log = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__)
 
 
-def submit(op: InferOperation) -> tuple[str, dict]:
-    """Check the model and the queue bound, then enqueue. Shared with the OpenAI routes."""
+def submit(op: InferOperation) -> tuple[str, int]:
+    """Admit the job (model check, queue bound, enqueue, ``queued`` event: one atomic step).
+    Shared with the OpenAI routes; returns the job id and its queue position."""
     res = resources()
-    snap = jobs.snapshot(res.redis, op.model)  # model, queue lengths and ETA inputs in one round trip
-    if snap.model is None:
-        raise InferqError(ErrorCode.MODEL_NOT_FOUND, f"no worker serves a model named {op.model!r}; "
-                          "see GET /v1/models")
-    bound = min(snap.model.queue_depth, int(current_app.config["MAX_QUEUE_DEPTH"]))
-    if snap.depth >= bound:
-        raise InferqError(ErrorCode.QUEUE_FULL, f"the queue for {op.model} is full ({bound} jobs); retry later",
-                          retriable=True, headers={"Retry-After": "5"})
-    job_id, queued = jobs.enqueue_infer(res.redis, res.eventlog, op, snap)
-    log.info("job %s queued for %s at position %d", job_id, op.model, queued.position)
-    return job_id, queued.model_dump()
+    admitted = res.admission.admit(op, int(current_app.config["MAX_QUEUE_DEPTH"]))
+    log.info("job %s queued for %s at position %d", admitted.job_id, op.model, admitted.position)
+    return admitted.job_id, admitted.position
 
 
 def _accepted(job_id: str):
@@ -98,25 +86,15 @@ def request_cancel(job_id: str, state: str) -> bool:
 
 
 def _cancel_queued(job_id: str) -> bool:
-    """End a queued job's stream ourselves; False if a worker got to it first."""
+    """End a queued job's stream ourselves; False if a worker holds it (the worker ends it)."""
     res = resources()
-    try:
-        Job.fetch(job_id, connection=res.redis, serializer=JSONSerializer).cancel()
-    except (InvalidJobOperation, NoSuchJobError):
-        pass
-    except ValueError:
-        # RQ raises this when the job's execution vanishes mid-cancel: a worker
-        # just took (or finished) it, so the cooperative cancel takes over.
+    job = books.fetch(res.redis, job_id)
+    if job is None or leases.cancel_queued(res.redis, job_id, job.origin) != 1:
         return False
-    event = End(job_id=job_id, seq=res.eventlog.next_seq(job_id), tokens_out=0, decode_time_ms=0,
-                stop_reason="cancelled", text="")
-    try:
-        ended = res.eventlog.append(event)
-    except redis.ResponseError:  # the seq was taken: a worker started it meanwhile
-        return False
+    ended = res.eventlog.append(jobs.cancelled_end(job_id, res.eventlog.next_seq(job_id))) == Appended.OK
+    pipe = res.redis.pipeline(transaction=False)
+    books.cancelled(pipe, job)
     if ended:
-        view = jobs.view(res.redis, res.eventlog, job_id)
-        pipe = res.redis.pipeline(transaction=False)
-        stats.count(pipe, "cancelled", (view.model if view else None) or "unknown")
-        pipe.execute()
+        stats.count(pipe, "cancelled", job.meta.get("model") or "unknown")
+    pipe.execute()
     return ended

@@ -65,17 +65,28 @@ class RedisCollector:
                                  labels=["worker", "model"])
         vram = GaugeMetricFamily("inferq_worker_vram_bytes", "GPU memory the worker's model uses",
                                  labels=["worker", "model"])
+        slots = GaugeMetricFamily("inferq_worker_slots", "Jobs the worker can decode at once",
+                                  labels=["worker", "model"])
+        busy = GaugeMetricFamily("inferq_worker_busy_slots", "Jobs the worker is decoding now",
+                                 labels=["worker", "model"])
+        batch = GaugeMetricFamily("inferq_worker_batch_size", "Sequences per decode call, recent average",
+                                  labels=["worker", "model"])
         tally: dict[tuple[str, str], int] = {}
+        jobs_running: dict[str, int] = {}
         for w in workers:
             tally[(w.model, w.state)] = tally.get((w.model, w.state), 0) + 1
+            jobs_running[w.model] = jobs_running.get(w.model, 0) + len(w.jobs)
             if w.last_tokens_per_sec is not None:
                 rate.add_metric([w.id, w.model], w.last_tokens_per_sec)
             vram.add_metric([w.id, w.model], w.vram_bytes)
+            slots.add_metric([w.id, w.model], w.slots)
+            busy.add_metric([w.id, w.model], len(w.jobs))
+            batch.add_metric([w.id, w.model], w.batch_size)
         for (model, state), n in sorted(tally.items()):
             by_state.add_metric([model, state], n)
         for model in models:
-            running.add_metric([model], tally.get((model, "busy"), 0))
-        yield from (by_state, running, rate, vram)
+            running.add_metric([model], jobs_running.get(model, 0))
+        yield from (by_state, running, rate, vram, slots, busy, batch)
 
 
 def _oldest_age(r: redis.Redis, q) -> float:

@@ -180,12 +180,14 @@ def _check_model_path(path: str) -> None:
 @click.option("--backend", default="auto", show_default=True, help="auto | ctransformers")
 @click.option("--gpu-layers", default=0, show_default=True, help="Layers to offload to the GPU.")
 @click.option("--threads", default=0, show_default=True, help="CPU threads (0: all cores but one).")
-@click.option("--ctx-size", default=0, show_default=True, help="Context length (0: the model's).")
+@click.option("--ctx-size", default=0, show_default=True, help="Context length per job (0: the model's, up to 4096).")
+@click.option("--parallel", default=0, show_default=True,
+              help="Jobs decoded together (0: 4 on CPU, 8 on a GPU; ctransformers: 1).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
 @click.option("--queue-depth", default=1000, show_default=True, help="Queued jobs past which the API answers 503.")
 @click.option("--burst", is_flag=True, help="Quit when the queues are empty.")
 @click.option("--redis-url", envvar="REDIS_URL", default="redis://127.0.0.1:6379/0", show_default=True)
-def worker(model, backend, gpu_layers, threads, ctx_size, device, queue_depth, burst, redis_url):
+def worker(model, backend, gpu_layers, threads, ctx_size, parallel, device, queue_depth, burst, redis_url):
     """Load one model and run its jobs until SIGTERM/Ctrl-C (the running job finishes first).
 
     \b
@@ -197,7 +199,8 @@ def worker(model, backend, gpu_layers, threads, ctx_size, device, queue_depth, b
 
     name, path = model
     _check_model_path(path)
-    spec = ModelSpec(name, path, backend, LoadOptions(threads=threads, gpu_layers=gpu_layers, ctx_size=ctx_size),
+    spec = ModelSpec(name, path, backend, LoadOptions(threads=threads, gpu_layers=gpu_layers, ctx_size=ctx_size,
+                                                      parallel=parallel),
                      device, queue_depth)
     progress = _LoadProgress(name, path)
     try:

@@ -1,13 +1,25 @@
 """The event log: each job's events in a Redis Stream, relayed live on pub/sub.
 
-``append`` writes an event to the job's stream *and* publishes it on the job's
-channel in one round trip (a Lua script, so a rejected write is never
-published). The stream entry id is ``<seq>-1``: Redis refuses an id that is not
-larger than the last one, so two writers can never give two events one seq,
-and a replay from a given seq is a plain XRANGE. Terminal events carry a
-``closed`` field and the script refuses any write after one, so a job's
-stream ends with exactly one ``end`` or ``error`` even when the API (cancel)
-and a worker race.
+``append`` writes events to their jobs' streams *and* publishes them on the
+jobs' channels in one round trip: one Lua call for any number of jobs, so a
+worker decoding eight sequences writes a decode step's events with one
+command, and a rejected write is never published.
+
+Every write is fenced. A job being run has a lease naming its one owner
+(``queue_schema.leases``); the script compares the writer with the owner in
+the same call and refuses the write if they differ, so a worker that lost its
+job (it froze, or was cut off from Redis while another process took the job
+over) can never interleave events with the new owner's. A job without a lease
+(queued, or released) can be written by the unowned writer ``""`` only: the
+API, logging a cancel.
+
+The stream entry id is ``<seq>-1``, so a replay from a given seq is a plain
+XRANGE and Redis itself keeps seqs unique. An event whose seq is already in
+the log is skipped as a duplicate (a batch retried after a lost reply); a
+seq that would leave a gap is refused. Terminal events carry a ``closed``
+field; the script refuses any write after one and, with it, releases the
+job's lease and takes it off the open-jobs index, so a job's stream ends with
+exactly one ``end`` or ``error``.
 
 The published message is ``"<seq> <type> <json>"`` (``-`` for no seq): the
 API's relay learns an event's seq and type without parsing its JSON, and the
@@ -15,34 +27,77 @@ SSE wire format stays the API's business (api/sse.py).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from enum import IntEnum
 
 import redis
 
 from queue_schema import keys
 from queue_schema.events import Narration, _Event, parse_event
 
-DEFAULT_TTL_S = 24 * 3600  # a finished job's log lives this long (replay, late watchers)
+# How long a job's log (and RQ's job hash and result) lives after it ends: replay, late watchers.
+DEFAULT_TTL_S = int(os.environ.get("INFERQ_JOB_TTL_S", 24 * 3600))
 NARRATION_LOG_MAXLEN = 10_000
+UNOWNED = ""  # the writer that may write jobs nobody holds a lease on
 
-# ARGV: ttl, then (entry id, event json, flask-sse message, terminal flag) per event.
-# One call writes a whole batch: the publisher's Python cost per event is
-# what competes with decoding for the GIL.
+
+class Appended(IntEnum):
+    """What happened to one job's events in an append."""
+
+    OK = 1
+    CLOSED = 0  # the log already ended: nothing written
+    FENCED = -1  # the writer does not hold the job's lease: nothing written
+    GAP = -2  # the first new seq is past the log's end: nothing written
+
+
+# KEYS: leases index, open-jobs index, then (stream, channel, lease) per job.
+# ARGV: writer, ttl, then per job: its id, n, then (seq, event json, published message, terminal) n times.
 _APPEND = """
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if last[1] and #last[1][2] > 2 then return 0 end
-for i = 2, #ARGV, 4 do
-  if ARGV[i + 3] == '1' then
-    redis.call('XADD', KEYS[1], ARGV[i], 'e', ARGV[i + 1], 'closed', '1')
-    redis.call('PUBLISH', KEYS[2], ARGV[i + 2])
-    redis.call('EXPIRE', KEYS[1], ARGV[1])
-    return 1
+local writer, ttl = ARGV[1], ARGV[2]
+local out = {}
+local a = 3
+for k = 3, #KEYS, 3 do
+  local stream, channel, lease = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  local job, n = ARGV[a], tonumber(ARGV[a + 1])
+  local first = a + 2
+  a = a + 2 + 4 * n
+  local owner = redis.call('HGET', lease, 'owner') or ''
+  local status = 1
+  local next_seq = 0
+  if owner ~= writer then
+    status = -1
+  else
+    local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+    if last then
+      if #last[2] > 2 then status = 0 end
+      next_seq = tonumber(string.match(last[1], '^(%d+)')) + 1
+    end
   end
-  redis.call('XADD', KEYS[1], ARGV[i], 'e', ARGV[i + 1])
-  redis.call('PUBLISH', KEYS[2], ARGV[i + 2])
+  if status == 1 then
+    for i = first, first + 4 * (n - 1), 4 do
+      local seq = tonumber(ARGV[i])
+      if seq > next_seq then status = -2 break end
+      if seq == next_seq then
+        if ARGV[i + 3] == '1' then
+          redis.call('XADD', stream, seq .. '-1', 'e', ARGV[i + 1], 'closed', '1')
+          redis.call('PUBLISH', channel, ARGV[i + 2])
+          redis.call('DEL', lease)
+          redis.call('ZREM', KEYS[1], job)
+          redis.call('ZREM', KEYS[2], job)
+          next_seq = seq + 1
+          break
+        end
+        redis.call('XADD', stream, seq .. '-1', 'e', ARGV[i + 1])
+        redis.call('PUBLISH', channel, ARGV[i + 2])
+        next_seq = seq + 1
+      end
+    end
+    redis.call('EXPIRE', stream, ttl)
+  end
+  out[#out + 1] = status
 end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return 1
+return out
 """
 _NARRATE = """
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
@@ -69,45 +124,44 @@ class EventLog:
         self._append = client.register_script(_APPEND)
         self._narrate = client.register_script(_NARRATE)
 
-    def append(self, event: _Event) -> bool:
-        """Write one event; False if the job's stream was already closed."""
-        return self.append_many([event])
+    def append(self, event: _Event, writer: str = UNOWNED) -> Appended:
+        """Write one job event (or narration) as ``writer``."""
+        if event.job_id is None:
+            self.append_many([event], writer)
+            return Appended.OK
+        return self.append_many([event], writer)[event.job_id]
 
-    def append_many(self, events: Sequence[_Event], pipe: redis.client.Pipeline | None = None) -> bool:
-        """Write events in order in one round trip: one script call per job's run of events.
+    def append_many(self, events: Sequence[_Event], writer: str = UNOWNED) -> dict[str, Appended]:
+        """Write events in order, in one round trip; what happened, per job.
 
-        With ``pipe`` the commands are only queued, for the caller to execute.
-        Raises ``redis.ResponseError`` if a seq is already taken; returns False if
-        the stream was closed by a terminal event before some of these.
+        Each job's events must have consecutive seqs. Narration is also added
+        to the operators' feed (one more script call in the same pipeline).
         """
-        own = pipe is None
-        pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
-        run_job, run_args = None, []
+        per_job: dict[str, list] = {}
+        narration = []
         for event in events:
             data = event.model_dump_json(exclude_none=True)
             if event.job_id is not None:
-                if event.job_id != run_job and run_args:
-                    self._flush_run(pipe, run_job, run_args)
-                    run_args = []
-                run_job = event.job_id
-                run_args += [_entry_id(event.seq), data, published(data, event.type, event.seq),
-                             "1" if event.terminal else "0"]
+                per_job.setdefault(event.job_id, []).extend(
+                    (event.seq, data, published(data, event.type, event.seq), "1" if event.terminal else "0"))
             if isinstance(event, Narration):
+                narration.append(data)
+        keys_, args = [keys.LEASES, keys.OPEN_JOBS], [writer, self.ttl_s]
+        for job_id, fields in per_job.items():
+            keys_ += [keys.job_events(job_id), keys.job_channel(job_id), keys.job_lease(job_id)]
+            args += [job_id, len(fields) // 4, *fields]
+        if not narration:
+            statuses = self._append(keys=keys_, args=args) if per_job else []
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            if per_job:
+                self._append(keys=keys_, args=args, client=pipe)
+            for data in narration:
                 self._narrate(keys=[keys.NARRATION_LOG, keys.NARRATION_CHANNEL],
-                              args=[data, published(data, event.type, None), NARRATION_LOG_MAXLEN], client=pipe)
-        if run_args:
-            self._flush_run(pipe, run_job, run_args)
-        if not own:
-            return True
-        results = pipe.execute(raise_on_error=False)
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
-        return all(results)
-
-    def _flush_run(self, pipe, job_id: str, args: list) -> None:
-        self._append(keys=[keys.job_events(job_id), keys.job_channel(job_id)], args=[self.ttl_s, *args],
-                     client=pipe)
+                              args=[data, published(data, "narration", None), NARRATION_LOG_MAXLEN], client=pipe)
+            results = pipe.execute()
+            statuses = results[0] if per_job else []
+        return {job_id: Appended(int(s)) for job_id, s in zip(per_job, statuses)}
 
     def replay(self, job_id: str, after_seq: int = -1, until_seq: int | None = None) -> list[_Event]:
         """Events with ``after_seq < seq`` (and ``seq <= until_seq`` if given), in order."""

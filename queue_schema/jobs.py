@@ -1,33 +1,22 @@
-"""How an operation becomes an RQ job, and how a job's state is read back.
+"""A job's state, read back from its event log (the truth) and RQ's books.
 
-Both the API (submit, status, cancel) and the worker (re-queue) go through
-here, so queue names, the job function and the serializer agree.
+Admission (``queue_schema.admission``) makes jobs; this module answers what
+they are doing now: queued (at which position, with an ETA), running, ended.
 """
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass
 
 import redis
 from rq import Queue
 from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from queue_schema import keys, registry, stats
 from queue_schema.eventlog import EventLog
-from queue_schema.events import Queued, _Event, now_ms
-from queue_schema.operations import InferOperation
-
-# The worker's entry point, named by string: the API never imports worker code.
-INFER_FUNC = "worker.infer_job.run_infer"
-RESULT_TTL_S = 24 * 3600
-# RQ's own hard timeout is a backstop behind the worker's cooperative deadline.
-RQ_TIMEOUT_GRACE_S = 60
-
-
-def new_job_id() -> str:
-    return uuid.uuid4().hex
+from queue_schema.events import End, _Event, now_ms
 
 
 def queue(client: redis.Redis, model: str, priority: str) -> Queue:
@@ -40,8 +29,17 @@ def model_queues(client: redis.Redis, model: str) -> list[Queue]:
 
 
 def queue_key(model: str, priority: str) -> str:
-    """The Redis list RQ keeps for the queue (RQ's prefix, our name): read without building a Queue."""
-    return Queue.redis_queue_namespace_prefix + keys.queue_name(model, priority)
+    """The Redis list RQ keeps for the queue: read without building a Queue."""
+    return keys.rq_queue(keys.queue_name(model, priority))
+
+
+def started_registry(client: redis.Redis, queue_name: str) -> StartedJobRegistry:
+    return StartedJobRegistry(queue_name, connection=client, serializer=JSONSerializer)
+
+
+def cancelled_end(job_id: str, seq: int) -> End:
+    """The terminal event of a job cancelled before it produced anything."""
+    return End(job_id=job_id, seq=seq, tokens_out=0, decode_time_ms=0, stop_reason="cancelled", text="")
 
 
 @dataclass
@@ -52,6 +50,7 @@ class QueueSnapshot:
     lengths: dict[str, int]  # priority -> waiting jobs
     job_seconds: float | None
     serving_workers: int
+    slots: int = 1  # jobs each serving worker runs at once
 
     @property
     def depth(self) -> int:
@@ -62,10 +61,10 @@ class QueueSnapshot:
         return sum(self.lengths[p] for p in keys.PRIORITIES[: keys.PRIORITIES.index(priority) + 1])
 
     def eta(self, position: int) -> float | None:
-        """Wait before a job at ``position`` starts: jobs ahead x recent job time / serving workers."""
+        """Wait before a job at ``position`` starts: jobs ahead x recent job time / slots serving."""
         if self.job_seconds is None or not self.serving_workers:
             return None
-        return round((position + 1) * self.job_seconds / self.serving_workers, 2)
+        return round((position + 1) * self.job_seconds / (self.serving_workers * max(1, self.slots)), 3)
 
 
 def snapshot(client: redis.Redis, model: str) -> QueueSnapshot:
@@ -78,38 +77,13 @@ def snapshot(client: redis.Redis, model: str) -> QueueSnapshot:
     pipe.zcount(keys.model_workers(model), now - registry.WORKER_TTL_S, "+inf")
     blob, *rest = pipe.execute()
     lengths, (per_job, serving) = dict(zip(keys.PRIORITIES, rest[:-2])), rest[-2:]
-    return QueueSnapshot(registry.ModelInfo.model_validate_json(blob) if blob else None, lengths,
-                         float(per_job) if per_job is not None else None, int(serving))
+    model_info = registry.ModelInfo.model_validate_json(blob) if blob else None
+    return QueueSnapshot(model_info, lengths, float(per_job) if per_job is not None else None, int(serving),
+                         model_info.slots if model_info else 1)
 
 
 def depth(client: redis.Redis, model: str) -> int:
     return snapshot(client, model).depth
-
-
-def enqueue_infer(client: redis.Redis, log: EventLog, op: InferOperation, snap: QueueSnapshot) -> tuple[str, Queued]:
-    """Log the ``queued`` event and enqueue the job in one round trip; ``snap`` gives position and ETA."""
-    job_id = new_job_id()
-    q = queue(client, op.model, op.priority)
-    position = snap.ahead(op.priority)
-    event = Queued(job_id=job_id, seq=0, position=position, queue=q.name, eta_s=snap.eta(position))
-    # One MULTI/EXEC: a worker can never see the job before its ``queued`` event.
-    pipe = client.pipeline()
-    q.enqueue_call(
-        INFER_FUNC,
-        kwargs={"payload": op.model_dump(mode="json", exclude_none=True)},
-        job_id=job_id,
-        timeout=op.timeout_s + RQ_TIMEOUT_GRACE_S,
-        result_ttl=RESULT_TTL_S,
-        failure_ttl=RESULT_TTL_S,
-        description=f"infer {op.model} max_tokens={op.max_tokens}",  # never the prompt
-        meta={"model": op.model, "priority": op.priority, "submitted_ms": event.ts,
-              "expires_ms": event.ts + op.ttl_s * 1000 if op.ttl_s else None},
-        pipeline=pipe,
-    )
-    log.append_many([event], pipe=pipe)
-    stats.count(pipe, "submitted", op.model)
-    pipe.execute()
-    return job_id, event
 
 
 @dataclass
@@ -125,6 +99,7 @@ class JobView:
     started_ms: int | None
 
     eta_s: float | None = None
+    metadata: dict | None = None  # the submitter's, echoed with the result
 
     def to_dict(self) -> dict:
         out: dict = {"job_id": self.job_id, "state": self.state, "model": self.model,
@@ -133,7 +108,7 @@ class JobView:
         t = self.terminal
         if t is not None and t.type == "end":
             out["result"] = {"text": t.text, "tokens_out": t.tokens_out, "stop_reason": t.stop_reason,
-                             "decode_time_ms": t.decode_time_ms}
+                             "decode_time_ms": t.decode_time_ms, "metadata": self.metadata or {}}
             out["finished_ms"] = t.ts
         elif t is not None:
             out["error"] = {"code": t.code, "message": t.message, "retriable": t.retriable}
@@ -175,7 +150,15 @@ def view(client: redis.Redis, log: EventLog, job_id: str) -> JobView | None:
         else:
             state = "running"
     eta = snap.eta(position) if position is not None else None
-    return JobView(job_id, state, meta.get("model"), position, terminal, meta.get("submitted_ms"), started_ms, eta)
+    return JobView(job_id, state, meta.get("model"), position, terminal, meta.get("submitted_ms"), started_ms, eta,
+                   _metadata(job) if terminal is not None else None)
+
+
+def _metadata(job: Job | None) -> dict | None:
+    try:
+        return (job.kwargs.get("payload") or {}).get("metadata") if job is not None else None
+    except Exception:  # a job hash that is not an inferq job's
+        return None
 
 
 def _position(client: redis.Redis, job: Job, snap: QueueSnapshot | None) -> int | None:

@@ -29,10 +29,10 @@ class WorkerInfo(BaseModel):
     backend_reason: str = ""
     device: str = "cpu"
     state: str = "loading"  # loading | idle | busy | unhealthy | stopping
-    current_job: str | None = None
-    # Bumped each time the worker re-registers with RQ after losing Redis; jobs
-    # an older incarnation started are not running any more.
-    incarnation: int = 0
+    slots: int = 1  # jobs it decodes at once
+    jobs: list[str] = []  # the ids running now
+    current_job: str | None = None  # the first of ``jobs`` (kept for older readers)
+    batch_size: float = 0.0  # sequences per decode call, averaged over recent steps
     last_tokens_per_sec: float | None = None
     vram_bytes: int = 0
     context_length: int = 0
@@ -47,6 +47,7 @@ class ModelInfo(BaseModel):
     context_length: int
     queue_depth: int  # the bound past which the API answers 503
     backend: str
+    slots: int = 1  # jobs one of its workers decodes at once
     last_seen: float = 0.0
 
 

@@ -144,7 +144,8 @@ def tiny(worker_factory, tiny_model, backend_name) -> str:
 
 @pytest.fixture(scope="session")
 def slow_worker(worker_factory, slow_model) -> WorkerProcess:
-    return worker_factory("slow", slow_model)
+    """One job at a time: the tests that use it queue jobs behind a running one."""
+    return worker_factory("slow", slow_model, "--parallel", "1")
 
 
 @pytest.fixture()

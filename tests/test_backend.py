@@ -3,7 +3,7 @@ import pytest
 
 from inferq.testmodel import make_llama_gguf
 from worker.backends import LoadOptions, ModelLoadError, load_backend
-from worker.sampling import Sampler
+from worker.backends.base import SamplingParams
 
 WIDE = ("😀漢字🎉한국어ß∑" * 1000)[:5000]
 
@@ -41,20 +41,20 @@ def test_byte_fallback_prompt_of_5000_characters_round_trips(backend):
 
 def test_greedy_decoding_is_deterministic_and_prefix_reuse_is_exact(backend):
     prompt = backend.tokenize("the data model")
-    first = take(backend.generate(prompt, Sampler(temperature=0)), 40)
+    first = take(backend.generate(prompt, SamplingParams.greedy()), 40)
     # Same prompt again: the cached prefix is reused; the output must not change.
-    again = take(backend.generate(prompt, Sampler(temperature=0)), 40)
-    other = take(backend.generate(backend.tokenize("import queue"), Sampler(temperature=0)), 5)
-    after_other = take(backend.generate(prompt, Sampler(temperature=0)), 40)
+    again = take(backend.generate(prompt, SamplingParams.greedy()), 40)
+    other = take(backend.generate(backend.tokenize("import queue"), SamplingParams.greedy()), 5)
+    after_other = take(backend.generate(prompt, SamplingParams.greedy()), 40)
     assert first == again == after_other
     assert len(first) == 40 and other
 
 
 def test_health_probe_decodes_and_leaves_generation_unchanged(backend):
     prompt = backend.tokenize("the data model")
-    before = take(backend.generate(prompt, Sampler(temperature=0)), 10)
+    before = take(backend.generate(prompt, SamplingParams.greedy()), 10)
     assert backend.health() is True
-    assert take(backend.generate(prompt, Sampler(temperature=0)), 10) == before
+    assert take(backend.generate(prompt, SamplingParams.greedy()), 10) == before
 
 
 def test_generation_stops_when_asked(backend):
@@ -64,7 +64,7 @@ def test_generation_stops_when_asked(backend):
         calls.append(1)
         return len(calls) > 5
 
-    out = list(backend.generate(backend.tokenize("hello"), Sampler(temperature=0), should_stop))
+    out = list(backend.generate(backend.tokenize("hello"), SamplingParams.greedy(), should_stop))
     assert len(out) <= 5
 
 

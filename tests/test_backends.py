@@ -9,7 +9,7 @@ from tests.conftest import ROOT
 from worker.backends import LoadOptions, ModelLoadError, load_backend
 from worker.backends.selection import choose, ctransformers_refusal, installed
 from worker.gguf_meta import GGUFInfo, read_info
-from worker.sampling import Sampler
+from worker.backends.base import SamplingParams
 
 needs_llama = pytest.mark.skipif("llama-cpp" not in installed(), reason="llama-cpp is not installed")
 
@@ -86,7 +86,7 @@ def test_both_backends_read_the_same_file_alike(tiny_model):
 
     def greedy(backend, n=12):
         out = []
-        for token in backend.generate(prompt, Sampler(temperature=0)):
+        for token in backend.generate(prompt, SamplingParams.greedy()):
             out.append(token)
             if len(out) == n:
                 break

@@ -88,4 +88,5 @@ def test_kill_a_worker_and_restart_redis_mid_run(chaos_stack):
             assert status["state"] == "finished"
         else:
             assert last["code"] == "WORKER_LOST" and status["state"] == "failed"
-    assert outcomes["end"] >= len(job_ids) - 2  # at most the jobs the victim held when killed
+    # At most the jobs the victim held when killed (a worker decodes up to 4 at once by default).
+    assert outcomes["error"] <= 4 and outcomes["end"] + outcomes["error"] == len(job_ids)

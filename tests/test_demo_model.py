@@ -14,7 +14,7 @@ from inferq import demo_model
 from tests.conftest import ROOT
 from worker.backends import LoadOptions, load_backend
 from worker.backends.selection import installed
-from worker.sampling import Sampler
+from worker.backends.base import SamplingParams
 
 REFERENCE = json.loads((ROOT / "models" / "demo-reference.json").read_text())
 BACKENDS = ["ctransformers", "llama-cpp"]
@@ -97,7 +97,7 @@ def test_greedy_continuation_matches_pytorch(backend, case):
     expected = [t for t in case["greedy_ids"][:n] if t != EOS]
     got = []
     # Plain greedy: the reference has no repetition penalty.
-    for token in backend.generate(case["prompt_ids"], Sampler(temperature=0, repetition_penalty=1.0)):
+    for token in backend.generate(case["prompt_ids"], SamplingParams.greedy(repetition_penalty=1.0)):
         if len(got) == len(expected):
             break
         got.append(token)

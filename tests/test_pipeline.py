@@ -69,7 +69,7 @@ def test_late_subscriber_and_last_event_id_get_exactly_the_missing_events(client
 
 
 def test_reconnect_mid_stream_with_last_event_id(client, slow_worker):
-    job = submit(client, model="slow", prompt="go", max_tokens=400, temperature=0)
+    job = submit(client, model="slow", prompt="go", max_tokens=400, repetition_penalty=1.0, temperature=0)
     first = events(client, job, limit=12)
     rest = events(client, job, last_event_id=first[-1]["seq"])
     seqs = [e["seq"] for e in first + rest]
@@ -164,14 +164,15 @@ def test_metadata_is_echoed_in_the_result(client, r, tiny):
     from rq.serializers import JSONSerializer
 
     job, _ = run(client, tiny, prompt="meta", max_tokens=2, metadata={"user": "u1", "n": 3})
-    # RQ stores the return value a moment after the worker logged `end`.
+    assert client.get(f"/v1/jobs/{job}").get_json()["result"]["metadata"] == {"user": "u1", "n": 3}
+    # RQ keeps the job's summary as its result (rq-dashboard renders it): never user text or metadata.
     result = wait_until(lambda: Job.fetch(job, connection=r, serializer=JSONSerializer).return_value(),
                         what="RQ's stored result")
-    assert result["metadata"] == {"user": "u1", "n": 3}
+    assert result["tokens_out"] == 2 and "metadata" not in result and "text" not in result
 
 
 def test_cancel_queued_then_running(client, slow_worker):
-    running = submit(client, model="slow", prompt="long", max_tokens=3500, temperature=0)
+    running = submit(client, model="slow", prompt="long", max_tokens=3500, repetition_penalty=1.0, temperature=0)
     waiting = submit(client, model="slow", prompt="queued", max_tokens=10)
     assert events(client, running, until="token")[-1]["type"] == "token"
 
@@ -244,16 +245,16 @@ def test_keep_alive_comments_while_a_job_waits(live_api, worker_factory, tiny_mo
 
 def test_a_job_the_worker_cannot_read_still_ends_its_stream(client, r, tiny):
     """Enqueued past the API (an old client, a hand-made job): the worker answers with an error event."""
-    from queue_schema import jobs as job_contract
+    from queue_schema import admission, jobs as job_contract
     from queue_schema.events import Queued
 
-    job_id = job_contract.new_job_id()
+    job_id = admission.new_job_id()
     queue = job_contract.queue(r, tiny, "normal")
     from api.extensions import resources
 
     with client.application.app_context():
         resources().eventlog.append(Queued(job_id=job_id, seq=0, position=0, queue=queue.name))
-    queue.enqueue_call(job_contract.INFER_FUNC, kwargs={"payload": {"operation": "infer", "model": tiny,
+    queue.enqueue_call(admission.INFER_FUNC, kwargs={"payload": {"operation": "infer", "model": tiny,
                                                                     "prompt": None, "max_tokens": "x"}},
                        job_id=job_id, meta={"model": tiny, "priority": "normal"})
     last = events(client, job_id)[-1]

@@ -27,7 +27,7 @@ def worker_running(r, job_id):
 
 def test_killed_worker_mid_job_gives_worker_lost_and_nothing_else_is_lost(client, r, worker_factory, slow_model):
     a, b = worker_factory("lost", slow_model), worker_factory("lost", slow_model)
-    victim = submit(client, model="lost", prompt="go", max_tokens=3500, temperature=0)
+    victim = submit(client, model="lost", prompt="go", max_tokens=3500, repetition_penalty=1.0, temperature=0)
     assert events(client, victim, until="token")[-1]["type"] == "token"
     running = wait_until(lambda: worker_running(r, victim), what="the job's worker")
     killed = a if running.pid == a.proc.pid else b
@@ -65,7 +65,7 @@ def test_worker_killed_before_the_first_token_is_requeued_once(client, r, worker
 
 
 def test_decoding_past_timeout_ends_with_timeout(client, slow_worker):
-    job = submit(client, model="slow", prompt="go", max_tokens=3500, temperature=0, timeout_s=1)
+    job = submit(client, model="slow", prompt="go", max_tokens=3500, repetition_penalty=1.0, temperature=0, timeout_s=1)
     last = events(client, job)[-1]
     assert last["type"] == "error" and last["code"] == "TIMEOUT"
     assert client.get(f"/v1/jobs/{job}").get_json()["state"] == "failed"
@@ -139,7 +139,7 @@ def test_redis_restart_workers_and_api_recover(tmp_path, tiny_model):
 def test_redis_outage_mid_job_loses_no_events_and_leaves_the_worker_prompt(tmp_path, slow_model):
     with own_redis_with_worker(tmp_path, "outage", slow_model) as (server, worker, app):
         # The deadline ends the job 1 s in, whatever this machine's speed: inside the outage.
-        job = submit(app, model="outage", prompt="go", max_tokens=4000, temperature=0, timeout_s=1)
+        job = submit(app, model="outage", prompt="go", max_tokens=4000, repetition_penalty=1.0, temperature=0, timeout_s=1)
         assert events(app, job, until="token")[-1]["type"] == "token"
         server.stop()
         time.sleep(3)
@@ -159,30 +159,22 @@ def test_redis_outage_mid_job_loses_no_events_and_leaves_the_worker_prompt(tmp_p
         assert "Timeout reading" not in worker.log(), worker.log()
 
 
-def test_redis_lost_during_rqs_bookkeeping_leaves_the_worker_serving(tmp_path, tiny_model):
-    """Redis going away between a job's end and RQ's bookkeeping ends RQ's loop with an
-    error out of its own teardown; the worker must wait, register again, and the job
-    its old registration had started must not stay "started" forever."""
-    with own_redis_with_worker(tmp_path, "phoenix", tiny_model) as (server, worker, app):
-        client = redis.Redis.from_url(server.url)
-        queue = Queue(keys.queue_name("phoenix", "normal"), connection=client, serializer=JSONSerializer)
-        marker = tmp_path / "shut-down-once"
-        job = queue.enqueue("tests.helpers.shut_redis_down_once", server.url, str(marker))
-        wait_until(lambda: not _pings(client), what="the job to take Redis down")
-        # Restart Redis only once RQ has given up (or the worker has died, as it used to).
-        wait_until(lambda: worker.proc.poll() is not None or "RQ's loop ended" in worker.log(),
-                   what="RQ's loop to end", timeout=30)
-        server.start()
-        wait_until(lambda: any(w.model == "phoenix" and w.state == "idle" and w.incarnation == 1
-                               for w in registry.live_workers(client)), what="the worker to register again")
-        # RQ knows it under its new name only (the old one would show in rq-dashboard for minutes).
-        assert [w.name.rsplit("~", 1)[1] for w in Worker.all(connection=client)] == ["1"]
-        # The reaper sees the job's owner is a past incarnation; it ran again on the new one.
-        wait_until(lambda: job.get_status(refresh=True) == JobStatus.FINISHED, what="the job to finish",
-                   timeout=30)
-        assert job.return_value() == "second run"
-        assert worker.proc.poll() is None, worker.log()
-        assert events(app, submit(app, model="phoenix", prompt="after", max_tokens=5))[-1]["type"] == "end"
+@pytest.mark.parametrize("func", ["os.getpid", "tests.helpers.shut_redis_down_once"])
+def test_workers_run_only_inferq_jobs(tmp_path, r, redis_url, tiny_worker, func):
+    """Anything that can write to Redis could once run code in a worker by naming a function."""
+    from rq.registry import FailedJobRegistry
+
+    queue = Queue(keys.queue_name("tiny", "normal"), connection=r, serializer=JSONSerializer)
+    marker = tmp_path / "ran"
+    args = (redis_url, str(marker)) if func.startswith("tests.") else ()
+    job = queue.enqueue(func, *args)
+    wait_until(lambda: job.get_status(refresh=True) == JobStatus.FAILED, what="the worker to refuse the job")
+    assert job.id in FailedJobRegistry(queue=queue).get_job_ids()
+    assert "inferq's own jobs" in job.latest_result().exc_string and func in job.latest_result().exc_string
+    assert r.ttl(job.key) > 0  # failed jobs expire like finished ones
+    assert not marker.exists() and r.ping()
+    last = __import__("queue_schema.eventlog", fromlist=["EventLog"]).EventLog(r).last(job.id)
+    assert last.type == "error" and last.code == "INVALID_REQUEST"
 
 
 def _pings(client) -> bool:

@@ -36,8 +36,8 @@ def random_pieces(rng: random.Random) -> list[str]:
 def emit_job(redis_url: str, pieces: list[str]) -> str:
     """Write a job's whole stream with the worker's own emitter and publisher."""
     job_id = f"sse-{uuid.uuid4().hex}"
-    publisher = EventPublisher(EventLog(redis.Redis.from_url(redis_url)))
-    emitter = JobEmitter(job_id, publisher, 0)
+    publisher = EventPublisher(EventLog(redis.Redis.from_url(redis_url)), writer="")  # no lease: unowned
+    emitter = JobEmitter(job_id, publisher.put, 0)
     emitter.emit("queued", position=0, queue="inferq.sse.normal")
     emitter.emit("started", model="sse", worker="test", queue_wait_ms=0)
     for i, piece in enumerate(pieces):

@@ -47,7 +47,7 @@ def _ready(api):
 
 
 def test_worker_finishes_its_job_on_sigterm_and_exits_0(client, worker_factory, slow_model):
-    w = worker_factory("term", slow_model)
+    w = worker_factory("term", slow_model, "--parallel", "1")
     job = submit(client, model="term", prompt="finish me", max_tokens=600, temperature=0)
     assert events(client, job, until="token")[-1]["type"] == "token"
     queued_after = submit(client, model="term", prompt="not taken", max_tokens=2)

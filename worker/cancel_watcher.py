@@ -1,9 +1,10 @@
-"""Cooperative cancellation: the token loop asks between tokens.
+"""Cooperative cancellation: the scheduler asks between decode steps.
 
-The API publishes a job id on the cancel channel (and sets a flag key for a
-job that has not reached a worker yet). One thread per worker listens and
-trips an Event when it names the running job, so the token loop's check is a
-memory read, not a Redis round trip.
+The API sets a flag key for the job and publishes its id on the cancel
+channel. One thread per worker listens and trips the Event of a job it runs,
+so the scheduler's check is a memory read, not a Redis round trip. A message
+published while the listener was reconnecting is lost, so after every
+(re)subscribe the flags of all watched jobs are read again.
 """
 from __future__ import annotations
 
@@ -21,28 +22,36 @@ log = logging.getLogger(__name__)
 class CancelWatcher:
     def __init__(self, client: redis.Redis):
         self.redis = client
-        self._job_id: str | None = None
-        self._cancelled = threading.Event()
+        self._watched: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._ready = threading.Event()
         threading.Thread(target=self._listen, name="inferq-cancel", daemon=True).start()
         self._ready.wait(5)
 
-    def watch(self, job_id: str) -> None:
-        """Start watching ``job_id``; already cancelled if the flag was set before it arrived."""
+    def watch(self, job_id: str) -> threading.Event:
+        """Start watching ``job_id``; the Event is already set if it was cancelled before it arrived."""
+        event = threading.Event()
         with self._lock:
-            self._job_id = job_id
-            self._cancelled.clear()
+            self._watched[job_id] = event
         if self.redis.exists(keys.job_cancel(job_id)):
-            self._cancelled.set()
+            event.set()
+        return event
 
-    def clear(self) -> None:
+    def unwatch(self, job_id: str) -> None:
         with self._lock:
-            self._job_id = None
-            self._cancelled.clear()
+            self._watched.pop(job_id, None)
 
-    def is_cancelled(self) -> bool:
-        return self._cancelled.is_set()
+    def _recheck(self) -> None:
+        with self._lock:
+            watched = dict(self._watched)
+        if not watched:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in watched:
+            pipe.exists(keys.job_cancel(job_id))
+        for (job_id, event), flagged in zip(watched.items(), pipe.execute()):
+            if flagged:
+                event.set()
 
     def _listen(self) -> None:
         delay = 0.1
@@ -50,15 +59,16 @@ class CancelWatcher:
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(keys.CANCEL_CHANNEL)
+                self._recheck()
                 self._ready.set()
                 delay = 0.1
                 for message in pubsub.listen():
                     if message["type"] != "message":
                         continue
-                    job_id = message["data"].decode()
                     with self._lock:
-                        if job_id == self._job_id:
-                            self._cancelled.set()
+                        event = self._watched.get(message["data"].decode())
+                    if event is not None:
+                        event.set()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self._ready.set()
                 log.warning("cancel listener lost redis (%s); reconnecting in %.1fs", exc, delay)

@@ -1,12 +1,12 @@
-"""The function RQ runs for an ``infer`` job (named by ``queue_schema.jobs.INFER_FUNC``)."""
+"""The name ``infer`` jobs carry (``queue_schema.admission.INFER_FUNC``), and what it does under plain RQ.
+
+inferq workers never call it: they read the job's payload and decode it with
+the scheduler. RQ's own ``rq worker`` pointed at an inferq queue would import
+and call it, and it says why that cannot work instead of running anything.
+"""
 from __future__ import annotations
-
-from rq import get_current_job
-
-from worker import runtime
-from worker.job_runner import run_job
 
 
 def run_infer(payload: dict) -> dict:
-    job = get_current_job()
-    return run_job(runtime.current(), job.id, payload, job.meta)
+    raise RuntimeError("infer jobs run only in an inferq worker (inferq worker --model NAME=PATH), "
+                       "which keeps the model loaded; RQ's own worker cannot run them")

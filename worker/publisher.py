@@ -1,8 +1,16 @@
 """A thread that writes events to Redis so decoding never waits on the network.
 
-The token loop hands events over and moves on; the thread drains whatever is
-pending into one pipeline per round trip. If Redis is unreachable it keeps the
-batch and retries with backoff: events are delayed, never dropped or reordered.
+The scheduler hands over a decode step's events at once and moves on; the
+thread drains whatever is pending into one fenced append (one Lua call for
+every job in it, ``queue_schema.eventlog``). While Redis cannot take writes
+(down, loading, read-only after a failover, out of memory) it keeps the batch
+and retries with backoff: events are delayed, never dropped or reordered. The
+buffer is bounded: past ``MAX_PENDING`` events the runtime ends its jobs with
+a retriable error, which is written once Redis is back.
+
+What the log said about each job comes back through ``on_result``: a job the
+worker no longer holds (FENCED), or whose log ended (CLOSED), must stop; a
+terminal event written means the job's books can be closed.
 """
 from __future__ import annotations
 
@@ -10,34 +18,57 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterable
 
-import redis
-
-from queue_schema.eventlog import EventLog
+from queue_schema.eventlog import Appended, EventLog
 from queue_schema.events import EVENT_TYPES, _Event, now_ms
+from queue_schema.redis_errors import unavailable
 
 log = logging.getLogger(__name__)
-MAX_BATCH = 512
+MAX_BATCH = 1024
+MAX_PENDING = 200_000  # events held while Redis is away (about 40 MB)
 # In a burst (events coming faster than one per BURST_S), wait LINGER_S after the
 # first pending event before writing: one wake-up and one round trip per few
-# tokens instead of per token. Each wake-up steals a core from the decode
-# threads, which matters more than 2 ms on a stream. Outside a burst (the first
-# token after the prompt, or a model slower than 200 tokens/s) there is nothing
-# to batch, and the event goes out at once.
+# steps instead of per step. Each wake-up steals a core from the decode threads,
+# which matters more than 2 ms on a stream. Outside a burst there is nothing to
+# batch, and the event goes out at once.
 LINGER_S = 0.002
 BURST_S = 0.005
 
+OnResult = Callable[[str, Appended, bool], None]  # job id, what the log said, a terminal event was written
+
 
 class EventPublisher:
-    def __init__(self, eventlog: EventLog):
+    def __init__(self, eventlog: EventLog, writer: str, on_result: OnResult | None = None):
         self.eventlog = eventlog
+        self.writer = writer  # the lease owner this process writes as
+        self.on_result = on_result
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending = 0
+        self._lock = threading.Lock()
         self._last_write = 0.0
+        self.redis_down_since: float | None = None
         self._thread = threading.Thread(target=self._run, name="inferq-publisher", daemon=True)
         self._thread.start()
 
     def put(self, event: _Event) -> None:
+        with self._lock:
+            self._pending += 1
         self._queue.put(event)
+
+    def put_many(self, events: list[_Event]) -> None:
+        if events:
+            with self._lock:
+                self._pending += len(events)
+            self._queue.put(events)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    @property
+    def overflowing(self) -> bool:
+        return self._pending > MAX_PENDING
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until every event put so far is in Redis."""
@@ -47,50 +78,69 @@ class EventPublisher:
 
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            if not isinstance(batch[0], threading.Event) and time.monotonic() - self._last_write < BURST_S:
+            items = [self._queue.get()]
+            if not isinstance(items[0], threading.Event) and time.monotonic() - self._last_write < BURST_S:
                 time.sleep(LINGER_S)
-            while len(batch) < MAX_BATCH:
+            count = _count(items[0])
+            while count < MAX_BATCH:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            events = [e for e in batch if not isinstance(e, threading.Event)]
+                items.append(item)
+                count += _count(item)
+            events = [e for item in items if not isinstance(item, threading.Event) for e in _events(item)]
             if events:
-                self._write(events)
+                try:
+                    self._write(events)
+                except Exception:  # a bug: log it, never stop publishing the other jobs' events
+                    log.exception("dropped %d events that could not be written", len(events))
+                with self._lock:
+                    self._pending -= len(events)
                 self._last_write = time.monotonic()
-            for marker in batch:
-                if isinstance(marker, threading.Event):
-                    marker.set()
+            for item in items:
+                if isinstance(item, threading.Event):
+                    item.set()
 
     def _write(self, events: list[_Event]) -> None:
         delay = 0.05
         while True:
             try:
-                self.eventlog.append_many(events)
-                return
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                results = self.eventlog.append_many(events, self.writer)
+                break
+            except Exception as exc:
+                if not unavailable(exc):
+                    raise
+                if self.redis_down_since is None:
+                    self.redis_down_since = time.monotonic()
                 log.warning("redis unavailable while publishing %d events (%s); retrying in %.1fs",
                             len(events), exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-            except redis.ResponseError as exc:
-                # A seq already taken (e.g. the API logged a cancel first): the log
-                # keeps the first writer's event; later events of this batch are retried alone.
-                log.warning("event log rejected a write for job %s: %s", events[0].job_id, exc)
-                if len(events) == 1:
-                    return
-                for event in events:
-                    self._write([event])
-                return
+        self.redis_down_since = None
+        if self.on_result is None:
+            return
+        terminal = {e.job_id for e in events if e.job_id is not None and e.terminal}
+        for job_id, status in results.items():
+            if status != Appended.OK:
+                log.warning("job %s: the event log refused this worker's events (%s)", job_id, status.name)
+            self.on_result(job_id, status, status == Appended.OK and job_id in terminal)
+
+
+def _count(item) -> int:
+    return len(item) if isinstance(item, list) else (0 if isinstance(item, threading.Event) else 1)
+
+
+def _events(item) -> Iterable[_Event]:
+    return item if isinstance(item, list) else (item,)
 
 
 class JobEmitter:
-    """Builds a job's events with consecutive seq numbers and hands them to the publisher."""
+    """Builds a job's events with consecutive seqs and hands them to ``sink`` (by default, the publisher)."""
 
-    def __init__(self, job_id: str, publisher: EventPublisher, first_seq: int):
+    def __init__(self, job_id: str, sink: Callable[[_Event], None], first_seq: int):
         self.job_id = job_id
-        self.publisher = publisher
+        self.sink = sink
         self.seq = first_seq
 
     def emit(self, type_: str, **fields) -> _Event:
@@ -100,5 +150,5 @@ class JobEmitter:
         else:
             event = cls(job_id=self.job_id, seq=self.seq, **fields)
         self.seq += 1
-        self.publisher.put(event)
+        self.sink(event)
         return event

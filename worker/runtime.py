@@ -1,7 +1,14 @@
-"""A worker process's state: its loaded model and the threads around it.
+"""A worker process's state: its loaded model, its scheduler and the threads around them.
 
-One process holds one model for its whole life. The RQ job function finds
-the runtime through ``current()`` because RQ calls jobs by import path.
+One process holds one model for its whole life. Threads:
+
+- the engine (the thread that calls ``serve``): the scheduler's decode loop;
+- intake: takes jobs while slots are free (``worker.intake``);
+- publisher: writes events to Redis (``worker.publisher``);
+- heartbeat: renews the leases of the jobs it holds every second and
+  re-publishes the worker's record every two (``queue_schema.registry``);
+- reaper: looks for jobs other processes lost (``queue_schema.reaper``);
+- cancel: listens for cancels (``worker.cancel_watcher``).
 """
 from __future__ import annotations
 
@@ -14,18 +21,25 @@ import uuid
 from dataclasses import dataclass, field
 
 import redis
+from rq import Worker
+from rq.serializers import JSONSerializer
 
-from queue_schema import log_context, registry
-from queue_schema.eventlog import EventLog
+from queue_schema import jobs as job_views, log_context, registry
+from queue_schema.eventlog import Appended, EventLog
 from queue_schema.events import Narration
-from worker import gpu, narration, reaper
+from queue_schema.leases import Leases
+from queue_schema.reaper import Reaper
+from worker import gpu, narration
 from worker.backends import Backend, LoadOptions, load_backend
 from worker.cancel_watcher import CancelWatcher
 from worker.gguf_meta import GGUFInfo
+from worker.jobs import Jobs
 from worker.publisher import EventPublisher
+from worker.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
-_current: "WorkerRuntime | None" = None
+LEASE_RENEW_S = 1.0
+CHANGE_COALESCE_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -39,26 +53,32 @@ class ModelSpec:
 
 
 class WorkerRuntime:
-    def __init__(self, client: redis.Redis, spec: ModelSpec, worker_id: str | None = None):
+    def __init__(self, client: redis.Redis, spec: ModelSpec, worker_id: str | None = None,
+                 listen_client: redis.Redis | None = None):
+        """``listen_client`` serves the connections that block (cancel pub/sub); it needs no socket timeout."""
         self.redis = client
         self.spec = spec
         self.id = worker_id or f"{spec.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.eventlog = EventLog(client)
-        self.publisher = EventPublisher(self.eventlog)
+        self.leases = Leases(client)
+        self.jobs = Jobs(self)
+        self.publisher = EventPublisher(self.eventlog, writer=self.id, on_result=self.jobs.logged)
+        self.cancel = CancelWatcher(listen_client or client)
+        self.reaper = Reaper(client, f"{self.id}/reaper", self.eventlog)
         self.state = "loading"
-        self.current_job: str | None = None
-        self.incarnation = 0
         self.last_tokens_per_sec: float | None = None
         self.backend: Backend | None = None
+        self.scheduler: Scheduler | None = None
         self.info: GGUFInfo | None = None
         self.backend_reason = ""
         self.started_at = time.time()
-        self.stop_requested = False  # set on SIGTERM/SIGINT: finish the job, take no other
+        self.stop_admitting = False  # SIGTERM: finish the running jobs, take no more
         self.unhealthy = False
+        self.vram_bytes = 0
+        self._rq_worker: Worker | None = None
         self._stop = threading.Event()
-        self._state_changed = threading.Event()
-        self.cancel = CancelWatcher(client)
-        log_context.worker_id.set(self.id)
+        self._changed = threading.Event()  # jobs started or ended: publish the record soon
+        log_context.set_process_worker(self.id)
         self._heartbeat = threading.Thread(target=self._beat, name="inferq-heartbeat", daemon=True)
 
     # --- lifecycle -------------------------------------------------------------------
@@ -73,22 +93,50 @@ class WorkerRuntime:
         self.backend.gpu_index = gpu.parse_device(self.spec.device)
         self.info = self.backend.info
         self.backend_reason = self.backend.reason
+        self.vram_bytes = self.backend.vram_bytes()
+        self.scheduler = Scheduler(self.backend, self.jobs.ended, self.publisher.put_many, self.changed)
         seconds = time.perf_counter() - start
-        self.narrate(narration.model_loaded(self.id, self.spec.name, size,
-                                            self.backend.name, self.spec.device, self.backend.context_length, seconds))
+        self.narrate(narration.model_loaded(self.id, self.spec.name, size, self.backend.name, self.spec.device,
+                                            self.backend.context_length, seconds))
+        self._register_with_rq()
+        self.reaper.start()
         self.set_state("idle")
 
+    def serve(self) -> None:
+        """Decode until asked to stop and nothing is left running (call from the main thread)."""
+        self.scheduler.run(until=lambda: self.stop_admitting)
+
+    def request_stop(self) -> None:
+        """First SIGTERM/Ctrl-C: take no more jobs; the running ones finish."""
+        if not self.stop_admitting:
+            log.info("worker %s: stopping after its %d running jobs", self.id, len(self.scheduler.running()))
+        self.stop_admitting = True
+        self.set_state("stopping")
+        self.scheduler.wake()
+
+    def abort(self) -> None:
+        """Second SIGTERM/Ctrl-C: end every running job now (given back if it streamed nothing)."""
+        log.warning("worker %s: stopping now", self.id)
+        self.stop_admitting = True
+        self.scheduler.end_all = "aborted"
+        self.scheduler.wake()
 
     def shutdown(self) -> None:
+        self.reaper.stop()
+        self.publisher.flush(10)
+        self.jobs.requeue_aborted()
         self._stop.set()
-        self._state_changed.set()
+        self._changed.set()
         if self._heartbeat.is_alive():
             self._heartbeat.join(10)  # its last beat must not land after the removal below
-        self.publisher.flush(5)
         try:
             registry.remove_worker(self.redis, self.id, self.spec.name)
+            if self._rq_worker is not None:
+                self._rq_worker.register_death()
         except redis.RedisError:
             pass
+        if self.backend is not None:
+            self.backend.close()
 
     def check_health(self) -> bool:
         """After a backend failure: keep serving if the model still works, else stop taking jobs."""
@@ -96,15 +144,17 @@ class WorkerRuntime:
             return True
         log.error("worker %s: the model no longer decodes; taking no more jobs", self.id)
         self.unhealthy = True
-        self.stop_requested = True
-        self.set_state("unhealthy", self.current_job)
+        self.stop_admitting = True
+        self.set_state("unhealthy")
         return False
 
-    def set_state(self, state: str, job_id: str | None = None) -> None:
-        # The heartbeat thread writes it within a round trip: a job starting
-        # (or the next one being taken) does not wait on Redis for it.
-        self.state, self.current_job = state, job_id
-        self._state_changed.set()
+    def set_state(self, state: str) -> None:
+        self.state = state
+        self._changed.set()
+
+    def changed(self) -> None:
+        """Its jobs changed: the record is published within a few ms."""
+        self._changed.set()
 
     def narrate(self, fields: dict, job_emitter=None) -> None:
         log.info("%s", fields["human"])  # one line per narration event: the story, never the prompt
@@ -113,53 +163,84 @@ class WorkerRuntime:
         else:
             self.publisher.put(Narration(**fields))
 
+    # --- RQ's view of this worker --------------------------------------------------------
+    def _register_with_rq(self) -> None:
+        """rq-dashboard lists RQ workers: register one under this worker's id (it never runs RQ's loop)."""
+        self._rq_worker = Worker(job_views.model_queues(self.redis, self.spec.name), name=self.id,
+                                 connection=self.redis, serializer=JSONSerializer)
+        self._rq_worker.register_birth()
+
+    def _rq_heartbeat(self, busy: bool) -> None:
+        w = self._rq_worker
+        if w is None:
+            return
+        if not self.redis.exists(w.key):  # Redis restarted without it
+            w.register_birth()
+        pipe = self.redis.pipeline(transaction=False)
+        w.heartbeat(timeout=int(registry.WORKER_TTL_S) + 30, pipeline=pipe)
+        w.set_state("busy" if busy else "idle", pipeline=pipe)
+        pipe.execute()
+
     # --- heartbeat -------------------------------------------------------------------
     def worker_info(self) -> registry.WorkerInfo:
-        b = self.backend
+        b, s = self.backend, self.scheduler
+        running = self.jobs.held()  # taken and not yet ended in the log
+        sizes = s.batch_sizes[-64:] if s else []
+        state = self.state
+        if state in ("idle", "busy"):
+            state = "busy" if running else "idle"
         return registry.WorkerInfo(
             id=self.id, host=socket.gethostname(), pid=os.getpid(), model=self.spec.name,
             backend=b.name if b else self.spec.backend, backend_reason=self.backend_reason,
-            device=self.spec.device, state=self.state, current_job=self.current_job, incarnation=self.incarnation,
-            last_tokens_per_sec=self.last_tokens_per_sec, vram_bytes=b.vram_bytes() if b else 0,
+            device=self.spec.device, state=state, slots=b.slots if b else 1, jobs=running,
+            current_job=running[0] if running else None,
+            batch_size=round(sum(sizes) / len(sizes), 2) if sizes else 0.0,
+            last_tokens_per_sec=self.last_tokens_per_sec, vram_bytes=self.vram_bytes,
             context_length=b.context_length if b else 0, started_at=self.started_at)
 
     def model_info(self) -> registry.ModelInfo:
         b = self.backend
         return registry.ModelInfo(name=self.spec.name, context_length=b.context_length if b else 0,
-                                  queue_depth=self.spec.queue_depth, backend=b.name if b else self.spec.backend)
-
-    def _publish_heartbeat(self) -> None:
-        try:
-            registry.publish_heartbeat(self.redis, self.worker_info(), self.model_info())
-        except redis.RedisError as exc:
-            log.warning("worker %s: heartbeat failed: %s", self.id, exc)
+                                  queue_depth=self.spec.queue_depth, backend=b.name if b else self.spec.backend,
+                                  slots=b.slots if b else 1)
 
     def _beat(self) -> None:
-        next_tick = time.monotonic() + registry.HEARTBEAT_INTERVAL_S
-        while True:
-            self._state_changed.wait(max(0.0, next_tick - time.monotonic()))
+        next_info = next_renew = 0.0
+        while not self._stop.is_set():
+            self._changed.wait(max(0.0, min(next_info, next_renew) - time.monotonic()))
             if self._stop.is_set():
                 return
-            self._state_changed.clear()
-            self._publish_heartbeat()
-            if time.monotonic() < next_tick:
-                continue  # a state change, not the periodic tick
-            next_tick = time.monotonic() + registry.HEARTBEAT_INTERVAL_S
-            if self.backend is not None:
-                try:
-                    reaper.reap(self.redis, self.eventlog, self.spec.name, self.id)
-                except redis.RedisError as exc:
-                    log.warning("worker %s: could not check for lost jobs: %s", self.id, exc)
-                except Exception:  # never let a surprise stop the heartbeats
-                    log.exception("worker %s: checking for lost jobs failed", self.id)
+            try:
+                if self._changed.is_set():
+                    self._changed.clear()
+                    next_info = 0.0  # the record changed: publish it now
+                    time.sleep(CHANGE_COALESCE_S)  # one write for the jobs that change together
+                if time.monotonic() >= next_renew:
+                    next_renew = time.monotonic() + LEASE_RENEW_S
+                    self._renew_leases()
+                if self.publisher.overflowing and self.scheduler is not None and not self.scheduler.end_all:
+                    log.error("worker %s: %d events wait for Redis; ending the running jobs", self.id,
+                              self.publisher.pending)
+                    self.scheduler.end_all = "overflow"
+                elif self.scheduler is not None and self.scheduler.end_all == "overflow" \
+                        and not self.scheduler.running():
+                    self.scheduler.end_all = None
+                if time.monotonic() >= next_info:
+                    next_info = time.monotonic() + registry.HEARTBEAT_INTERVAL_S
+                    self._rq_heartbeat(bool(self.publish_record().jobs))
+            except redis.RedisError as exc:
+                log.warning("worker %s: heartbeat failed: %s", self.id, exc)
+            except Exception:  # never let a surprise stop the heartbeats
+                log.exception("worker %s: heartbeat failed", self.id)
 
+    def publish_record(self) -> registry.WorkerInfo:
+        """Write the worker's record (state, the jobs it holds) now."""
+        info = self.worker_info()
+        registry.publish_heartbeat(self.redis, info, self.model_info())
+        return info
 
-def install(runtime: WorkerRuntime) -> None:
-    global _current
-    _current = runtime
-
-
-def current() -> WorkerRuntime:
-    if _current is None:
-        raise RuntimeError("no model is loaded in this process: infer jobs run only in an inferq worker")
-    return _current
+    def _renew_leases(self) -> None:
+        held = self.jobs.held()
+        for job_id in self.leases.renew(self.id, held):
+            log.warning("worker %s: lost the lease of job %s; stopping it", self.id, job_id)
+            self.jobs.logged(job_id, Appended.FENCED, False)

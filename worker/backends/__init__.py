@@ -10,6 +10,11 @@ BACKENDS = ("ctransformers", "llama-cpp")
 # Without --ctx-size a worker uses the file's trained context, capped here: a
 # 128k-token KV cache would take far more memory than most hosts have.
 DEFAULT_MAX_CTX = 4096
+# Jobs a batching worker decodes together unless --parallel says otherwise. A GPU
+# has room (and idle compute) for more; on a CPU the decode step slows with each
+# sequence, so past a few the first token waits longer for little more throughput.
+DEFAULT_PARALLEL_CPU = 4
+DEFAULT_PARALLEL_GPU = 8
 
 
 def check_model_file(path: str) -> None:
@@ -33,6 +38,13 @@ def load_backend(name: str, path: str, options: LoadOptions) -> Backend:
     choice = choose(info, name)
     if not options.ctx_size:
         options = replace(options, ctx_size=min(info.context_length or 512, DEFAULT_MAX_CTX))
+    if choice.backend == "ctransformers":
+        if options.parallel > 1:
+            raise ModelLoadError(f"ctransformers decodes one job at a time and cannot serve --parallel "
+                                 f"{options.parallel}: use --backend llama-cpp, or --parallel 1")
+        options = replace(options, parallel=1)
+    elif options.parallel <= 0:
+        options = replace(options, parallel=DEFAULT_PARALLEL_GPU if options.gpu_layers else DEFAULT_PARALLEL_CPU)
     if choice.backend == "llama-cpp":
         from worker.backends.llama_cpp_backend import LlamaCppBackend
 

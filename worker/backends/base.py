@@ -1,11 +1,16 @@
-"""The small protocol every backend implements, and the decode loop they share.
+"""The protocol every backend implements: decode a batch of sequences, sample, say what tokens are.
 
-A backend only has to evaluate tokens and expose the last logits; sampling,
-cancellation and prefix reuse live here so both backends behave the same.
+A backend holds ``slots`` sequences (one per running job) in its cache and
+evaluates chunks of several of them in one ``decode`` call; the scheduler
+(``worker.scheduler``) decides what goes into each call. Everything above
+the model — stop strings, UTF-8, deadlines, cancels, events — is the
+scheduler's, the same for every backend. A backend that cannot batch
+(ctransformers) has one slot and runs through the same loop.
 """
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -25,8 +30,9 @@ class ModelLoadError(InferqError):
 class LoadOptions:
     threads: int = 0  # 0: every core but one
     gpu_layers: int = 0
-    ctx_size: int = 0  # 0: the model's own
-    batch_size: int = 256
+    ctx_size: int = 0  # per sequence; 0: the model's own
+    batch_size: int = 512  # most tokens one decode call evaluates
+    parallel: int = 1  # sequences decoded together (slots)
 
     @property
     def resolved_threads(self) -> int:
@@ -36,31 +42,86 @@ class LoadOptions:
         return self.threads if self.threads > 0 else max(1, (os.cpu_count() or 2) - 1)
 
 
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    repetition_penalty: float = 1.1
+    seed: int = -1  # -1: a random one
+
+    @property
+    def resolved_seed(self) -> int:
+        return random.getrandbits(32) if self.seed < 0 else self.seed & 0xFFFFFFFF
+
+    @classmethod
+    def greedy(cls, repetition_penalty: float = 1.1) -> "SamplingParams":
+        return cls(temperature=0.0, repetition_penalty=repetition_penalty)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens of one sequence for one decode call: ``tokens[0]`` goes at position ``pos``."""
+
+    slot: int
+    tokens: Sequence[int]
+    pos: int
+    logits: bool  # keep the logits after the last token (to sample the next one)
+
+
+class TokenSampler:
+    """Picks a sequence's next token from a row of logits, and remembers it."""
+
+    def sample(self, row: int) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
 class Backend:
-    """Base class: subclasses implement ``_eval``, ``_logits``, ``tokenize`` and ``token_bytes``."""
+    """Base class; see the module docstring."""
 
     name = "base"
+    can_share_prefix = False  # ``share`` copies cached positions between slots
 
     def __init__(self, path: str, options: LoadOptions):
         self.path = path
         self.options = options
-        self.context_length = 0
+        self.slots = 1
+        self.context_length = 0  # per sequence
         self.eos_token_id = -1
         self.info = None  # GGUFInfo, set by load_backend
         self.reason = ""  # why load_backend chose this backend
-        self._context: list[int] = []  # tokens whose keys/values are in the cache
+        self._direct: list[int] = []  # what slot 0 holds for ``generate``
 
     # --- what each backend provides -------------------------------------------------
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         raise NotImplementedError
 
     def token_bytes(self, token: int) -> bytes:
         raise NotImplementedError
 
-    def _eval(self, tokens: Sequence[int], n_past: int) -> None:
+    def is_eog(self, token: int) -> bool:
+        """End of generation: EOS, and the end-of-turn tokens of chat models."""
+        return token == self.eos_token_id
+
+    def sampler(self, params: SamplingParams, history: Sequence[int]) -> TokenSampler:
+        """A sampler for one sequence; ``history`` (the prompt) feeds the repetition penalty."""
         raise NotImplementedError
 
-    def _logits(self) -> np.ndarray:
+    def decode(self, chunks: Sequence[Chunk]) -> list[int | None]:
+        """Evaluate the chunks in one call; per chunk, the logits row to sample from (or None)."""
+        raise NotImplementedError
+
+    def forget(self, slot: int, keep: int) -> None:
+        """Drop the slot's cached positions from ``keep`` on."""
+
+    def share(self, src: int, dst: int, n: int) -> None:
+        """Make the first ``n`` positions of slot ``src`` those of slot ``dst`` too."""
+        raise NotImplementedError
+
+    def logits(self, row: int) -> np.ndarray:
         raise NotImplementedError
 
     gpu_index: int | None = None  # set by the runtime for a worker pinned to a GPU
@@ -71,11 +132,14 @@ class Backend:
         return gpu.process_vram_bytes(self.gpu_index)
 
     def health(self) -> bool:
-        """Can the model still decode? Evaluates one token and checks the logits."""
+        """Can the model still decode? Evaluates one token in slot 0 and checks the logits."""
         try:
-            self._context.clear()  # the probe overwrites the cache's first slot
-            self._eval([self.eos_token_id], 0)
-            return bool(np.isfinite(self._logits()).all())
+            self.forget(0, 0)
+            self._direct.clear()
+            row = self.decode([Chunk(0, [self.eos_token_id], 0, True)])[0]
+            ok = bool(np.isfinite(self.logits(row)).all())
+            self.forget(0, 0)
+            return ok
         except Exception:
             return False
 
@@ -86,37 +150,32 @@ class Backend:
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         return b"".join(self.token_bytes(t) for t in tokens)
 
-    def is_eos(self, token: int) -> bool:
-        return token == self.eos_token_id
-
-    def evaluate_prompt(self, tokens: Sequence[int], should_stop: Callable[[], bool] = lambda: False) -> int:
-        """Evaluate a prompt, reusing the cached prefix it shares with the last one.
-
-        Returns how many prompt tokens were evaluated. Checks ``should_stop``
-        between batches because one C call cannot be interrupted.
-        """
-        keep = 0
-        limit = min(len(tokens) - 1, len(self._context))  # re-evaluate at least one token for logits
-        while keep < limit and tokens[keep] == self._context[keep]:
-            keep += 1
-        del self._context[keep:]
-        batch = max(1, self.options.batch_size)
-        for start in range(keep, len(tokens), batch):
-            if should_stop():
-                break
-            chunk = list(tokens[start:start + batch])
-            self._eval(chunk, len(self._context))
-            self._context.extend(chunk)
-        return len(tokens) - keep
-
-    def generate(self, prompt: Sequence[int], sample: Callable[[np.ndarray, Sequence[int]], int],
+    def generate(self, prompt: Sequence[int], params: SamplingParams,
                  should_stop: Callable[[], bool] = lambda: False) -> Iterator[int]:
-        """Yield generated token ids until EOS, the context is full, or the caller stops."""
-        self.evaluate_prompt(prompt, should_stop)
-        while not should_stop() and len(self._context) < self.context_length:
-            token = sample(self._logits(), self._context)
-            if self.is_eos(token):
-                return
-            yield token
-            self._eval([token], len(self._context))
-            self._context.append(token)
+        """Decode one sequence in slot 0, reusing what it shares with the last call's:
+        the engine decoding directly, for tests and for the benchmarks' baselines."""
+        keep = 0
+        limit = min(len(prompt) - 1, len(self._direct))
+        while keep < limit and prompt[keep] == self._direct[keep]:
+            keep += 1
+        self.forget(0, keep)
+        del self._direct[keep:]
+        sampler = self.sampler(params, prompt)
+        try:
+            batch = max(1, self.options.batch_size)
+            row = None
+            for start in range(keep, len(prompt), batch):
+                if should_stop():
+                    return
+                part = list(prompt[start:start + batch])
+                row = self.decode([Chunk(0, part, start, start + batch >= len(prompt))])[0]
+                self._direct.extend(part)
+            while not should_stop() and len(self._direct) < self.context_length:
+                token = sampler.sample(row)
+                if self.is_eog(token):
+                    return
+                yield token
+                row = self.decode([Chunk(0, [token], len(self._direct), True)])[0]
+                self._direct.append(token)
+        finally:
+            sampler.close()

@@ -4,6 +4,11 @@ We call its C functions directly rather than ``LLM.tokenize``: that method
 sizes its output buffer by characters while the C side writes one int per
 token, and byte-fallback text (emoji, CJK) has more tokens than characters,
 so it overflows the buffer and corrupts the heap.
+
+ctransformers evaluates one sequence at a time: this backend has one slot,
+and the scheduler runs it through the same loop as a batching backend.
+Sampling is ``worker.sampling``'s numpy sampler (ctransformers re-seeds its
+own on every call).
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ from ctypes import c_int
 
 import numpy as np
 
-from worker.backends.base import Backend, LoadOptions, ModelLoadError
+from worker.backends.base import Backend, Chunk, LoadOptions, ModelLoadError, SamplingParams, TokenSampler
+from worker.sampling import Sampler
 
 
 def _library(gpu_layers: int) -> str | None:
@@ -38,6 +44,19 @@ def _library(gpu_layers: int) -> str | None:
     if "avx" in flags and "f16c" in flags:
         return "avx"
     return "basic"
+
+
+class NumpySampler(TokenSampler):
+    def __init__(self, backend: "CTransformersBackend", params: SamplingParams, history: Sequence[int]):
+        self._backend = backend
+        self._sample = Sampler(params.temperature, params.top_k, params.top_p, params.repetition_penalty,
+                               params.seed)
+        self._recent = list(history[-self._sample.window:])
+
+    def sample(self, row: int) -> int:
+        token = self._sample(self._backend.logits(row), self._recent)
+        self._recent.append(token)
+        return token
 
 
 class CTransformersBackend(Backend):
@@ -66,7 +85,8 @@ class CTransformersBackend(Backend):
         self._threads = options.resolved_threads
         self._piece_cache: dict[int, bytes] = {}
 
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        # ctransformers' tokenizer has no notion of special tokens in text: ``special`` cannot apply.
         data = text.encode("utf-8")
         # At most one token per byte, plus BOS and the leading space SentencePiece adds.
         out = (c_int * (len(data) + 2))()
@@ -80,7 +100,7 @@ class CTransformersBackend(Backend):
             self._piece_cache[token] = piece
         return piece
 
-    def is_eos(self, token: int) -> bool:
+    def is_eog(self, token: int) -> bool:
         return bool(self._lib.ctransformers_llm_is_eos_token(self._handle, token))
 
     def _eval(self, tokens: Sequence[int], n_past: int) -> None:
@@ -90,7 +110,17 @@ class CTransformersBackend(Backend):
         if not ok:
             raise RuntimeError("ctransformers failed to evaluate tokens")
 
-    def _logits(self) -> np.ndarray:
+    def sampler(self, params: SamplingParams, history: Sequence[int]) -> NumpySampler:
+        return NumpySampler(self, params, history)
+
+    def decode(self, chunks: Sequence[Chunk]) -> list[int | None]:
+        rows: list[int | None] = []
+        for chunk in chunks:  # one slot: the scheduler never sends two sequences
+            self._eval(chunk.tokens, chunk.pos)
+            rows.append(0 if chunk.logits else None)
+        return rows
+
+    def logits(self, row: int) -> np.ndarray:
         size = self._lib.ctransformers_llm_logits_size(self._handle)
         return np.ctypeslib.as_array(self._lib.ctransformers_llm_logits_data(self._handle), shape=(size,))
 

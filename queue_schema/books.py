@@ -1,0 +1,108 @@
+"""RQ's books for inferq jobs: started, finished, failed and cancelled, as RQ itself writes them.
+
+inferq takes jobs with its own lease script (``queue_schema.leases``) and runs
+many at once, so RQ's worker loop is not what runs them; these functions call
+RQ's own job and registry methods, so rq-dashboard, RQ's registries and its
+results read inferq's jobs exactly as they read RQ's. Every ended job — failed
+ones too — lands in its registry and expires after the log's TTL.
+
+The event log is the truth about a job; these books follow it. Whoever writes
+a job's terminal event closes its books afterwards, and if that process dies
+in between, the reaper closes them from the log.
+
+What RQ keeps as a job's result is its summary (tokens, stop reason, timings),
+never its text or the submitter's metadata: rq-dashboard renders results, and
+the text is in the event log already.
+"""
+from __future__ import annotations
+
+import redis
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.registry import CanceledJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.utils import now
+
+from queue_schema.eventlog import DEFAULT_TTL_S
+from queue_schema.events import _Event
+
+
+def restore(client: redis.Redis, job_id: str, fields: dict[bytes, bytes]) -> Job:
+    """A Job from the hash fields a lease script returned, without another read."""
+    job = Job(job_id, connection=client, serializer=JSONSerializer)
+    job.restore(fields)
+    return job
+
+
+def fetch(client: redis.Redis, job_id: str) -> Job | None:
+    try:
+        return Job.fetch(job_id, connection=client, serializer=JSONSerializer)
+    except Exception:  # NoSuchJobError, or a hash RQ cannot read
+        return None
+
+
+def start(pipe, job: Job, worker_name: str) -> Execution:
+    """RQ's execution record and started-registry entry for a job just taken."""
+    ttl = (job.timeout or 600) + 60
+    return Execution.create(job, ttl, pipe, worker_name=worker_name)
+
+
+def finish(pipe, job: Job, summary: dict, worker_name: str = "", execution: Execution | None = None) -> None:
+    job.ended_at = now()
+    job._result = summary
+    ttl = job.result_ttl if job.result_ttl is not None else DEFAULT_TTL_S
+    job._handle_success(ttl, pipeline=pipe, worker_name=worker_name,
+                        execution_id=execution.id if execution else None,
+                        execution_started_at=execution.created_at if execution else None,
+                        execution_ended_at=job.ended_at)
+    job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
+    _end_execution(pipe, job, execution)
+
+
+def fail(pipe, job: Job, reason: str, worker_name: str = "", execution: Execution | None = None) -> None:
+    """Failed, in RQ's failed registry, expiring like a finished job."""
+    job.ended_at = now()
+    if job.failure_ttl is None:
+        job.failure_ttl = DEFAULT_TTL_S
+    job.set_status(JobStatus.FAILED, pipeline=pipe)
+    job._handle_failure(reason, pipeline=pipe, worker_name=worker_name,
+                        execution_id=execution.id if execution else None,
+                        execution_started_at=execution.created_at if execution else None,
+                        execution_ended_at=job.ended_at)
+    _end_execution(pipe, job, execution)
+
+
+def cancelled(pipe, job: Job) -> None:
+    """A job cancelled before it ran: RQ's cancelled registry, expiring like the others."""
+    ttl = job.result_ttl if job.result_ttl is not None else DEFAULT_TTL_S
+    job.set_status(JobStatus.CANCELED, pipeline=pipe)
+    CanceledJobRegistry(job.origin, connection=job.connection, serializer=JSONSerializer).add(job, ttl, pipe)
+    pipe.expire(job.key, ttl)
+
+
+def requeued(pipe, job: Job) -> None:
+    """The job went back to its queue: its execution ends, RQ shows it queued."""
+    _end_execution(pipe, job, None)
+
+
+def close_from_log(pipe, job: Job, terminal: _Event, worker_name: str = "") -> None:
+    """Books for a job whose log ended while nobody wrote them (its writer died first)."""
+    if terminal.type == "end" and terminal.stop_reason == "cancelled" and job.get_status(refresh=False) in (
+            JobStatus.QUEUED, JobStatus.CANCELED):
+        cancelled(pipe, job)
+    elif terminal.type == "end":
+        finish(pipe, job, summary(terminal), worker_name)
+    else:
+        fail(pipe, job, f"{terminal.code}: {terminal.message}", worker_name)
+
+
+def summary(end: _Event) -> dict:
+    return {"tokens_out": end.tokens_out, "stop_reason": end.stop_reason, "decode_time_ms": end.decode_time_ms}
+
+
+def _end_execution(pipe, job: Job, execution: Execution | None) -> None:
+    if execution is not None:
+        execution.delete(job, pipe)
+    else:
+        StartedJobRegistry(job.origin, connection=job.connection, serializer=JSONSerializer).remove_executions(
+            job, pipeline=pipe)

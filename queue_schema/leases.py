@@ -1,0 +1,204 @@
+"""Job leases: which one worker runs a job, taken atomically as the job leaves its queue.
+
+A worker takes jobs with one Lua call that pops them from the model's queues
+in priority order and, in the same call, writes each job's lease (owner =
+the worker's id), adds it to the leases index and marks RQ's job hash
+started. There is no instant at which a job is in no queue and under no
+lease, so ``kill -9`` at any point loses nothing: a lease whose owner stops
+renewing it is found by the reaper (``queue_schema.reaper``), whichever
+inferq process runs it.
+
+A lease has no Redis expiry. The owner bumps ``renewals`` every second; the
+reaper declares a lease lost only after watching it stand still for a while
+on its own clock, with Redis answering all along. A Redis freeze therefore
+stops the owner and the watcher alike and expires nothing (a TTL would have
+lapsed during the freeze and handed a live job to someone else), while a
+dead or cut-off owner loses its jobs. Taking a lease over is a
+compare-and-set on (owner, renewals), and every event write checks the owner
+(``queue_schema.eventlog``), so a worker that comes back after losing its
+lease is refused and stops the job.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import redis
+
+from queue_schema import keys
+
+# KEYS: leases index, then the queues in priority order.
+# ARGV: owner, RQ worker name, now (ms), now (RQ's date format), how many, then the key affixes.
+_ACQUIRE = """
+local owner, worker, now_ms, now_rq, want = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local job_pre, ev_pre, ev_post, lease_pre, lease_post = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local out = {}
+for q = 2, #KEYS do
+  while #out < want do
+    local id = redis.call('LPOP', KEYS[q])
+    if not id then break end
+    local job = job_pre .. id
+    if redis.call('HGET', job, 'status') == 'queued' then
+      local last = redis.call('XREVRANGE', ev_pre .. id .. ev_post, '+', '-', 'COUNT', 1)[1]
+      local next_seq, closed = 0, 0
+      if last then
+        next_seq = tonumber(string.match(last[1], '^(%d+)')) + 1
+        if #last[2] > 2 then closed = 1 end
+      end
+      if closed == 0 then
+        redis.call('HSET', lease_pre .. id .. lease_post, 'owner', owner, 'renewals', 0, 'taken_ms', now_ms)
+        redis.call('ZADD', KEYS[1], now_ms, id)
+        redis.call('HSET', job, 'status', 'started', 'worker_name', worker, 'started_at', now_rq,
+                   'last_heartbeat', now_rq)
+        redis.call('PERSIST', job)
+      end
+      out[#out + 1] = {id, KEYS[q], next_seq, closed, redis.call('HGETALL', job)}
+    end
+  end
+  if #out >= want then break end
+end
+return out
+"""
+_RENEW = """
+local out = {}
+for i, lease in ipairs(KEYS) do
+  if redis.call('HGET', lease, 'owner') == ARGV[1] then
+    redis.call('HINCRBY', lease, 'renewals', 1)
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+_OBSERVE = """
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[3]) - 1)) do
+  local lease = redis.call('HMGET', ARGV[1] .. id .. ARGV[2], 'owner', 'renewals')
+  out[#out + 1] = {id, lease[1] or '', lease[2] or ''}
+end
+return out
+"""
+_CLAIM = """
+local lease = redis.call('HMGET', KEYS[1], 'owner', 'renewals')
+if (lease[1] or '') ~= ARGV[1] or (lease[2] or '') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'renewals', 0)
+return 1
+"""
+# KEYS: lease, leases index, queue, RQ job hash, wake list. ARGV: owner, job id.
+_REQUEUE = """
+if (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[4], 'status', 'queued', 'worker_name', '')
+redis.call('LPUSH', KEYS[3], ARGV[2])
+redis.call('RPUSH', KEYS[5], 1)
+redis.call('LTRIM', KEYS[5], -64, -1)
+return 1
+"""
+_RELEASE = """
+if (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+@dataclass
+class Acquired:
+    """A job taken from a queue: under this worker's lease unless its log had already ended."""
+
+    job_id: str
+    queue_key: str
+    next_seq: int  # the seq its next event gets
+    closed: bool  # its log already ended (cancelled while queued, say): not leased, nothing to run
+    fields: dict[bytes, bytes]  # RQ's job hash, as Job.restore takes it
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    job_id: str
+    owner: str
+    renewals: str
+
+
+class Leases:
+    def __init__(self, client: redis.Redis):
+        self.redis = client
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._observe = client.register_script(_OBSERVE)
+        self._claim = client.register_script(_CLAIM)
+        self._requeue = client.register_script(_REQUEUE)
+        self._release = client.register_script(_RELEASE)
+        self._affixes = [keys.RQ_JOB_PREFIX, *keys.split(keys.job_events), *keys.split(keys.job_lease)]
+
+    def acquire(self, owner: str, rq_worker: str, queue_names: Sequence[str], want: int, now_ms: int,
+                now_rq: str) -> list[Acquired]:
+        """Take up to ``want`` jobs from the queues, highest priority first, under ``owner``'s lease."""
+        rows = self._acquire(keys=[keys.LEASES, *(keys.rq_queue(q) for q in queue_names)],
+                             args=[owner, rq_worker, now_ms, now_rq, want, *self._affixes])
+        out = []
+        for job_id, queue_key, next_seq, closed, flat in rows:
+            fields = dict(zip(flat[::2], flat[1::2]))
+            out.append(Acquired(job_id.decode(), queue_key.decode(), int(next_seq), bool(closed), fields))
+        return out
+
+    def renew(self, owner: str, job_ids: Sequence[str]) -> list[str]:
+        """Renew ``owner``'s leases; the ids among ``job_ids`` it no longer holds."""
+        if not job_ids:
+            return []
+        held = self._renew(keys=[keys.job_lease(j) for j in job_ids], args=[owner])
+        return [j for j, ok in zip(job_ids, held) if not ok]
+
+    def observe(self, limit: int = 100_000) -> list[LeaseView]:
+        """Every lease's owner and renewal count, in one call."""
+        rows = self._observe(keys=[keys.LEASES], args=[*keys.split(keys.job_lease), limit])
+        return [LeaseView(j.decode(), o.decode(), r.decode()) for j, o, r in rows]
+
+    def claim(self, seen: LeaseView, new_owner: str) -> bool:
+        """Take the lease over if it still stands exactly as ``seen``."""
+        return bool(self._claim(keys=[keys.job_lease(seen.job_id)], args=[seen.owner, seen.renewals, new_owner]))
+
+    def requeue(self, job_id: str, owner: str, queue_name: str, model: str) -> bool:
+        """Give the job back, to the front of its queue, if ``owner`` holds it."""
+        return bool(self._requeue(keys=[keys.job_lease(job_id), keys.LEASES, keys.rq_queue(queue_name),
+                                        keys.rq_job(job_id), keys.model_wake(model)], args=[owner, job_id]))
+
+    def release(self, job_id: str, owner: str) -> bool:
+        return bool(self._release(keys=[keys.job_lease(job_id), keys.LEASES], args=[owner, job_id]))
+
+    def owners(self, job_ids: Iterable[str]) -> dict[str, str]:
+        pipe = self.redis.pipeline(transaction=False)
+        ids = list(job_ids)
+        for j in ids:
+            pipe.hget(keys.job_lease(j), "owner")
+        return {j: (o or b"").decode() for j, o in zip(ids, pipe.execute())}
+
+
+# KEYS: lease, queue, RQ job hash. ARGV: job id.
+_CANCEL_QUEUED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('LREM', KEYS[2], 0, ARGV[1]) == 0 then return -1 end
+redis.call('HSET', KEYS[3], 'status', 'canceled')
+return 1
+"""
+# KEYS: lease, leases index. ARGV: owner, job id, now (ms).
+_ADOPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'renewals', 0, 'taken_ms', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+return 1
+"""
+
+
+def cancel_queued(client: redis.Redis, job_id: str, queue_name: str) -> int:
+    """Take a queued job out of its queue if no worker holds it: 1 done, 0 a worker runs it,
+    -1 it is in no queue (a worker is taking it, or it ended)."""
+    return int(client.eval(_CANCEL_QUEUED, 3, keys.job_lease(job_id), keys.rq_queue(queue_name),
+                           keys.rq_job(job_id), job_id))
+
+
+def adopt(client: redis.Redis, job_id: str, owner: str, now_ms: int) -> bool:
+    """Lease a job that shows as running but has no lease (one lost in a Redis restart), to close it."""
+    return bool(client.eval(_ADOPT, 2, keys.job_lease(job_id), keys.LEASES, owner, job_id, now_ms))

@@ -1,0 +1,255 @@
+"""Jobs nobody is running any more: lost leases, and open logs whose job went away.
+
+Any inferq process can reap — every worker and every API process runs a
+``Reaper`` — so a model's only worker dying is noticed by the API. One
+process reaps at a time (a short lock in Redis); it watches every lease's
+renewal count, and a lease that stands still for ``STALE_S`` on its own
+clock, while Redis answered every look, is lost: the reaper takes the lease
+over (compare-and-set) and either gives the job back to the front of its
+queue, once, if it had streamed no token, or ends it with ``WORKER_LOST``.
+If Redis itself stalls (a look takes longer than ``STALL_S``, or fails),
+everything seen so far is forgotten: the owners could not renew either.
+
+Every ``SWEEP_S`` it also sweeps the open jobs (logs with no terminal event)
+for ones whose RQ job went away without a lease: deleted or emptied from a
+queue in rq-dashboard (ended with ``error`` ``CANCELLED``), cancelled in RQ
+(``end`` ``cancelled``), or shown as running with no lease at all (a Redis
+restart lost it: handled like a lost lease). And it closes RQ's books of jobs
+whose log ended but whose writer died before writing them.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+from rq.job import JobStatus
+
+from queue_schema import books, jobs, keys, leases, stats
+from queue_schema.eventlog import EventLog
+from queue_schema.events import Error, Narration, Queued, now_ms
+
+log = logging.getLogger(__name__)
+STALE_S = 8.0  # a lease that stands still this long is lost (owners renew every second)
+STALL_S = 3.0  # looks further apart than this (Redis stalled, or we did) start the watch over
+TICK_S = 1.0
+LOCK_MS = 3000
+SWEEP_S = 10.0
+SWEEP_MIN_AGE_S = 5.0  # an open job younger than this is left alone (it is being admitted)
+SWEEP_BATCH = 500
+MAX_REQUEUES = 1
+
+_LOCK = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+# For each job id: 0 nothing to do, else its RQ status (or 'missing'), when it has no lease.
+# ARGV: the lease key's affixes, RQ's job key prefix, then the ids.
+_ORPHANS = """
+local out = {}
+for i, id in ipairs(ARGV) do
+  if i > 3 and redis.call('EXISTS', ARGV[1] .. id .. ARGV[2]) == 0 then
+    local status = redis.call('HGET', ARGV[3] .. id, 'status')
+    out[#out + 1] = {id, status or 'missing'}
+  end
+end
+return out
+"""
+
+
+class Reaper:
+    def __init__(self, client: redis.Redis, identity: str, eventlog: EventLog | None = None):
+        self.redis = client
+        self.id = identity  # the lease owner it writes as, once it took a lost job over
+        self.eventlog = eventlog or EventLog(client)
+        self.leases = leases.Leases(client)
+        self._lock = client.register_script(_LOCK)
+        self._unlock = client.register_script(_UNLOCK)
+        self._orphans = client.register_script(_ORPHANS)
+        self._seen: dict[str, tuple[leases.LeaseView, float]] = {}
+        self._last_look: float | None = None
+        self._next_sweep = 0.0
+        self._stop = threading.Event()
+
+    # --- the loop ----------------------------------------------------------------------
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name="inferq-reaper", daemon=True)
+        thread.start()
+        return thread
+
+    def run(self) -> None:
+        while not self._stop.wait(TICK_S):
+            try:
+                self.tick()
+            except redis.RedisError as exc:
+                log.warning("reaper %s: Redis unavailable (%s)", self.id, exc)
+            except Exception:  # never let a surprise stop reaping
+                log.exception("reaper %s: tick failed", self.id)
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self._unlock(keys=[keys.REAPER], args=[self.id])
+        except redis.RedisError:
+            pass
+
+    def tick(self) -> list[tuple[str, str]]:
+        """One look; returns (job id, what was done) for each job handled."""
+        before = time.monotonic()
+        if self._last_look is None or before - self._last_look > STALL_S:
+            self._seen.clear()
+        if not self._lock(keys=[keys.REAPER], args=[self.id, LOCK_MS]):
+            self._seen.clear()  # another process watches; ours would be stale when the role comes back
+            self._last_look = None
+            return []
+        views = self.leases.observe()
+        looked = time.monotonic()
+        if looked - before > STALL_S:  # the look itself stalled: what it saw proves nothing
+            self._seen.clear()
+        self._last_look = looked
+        lost = []
+        current = {}
+        for view in views:
+            seen = self._seen.get(view.job_id)
+            if seen is None or seen[0] != view:
+                current[view.job_id] = (view, looked)
+            else:
+                current[view.job_id] = seen
+                if looked - seen[1] >= STALE_S:
+                    lost.append(view)
+        self._seen = current
+        done = []
+        for view in lost:
+            if self.leases.claim(view, self.id):
+                self._seen.pop(view.job_id, None)
+                done.append((view.job_id, self.handle_lost(view.job_id, view.owner)))
+        if looked >= self._next_sweep:
+            self._next_sweep = looked + SWEEP_S
+            done += self.sweep()
+        return done
+
+    # --- lost jobs -----------------------------------------------------------------------
+    def handle_lost(self, job_id: str, owner: str) -> str:
+        """The job's lease is ours now: requeue it once if it streamed nothing, else WORKER_LOST."""
+        job = books.fetch(self.redis, job_id)
+        history = self.eventlog.replay(job_id)
+        tokens = sum(1 for e in history if e.type == "token")
+        seq = history[-1].seq + 1 if history else 0
+        worker = owner or "unknown"
+        if history and history[-1].terminal:  # cannot happen (a terminal event releases the lease); tidy up
+            self.leases.release(job_id, self.id)
+            return "closed"
+        meta = job.meta if job is not None else {}
+        model, priority = meta.get("model"), meta.get("priority")
+        if job is not None and tokens == 0 and meta.get("requeues", 0) < MAX_REQUEUES \
+                and priority in keys.PRIORITIES:
+            job.meta["requeues"] = meta.get("requeues", 0) + 1
+            job.save_meta()
+            queue = keys.queue_name(model, priority)
+            story = dict(actor=self.id, action="requeue", target=job_id,
+                         human=f"Worker {worker} was lost before the first token; "
+                               "the job goes back to the front of its queue")
+            self.eventlog.append_many([Narration(job_id=job_id, seq=seq, **story),
+                                       Queued(job_id=job_id, seq=seq + 1, position=0, queue=queue)], self.id)
+            if self.leases.requeue(job_id, self.id, queue, model):
+                pipe = self.redis.pipeline()
+                books.requeued(pipe, job)
+                pipe.execute()
+            action = "requeued"
+        else:
+            message = (f"worker {worker} was lost (it stopped renewing its lease) after {tokens} tokens; "
+                       "the job can be submitted again")
+            self.eventlog.append(Error(job_id=job_id, seq=seq, code="WORKER_LOST", message=message,
+                                       retriable=True), self.id)
+            if job is not None:
+                pipe = self.redis.pipeline()
+                books.fail(pipe, job, f"WORKER_LOST: {message}")
+                stats.count(pipe, "failed", model or "unknown")
+                pipe.execute()
+            action = "failed"
+        log.warning("job %s: worker %s lost; %s by %s", job_id, worker, action, self.id)
+        return action
+
+    # --- orphans -------------------------------------------------------------------------
+    def sweep(self) -> list[tuple[str, str]]:
+        done = self._sweep_open_logs()
+        done += self._sweep_started_books()
+        return done
+
+    def _sweep_open_logs(self) -> list[tuple[str, str]]:
+        cutoff = now_ms() - int(SWEEP_MIN_AGE_S * 1000)
+        done, start = [], "-inf"
+        while True:
+            ids = self.redis.zrangebyscore(keys.OPEN_JOBS, start, cutoff, start=0, num=SWEEP_BATCH, withscores=True)
+            if not ids:
+                return done
+            for job_id, status in self._orphans(
+                    args=[*keys.split(keys.job_lease), keys.RQ_JOB_PREFIX, *(i for i, _ in ids)]):
+                action = self._orphan(job_id.decode(), status.decode())
+                if action:
+                    done.append((job_id.decode(), action))
+            if len(ids) < SWEEP_BATCH:
+                return done
+            start = f"({ids[-1][1]}"
+
+    def _orphan(self, job_id: str, status: str) -> str | None:
+        last = self.eventlog.last(job_id)
+        if last is None or last.terminal:  # the log expired, or ended: it is not open
+            self.redis.zrem(keys.OPEN_JOBS, job_id)
+            return None
+        seq = last.seq + 1
+        if status == "missing":
+            event = Error(job_id=job_id, seq=seq, code="CANCELLED", retriable=False,
+                          message="the job was deleted from RQ (rq-dashboard, or RQ's own API) before it ran")
+            action = "deleted"
+        elif status in (JobStatus.CANCELED.value, JobStatus.STOPPED.value):
+            event = jobs.cancelled_end(job_id, seq)
+            action = "cancelled"
+        elif status in (JobStatus.STARTED.value, JobStatus.FINISHED.value, JobStatus.FAILED.value):
+            # Shown as running (or ended by RQ itself) with no lease and an open log: nobody will end it.
+            if not leases.adopt(self.redis, job_id, self.id, now_ms()):
+                return None
+            return self.handle_lost(job_id, "")
+        else:
+            return None  # queued: it is waiting for a worker
+        if self.eventlog.append(event) != 1:
+            return None
+        job = books.fetch(self.redis, job_id)
+        if job is not None:
+            pipe = self.redis.pipeline()
+            books.cancelled(pipe, job)
+            pipe.execute()
+        log.info("job %s: its RQ job was %s outside inferq; its stream is closed", job_id, action)
+        return action
+
+    def _sweep_started_books(self) -> list[tuple[str, str]]:
+        """RQ's started registries: jobs whose log ended but whose books were never closed."""
+        done = []
+        for name in self.redis.smembers(keys.RQ_QUEUES):
+            queue_key = name.decode()
+            if not queue_key.startswith(keys.rq_queue(keys.QUEUE_PREFIX)):
+                continue
+            registry = jobs.started_registry(self.redis, queue_key[len(keys.RQ_QUEUE_PREFIX):])
+            ids = registry.get_job_ids(cleanup=False)
+            if not ids:
+                continue
+            owners = self.leases.owners(ids)
+            for job_id in ids:
+                if owners[job_id]:
+                    continue
+                last = self.eventlog.last(job_id)
+                job = books.fetch(self.redis, job_id)
+                if last is None or not last.terminal or job is None:
+                    continue
+                pipe = self.redis.pipeline()
+                books.close_from_log(pipe, job, last)
+                pipe.execute()
+                done.append((job_id, "books closed"))
+        return done

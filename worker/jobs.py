@@ -1,0 +1,284 @@
+"""A job's life on a worker: from the RQ job it took to a sequence to decode, and its story as events.
+
+``prepare`` (the intake thread) checks what the job is, logs ``started``,
+builds the prompt and the sequence the scheduler decodes, or ends the job at
+once with a clear error. ``ended`` (the engine thread) tells how it ended as
+events. ``logged`` (the publisher thread) closes RQ's books once the job's
+terminal event is in the log — or forgets the job if the log refused this
+worker's events (it lost the job's lease).
+
+Workers run only inferq's own job functions: a job that names anything else
+fails with a clear error, and nothing it names is ever imported.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import redis
+from pydantic import ValidationError
+from rq.executions import Execution
+from rq.job import Job
+
+from queue_schema import books, log_context, stats
+from queue_schema.admission import INFER_FUNC
+from queue_schema.errors import ErrorCode
+from queue_schema.eventlog import Appended
+from queue_schema.events import now_ms
+from queue_schema.leases import Acquired
+from queue_schema.operations import InferOperation
+from worker import chat_template, narration
+from worker.backends.base import SamplingParams
+from worker.publisher import JobEmitter
+from worker.scheduler import Ended, Sequence
+
+log = logging.getLogger(__name__)
+LOG_PROMPTS = os.environ.get("INFERQ_LOG_PROMPTS") == "1"
+JOB_FUNCTIONS = frozenset({INFER_FUNC})
+
+
+@dataclass
+class Record:
+    """What the worker keeps about a job it holds, until its books are closed."""
+
+    job: Job
+    emitter: JobEmitter
+    execution: Execution | None = None
+    op: InferOperation | None = None
+    wait_ms: int | None = None
+    outcome: str = "failed"  # finished | cancelled | failed
+    reason: str = ""  # for RQ's failed registry
+    summary: dict = field(default_factory=dict)
+    tokens: int = 0
+    first_token_ms: int | None = None
+    started: float = field(default_factory=time.monotonic)
+    requeue: bool = False  # given back on an abort, once its last events are written
+
+
+class JobFailed(Exception):
+    """Raised in ``prepare`` after the job's ``error`` event was emitted."""
+
+
+class Jobs:
+    def __init__(self, runtime):
+        self.rt = runtime
+        self._records: dict[str, Record] = {}
+        self._lock = threading.Lock()
+
+    def held(self) -> list[str]:
+        """The jobs whose leases this worker renews."""
+        with self._lock:
+            return list(self._records)
+
+    def abandon(self, job_ids) -> None:
+        """Stop renewing leases of jobs taken but not started (Redis failed between): the reaper
+        sees them stand still and gives them back to their queues."""
+        with self._lock:
+            for job_id in job_ids:
+                self._records.pop(job_id, None)
+
+    # --- intake thread -------------------------------------------------------------------
+    def prepare(self, taken: list[Acquired]) -> list[Sequence]:
+        """Sequences for the jobs just taken; the others end here, with their reasons logged."""
+        rt = self.rt
+        records = []
+        for acq in taken:
+            job = books.restore(rt.redis, acq.job_id, acq.fields)
+            if acq.closed:
+                self._close_ended(job)
+                continue
+            record = Record(job, JobEmitter(acq.job_id, rt.publisher.put, acq.next_seq))
+            with self._lock:
+                self._records[acq.job_id] = record
+            records.append(record)
+        if records:
+            pipe = rt.redis.pipeline()
+            for record in records:
+                record.execution = books.start(pipe, record.job, rt.id)
+            pipe.execute()
+        out = []
+        for record in records:
+            token = log_context.job_id.set(record.job.id)
+            try:
+                out.append(self._sequence(record))
+            except JobFailed:
+                pass
+            except Exception as exc:  # a bug: still end the stream so no client waits forever
+                log.exception("job %s: could not be prepared", record.job.id)
+                self._fail(record, ErrorCode.INFERENCE_FAILED, f"internal error in the worker: "
+                           f"{exc.__class__.__name__}", retriable=True, raise_=False)
+            finally:
+                log_context.job_id.reset(token)
+        return out
+
+    def _sequence(self, record: Record) -> Sequence:
+        rt, job, emitter = self.rt, record.job, record.emitter
+        if job.func_name not in JOB_FUNCTIONS:
+            self._fail(record, ErrorCode.INVALID_REQUEST,
+                       f"inferq workers run only inferq's own jobs; this one names {job.func_name!r}")
+        try:
+            op = InferOperation.model_validate(job.kwargs.get("payload"))
+        except (ValidationError, ValueError, TypeError, AttributeError) as exc:
+            self._fail(record, ErrorCode.INVALID_REQUEST,
+                       f"the job's payload is not a valid infer operation ({exc.__class__.__name__})")
+        record.op = op
+        submitted = job.meta.get("submitted_ms") or now_ms()
+        record.wait_ms = wait_ms = max(0, now_ms() - int(submitted))
+        emitter.emit("started", model=rt.spec.name, worker=rt.id, queue_wait_ms=wait_ms)
+        if op.ttl_s is not None and wait_ms > op.ttl_s * 1000:
+            self._fail(record, ErrorCode.TIMEOUT, f"the job waited {wait_ms / 1000:.1f} s in the queue, "
+                       f"longer than its ttl_s={op.ttl_s}", retriable=True)
+        cancelled = rt.cancel.watch(job.id)
+        if cancelled.is_set():
+            rt.cancel.unwatch(job.id)
+            record.outcome, record.summary = "cancelled", {"tokens_out": 0, "stop_reason": "cancelled"}
+            emitter.emit("end", tokens_out=0, decode_time_ms=0, stop_reason="cancelled", text="")
+            raise JobFailed()
+        backend = rt.backend
+        try:
+            text = self._prompt_text(op)
+            prompt = backend.tokenize(text)
+        except Exception as exc:  # a template error, or a tokenizer failure
+            self._fail(record, ErrorCode.INVALID_REQUEST, f"cannot build the prompt: {exc}")
+        if LOG_PROMPTS:  # opt-in only: prompts are user data
+            log.info("prompt: %r", text)
+        rt.narrate(narration.job_started(rt.id, job.id, rt.spec.name, wait_ms, len(prompt)), emitter)
+        if len(prompt) + op.max_tokens > backend.context_length:
+            self._fail(record, ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                       f"prompt is {len(prompt)} tokens and max_tokens is {op.max_tokens}: "
+                       f"{len(prompt) + op.max_tokens} is over the model's context of {backend.context_length} "
+                       "tokens")
+        params = SamplingParams(op.temperature, op.top_k, op.top_p, op.repetition_penalty, op.seed)
+        return Sequence(job.id, prompt, params, op.max_tokens, op.stop, time.monotonic() + op.timeout_s,
+                        cancelled, emitter, context=record)
+
+    def _prompt_text(self, op: InferOperation) -> str:
+        if op.prompt is not None:
+            return op.prompt
+        info = self.rt.backend.info
+        return chat_template.render([m.model_dump() for m in op.messages], info.chat_template if info else None)
+
+    def _fail(self, record: Record, code: ErrorCode, message: str, retriable: bool = False,
+              raise_: bool = True) -> None:
+        rt = self.rt
+        rt.cancel.unwatch(record.job.id)
+        rt.narrate(narration.job_failed(rt.id, record.job.id, code.value, message), record.emitter)
+        record.emitter.emit("error", code=code.value, message=message, retriable=retriable)
+        record.outcome, record.reason = "failed", f"{code.value}: {message}"
+        log.info("job %s failed: %s %s", record.job.id, code.value, message)
+        if raise_:
+            raise JobFailed()
+
+    def _close_ended(self, job: Job) -> None:
+        """A job taken whose log had already ended (it was cancelled as it was taken): books only."""
+        last = self.rt.eventlog.last(job.id)
+        if last is not None and last.terminal:
+            pipe = self.rt.redis.pipeline()
+            books.close_from_log(pipe, job, last, self.rt.id)
+            pipe.execute()
+
+    # --- engine thread -------------------------------------------------------------------
+    def ended(self, seq: Sequence, end: Ended) -> None:
+        rt, record, emitter = self.rt, seq.context, seq.emitter
+        rt.cancel.unwatch(seq.job_id)
+        record.tokens, record.first_token_ms = end.tokens_out, end.first_token_ms
+        if end.reason == "dropped":  # the lease is someone else's: not a word more from us
+            with self._lock:
+                self._records.pop(seq.job_id, None)
+            return
+        if end.reason == "aborted":
+            if end.tokens_out == 0 and record.job.meta.get("requeues", 0) < 1:
+                record.requeue = True
+                rt.narrate(dict(actor=rt.id, action="requeue", target=seq.job_id,
+                                human=f"Worker {rt.id} stopped before the first token; the job goes back "
+                                      "to the front of its queue"), emitter)
+                emitter.emit("queued", position=0, queue=record.job.origin)
+            else:
+                self._fail(record, ErrorCode.WORKER_LOST, f"worker {rt.id} was stopped at once (a second "
+                           f"SIGTERM or Ctrl-C) after {end.tokens_out} tokens; the job can be submitted again",
+                           retriable=True, raise_=False)
+            return
+        if end.reason == "overflow":
+            self._fail(record, ErrorCode.INFERENCE_FAILED, "Redis was unreachable for too long to keep this "
+                       "job's events; the job can be submitted again", retriable=True, raise_=False)
+            return
+        if end.reason == "failed":
+            oom = isinstance(end.error, MemoryError)
+            rt.check_health()
+            self._fail(record, ErrorCode.VRAM_OOM if oom else ErrorCode.INFERENCE_FAILED,
+                       f"{'out of memory while decoding' if oom else 'the backend failed'}: {end.error}",
+                       retriable=True, raise_=False)
+            return
+        if end.reason == "timeout":
+            self._fail(record, ErrorCode.TIMEOUT, f"decoding ran past timeout_s={record.op.timeout_s} after "
+                       f"{end.tokens_out} tokens", raise_=False)
+            return
+        rt.last_tokens_per_sec = end.tokens_per_sec
+        emitter.emit("metrics", tokens_per_sec=round(end.tokens_per_sec, 2), vram_bytes=rt.vram_bytes,
+                     prompt_tokens=len(seq.prompt), tokens_out=end.tokens_out)
+        rt.narrate(narration.job_finished(rt.id, seq.job_id, end.tokens_out, end.decode_time_ms / 1000,
+                                          end.tokens_per_sec, end.reason), emitter)
+        emitter.emit("end", tokens_out=end.tokens_out, decode_time_ms=end.decode_time_ms, stop_reason=end.reason,
+                     text=end.text)
+        record.outcome = "cancelled" if end.reason == "cancelled" else "finished"
+        record.summary = {"tokens_out": end.tokens_out, "stop_reason": end.reason,
+                          "prompt_tokens": len(seq.prompt), "cached_prompt_tokens": seq.reused,
+                          "decode_time_ms": end.decode_time_ms, "first_token_ms": end.first_token_ms,
+                          "queue_wait_ms": record.wait_ms}
+        log.info("job %s on %s: %d tokens, %.1f tok/s, %s", seq.job_id, rt.id, end.tokens_out,
+                 end.tokens_per_sec, end.reason)
+
+    # --- publisher thread ----------------------------------------------------------------
+    def logged(self, job_id: str, status: Appended, terminal_written: bool) -> None:
+        if status != Appended.OK:
+            self.rt.scheduler.drop(job_id)
+            self.rt.cancel.unwatch(job_id)
+            with self._lock:
+                self._records.pop(job_id, None)
+            return
+        if not terminal_written:
+            return
+        with self._lock:
+            record = self._records.pop(job_id, None)
+        if record is not None:
+            self._close_books(record)
+            self.rt.changed()
+
+    def _close_books(self, record: Record) -> None:
+        rt, job = self.rt, record.job
+        try:
+            pipe = rt.redis.pipeline()
+            if record.outcome == "failed":
+                books.fail(pipe, job, record.reason, rt.id, record.execution)
+            else:
+                books.finish(pipe, job, record.summary, rt.id, record.execution)
+            pipe.execute()
+            ttft = record.first_token_ms
+            stats.record_job(rt.redis, rt.spec.name, record.outcome, record.tokens,
+                             None if ttft is None else ttft / 1000,
+                             None if record.wait_ms is None else record.wait_ms / 1000,
+                             time.monotonic() - record.started if record.outcome == "finished" else None)
+        except redis.RedisError as exc:  # the reaper closes books a dead writer left open
+            log.warning("job %s: could not close RQ's books: %s", job.id, exc)
+
+    def requeue_aborted(self) -> None:
+        """After an abort's events are written: give back the jobs that streamed nothing."""
+        with self._lock:
+            records = [r for r in self._records.values() if r.requeue]
+        for record in records:
+            job = record.job
+            meta = job.meta
+            job.meta["requeues"] = meta.get("requeues", 0) + 1
+            try:
+                job.save_meta()
+                if self.rt.leases.requeue(job.id, self.rt.id, job.origin, self.rt.spec.name):
+                    pipe = self.rt.redis.pipeline()
+                    books.requeued(pipe, job)
+                    pipe.execute()
+            except redis.RedisError as exc:  # the lease stays ours and stands still: the reaper requeues it
+                log.warning("job %s: could not give it back: %s", job.id, exc)
+            with self._lock:
+                self._records.pop(job.id, None)

@@ -1,0 +1,330 @@
+"""The scheduler: every running job's next token in one decode call per step (continuous batching).
+
+This is inferq's one token loop, for every backend. A backend has ``slots``
+sequences; each step the scheduler
+
+1. admits waiting jobs into free slots (new jobs join between steps: no
+   waiting for a batch to drain), reusing the longest prefix of the new
+   prompt that any slot already holds in the cache (a shared system prompt,
+   a conversation that grew by a turn);
+2. ends sequences that were cancelled, ran past their deadline, or whose
+   lease this worker lost;
+3. builds one decode: the next token of every decoding sequence first, then
+   chunks of prompts up to a token budget sized so a step takes about
+   ``STEP_TARGET_S`` (a long prompt is prefilled over several steps while
+   the others keep streaming, and a cancel during a prefill lands within a
+   step);
+4. samples each sequence's next token (in the backend, in C), turns token
+   bytes into safe text (``TextAssembler``: whole UTF-8 characters, stop
+   strings held back), and hands the whole step's events to the publisher
+   at once.
+
+One sequence failing to build (bad template, too long) never reaches here;
+a decode call failing ends the sequences in that call only.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence as Seq
+from dataclasses import dataclass, field
+
+from worker.backends.base import Backend, Chunk, SamplingParams, TokenSampler
+from worker.publisher import JobEmitter
+from worker.text_assembler import TextAssembler
+
+log = logging.getLogger(__name__)
+STEP_TARGET_S = 0.05
+MIN_PREFILL_CHUNK = 16
+
+
+@dataclass
+class Sequence:
+    """One job's decoding: what the scheduler needs, and what it reports when the job ends."""
+
+    job_id: str
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stops: Seq[str]
+    deadline: float  # time.monotonic() past which the job ends with TIMEOUT
+    cancelled: threading.Event
+    emitter: JobEmitter
+    context: object = None  # the job layer's own state, untouched here
+    # --- filled in while it runs ---
+    slot: int = -1
+    reused: int = 0  # prompt tokens found in the cache
+    at: int = 0  # next prompt token to evaluate
+    pending: int | None = None  # sampled, not yet evaluated
+    count: int = 0  # tokens generated
+    text: str = ""
+    sampler: TokenSampler | None = None
+    assembler: TextAssembler = field(default_factory=TextAssembler)
+    admitted_at: float = 0.0
+    first_at: float | None = None
+    last_at: float | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.at < len(self.prompt)
+
+
+@dataclass
+class Ended:
+    """How a sequence ended, for the job layer to tell as events."""
+
+    # max_tokens | eos | stop_sequence | cancelled | timeout: it ran; failed: a decode call raised;
+    # dropped: the worker lost its lease; aborted: the worker is stopping now; overflow: Redis away too long
+    reason: str
+    text: str
+    tokens_out: int
+    decode_time_ms: int
+    first_token_ms: int | None
+    tokens_per_sec: float
+    error: BaseException | None = None
+
+
+@dataclass
+class Slot:
+    index: int
+    cached: list[int] = field(default_factory=list)  # tokens whose keys/values this slot holds
+    seq: Sequence | None = None
+    used_at: float = 0.0
+
+
+class Scheduler:
+    def __init__(self, backend: Backend, on_end: Callable[[Sequence, Ended], None],
+                 publish: Callable[[list], None], on_change: Callable[[], None] = lambda: None):
+        self.backend = backend
+        self.on_end = on_end  # called on the engine thread; may emit the job's last events
+        self._publish = publish  # a step's events, at once
+        self._on_change = on_change  # a job started or ended: the worker's record is stale
+        self.slots = [Slot(i) for i in range(backend.slots)]
+        self._incoming: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self._waiting = 0  # submitted, not yet admitted
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self.slot_freed = threading.Event()
+        self._dropped: set[str] = set()
+        self._prefill_s_per_token: float | None = None
+        self._out: list = []  # the step's events
+        self.steps = 0
+        self.last_step_at = time.monotonic()
+        self.batch_sizes: list[int] = []  # sequences per decode call, last few hundred steps
+        self.end_all: str | None = None  # end every running job now, for this reason ("aborted", "overflow")
+
+    # --- other threads -----------------------------------------------------------------
+    def submit(self, seq: Sequence) -> None:
+        with self._lock:
+            self._waiting += 1
+        self._incoming.put(seq)
+        self._wake.set()
+
+    def capacity(self) -> int:
+        """Jobs it can take now."""
+        with self._lock:
+            busy = sum(1 for s in self.slots if s.seq is not None)
+            return len(self.slots) - busy - self._waiting
+
+    def drop(self, job_id: str) -> None:
+        """Stop a job without another event: this worker no longer holds it."""
+        with self._lock:
+            self._dropped.add(job_id)
+        self._wake.set()
+
+    def running(self) -> list[str]:
+        return [s.seq.job_id for s in self.slots if s.seq is not None]
+
+    def busy(self) -> bool:
+        with self._lock:
+            return self._waiting > 0 or any(s.seq is not None for s in self.slots)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # --- the engine thread -------------------------------------------------------------
+    def run(self, until: Callable[[], bool]) -> None:
+        """Step until ``until()`` is true and nothing is running or waiting."""
+        while True:
+            self.last_step_at = time.monotonic()
+            if not self.step():
+                if until() and not self.busy():
+                    return
+                self._wake.wait(0.2)
+                self._wake.clear()
+
+    def step(self) -> bool:
+        """One scheduling step; False if there was nothing to do."""
+        self._admit()
+        active = [s.seq for s in self.slots if s.seq is not None]
+        if not active:
+            return False
+        self._end_stopped(active)
+        chunks, plan = self._plan()
+        if chunks:
+            started = time.perf_counter()
+            try:
+                rows = self.backend.decode(chunks)
+            except Exception as exc:  # noqa: BLE001 - the job layer decides what it means
+                log.exception("decode failed for %d sequences", len(plan))
+                for seq in plan:
+                    self._end(seq, "failed", exc)
+            else:
+                self._learn(chunks, time.perf_counter() - started)
+                self._sample(plan, chunks, rows)
+        self._flush()
+        self.steps += 1
+        return True
+
+    def _admit(self) -> None:
+        while True:
+            free = [s for s in self.slots if s.seq is None]
+            if not free:
+                return
+            try:
+                seq = self._incoming.get_nowait()
+            except queue.Empty:
+                return
+            with self._lock:
+                self._waiting -= 1
+            self._place(seq, free)
+
+    def _place(self, seq: Sequence, free: list[Slot]) -> None:
+        """Put ``seq`` in the free slot that saves the most prefill (copying a busy slot's prefix if longer)."""
+        limit = len(seq.prompt) - 1  # at least one token is evaluated, for the logits
+        best_free = max(free, key=lambda s: (_common(s.cached, seq.prompt, limit), -s.used_at))
+        keep = _common(best_free.cached, seq.prompt, limit)
+        slot = best_free
+        if self.backend.can_share_prefix:
+            donor = max(self.slots, key=lambda s: _common(s.cached, seq.prompt, limit))
+            shared = _common(donor.cached, seq.prompt, limit)
+            if donor is not best_free and shared > keep:
+                slot = min(free, key=lambda s: s.used_at)  # overwrite the coldest cache
+                self.backend.share(donor.index, slot.index, shared)
+                slot.cached = donor.cached[:shared]
+                keep = shared
+        self.backend.forget(slot.index, keep)
+        del slot.cached[keep:]
+        seq.slot, seq.reused, seq.at = slot.index, keep, keep
+        seq.admitted_at = time.perf_counter()
+        seq.assembler = TextAssembler(seq.stops)
+        seq.sampler = self.backend.sampler(seq.params, seq.prompt)
+        seq.emitter.sink = self._out.append
+        slot.seq, slot.used_at = seq, time.monotonic()
+        self._on_change()
+
+    def _end_stopped(self, active: list[Sequence]) -> None:
+        with self._lock:
+            dropped, self._dropped = self._dropped, set()
+        now = time.monotonic()
+        for seq in active:
+            if seq.job_id in dropped:
+                self._end(seq, "dropped")
+            elif self.end_all:
+                self._end(seq, self.end_all)
+            elif seq.cancelled.is_set():
+                self._end(seq, "cancelled")
+            elif now > seq.deadline:
+                self._end(seq, "timeout")
+
+    def _plan(self) -> tuple[list[Chunk], list[Sequence]]:
+        chunks, plan = [], []
+        for slot in self.slots:
+            seq = slot.seq
+            if seq is not None and seq.pending is not None:
+                chunks.append(Chunk(slot.index, [seq.pending], len(slot.cached), True))
+                plan.append(seq)
+        budget = min(self.backend.options.batch_size - len(chunks), self._prefill_budget())
+        for seq in sorted((s.seq for s in self.slots if s.seq is not None and s.seq.prefilling),
+                          key=lambda q: q.admitted_at):
+            if budget <= 0:
+                break
+            n = min(budget, len(seq.prompt) - seq.at)
+            chunks.append(Chunk(seq.slot, seq.prompt[seq.at:seq.at + n], seq.at, seq.at + n == len(seq.prompt)))
+            plan.append(seq)
+            budget -= n
+        return chunks, plan
+
+    def _prefill_budget(self) -> int:
+        if self._prefill_s_per_token is None:
+            return 64
+        return max(MIN_PREFILL_CHUNK, int(STEP_TARGET_S / self._prefill_s_per_token))
+
+    def _learn(self, chunks: list[Chunk], seconds: float) -> None:
+        tokens = sum(len(c.tokens) for c in chunks)
+        self.batch_sizes.append(len(chunks))
+        if len(self.batch_sizes) > 512:
+            del self.batch_sizes[:256]
+        if tokens >= MIN_PREFILL_CHUNK:
+            per_token = seconds / tokens
+            old = self._prefill_s_per_token
+            self._prefill_s_per_token = per_token if old is None else 0.7 * old + 0.3 * per_token
+
+    def _sample(self, plan: list[Sequence], chunks: list[Chunk], rows: list[int | None]) -> None:
+        backend = self.backend
+        for seq, chunk, row in zip(plan, chunks, rows):
+            slot = self.slots[seq.slot]
+            slot.cached.extend(chunk.tokens)
+            if seq.pending is not None:
+                seq.pending = None
+            else:
+                seq.at += len(chunk.tokens)
+            if row is None:
+                continue
+            token = seq.sampler.sample(row)
+            now = time.perf_counter()
+            seq.first_at = seq.first_at or now
+            seq.last_at = now
+            if backend.is_eog(token):
+                self._end(seq, "eos")
+                continue
+            text = seq.assembler.push(backend.token_bytes(token))
+            if text:
+                seq.emitter.emit("token", t=text, i=seq.count)
+            seq.count += 1
+            if seq.assembler.stopped:
+                self._end(seq, "stop_sequence")
+            elif seq.count >= seq.max_tokens or len(slot.cached) + 1 >= backend.context_length:
+                self._end(seq, "max_tokens")  # the context is full: as far as it can go
+            else:
+                seq.pending = token
+
+    def _end(self, seq: Sequence, reason: str, error: BaseException | None = None) -> None:
+        slot = self.slots[seq.slot]
+        if slot.seq is not seq:
+            return
+        if reason in ("max_tokens", "eos", "stop_sequence", "cancelled", "timeout"):
+            tail = seq.assembler.finish()
+            if tail:
+                seq.emitter.emit("token", t=tail, i=max(seq.count - 1, 0))
+        if reason == "failed":
+            self.backend.forget(slot.index, 0)  # what a failed decode left in the cache is unknown
+            slot.cached.clear()
+        slot.seq = None
+        slot.used_at = time.monotonic()
+        seq.sampler.close()
+        elapsed = time.perf_counter() - seq.admitted_at
+        if seq.count > 1 and seq.last_at > seq.first_at:
+            rate = (seq.count - 1) / (seq.last_at - seq.first_at)
+        else:
+            rate = seq.count / elapsed if elapsed > 0 else 0.0
+        first = None if seq.first_at is None else int((seq.first_at - seq.admitted_at) * 1000)
+        self.on_end(seq, Ended(reason, seq.assembler.text, seq.count, int(elapsed * 1000), first, rate, error))
+        self.slot_freed.set()
+        self._on_change()
+
+    def _flush(self) -> None:
+        if self._out:  # emitters append to this very list: empty it, never replace it
+            out = self._out[:]
+            self._out.clear()
+            self._publish(out)
+
+
+def _common(cached: list[int], prompt: list[int], limit: int) -> int:
+    n = min(len(cached), limit)
+    i = 0
+    while i < n and cached[i] == prompt[i]:
+        i += 1
+    return i
