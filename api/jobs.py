@@ -9,6 +9,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from api import auth
 from api.extensions import resources
 from queue_schema import jobs, keys, stats
 from queue_schema.errors import ErrorCode, InferqError
@@ -21,6 +22,7 @@ bp = Blueprint("jobs", __name__)
 
 def submit(op: InferOperation) -> tuple[str, dict]:
     """Check the model and the queue bound, then enqueue. Shared with the OpenAI routes."""
+    auth.check_priority(op.priority)
     res = resources()
     snap = jobs.snapshot(res.redis, op.model)  # model, queue lengths and ETA inputs in one round trip
     if snap.model is None:
