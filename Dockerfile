@@ -12,4 +12,4 @@ COPY inferq ./inferq
 COPY models/demo.gguf ./models/
 RUN pip install --no-cache-dir .
 EXPOSE 8000
-CMD ["gunicorn", "--worker-class", "gevent", "--workers", "2", "--bind", "0.0.0.0:8000", "api.wsgi:app"]
+CMD ["gunicorn", "--config", "python:api.gunicorn_conf", "--workers", "2", "--bind", "0.0.0.0:8000", "api.wsgi:app"]

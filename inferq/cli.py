@@ -142,8 +142,8 @@ def demo(model, port, max_tokens, prompt):
 @click.option("--workers", default=1, show_default=True, help="gunicorn processes (gevent).")
 def api(host, port, workers):
     """Serve the HTTP API with gunicorn + gevent (reads REDIS_URL, INFERQ_API_TOKENS)."""
-    os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--workers",
-                               str(workers), "--bind", f"{host}:{port}", "api.wsgi:app"])
+    os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--config", "python:api.gunicorn_conf",
+                               "--workers", str(workers), "--bind", f"{host}:{port}", "api.wsgi:app"])
 
 
 def _gpu_devices(gpus: str) -> list[str]:

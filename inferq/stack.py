@@ -68,7 +68,7 @@ class Stack:
             cmd = [sys.executable, "-m", "inferq", "worker", "--model", f"{w.name}={w.path}", "--backend", w.backend,
                    "--gpu-layers", str(w.gpu_layers), "--threads", str(w.threads), "--device", w.device]
             self.children[f"worker {w.name}"] = subprocess.Popen(cmd, env=self._env())
-        api_cmd = [sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--workers",
+        api_cmd = [sys.executable, "-m", "gunicorn", "--config", "python:api.gunicorn_conf", "--workers",
                    str(self.api_processes), "--bind", f"{self.host}:{self.port}", "--graceful-timeout", "10",
                    "--log-level", "warning", "api.wsgi:app"]
         self.children["api"] = subprocess.Popen(api_cmd, env=self._env())

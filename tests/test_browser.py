@@ -9,7 +9,7 @@ import pytest
 
 from inferq.client import Client
 from inferq.embedded_redis import free_port
-from tests.conftest import ROOT, wait_until
+from tests.conftest import GUNICORN, ROOT, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="chromium is not installed (make test installs it)")
@@ -82,8 +82,7 @@ def test_cancel_a_running_job_and_screenshot_the_stream(page, live_api, slow_wor
 def test_auth_on_the_page_asks_for_a_token(page, redis_url, tiny_worker):
     port = free_port()
     env = {**os.environ, "REDIS_URL": redis_url, "INFERQ_API_TOKENS": "web-token"}
-    api = subprocess.Popen([sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--bind",
-                            f"127.0.0.1:{port}", "api.wsgi:app"], cwd=ROOT, env=env,
+    api = subprocess.Popen([*GUNICORN, "--bind", f"127.0.0.1:{port}", "api.wsgi:app"], cwd=ROOT, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -105,8 +104,7 @@ def test_auth_on_the_page_asks_for_a_token(page, redis_url, tiny_worker):
 def test_a_dropped_connection_resumes_without_duplicating_text(page, redis_url, slow_worker):
     """Kill the API mid-stream and bring it back: EventSource resumes from Last-Event-ID."""
     port = free_port()
-    cmd = [sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--bind", f"127.0.0.1:{port}",
-           "api.wsgi:app"]
+    cmd = [*GUNICORN, "--bind", f"127.0.0.1:{port}", "api.wsgi:app"]
     env = {**os.environ, "REDIS_URL": redis_url, "INFERQ_SSE_RETRY_MS": "300"}
     url = f"http://127.0.0.1:{port}"
     api = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -15,7 +15,7 @@ from api import create_app
 from inferq.embedded_redis import EmbeddedRedis
 from inferq.testmodel import make_llama_gguf
 from queue_schema import keys, registry
-from tests.conftest import ROOT, start_worker, wait_until
+from tests.conftest import GUNICORN, ROOT, start_worker, wait_until
 from tests.helpers import events, submit, text_of
 
 LONG_PROMPT = "the data model of the queue worker " * 120  # ~3,000 tokens: ~2 s of prompt evaluation
@@ -200,9 +200,8 @@ def test_api_sigterm_ends_open_streams_cleanly(redis_url, slow_worker, tiny_work
     from inferq.embedded_redis import free_port
 
     port = free_port()
-    api = subprocess.Popen([sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--graceful-timeout", "30",
-                            "--bind", f"127.0.0.1:{port}", "api.wsgi:app"], cwd=ROOT,
-                           env={**__import__("os").environ, "REDIS_URL": redis_url},
+    api = subprocess.Popen([*GUNICORN, "--graceful-timeout", "30", "--bind", f"127.0.0.1:{port}", "api.wsgi:app"],
+                           cwd=ROOT, env={**__import__("os").environ, "REDIS_URL": redis_url},
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
