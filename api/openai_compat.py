@@ -59,6 +59,9 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
+    # OpenAI's own rules for it; checked, not forwarded (the job's metadata carries `user`).
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                        Field(max_length=16)] | None = None
 
     def infer_fields(self, default_max: int) -> dict:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -81,14 +84,22 @@ class CompletionRequest(_Request):
         return _infer(prompt=prompt, **self.infer_fields(default_max=16))
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content; only ``text`` parts are used, others (images...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: Annotated[str, Field(max_length=32768)] | None = None
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str, Field(max_length=32768)] | list[dict] | None = None
+    content: Annotated[str, Field(max_length=32768)] | Annotated[list[ContentPart], Field(max_length=256)] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+            return "".join(p.text or "" for p in self.content if p.type == "text")
         return self.content or ""
 
 
@@ -142,6 +153,8 @@ def _parse(model_cls):
         body = json.loads(request.get_data() or b"null")
     except ValueError:
         raise OpenAIError(400, "request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise OpenAIError(400, "request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise OpenAIError(400, "request body must be a JSON object", code="invalid_request")
     try:
