@@ -93,8 +93,10 @@ def up(models, host, port, backend, gpu_layers, threads, gpus, redis_url):
                   host, port, DATA_DIR, redis_url)
 
     def ready(stack):
+        from inferq.embedded_redis import masked
+
         click.echo(f"inferq is up: API {stack.api_url}  models: {', '.join(n for n, _ in models)}  "
-                   f"redis: {stack.redis_url}")
+                   f"redis: {masked(stack.redis_url)}")
         click.echo(f"try: inferq submit \"def \" --model {models[0][0]}   (Ctrl-C to stop)")
 
     try:

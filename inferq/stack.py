@@ -12,7 +12,7 @@ from pathlib import Path
 
 import requests
 
-from inferq.embedded_redis import EmbeddedRedis
+from inferq.embedded_redis import EmbeddedRedis, masked
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Stack:
         if not self.redis_url:
             self.redis = EmbeddedRedis(self.data_dir / "redis").start()
             self.redis_url = self.redis.url
-            log.info("started redis-server on %s (data in %s)", self.redis_url, self.redis.data_dir)
+            log.info("started redis-server on %s (data in %s)", masked(self.redis_url), self.redis.data_dir)
         for w in self.workers:
             cmd = [sys.executable, "-m", "inferq", "worker", "--model", f"{w.name}={w.path}", "--backend", w.backend,
                    "--gpu-layers", str(w.gpu_layers), "--threads", str(w.threads), "--device", w.device]
