@@ -7,7 +7,6 @@ worker had started.
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
