@@ -11,5 +11,8 @@ COPY inferq ./inferq
 # The demo model is installed as package data (setup.cfg data_files).
 COPY models/demo.gguf ./models/
 RUN pip install --no-cache-dir .
+# Nothing here needs root: a process that is broken into should not have it.
+RUN useradd --system --no-create-home inferq
+USER inferq
 EXPOSE 8000
-CMD ["gunicorn", "--worker-class", "gevent", "--workers", "2", "--bind", "0.0.0.0:8000", "api.wsgi:app"]
+CMD ["gunicorn", "--config", "python:api.gunicorn_conf", "--workers", "2", "--bind", "0.0.0.0:8000", "api.wsgi:app"]

@@ -5,24 +5,27 @@ import logging
 
 from flask import Flask
 
-from api import auth, catalog, dashboard, errors, extensions, health, jobs, metrics, openai_compat, openapi, stream, ui
-from api.config import DEFAULTS
+from api import (auth, catalog, config, dashboard, errors, extensions, health, jobs, limits, metrics, openai_compat,
+                 openapi, security, stream, ui)
 
 
 def create_app(test_config: dict | None = None) -> Flask:
     """Build the API. Settings come from ``INFERQ_``-prefixed environment variables
-    (plus ``REDIS_URL``), overridden by ``test_config``."""
+    (plus ``REDIS_URL``), overridden by ``test_config``. A setting it cannot start
+    with raises ``api.config.ConfigError`` (one line)."""
     app = Flask(__name__)
-    app.config.from_mapping(DEFAULTS)
-    app.config.from_prefixed_env("INFERQ")
+    app.config.from_mapping(config.DEFAULTS)
+    config.load_environment(app)
     if test_config:
         app.config.from_mapping(test_config)
     app.json.sort_keys = False
-    logging.getLogger(__name__).debug("inferq api on %s", app.config["REDIS_URL"])
+    logging.getLogger(__name__).debug("inferq api starting")
 
     extensions.init_app(app)
     errors.init_app(app)
     auth.init_app(app)
+    security.init_app(app)
+    limits.init_app(app)
     for bp in (health.bp, metrics.bp, jobs.bp, stream.bp, catalog.bp, openai_compat.bp, openapi.bp, ui.bp):
         app.register_blueprint(bp)
     dashboard.init_app(app)

@@ -1,37 +1,94 @@
-"""Bearer-token auth, on when ``INFERQ_API_TOKENS`` is set.
+"""Bearer-token auth, on when ``INFERQ_API_TOKENS`` is set, and who a request is.
 
-Tokens are compared in constant time. ``?access_token=`` is accepted on
-stream routes only, because a browser's EventSource cannot set headers.
+``INFERQ_API_TOKENS`` is a comma-separated list of ``token`` (the shared tenant
+``default``) or ``name:token`` (a named tenant) entries, read as written. Set
+but holding no token is a startup error, never auth off. Tokens are compared in
+constant time. ``?access_token=`` is accepted on stream routes only, because a
+browser's EventSource cannot set headers.
+
+``principal()`` names the current request's tenant and the key its limits are
+counted by (api/limits.py, and Redis-side admission).
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
+import logging
+import re
+from dataclasses import dataclass
 
-from flask import Flask, current_app, request
+from flask import Flask, current_app, g, request
 
+from api.config import ConfigError, csv_setting
 from queue_schema.errors import ErrorCode, InferqError
+
+log = logging.getLogger(__name__)
 
 # The page and its files are open: the page itself asks for a token.
 OPEN_ENDPOINTS = {"health.health", "health.ready", "metrics.metrics", "static", "ui.index", "ui.static"}
 QUERY_TOKEN_ENDPOINTS = {"stream.job_stream", "stream.narration"}
+TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SHARED_TENANT = "default"
+ANONYMOUS = "anonymous"  # every request while auth is off
+SHORT_TOKEN = 16
 
 
-def configured_tokens(app: Flask) -> list[bytes]:
-    raw = app.config.get("API_TOKENS") or ""
-    if isinstance(raw, (list, tuple)):
-        raw = ",".join(raw)
-    return [t.strip().encode() for t in str(raw).split(",") if t.strip()]
+@dataclass(frozen=True)
+class Principal:
+    """Who made a request: the tenant ``name`` and the ``limit_key`` its limits count by."""
+
+    name: str
+    limit_key: str
 
 
-def token_ok(presented: str | None, tokens: list[bytes]) -> bool:
+@dataclass(frozen=True)
+class AuthConfig:
+    tokens: tuple[tuple[bytes, Principal], ...] | None  # None: auth off
+    high_priority: frozenset[str] | None  # None: every tenant may submit priority "high"
+
+
+def parse_tokens(raw) -> tuple[tuple[bytes, Principal], ...] | None:
+    """``INFERQ_API_TOKENS`` as (token, principal) pairs; None when unset. Raises ConfigError."""
+    entries = csv_setting(raw)
+    if entries is None:
+        return None
+    owners: dict[str, Principal] = {}
+    for entry in entries:
+        name, sep, token = entry.partition(":")
+        if not sep:
+            name, token = SHARED_TENANT, entry
+        name, token = name.strip(), token.strip()
+        if not TENANT_PATTERN.match(name):
+            raise ConfigError(f"INFERQ_API_TOKENS: {name!r} is not a tenant name (letters, digits, '.', '_', '-'; "
+                              "entries are token or name:token)")
+        if not token:
+            raise ConfigError(f"INFERQ_API_TOKENS: the entry for tenant {name!r} has no token after ':'")
+        # A bare token's key must not reveal it, yet stay the same across processes and restarts;
+        # the ":" keeps it (and "addr:...") apart from every tenant name.
+        key = name if sep else "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+        principal = Principal(name, key)
+        if owners.setdefault(token, principal) != principal:
+            raise ConfigError(f"INFERQ_API_TOKENS: one token is given to two tenants "
+                              f"({owners[token].name!r} and {name!r})")
+        if len(token) < SHORT_TOKEN:
+            log.warning("INFERQ_API_TOKENS: the token of tenant %r is shorter than %d characters: easy to guess",
+                        name, SHORT_TOKEN)
+    if not owners:
+        raise ConfigError("INFERQ_API_TOKENS is set but holds no token; unset it to turn auth off")
+    return tuple((token.encode(), p) for token, p in owners.items())
+
+
+def match(presented: str | None, tokens) -> Principal | None:
+    """The principal whose token was presented, or None."""
     if not presented:
-        return False
+        return None
     given = presented.encode()
     # Compare against every token so the time taken does not reveal which one matched.
-    ok = False
-    for token in tokens:
-        ok |= hmac.compare_digest(given, token)
-    return ok
+    found = None
+    for token, principal in tokens:
+        if hmac.compare_digest(given, token):
+            found = principal
+    return found
 
 
 def presented_token() -> str | None:
@@ -46,17 +103,47 @@ def presented_token() -> str | None:
     return None
 
 
+def _config() -> AuthConfig:
+    return current_app.extensions["inferq_auth"]
+
+
+def _anonymous() -> Principal:
+    # Behind a proxy every client shares the proxy's address, and so its limits.
+    return Principal(ANONYMOUS, f"addr:{request.remote_addr or 'unknown'}")
+
+
+def principal() -> Principal:
+    """The current request's principal (anonymous, keyed by client address, while auth is off)."""
+    found = g.get("inferq_principal")
+    return found if found is not None else _anonymous()
+
+
 def check_request() -> None:
-    tokens = current_app.extensions["inferq_tokens"]
-    if not tokens or request.endpoint in OPEN_ENDPOINTS or request.method == "OPTIONS":
+    tokens = _config().tokens
+    if tokens is None or request.endpoint in OPEN_ENDPOINTS or request.method == "OPTIONS":
         return
-    if not token_ok(presented_token(), tokens):
+    found = match(presented_token(), tokens)
+    if found is None:
         # Browsers answer a Basic challenge with a login box: offer it on the dashboard.
         scheme = "Basic" if (request.blueprint or "") == "rq_dashboard" else "Bearer"
         raise InferqError(ErrorCode.UNAUTHORIZED, "missing or invalid bearer token",
                           headers={"WWW-Authenticate": f'{scheme} realm="inferq"'})
+    g.inferq_principal = found
+
+
+def check_priority(priority: str) -> None:
+    """Refuse priority "high" from a tenant not in ``INFERQ_HIGH_PRIORITY_TENANTS`` (when set)."""
+    allowed = _config().high_priority
+    if priority != "high" or allowed is None:
+        return
+    who = principal()
+    if who.name not in allowed:
+        raise InferqError(ErrorCode.PRIORITY_NOT_ALLOWED,
+                          f"tenant {who.name!r} may not submit priority 'high'; use 'normal' or 'low'")
 
 
 def init_app(app: Flask) -> None:
-    app.extensions["inferq_tokens"] = configured_tokens(app)
+    tenants = csv_setting(app.config.get("HIGH_PRIORITY_TENANTS"))
+    app.extensions["inferq_auth"] = AuthConfig(parse_tokens(app.config.get("API_TOKENS")),
+                                               frozenset(tenants) if tenants is not None else None)
     app.before_request(check_request)

@@ -3,12 +3,25 @@ from __future__ import annotations
 
 import os
 
+from flask import Flask
+
 from queue_schema.eventlog import DEFAULT_TTL_S
 
 DEFAULTS = {
     "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
-    "API_TOKENS": "",  # comma-separated bearer tokens; empty turns auth off
+    # Comma-separated `token` or `name:token` entries (api/auth.py); None (unset) turns auth off.
+    "API_TOKENS": None,
+    # Comma-separated tenant names that may submit priority "high"; None (unset): everyone may.
+    "HIGH_PRIORITY_TENANTS": None,
+    # Comma-separated origins (scheme://host[:port]) trusted for writes besides the API's own
+    # (a proxy that rewrites Host, say); see api/security.py.
+    "TRUSTED_ORIGINS": None,
     "MAX_QUEUE_DEPTH": 1000,  # per model, on top of each worker's own --queue-depth
+    # Open SSE streams, per principal and per API process (api/limits.py). The process bound
+    # stays below gunicorn's worker_connections (api/gunicorn_conf.py) so /health and
+    # ordinary requests always find a free connection.
+    "MAX_STREAMS_PER_TOKEN": 100,
+    "MAX_STREAMS": 900,
     "KEEPALIVE_S": 15.0,  # SSE comment sent after this much silence
     "SSE_RETRY_MS": 2000,  # reconnect delay suggested to EventSource clients
     "MAX_CONTENT_LENGTH": 1 << 20,
@@ -19,3 +32,28 @@ DEFAULTS = {
     "REDIS_MAX_CONNECTIONS": 64,
     "REDIS_POOL_TIMEOUT_S": 5.0,
 }
+
+# Lists of names and secrets, taken as written: from_prefixed_env would JSON-parse them, and
+# `0`, `false`, `null` or `[]` would quietly turn auth off (`true` became the token `True`).
+RAW_SETTINGS = ("API_TOKENS", "HIGH_PRIORITY_TENANTS", "TRUSTED_ORIGINS")
+
+
+class ConfigError(ValueError):
+    """A setting the API cannot start with; the message is one line naming it."""
+
+
+def load_environment(app: Flask) -> None:
+    """``INFERQ_*`` variables into ``app.config``: JSON-parsed, except ``RAW_SETTINGS``."""
+    app.config.from_prefixed_env("INFERQ")
+    for name in RAW_SETTINGS:
+        raw = os.environ.get(f"INFERQ_{name}")
+        if raw is not None:
+            app.config[name] = raw
+
+
+def csv_setting(value) -> list[str] | None:
+    """A comma-separated setting (or a list, from test_config) as its stripped, non-empty items."""
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple, set, frozenset)) else str(value).split(",")
+    return [str(item).strip() for item in items if str(item).strip()]

@@ -15,7 +15,7 @@ from queue_schema.errors import ErrorCode, InferqError
 
 log = logging.getLogger(__name__)
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED, 413: ErrorCode.INVALID_REQUEST,
-               415: ErrorCode.INVALID_REQUEST, 400: ErrorCode.INVALID_REQUEST}
+               415: ErrorCode.UNSUPPORTED_MEDIA_TYPE, 400: ErrorCode.INVALID_REQUEST}
 
 
 def error_response(code: ErrorCode, message: str, status: int, headers: dict | None = None, **extra):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 
 from flask import Blueprint, current_app, jsonify, request, url_for
+
+from api import auth
 from api.extensions import resources
 from queue_schema import books, jobs, keys, leases, stats
 from queue_schema.errors import ErrorCode, InferqError
@@ -17,6 +19,7 @@ bp = Blueprint("jobs", __name__)
 def submit(op: InferOperation) -> tuple[str, int]:
     """Admit the job (model check, queue bound, enqueue, ``queued`` event: one atomic step).
     Shared with the OpenAI routes; returns the job id and its queue position."""
+    auth.check_priority(op.priority)
     res = resources()
     admitted = res.admission.admit(op, int(current_app.config["MAX_QUEUE_DEPTH"]))
     log.info("job %s queued for %s at position %d", admitted.job_id, op.model, admitted.position)

@@ -16,8 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from api import lifecycle
-from api import relay
+from api import lifecycle, limits, relay
 from api.extensions import resources
 from api.jobs import request_cancel, submit
 from queue_schema import jobs
@@ -28,8 +27,9 @@ log = logging.getLogger(__name__)
 bp = Blueprint("openai", __name__)
 
 _FINISH = {"eos": "stop", "stop_sequence": "stop", "cancelled": "stop", "max_tokens": "length"}
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-                409: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+                415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
                 503: "server_error"}
 
 
@@ -58,6 +58,9 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
+    # OpenAI's own rules for it; checked, not forwarded (the job's metadata carries `user`).
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                        Field(max_length=16)] | None = None
 
     def infer_fields(self, default_max: int) -> dict:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -80,14 +83,22 @@ class CompletionRequest(_Request):
         return _infer(prompt=prompt, **self.infer_fields(default_max=16))
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content; only ``text`` parts are used, others (images...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: Annotated[str, Field(max_length=32768)] | None = None
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str, Field(max_length=32768)] | list[dict] | None = None
+    content: Annotated[str, Field(max_length=32768)] | Annotated[list[ContentPart], Field(max_length=256)] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+            return "".join(p.text or "" for p in self.content if p.type == "text")
         return self.content or ""
 
 
@@ -141,6 +152,8 @@ def _parse(model_cls):
         body = json.loads(request.get_data() or b"null")
     except ValueError:
         raise OpenAIError(400, "request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise OpenAIError(400, "request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise OpenAIError(400, "request body must be a JSON object", code="invalid_request")
     try:
@@ -205,13 +218,21 @@ def _job_error(event: dict) -> OpenAIError:
 
 def _respond(req: _Request, chat: bool):
     op = req.operation()
-    job_id, _ = submit(op)
+    release = limits.stream_slot() if req.stream else None  # before the job exists: a 429 runs nothing
+    try:
+        job_id, _ = submit(op)
+    except Exception:
+        if release:
+            release()
+        raise
     shape = _Shape(chat, job_id, op.model)
     headers = {"X-Inferq-Job-Id": job_id}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Response(stream_with_context(_stream(job_id, shape, include_usage)), mimetype="text/event-stream",
-                        headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        response = Response(stream_with_context(_stream(job_id, shape, include_usage)), mimetype="text/event-stream",
+                            headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        response.call_on_close(release)
+        return response
     prompt_tokens = 0
     for event in _events(job_id):
         if event is None:

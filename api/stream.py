@@ -11,7 +11,7 @@ import logging
 import redis
 from flask import Blueprint, current_app, request, stream_with_context
 
-from api import relay, sse
+from api import limits, relay, sse
 from api.extensions import resources
 from queue_schema.errors import ErrorCode, InferqError
 
@@ -40,8 +40,13 @@ def narration():
 
 
 def sse_response(messages, what: str):
-    """An event-stream response for ``messages``; a Redis failure ends it quietly."""
+    """An event-stream response for ``messages``; a Redis failure ends it quietly.
+
+    It holds one of the principal's stream slots (api/limits.py) until the server
+    closes the response: at its end, or when a write finds the client gone.
+    """
     retry_ms = int(current_app.config["SSE_RETRY_MS"])
+    release = limits.stream_slot()
 
     @stream_with_context
     def generate():
@@ -51,8 +56,15 @@ def sse_response(messages, what: str):
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.warning("%s ended: redis unavailable (%s)", what, exc)
 
-    return current_app.response_class(generate(), mimetype="text/event-stream",
-                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        response = current_app.response_class(generate(), mimetype="text/event-stream",
+                                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    except BaseException:
+        release()
+        raise
+    # Not the generator's finally: a generator closed before its first step never runs it.
+    response.call_on_close(release)
+    return response
 
 
 def _last_event_id() -> int:

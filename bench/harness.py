@@ -114,7 +114,7 @@ def stack(models: dict[str, Path], threads: int, api_processes: int = 1, workers
             procs_out.extend(procs)
         port = free_port()
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--workers", str(api_processes),
+            [sys.executable, "-m", "gunicorn", "--config", "python:api.gunicorn_conf", "--workers", str(api_processes),
              "--bind", f"127.0.0.1:{port}", "--log-level", "warning", "api.wsgi:app"], cwd=ROOT, env=env))
         url = f"http://127.0.0.1:{port}"
         client = redis.Redis.from_url(server.url)

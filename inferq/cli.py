@@ -93,8 +93,10 @@ def up(models, host, port, backend, gpu_layers, threads, gpus, redis_url):
                   host, port, DATA_DIR, redis_url)
 
     def ready(stack):
+        from inferq.embedded_redis import masked
+
         click.echo(f"inferq is up: API {stack.api_url}  models: {', '.join(n for n, _ in models)}  "
-                   f"redis: {stack.redis_url}")
+                   f"redis: {masked(stack.redis_url)}")
         click.echo(f"try: inferq submit \"def \" --model {models[0][0]}   (Ctrl-C to stop)")
 
     try:
@@ -142,8 +144,8 @@ def demo(model, port, max_tokens, prompt):
 @click.option("--workers", default=1, show_default=True, help="gunicorn processes (gevent).")
 def api(host, port, workers):
     """Serve the HTTP API with gunicorn + gevent (reads REDIS_URL, INFERQ_API_TOKENS)."""
-    os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--workers",
-                               str(workers), "--bind", f"{host}:{port}", "api.wsgi:app"])
+    os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--config", "python:api.gunicorn_conf",
+                               "--workers", str(workers), "--bind", f"{host}:{port}", "api.wsgi:app"])
 
 
 def _gpu_devices(gpus: str) -> list[str]:

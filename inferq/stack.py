@@ -12,7 +12,7 @@ from pathlib import Path
 
 import requests
 
-from inferq.embedded_redis import EmbeddedRedis
+from inferq.embedded_redis import EmbeddedRedis, masked
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,12 @@ class Stack:
         if not self.redis_url:
             self.redis = EmbeddedRedis(self.data_dir / "redis").start()
             self.redis_url = self.redis.url
-            log.info("started redis-server on %s (data in %s)", self.redis_url, self.redis.data_dir)
+            log.info("started redis-server on %s (data in %s)", masked(self.redis_url), self.redis.data_dir)
         for w in self.workers:
             cmd = [sys.executable, "-m", "inferq", "worker", "--model", f"{w.name}={w.path}", "--backend", w.backend,
                    "--gpu-layers", str(w.gpu_layers), "--threads", str(w.threads), "--device", w.device]
             self.children[f"worker {w.name}"] = subprocess.Popen(cmd, env=self._env())
-        api_cmd = [sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--workers",
+        api_cmd = [sys.executable, "-m", "gunicorn", "--config", "python:api.gunicorn_conf", "--workers",
                    str(self.api_processes), "--bind", f"{self.host}:{self.port}", "--graceful-timeout", "10",
                    "--log-level", "warning", "api.wsgi:app"]
         self.children["api"] = subprocess.Popen(api_cmd, env=self._env())

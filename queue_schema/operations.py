@@ -6,6 +6,7 @@ only member today. Adding one means adding a model to ``OPERATIONS``.
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,6 +26,8 @@ def _integral(value: Any) -> Any:
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_PROMPT_CHARS = 32768
 MAX_METADATA_BYTES = 2048
+MAX_METADATA_ITEMS = 16
+MAX_METADATA_STRING = 100
 
 
 class ChatMessage(BaseModel):
@@ -61,11 +64,12 @@ class InferOperation(BaseModel):
     timeout_s: int = Field(600, ge=1, le=3600, description="Decoding deadline once started.")
     ttl_s: int = Field(None, ge=1, le=7 * 24 * 3600,  # type: ignore[assignment]
                        description="Give up (error TIMEOUT) if the job waited longer than this to start.")
+    # The document's rules are the ones enforced (_metadata_rules); the 2 KB cap comes on top.
     metadata: dict[str, Any] = Field(default_factory=dict, description="Echoed back; at most 2 KB of JSON.",
-                                     json_schema_extra={"maxProperties": 16,
+                                     json_schema_extra={"maxProperties": MAX_METADATA_ITEMS,
                                                         "additionalProperties": {"type": ["string", "number",
                                                                                           "boolean", "null"],
-                                                                                 "maxLength": 100}})
+                                                                                 "maxLength": MAX_METADATA_STRING}})
 
     @field_validator("max_tokens", "top_k", "seed", "timeout_s", "ttl_s", mode="before")
     @classmethod
@@ -82,7 +86,17 @@ class InferOperation(BaseModel):
 
     @field_validator("metadata")
     @classmethod
-    def _metadata_small(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+    def _metadata_rules(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        if len(metadata) > MAX_METADATA_ITEMS:
+            raise ValueError(f"metadata holds at most {MAX_METADATA_ITEMS} properties")
+        for value in metadata.values():  # scalars only: nothing nested to walk or to echo
+            if isinstance(value, str):
+                if len(value) > MAX_METADATA_STRING:
+                    raise ValueError(f"metadata strings are at most {MAX_METADATA_STRING} characters")
+            elif isinstance(value, float) and not math.isfinite(value):
+                raise ValueError("metadata numbers must be finite (JSON has no NaN or Infinity)")
+            elif value is not None and not isinstance(value, (bool, int, float)):
+                raise ValueError("metadata values are a string, a number, a boolean or null")
         if len(json.dumps(metadata).encode()) > MAX_METADATA_BYTES:
             raise ValueError(f"metadata must serialize to at most {MAX_METADATA_BYTES} bytes of JSON")
         return metadata
@@ -121,6 +135,8 @@ def parse_operation(body: bytes | str | dict, *, default_operation: str | None =
             body = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise InferqError(ErrorCode.INVALID_JSON, "request body is not valid JSON") from None
+        except RecursionError:  # json's decoder recurses once per nesting level
+            raise InferqError(ErrorCode.INVALID_JSON, "request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise InferqError(ErrorCode.INVALID_REQUEST, "request body must be a JSON object",
                           errors=[{"field": "body", "constraint": "type", "message": "expected an object"}])

@@ -22,6 +22,8 @@ from inferq.testmodel import make_llama_gguf
 from queue_schema import registry
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every API the tests start runs with the settings production uses.
+GUNICORN = [sys.executable, "-m", "gunicorn", "--config", "python:api.gunicorn_conf"]
 
 
 @pytest.fixture(scope="session")
@@ -165,9 +167,10 @@ def live_api(redis_url, tmp_path_factory):
     """The API served for real by gunicorn + gevent on a free port."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("api") / "gunicorn.log"
-    env = {**os.environ, "REDIS_URL": redis_url, "INFERQ_KEEPALIVE_S": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--workers", "1",
-                             "--bind", f"127.0.0.1:{port}", "api.wsgi:app"], cwd=ROOT, env=env,
+    # Tests open up to 150 streams on one job from this one address (auth off: one principal).
+    env = {**os.environ, "REDIS_URL": redis_url, "INFERQ_KEEPALIVE_S": "1", "INFERQ_MAX_STREAMS_PER_TOKEN": "500"}
+    proc = subprocess.Popen([*GUNICORN, "--workers", "1", "--bind", f"127.0.0.1:{port}", "api.wsgi:app"],
+                            cwd=ROOT, env=env,
                             stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 

@@ -117,3 +117,69 @@ def test_ready_models_workers_and_openapi(client):
     assert doc["openapi"].startswith("3.1")
     assert "/v1/jobs" in doc["paths"] and "InferOperation" in doc["components"]["schemas"]
     assert doc["components"]["schemas"]["InferOperation"]["properties"]["max_tokens"]["maximum"] == 4096
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+JSON_ROUTES = [("/v1/jobs", "inferq"), ("/v1/inference", "inferq"), ("/v1/completions", "openai"),
+               ("/v1/chat/completions", "openai")]
+
+
+def route_body(path: str, **extra) -> dict:
+    if path == "/v1/completions":
+        return {"model": "tiny", "prompt": SECRET, **extra}
+    if path == "/v1/chat/completions":
+        return {"model": "tiny", "messages": [{"role": "user", "content": SECRET}], **extra}
+    return {**body(), **extra}
+
+
+def assert_refused(resp, shape: str, statuses=(400, 422)):
+    assert resp.status_code in statuses, resp.get_data(as_text=True)[:300]
+    err = resp.get_json()["error"]
+    keys = {"code", "message"} if shape == "inferq" else {"code", "message", "type", "param"}
+    assert keys <= set(err) and err["message"]
+    assert SECRET not in resp.get_data(as_text=True)
+    return err
+
+
+@pytest.mark.parametrize("path,shape", JSON_ROUTES)
+def test_deeply_nested_json_is_a_4xx_never_a_500(client, path, shape):
+    # 100k levels: json's decoder gives up with RecursionError.
+    err = assert_refused(client.post(path, data=nested(100_000), content_type="application/json"), shape)
+    assert err["code"] in ("INVALID_JSON", "invalid_json")
+    inner = json.dumps(route_body(path, metadata={"deep": "PLACEHOLDER"})).replace('"PLACEHOLDER"', nested(50_000))
+    assert_refused(client.post(path, data=inner, content_type="application/json"), shape)
+    # 256 levels decode fine; the schema refuses nested metadata values.
+    deep = json.dumps(route_body(path, metadata={"deep": json.loads(nested(256))}))
+    err = assert_refused(client.post(path, data=deep, content_type="application/json"), shape)
+    assert "metadata" in (err.get("param") or err["message"])
+
+
+def test_a_chat_content_part_must_have_text_as_a_string(client):
+    for text in (7, 1.5, ["a"], {"a": 1}):
+        msg = {"role": "user", "content": [{"type": "text", "text": text}]}
+        resp = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [msg]})
+        err = assert_refused(resp, "openai", statuses=(400,))
+        assert err["param"].startswith("messages.0.content")
+    # Non-text parts are still ignored.
+    ok = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "hi"}]}
+    resp = client.post("/v1/chat/completions", json={"model": "no-such-model", "messages": [ok]})
+    assert resp.status_code == 404 and resp.get_json()["error"]["code"] == "model_not_found"
+
+
+def test_huge_or_odd_last_event_ids_are_422(client, r):
+    from queue_schema.eventlog import EventLog
+    from queue_schema.events import End, Queued
+
+    job = f"lei-{free_port()}"
+    EventLog(r).append_many([Queued(job_id=job, seq=0, position=0, queue="inferq.lei.normal"),
+                             End(job_id=job, seq=1, tokens_out=0, decode_time_ms=0, stop_reason="eos", text="")])
+    for value in ("1000000000000000000000000000000", str(2**53 + 1), "-2", "1" * 5000, "1e3", "0x10"):
+        for kw in ({"headers": {"Last-Event-ID": value}}, {"query_string": {"last_event_id": value}}):
+            resp = client.get(f"/v1/jobs/{job}/stream", **kw)
+            assert resp.status_code == 422 and resp.get_json()["error"]["code"] == "INVALID_REQUEST", (value, kw)
+    # The largest allowed: past the log's end, so the (ended) stream has nothing to send.
+    resp = client.get(f"/v1/jobs/{job}/stream", headers={"Last-Event-ID": str(2**53)}, buffered=True)
+    assert resp.status_code == 200 and "event:" not in resp.get_data(as_text=True)

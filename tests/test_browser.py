@@ -3,13 +3,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 
 import pytest
 
 from inferq.client import Client
 from inferq.embedded_redis import free_port
-from tests.conftest import ROOT, wait_until
+from tests.conftest import GUNICORN, ROOT, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="chromium is not installed (make test installs it)")
@@ -33,9 +32,14 @@ def page(browser):
     context.close()
 
 
+# wait_for_function is given functions, not expressions: polling an expression needs eval, which
+# the page's CSP refuses.
 def open_page(page, url, model):
+    # The page runs under its Content-Security-Policy (api/security.py): record anything it blocks.
+    page.add_init_script("window.__csp = []; document.addEventListener('securitypolicyviolation', "
+                         "(e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));")
     page.goto(url + "/")
-    page.wait_for_function(f"[...document.querySelectorAll('#model option')].some(o => o.value === '{model}')")
+    page.wait_for_function(f"() => [...document.querySelectorAll('#model option')].some(o => o.value === '{model}')")
     page.select_option("#model", model)
 
 
@@ -49,34 +53,35 @@ def submit(page, prompt, max_tokens, temperature=0):
 def test_submit_and_watch_the_text_stream_in(page, live_api, tiny_worker):
     open_page(page, live_api, "tiny")
     submit(page, "def queue worker", 24)
-    page.wait_for_function("document.querySelector('#status').textContent === 'finished'", timeout=30000)
+    page.wait_for_function("() => document.querySelector('#status').textContent === 'finished'", timeout=30000)
     job = page.evaluate("JSON.parse(sessionStorage.getItem('inferq-recent'))[0]")
     stored = Client(live_api).status(job)["result"]["text"]
     assert page.inner_text("#output") == stored or page.eval_on_selector("#output", "e => e.textContent") == stored
     assert "24 tokens" in page.inner_text("#summary")
     page.wait_for_selector(f"#jobs tr[data-job='{job}'][data-state='finished']", timeout=10000)
     page.wait_for_selector("#workers tr[data-model='tiny']", timeout=10000)
-    page.wait_for_function("document.querySelectorAll('#narration li').length > 0", timeout=10000)
+    page.wait_for_function("() => document.querySelectorAll('#narration li').length > 0", timeout=10000)
     assert page.get_attribute("#dashboard-link", "href") == "/rq/"
+    assert "script-src 'self'" in page.evaluate("fetch('/').then((r) => r.headers.get('content-security-policy'))")
+    assert page.evaluate("window.__csp") == []
 
 
 def test_cancel_a_running_job_and_screenshot_the_stream(page, live_api, slow_worker, tmp_path):
     open_page(page, live_api, "slow")
     submit(page, "a long story", 3000)
-    page.wait_for_function("document.querySelector('#output').textContent.length > 40", timeout=30000)
+    page.wait_for_function("() => document.querySelector('#output').textContent.length > 40", timeout=30000)
     shot = os.environ.get("INFERQ_SCREENSHOT") or str(tmp_path / "page.png")
     page.screenshot(path=shot, full_page=True)
     assert os.path.getsize(shot) > 10_000
     page.click("#cancel")
-    page.wait_for_function("document.querySelector('#status').textContent === 'cancelled'", timeout=15000)
+    page.wait_for_function("() => document.querySelector('#status').textContent === 'cancelled'", timeout=15000)
     assert "stopped on cancelled" in page.inner_text("#summary")
 
 
 def test_auth_on_the_page_asks_for_a_token(page, redis_url, tiny_worker):
     port = free_port()
     env = {**os.environ, "REDIS_URL": redis_url, "INFERQ_API_TOKENS": "web-token"}
-    api = subprocess.Popen([sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--bind",
-                            f"127.0.0.1:{port}", "api.wsgi:app"], cwd=ROOT, env=env,
+    api = subprocess.Popen([*GUNICORN, "--bind", f"127.0.0.1:{port}", "api.wsgi:app"], cwd=ROOT, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -85,10 +90,10 @@ def test_auth_on_the_page_asks_for_a_token(page, redis_url, tiny_worker):
         page.wait_for_selector("#auth:not([hidden])")
         page.fill("#token", "web-token")
         page.click("#save-token")
-        page.wait_for_function("[...document.querySelectorAll('#model option')].some(o => o.value === 'tiny')")
+        page.wait_for_function("() => [...document.querySelectorAll('#model option')].some(o => o.value === 'tiny')")
         page.select_option("#model", "tiny")
         submit(page, "secured", 8)
-        page.wait_for_function("document.querySelector('#status').textContent === 'finished'", timeout=30000)
+        page.wait_for_function("() => document.querySelector('#status').textContent === 'finished'", timeout=30000)
         assert page.evaluate("sessionStorage.getItem('inferq-token')") == "web-token"
     finally:
         api.send_signal(signal.SIGTERM)
@@ -98,8 +103,7 @@ def test_auth_on_the_page_asks_for_a_token(page, redis_url, tiny_worker):
 def test_a_dropped_connection_resumes_without_duplicating_text(page, redis_url, slow_worker):
     """Kill the API mid-stream and bring it back: EventSource resumes from Last-Event-ID."""
     port = free_port()
-    cmd = [sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--bind", f"127.0.0.1:{port}",
-           "api.wsgi:app"]
+    cmd = [*GUNICORN, "--bind", f"127.0.0.1:{port}", "api.wsgi:app"]
     env = {**os.environ, "REDIS_URL": redis_url, "INFERQ_SSE_RETRY_MS": "300"}
     url = f"http://127.0.0.1:{port}"
     api = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -107,13 +111,13 @@ def test_a_dropped_connection_resumes_without_duplicating_text(page, redis_url, 
         wait_until(lambda: _health(url), what="the API")
         open_page(page, url, "slow")
         submit(page, "keep going", 1500)
-        page.wait_for_function("document.querySelector('#output').textContent.length > 20", timeout=30000)
+        page.wait_for_function("() => document.querySelector('#output').textContent.length > 20", timeout=30000)
         api.kill()
         api.wait(10)
         api = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: _health(url), what="the API to come back")
-        page.wait_for_function("['finished', 'cancelled'].includes(document.querySelector('#status').textContent)",
-                               timeout=60000)
+        page.wait_for_function("() => ['finished', 'cancelled'].includes(document.querySelector('#status')"
+                               ".textContent)", timeout=60000)
         job = page.evaluate("JSON.parse(sessionStorage.getItem('inferq-recent'))[0]")
         stored = Client(url).status(job)["result"]["text"]
         assert page.eval_on_selector("#output", "e => e.textContent") == stored

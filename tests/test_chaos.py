@@ -7,7 +7,6 @@ worker had started.
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -15,7 +14,7 @@ import pytest
 
 from inferq.client import Client
 from inferq.embedded_redis import EmbeddedRedis, free_port
-from tests.conftest import ROOT, start_worker, wait_until
+from tests.conftest import GUNICORN, ROOT, start_worker, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +23,7 @@ pytestmark = pytest.mark.slow
 def chaos_stack(tmp_path, slow_model):
     server = EmbeddedRedis(tmp_path / "redis", appendonly=True).start()
     port = free_port()
-    api = subprocess.Popen([sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--bind",
-                            f"127.0.0.1:{port}", "api.wsgi:app"], cwd=ROOT,
+    api = subprocess.Popen([*GUNICORN, "--bind", f"127.0.0.1:{port}", "api.wsgi:app"], cwd=ROOT,
                            env={**os.environ, "REDIS_URL": server.url, "INFERQ_KEEPALIVE_S": "1"},
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers = [start_worker(server.url, "chaos", slow_model, tmp_path) for _ in range(2)]

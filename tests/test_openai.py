@@ -81,8 +81,10 @@ def test_errors_in_openai_shape(oai, live_api):
         oai.completions.create(model="tiny", prompt="x", temperature=5)
     with pytest.raises(openai.BadRequestError):
         oai.chat.completions.create(model="tiny", messages=[])
-    raw = requests.post(f"{live_api}/v1/chat/completions", data=b"{oops", timeout=10)
+    raw = requests.post(f"{live_api}/v1/chat/completions", data=b"{oops", timeout=10,
+                        headers={"Content-Type": "application/json"})
     assert raw.status_code == 400 and set(raw.json()["error"]) == {"message", "type", "code", "param"}
+    assert raw.json()["error"]["code"] == "invalid_json"
 
 
 def test_unknown_openai_fields_are_ignored(oai):

@@ -78,3 +78,37 @@ def test_stop_limit_counts_bytes_not_characters():
     with pytest.raises(InferqError):
         parse_operation(ok(stop=["😀" * 26]))  # 104 bytes, 26 characters
     assert parse_operation(ok(stop=["😀" * 25])).stop == ["😀" * 25]
+
+
+METADATA_SAMPLES = [
+    {}, {"user": "u1", "n": 3, "ratio": 0.5, "ok": True, "none": None}, {"s": "x" * 100}, {"s": "x" * 101},
+    {f"k{i}": i for i in range(16)}, {f"k{i}": i for i in range(17)}, {"nested": {"a": 1}}, {"list": [1, 2]},
+    {"deep": [[[[[[[[1]]]]]]]]}, {"emoji": "😀" * 100}, {"emoji": "😀" * 101},
+]
+
+
+@pytest.mark.parametrize("metadata", METADATA_SAMPLES, ids=lambda m: json.dumps(m)[:40])
+def test_metadata_rules_enforced_are_the_published_ones(metadata):
+    """The OpenAPI document's `metadata` schema and the validator agree on every sample."""
+    import jsonschema_rs
+
+    from api import create_app
+
+    doc = create_app({"REDIS_URL": "redis://127.0.0.1:1/0", "TESTING": True}).test_client().get("/openapi.json")
+    published = jsonschema_rs.validator_for(doc.get_json()["components"]["schemas"]["InferOperation"]["properties"]
+                                            ["metadata"])
+    try:
+        parse_operation(ok(metadata=metadata))
+        accepted = True
+    except InferqError as exc:
+        assert exc.code == ErrorCode.INVALID_REQUEST and exc.errors[0]["field"] == "metadata"
+        accepted = False
+    assert accepted == published.is_valid(metadata)
+
+
+def test_non_finite_metadata_numbers_are_refused():
+    for raw in ('{"x": NaN}', '{"x": Infinity}', '{"x": -Infinity}'):
+        body = json.dumps(ok()).replace('"prompt"', f'"metadata": {raw}, "prompt"')
+        with pytest.raises(InferqError) as info:
+            parse_operation(body)
+        assert info.value.code == ErrorCode.INVALID_REQUEST

@@ -18,7 +18,7 @@ def test_job_streams_from_queued_to_end_and_matches_its_status(client, tiny):
     job, evts = run(client, tiny, prompt="Hello world, the data", max_tokens=32, temperature=0)
     types = [e["type"] for e in evts]
     assert types[:2] == ["queued", "started"]
-    assert types[-2:] == ["narration", "end"] or types[-1] == "end"
+    assert types[-2:] == ["narration", "end"] and evts[-2]["action"] == "finish"
     assert types.count("end") == 1 and "error" not in types
     assert [e["seq"] for e in evts] == list(range(len(evts)))
     assert all(e["job_id"] == job for e in evts)

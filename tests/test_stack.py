@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -18,11 +19,17 @@ def test_inferq_up_serves_the_demo_model_and_stops_cleanly(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env["INFERQ_DATA_DIR"] = str(tmp_path / "data")
+    env["PYTHONUNBUFFERED"] = "1"  # its lines arrive as printed, for the reader below
     proc = subprocess.Popen([sys.executable, "-m", "inferq", "up", "--port", str(port), "--threads", "1"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     api = Client(f"http://127.0.0.1:{port}")
     try:
-        wait_until(lambda: proc.poll() is not None or _ready(api), timeout=60, what="inferq up")
+        # Its own "is up" line, not just /ready: the line comes once inferq up has seen /ready itself.
+        wait_until(lambda: proc.poll() is not None or any(line.startswith("inferq is up") for line in lines),
+                   timeout=60, what="inferq up")
         assert proc.poll() is None
         assert [m["id"] for m in api.models()] == ["demo"]
         expected, n = reference_text("def ")
@@ -33,17 +40,19 @@ def test_inferq_up_serves_the_demo_model_and_stops_cleanly(tmp_path):
         assert "".join(e["t"] for e in evts if e["type"] == "token") == expected
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        proc.wait(60)
+        reader.join(10)
+    out = "".join(lines)
     assert proc.returncode == 0, out
     assert "Traceback" not in out
-    assert (tmp_path / "data" / "redis" / "appendonlydir").exists() or (tmp_path / "data" / "redis").exists()
-
-
-def _ready(api):
-    try:
-        return api._request("GET", "/ready").status_code == 200
-    except Exception:
-        return False
+    # The queue is durable: the job went to the AOF (redis 6.2 writes appendonly.aof, 7 an appendonlydir).
+    data = tmp_path / "data" / "redis"
+    aof = b"".join(p.read_bytes() for p in data.rglob("appendonly*") if p.is_file())
+    assert job.encode() in aof, sorted(p.name for p in data.iterdir())
+    # Its password is in the URLs the children got, never in what `inferq up` prints.
+    password = (data / "redis.conf").read_text().split()[1]
+    up_line = next(line for line in lines if line.startswith("inferq is up"))
+    assert "redis: redis://:***@127.0.0.1:" in up_line and password not in out
 
 
 def test_worker_finishes_its_job_on_sigterm_and_exits_0(client, worker_factory, slow_model):

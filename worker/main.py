@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import redis
 
+from queue_schema.connection import masked
 from queue_schema.errors import InferqError
 from worker import gpu
 from worker.intake import Intake
@@ -42,7 +43,7 @@ def run_worker(redis_url: str, spec: ModelSpec, burst: bool = False, on_loaded=N
     try:
         client.ping()
     except redis.RedisError as exc:
-        raise WorkerStartError(f"cannot reach Redis at {redis_url}: {exc}") from None
+        raise WorkerStartError(f"cannot reach Redis at {masked(redis_url)}: {exc}") from None
     runtime = WorkerRuntime(client, spec, listen_client=blocking)
     try:
         runtime.load()

@@ -194,7 +194,9 @@ class Scheduler:
     def _place(self, seq: Sequence, free: list[Slot]) -> None:
         """Put ``seq`` in the free slot that saves the most prefill (copying a busy slot's prefix if longer)."""
         limit = len(seq.prompt) - 1  # at least one token is evaluated, for the logits
-        best_free = max(free, key=lambda s: (_common(s.cached, seq.prompt, limit), -s.used_at))
+        # Ties go to the slot used last: idle slots' caches stay in the unified KV cache, and every
+        # decode attends over all occupied cells, so spreading one client over every slot slows it.
+        best_free = max(free, key=lambda s: (_common(s.cached, seq.prompt, limit), s.used_at))
         keep = _common(best_free.cached, seq.prompt, limit)
         slot = best_free
         if self.backend.can_share_prefix:
