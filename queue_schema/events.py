@@ -75,6 +75,7 @@ class Metrics(_Event):
     vram_bytes: int
     prompt_tokens: int
     tokens_out: int
+    cached_tokens: int = Field(0, description="Prompt tokens found in the worker's cache (not evaluated again).")
 
 
 class End(_Event):

@@ -95,7 +95,7 @@ def start_worker(redis_url: str, model: str, path: Path, tmp: Path, *extra: str,
         def ready():
             if proc.poll() is not None:
                 raise AssertionError(f"worker exited with {proc.returncode}:\n{worker.log()}")
-            return any(w.model == model and w.state == "idle" for w in registry.live_workers(client))
+            return any(w.pid == proc.pid and w.state == "idle" for w in registry.live_workers(client))
 
         wait_until(ready, what=f"worker for {model}")
     return worker

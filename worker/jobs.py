@@ -218,7 +218,7 @@ class Jobs:
             return
         rt.last_tokens_per_sec = end.tokens_per_sec
         emitter.emit("metrics", tokens_per_sec=round(end.tokens_per_sec, 2), vram_bytes=rt.vram_bytes,
-                     prompt_tokens=len(seq.prompt), tokens_out=end.tokens_out)
+                     prompt_tokens=len(seq.prompt), tokens_out=end.tokens_out, cached_tokens=seq.reused)
         rt.narrate(narration.job_finished(rt.id, seq.job_id, end.tokens_out, end.decode_time_ms / 1000,
                                           end.tokens_per_sec, end.reason), emitter)
         emitter.emit("end", tokens_out=end.tokens_out, decode_time_ms=end.decode_time_ms, stop_reason=end.reason,

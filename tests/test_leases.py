@@ -1,0 +1,270 @@
+"""Leases, fencing and the reaper, broken for real: SIGKILL, SIGSTOP, a frozen Redis, random kills."""
+import random
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+import requests
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from api import create_app
+from inferq.client import Client
+from inferq.embedded_redis import EmbeddedRedis
+from queue_schema import keys, leases, reaper as reaper_mod, registry
+from queue_schema.eventlog import Appended, EventLog
+from queue_schema.events import Queued, Token
+from queue_schema.reaper import Reaper
+from tests.conftest import start_worker, wait_until
+from tests.helpers import events, submit, text_of
+
+LONG = dict(temperature=0, repetition_penalty=1.0)
+
+
+def runs_of(evts):
+    return [e["worker"] for e in evts if e["type"] == "started"]
+
+
+def assert_one_clean_stream(evts):
+    assert [e["seq"] for e in evts] == list(range(len(evts)))
+    assert [e["type"] for e in evts].count("end") + [e["type"] for e in evts].count("error") == 1
+    assert evts[-1]["type"] in ("end", "error")
+
+
+def test_a_write_by_anyone_but_the_lease_owner_is_refused(r):
+    log, job = EventLog(r), "fence-test"
+    log.append(Queued(job_id=job, seq=0, position=0, queue="q"))
+    r.hset(keys.job_lease(job), mapping={"owner": "worker-a", "renewals": 0})
+    try:
+        assert log.append(Token(job_id=job, seq=1, t="x", i=0), writer="worker-b") == Appended.FENCED
+        assert log.append(Token(job_id=job, seq=1, t="x", i=0)) == Appended.FENCED  # the API, unowned
+        assert log.append(Token(job_id=job, seq=1, t="a", i=0), writer="worker-a") == Appended.OK
+        # The same event again (a retried batch) is a duplicate, not a second event; a gap is refused.
+        assert log.append(Token(job_id=job, seq=1, t="a", i=0), writer="worker-a") == Appended.OK
+        assert log.append(Token(job_id=job, seq=5, t="z", i=4), writer="worker-a") == Appended.GAP
+        assert [e.seq for e in log.replay(job)] == [0, 1] and log.replay(job)[1].t == "a"
+    finally:
+        r.delete(keys.job_lease(job), keys.job_events(job))
+
+
+def test_the_only_worker_killed_mid_stream_ends_worker_lost_within_15_s(live_api, worker_factory, slow_model):
+    """No other worker of the model is alive: the API process's reaper notices."""
+    victim = worker_factory("lonely", slow_model, "--parallel", "2")
+    api = Client(live_api)
+    job = api.submit("busy", model="lonely", max_tokens=3000, **LONG)["job_id"]
+    seen = []
+    for e in api.events(job):
+        seen.append(e)
+        if e["type"] == "token":
+            break
+    victim.proc.send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    rest = list(api.events(job, last_event_id=seen[-1]["seq"]))
+    assert time.monotonic() - t0 < 15
+    evts = seen + rest
+    assert_one_clean_stream(evts)
+    assert evts[-1]["code"] == "WORKER_LOST" and evts[-1]["retriable"]
+    assert api.status(job)["state"] == "failed"
+
+
+@pytest.fixture()
+def own_redis(tmp_path):
+    server = EmbeddedRedis(tmp_path / "redis", appendonly=True).start()
+    yield server
+    if server.process and server.process.poll() is None:
+        server.process.send_signal(signal.SIGCONT)
+    server.stop()
+
+
+@pytest.mark.slow
+def test_a_redis_freeze_longer_than_any_timeout_kills_no_live_job(tmp_path, own_redis, slow_model):
+    """SIGSTOP Redis for 15 s while a job streams with two workers up: one run, one end, every token once."""
+    a = start_worker(own_redis.url, "frozen", slow_model, tmp_path, "--parallel", "2")
+    b = start_worker(own_redis.url, "frozen", slow_model, tmp_path, "--parallel", "2")
+    app = create_app({"REDIS_URL": own_redis.url, "TESTING": True}).test_client()
+    try:
+        job = submit(app, model="frozen", prompt="busy", max_tokens=3000, **LONG)
+        events(app, job, until="token")
+        own_redis.process.send_signal(signal.SIGSTOP)
+        time.sleep(15)
+        own_redis.process.send_signal(signal.SIGCONT)
+        evts = events(app, job)
+        assert_one_clean_stream(evts)
+        assert evts[-1]["type"] == "end" and evts[-1]["tokens_out"] == 3000
+        assert len(runs_of(evts)) == 1
+        tokens = [e for e in evts if e["type"] == "token"]
+        assert [e["i"] for e in tokens] == sorted({e["i"] for e in tokens}) and evts[-1]["text"] == text_of(evts)
+        assert a.proc.poll() is None and b.proc.poll() is None
+    finally:
+        a.stop(signal.SIGKILL)
+        b.stop(signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_frozen_worker_loses_its_job_and_its_late_events_are_refused(client, r, worker_factory, slow_model):
+    frozen = worker_factory("thaw", slow_model, "--parallel", "2")
+    job = submit(client, model="thaw", prompt="busy", max_tokens=3000, **LONG)
+    events(client, job, until="token")
+    frozen.proc.send_signal(signal.SIGSTOP)  # alive, holding its lease, renewing nothing
+    worker_factory("thaw", slow_model, "--parallel", "2")
+    try:
+        lost = events(client, job)
+        assert lost[-1]["code"] == "WORKER_LOST"
+    finally:
+        frozen.proc.send_signal(signal.SIGCONT)
+    # Thawed, it decodes on until its next write, which the log refuses; then it drops the job.
+    time.sleep(2)
+    after = EventLog(r).replay(job)
+    assert [e.seq for e in after] == [e["seq"] for e in lost] and after[-1].type == "error"
+    assert frozen.proc.poll() is None
+    assert job not in next(w for w in registry.live_workers(r) if w.pid == frozen.proc.pid).jobs
+    assert events(client, submit(client, model="thaw", prompt="after", max_tokens=3))[-1]["type"] == "end"
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_instants_loses_no_job(tmp_path, own_redis, slow_model):
+    """200 jobs, two workers SIGKILLed at random instants and restarted: every job ends exactly once."""
+    url = own_redis.url
+    workers = [start_worker(url, "chaos9", slow_model, tmp_path, "--parallel", "4") for _ in range(2)]
+    app = create_app({"REDIS_URL": url, "TESTING": True})
+    client = app.test_client()
+    rng = random.Random(9)
+    ids = [submit(client, model="chaos9", prompt=f"job {i}", max_tokens=rng.randint(20, 300), **LONG)
+           for i in range(200)]
+    stop = threading.Event()
+    kills = []
+
+    def killer():
+        while not stop.is_set() and len(kills) < 8:
+            time.sleep(rng.uniform(0.2, 1.5))
+            i = rng.randrange(len(workers))
+            workers[i].proc.send_signal(signal.SIGKILL)
+            kills.append(time.monotonic())
+            workers[i] = start_worker(url, "chaos9", slow_model, tmp_path, "--parallel", "4", wait=False)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    log = EventLog(redis.Redis.from_url(url))
+    try:
+        wait_until(lambda: all((lambda e: e is not None and e.terminal)(log.last(j)) for j in ids),
+                   timeout=120, interval=0.5, what="every job to end")
+    finally:
+        stop.set()
+        t.join(10)
+        for w in workers:
+            w.stop(signal.SIGKILL)
+    outcomes = {"end": 0, "WORKER_LOST": 0}
+    for j in ids:
+        evts = [e.model_dump() for e in log.replay(j)]
+        assert_one_clean_stream(evts)
+        last = evts[-1]
+        outcomes["end" if last["type"] == "end" else last["code"]] += 1
+        if last["type"] == "end":
+            # Only the last run streamed tokens: a job that had sent one is never run again.
+            last_start = max(i for i, e in enumerate(evts) if e["type"] == "started")
+            assert all(e["type"] != "token" for e in evts[:last_start])
+            assert last["text"] == text_of(evts)
+    print(f"{len(kills)} kills: {outcomes}")
+    assert len(kills) >= 3 and outcomes["end"] + outcomes["WORKER_LOST"] == len(ids)
+
+
+def test_the_queue_bound_holds_exactly_under_100_concurrent_submits(live_api, worker_factory, tiny_model):
+    w = worker_factory("bound10", tiny_model, "--queue-depth", "10")
+    w.proc.send_signal(signal.SIGSTOP)
+    try:
+        body = {"operation": "infer", "model": "bound10", "prompt": "x", "max_tokens": 2}
+
+        def post(_):
+            return requests.post(f"{live_api}/v1/jobs", json=body, timeout=30).status_code
+
+        with ThreadPoolExecutor(100) as pool:
+            codes = list(pool.map(post, range(100)))
+    finally:
+        w.proc.send_signal(signal.SIGCONT)
+    assert codes.count(202) == 10 and codes.count(503) == 90, sorted(set(codes))
+
+
+def test_a_cancel_sent_while_the_listener_reconnects_still_lands(client, r, worker_factory, slow_model):
+    worker_factory("relisten", slow_model, "--parallel", "2")
+    job = submit(client, model="relisten", prompt="busy", max_tokens=3000, **LONG)
+    events(client, job, until="token")
+    # Cut every pub/sub connection and set the flag without publishing: the message is "lost".
+    r.client_kill_filter(_type="pubsub")
+    r.set(keys.job_cancel(job), 1, ex=60)
+    last = events(client, job)[-1]
+    assert last["type"] == "end" and last["stop_reason"] == "cancelled"
+
+
+@pytest.fixture()
+def fast_sweeps(monkeypatch):
+    """The reaper's sweep looks at open jobs older than 5 s; these tests need it now."""
+    monkeypatch.setattr(reaper_mod, "SWEEP_MIN_AGE_S", 0.0)
+
+
+def test_a_queued_job_deleted_in_rq_ends_its_stream(client, r, worker_factory, tiny_model, fast_sweeps):
+    w = worker_factory("deleted", tiny_model)
+    w.proc.send_signal(signal.SIGSTOP)
+    try:
+        gone = submit(client, model="deleted", prompt="doomed", max_tokens=3)
+        dropped = submit(client, model="deleted", prompt="cancelled in rq", max_tokens=3)
+        queue = Queue(keys.queue_name("deleted", "normal"), connection=r, serializer=JSONSerializer)
+        queue.fetch_job(gone).delete()  # what rq-dashboard's delete and "empty queue" do
+        queue.fetch_job(dropped).cancel()
+        done = dict(Reaper(r, "test-reaper").sweep())
+    finally:
+        w.proc.send_signal(signal.SIGCONT)
+    assert done[gone] == "deleted" and done[dropped] == "cancelled"
+    assert events(client, gone)[-1]["code"] == "CANCELLED"
+    assert events(client, dropped)[-1]["stop_reason"] == "cancelled"
+    assert client.get(f"/v1/jobs/{dropped}").get_json()["state"] == "cancelled"
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_gives_back_what_streamed_nothing_and_loses_the_rest(client, r, worker_factory,
+                                                                              model_dir):
+    from inferq.testmodel import make_llama_gguf
+
+    small = make_llama_gguf(model_dir / "small.gguf", "small", seed=0)
+    victim = worker_factory("cold", small, "--parallel", "2", "--threads", "2")
+    streaming = submit(client, model="cold", prompt="busy", max_tokens=1000, **LONG)
+    events(client, streaming, until="token")
+    # ~2,000 prompt tokens: over a second of prefill, so it has streamed nothing when the worker stops.
+    prefilling = submit(client, model="cold", prompt="the data model of the queue worker " * 80, max_tokens=5,
+                        temperature=0)
+    wait_until(lambda: any(e["type"] == "narration" and e["action"] == "start"
+                           for e in events(client, prefilling, limit=3)), interval=0.01, what="its prefill")
+    victim.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: any(w.pid == victim.proc.pid and w.state == "stopping" for w in registry.live_workers(r)),
+               what="the first SIGTERM to land")  # two at once would be one signal
+    victim.proc.send_signal(signal.SIGTERM)
+    assert victim.proc.wait(30) == 0
+    lost = events(client, streaming)
+    assert lost[-1]["code"] == "WORKER_LOST" and lost[-1]["retriable"]
+    worker_factory("cold", small, "--parallel", "2", "--threads", "2")
+    evts = events(client, prefilling)
+    assert_one_clean_stream(evts)
+    assert len(runs_of(evts)) == 2 and evts[-1]["type"] == "end" and evts[-1]["tokens_out"] == 5
+    assert any(e["type"] == "narration" and e["action"] == "requeue" for e in evts)
+
+
+@pytest.mark.slow
+def test_a_killed_stack_ends_its_streams_when_it_comes_back(tmp_path, own_redis, slow_model):
+    worker = start_worker(own_redis.url, "phoenix2", slow_model, tmp_path, "--parallel", "2")
+    app = create_app({"REDIS_URL": own_redis.url, "TESTING": True}).test_client()
+    job = submit(app, model="phoenix2", prompt="busy", max_tokens=3000, **LONG)
+    events(app, job, until="token")
+    worker.proc.send_signal(signal.SIGKILL)
+    own_redis.stop()  # the whole stack goes: Redis keeps its AOF
+    own_redis.start()
+    # The next inferq process to come up (an API process here) reaps what nobody renews.
+    reaper = Reaper(redis.Redis.from_url(own_redis.url), "test-api")
+    reaper.start()
+    try:
+        last = events(app, job)[-1]
+    finally:
+        reaper.stop()
+    assert last["type"] == "error" and last["code"] == "WORKER_LOST"
+    assert not leases.Leases(redis.Redis.from_url(own_redis.url)).observe()
