@@ -121,9 +121,11 @@ def _infer(**fields) -> InferOperation:
 
 
 class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
 
 
 def _error_body(status: int, message: str, code: str | None, param: str | None = None) -> dict:
@@ -133,7 +135,7 @@ def _error_body(status: int, message: str, code: str | None, param: str | None =
 
 @bp.errorhandler(OpenAIError)
 def _openai_error(exc: OpenAIError):
-    return jsonify(_error_body(exc.status, exc.message, exc.code, exc.param)), exc.status
+    return jsonify(_error_body(exc.status, exc.message, exc.code, exc.param)), exc.status, exc.headers
 
 
 @bp.errorhandler(InferqError)
@@ -211,9 +213,22 @@ def _usage(prompt_tokens: int, end: dict) -> dict:
             "total_tokens": prompt_tokens + end["tokens_out"]}
 
 
+# A job that failed after it was admitted already ran (partly): the official SDKs retry 5xx answers
+# on their own, which would run it again as a new job. They obey this header; clients that want
+# another try resubmit themselves (the error says whether it is worth it).
+_NO_RETRY = {"x-should-retry": "false"}
+_JOB_STATUS = {"CONTEXT_LENGTH_EXCEEDED": 400, "INVALID_REQUEST": 400, "TIMEOUT": 504}
+
+
 def _job_error(event: dict) -> OpenAIError:
-    status = 400 if event["code"] in ("CONTEXT_LENGTH_EXCEEDED", "INVALID_REQUEST") else 500
-    return OpenAIError(status, event["message"], code=event["code"].lower())
+    return OpenAIError(_JOB_STATUS.get(event["code"], 500), event["message"], code=event["code"].lower(),
+                       headers=_NO_RETRY)
+
+
+def _interrupted(job_id: str) -> OpenAIError:
+    return OpenAIError(503, f"the response was cut off before the job ended (the API process is stopping, or "
+                       f"lost Redis); the job itself goes on: GET /v1/jobs/{job_id}", code="stream_interrupted",
+                       headers=_NO_RETRY)
 
 
 def _respond(req: _Request, chat: bool):
@@ -244,35 +259,55 @@ def _respond(req: _Request, chat: bool):
         elif event["type"] == "end":
             body = shape.whole(event["text"], _FINISH[event["stop_reason"]], _usage(prompt_tokens, event))
             return jsonify(body), 200, headers
-    raise OpenAIError(500, "the job's stream ended without a result", code="inference_failed")
+    raise _interrupted(job_id)
 
 
 def _stream(job_id: str, shape: _Shape, include_usage: bool):
+    """OpenAI's chunks for the job's events; ``[DONE]`` only after a complete answer.
+
+    A job error, or a stream cut off before the job ended, ends with an error
+    chunk in OpenAI's shape and no ``[DONE]``: the SDKs raise on it, so an
+    interrupted answer never passes for a whole one. Chunks made from events
+    that arrived together go out in one write.
+    """
     def data(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     done = False
     prompt_tokens = 0
+    keepalive = float(current_app.config["KEEPALIVE_S"])
     try:
         if shape.chat:
             yield data(shape.chunk(None, None, first=True))
-        for event in _events(job_id):
-            if event is None:
-                yield ": keep-alive\n\n"
-            elif event["type"] == "token":
-                yield data(shape.chunk(event["t"], None))
-            elif event["type"] == "metrics":
-                prompt_tokens = event["prompt_tokens"]
-            elif event["type"] == "error":
-                done = True
-                err = _job_error(event)
-                yield data(_error_body(err.status, err.message, err.code))
-            elif event["type"] == "end":
-                done = True
-                yield data(shape.chunk(None, _FINISH[event["stop_reason"]]))
-                if include_usage:
-                    yield data(shape.usage_chunk(_usage(prompt_tokens, event)))
-        yield "data: [DONE]\n\n"
+        try:
+            for frames in relay.job_batches(job_id, -1, keepalive):
+                if not frames:
+                    yield ": keep-alive\n\n"
+                out = []
+                for frame in frames:
+                    if frame.type == "token":
+                        out.append(data(shape.chunk(json.loads(frame.data)["t"], None)))
+                    elif frame.type == "metrics":
+                        prompt_tokens = json.loads(frame.data)["prompt_tokens"]
+                    elif frame.type == "error":
+                        done = True
+                        err = _job_error(json.loads(frame.data))
+                        out.append(data(_error_body(err.status, err.message, err.code)))
+                    elif frame.type == "end":
+                        done = True
+                        event = json.loads(frame.data)
+                        out.append(data(shape.chunk(None, _FINISH[event["stop_reason"]])))
+                        if include_usage:
+                            out.append(data(shape.usage_chunk(_usage(prompt_tokens, event))))
+                        out.append("data: [DONE]\n\n")
+                if out:
+                    yield "".join(out)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("job %s: its OpenAI stream lost Redis: %s", job_id, exc)
+        if not done:
+            done = True  # said so to the client: the job goes on, nobody cancels it
+            err = _interrupted(job_id)
+            yield data(_error_body(err.status, err.message, err.code))
     finally:
         if not done and not lifecycle.stopping.is_set():  # the client went away mid-stream: free the worker
             try:

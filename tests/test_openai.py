@@ -6,6 +6,7 @@ import pytest
 import requests
 
 from inferq.testmodel import make_llama_gguf
+from tests.conftest import wait_until
 from tests.helpers import events
 
 pytestmark = pytest.mark.usefixtures("tiny_worker")
@@ -150,3 +151,82 @@ def test_a_hostile_template_is_refused_by_the_sandbox():
     evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
     with pytest.raises(SecurityError):
         chat_template.render([{"role": "user", "content": "x"}], evil)
+
+
+def _submitted(r, model: str) -> int:
+    from queue_schema import keys
+
+    return int(r.hget(keys.COUNTERS, f"submitted|{model}") or 0)
+
+
+def test_a_failed_streamed_job_ends_with_an_error_chunk_and_no_done(live_api, oai):
+    raw = requests.post(f"{live_api}/v1/completions", timeout=30, stream=True,
+                        json={"model": "tiny", "prompt": "word " * 600, "max_tokens": 16, "stream": True}).text
+    assert '"error"' in raw and "context_length_exceeded" in raw and "[DONE]" not in raw
+    with pytest.raises(openai.APIError, match="context"):
+        list(oai.completions.create(model="tiny", prompt="word " * 600, max_tokens=16, stream=True))
+
+
+@pytest.mark.slow
+def test_the_sdk_never_runs_a_lost_job_twice(live_api, r, worker_factory, slow_model):
+    victim = worker_factory("oai-lost", slow_model, "--parallel", "2")
+    retrying = openai.OpenAI(base_url=f"{live_api}/v1", api_key="unused", max_retries=2, timeout=60)
+    before = _submitted(r, "oai-lost")
+    result = {}
+
+    def call():
+        try:
+            retrying.completions.create(model="oai-lost", prompt="busy", max_tokens=3000, temperature=0)
+        except openai.APIStatusError as exc:
+            result["error"] = exc
+
+    import threading
+
+    t = threading.Thread(target=call)
+    t.start()
+    wait_until(lambda: _submitted(r, "oai-lost") > before, what="the job")
+    time.sleep(0.5)
+    victim.proc.send_signal(__import__("signal").SIGKILL)
+    t.join(40)
+    err = result["error"]
+    assert err.status_code == 500 and err.response.headers["x-should-retry"] == "false"
+    assert "worker_lost" in str(err.body)
+    time.sleep(1)
+    assert _submitted(r, "oai-lost") == before + 1  # no automatic second run
+
+
+def test_a_stream_cut_by_the_api_stopping_raises_instead_of_passing_for_whole(redis_url, slow_worker):
+    import signal
+    import subprocess
+    import sys
+
+    from inferq.embedded_redis import free_port
+    from tests.conftest import ROOT
+
+    port = free_port()
+    api = subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", "python:api.gunicorn_conf",
+                            "--bind", f"127.0.0.1:{port}", "api.wsgi:app"], cwd=ROOT,
+                           env={**__import__("os").environ, "REDIS_URL": redis_url},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+    try:
+        wait_until(lambda: _ok(f"http://127.0.0.1:{port}"), what="the API")
+        stream = client.completions.create(model="slow", prompt="busy", max_tokens=2000, temperature=0,
+                                           stream=True, extra_body={})
+        it = iter(stream)
+        next(it)
+        api.send_signal(signal.SIGTERM)
+        with pytest.raises(openai.APIError, match="cut off"):
+            for _ in it:
+                pass
+    finally:
+        if api.poll() is None:
+            api.kill()
+        api.wait(15)
+
+
+def _ok(url):
+    try:
+        return requests.get(url + "/health", timeout=1).ok
+    except requests.RequestException:
+        return False
