@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo up test browser bench demo-model clean
+.PHONY: demo up test browser screenshot bench demo-model clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ browser:  ## Debian's Chromium for the browser tests (they are skipped without i
 
 test: $(VENV)/.installed browser  ## install everything and run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+screenshot: $(VENV)/.installed browser  ## remake docs/screenshot.png: the page while the demo model streams
+	$(PY) docs/screenshot.py
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[dev,llama,bench]'
