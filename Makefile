@@ -5,16 +5,23 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo up test browser screenshot bench demo-model clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# The demo needs only the base install: the demo model runs on ctransformers (a base
+# dependency, prebuilt wheels), so a newcomer waits for wheels, not for llama-cpp-python's
+# source build, playwright or schemathesis. The tests need everything.
+$(VENV)/.installed-base: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-base
 	$(PY) -m pip install --quiet -e '.[dev,llama]'
 	touch $@
 
-demo: $(VENV)/.installed  ## start the stack, stream one job, stop
+demo: $(VENV)/.installed-base  ## start the stack, stream one job, stop
 	$(VENV)/bin/inferq --log-level WARNING demo "def "
 
-up: $(VENV)/.installed  ## run the stack until Ctrl-C
+up: $(VENV)/.installed-base  ## run the stack until Ctrl-C
 	$(VENV)/bin/inferq up
 
 browser:  ## Debian's Chromium for the browser tests (they are skipped without it)
