@@ -11,7 +11,9 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed-base: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	# six: rq-dashboard 0.9 imports it without declaring it (the dev extras happened to bring
+	# it); it belongs in setup.cfg's install_requires, which a plain `pip install inferq` needs too.
+	$(PY) -m pip install --quiet -e . six
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.installed-base
