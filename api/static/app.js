@@ -151,7 +151,9 @@ function unfollow(jobId) {
 }
 
 function row(jobId) {
-  if (!state.rows.has(jobId)) state.rows.set(jobId, { model: "", state: "queued", position: null, tokens: "", took: "" });
+  if (!state.rows.has(jobId)) {
+    state.rows.set(jobId, { model: "", state: "queued", position: null, tokens: "", took: "" });
+  }
   return state.rows.get(jobId);
 }
 
