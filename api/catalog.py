@@ -11,15 +11,17 @@ bp = Blueprint("catalog", __name__)
 
 @bp.get("/v1/models")
 def list_models():
-    """Models with a live (or recently live) worker, in OpenAI's list shape plus inferq's fields."""
+    """Models served now (``online``) or within the grace period (``offline``), in OpenAI's list
+    shape plus inferq's fields; ``last_seen`` is the last heartbeat of a worker of the model."""
     r = resources().redis
-    workers = registry.live_workers(r)
     data = []
-    for m in sorted(registry.known_models(r), key=lambda m: m.name):
+    for s in registry.model_statuses(r):
+        m = s.model
         data.append({
             "id": m.name, "object": "model", "created": int(m.last_seen), "owned_by": "inferq",
+            "status": s.status, "last_seen": m.last_seen,
             "context_length": m.context_length, "backend": m.backend,
-            "workers": sum(1 for w in workers if w.model == m.name),
+            "workers": s.workers, "serving_workers": s.serving,
             "queued": jobs.depth(r, m.name), "max_queue_depth": m.queue_depth,
         })
     return jsonify(object="list", data=data)

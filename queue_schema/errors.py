@@ -20,6 +20,8 @@ class ErrorCode(str, Enum):
     JOB_UNREADABLE = "JOB_UNREADABLE"  # stored data that is not JSON: never decoded
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
     QUEUE_FULL = "QUEUE_FULL"
+    # Known (served within registry.MODEL_TTL_S) but no live worker takes jobs now; sent with Retry-After.
+    MODEL_OFFLINE = "MODEL_OFFLINE"
     REDIS_UNAVAILABLE = "REDIS_UNAVAILABLE"
     INTERNAL = "INTERNAL"
     # Job errors, carried by `error` events (and also some API answers).
@@ -49,6 +51,7 @@ HTTP_STATUS = {
     ErrorCode.JOB_UNREADABLE: 409,
     ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400,
     ErrorCode.QUEUE_FULL: 503,
+    ErrorCode.MODEL_OFFLINE: 503,
     ErrorCode.REDIS_UNAVAILABLE: 503,
 }
 

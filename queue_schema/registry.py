@@ -2,11 +2,13 @@
 
 A worker writes its record with a short TTL every few seconds; a record that
 expires means the worker is gone. Models stay known for a while after their
-last worker left, so a restarting worker does not turn submits into 404s.
+last worker left (MODEL_TTL_S, the grace), so a restarting worker does not
+turn submits into 404s; meanwhile they are ``offline``, not served.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import redis
 from pydantic import BaseModel, ConfigDict
@@ -15,7 +17,8 @@ from queue_schema import keys
 
 HEARTBEAT_INTERVAL_S = 2.0
 WORKER_TTL_S = 10  # a worker silent this long is considered lost
-MODEL_TTL_S = 600
+MODEL_TTL_S = 600  # the grace: a model no worker served for this long is forgotten
+SERVING_STATES = ("idle", "busy")  # the states in which a worker takes jobs
 
 
 class WorkerInfo(BaseModel):
@@ -61,7 +64,7 @@ def publish_heartbeat(client: redis.Redis, worker: WorkerInfo, model: ModelInfo)
     pipe.set(keys.model(model.name), model.model_dump_json(), ex=MODEL_TTL_S)
     pipe.zadd(keys.MODELS, {model.name: now})
     serving = keys.model_workers(model.name)
-    if worker.state in ("idle", "busy"):
+    if worker.state in SERVING_STATES:
         pipe.zadd(serving, {worker.id: now})
     else:
         pipe.zrem(serving, worker.id)
@@ -88,8 +91,42 @@ def live_workers(client: redis.Redis) -> list[WorkerInfo]:
 
 
 def known_models(client: redis.Redis) -> list[ModelInfo]:
-    names = [n.decode() for n in client.zrangebyscore(keys.MODELS, time.time() - MODEL_TTL_S, "+inf")]
+    """Models some worker served within the grace period, online or not."""
+    now = time.time()
+    names = [n.decode() for n in client.zrangebyscore(keys.MODELS, now - MODEL_TTL_S, "+inf")]
+    # Names past the grace would otherwise pile up in the index for ever.
+    client.zremrangebyscore(keys.MODELS, "-inf", now - MODEL_TTL_S)
     if not names:
         return []
     blobs = client.mget([keys.model(n) for n in names])
     return [ModelInfo.model_validate_json(b) for b in blobs if b]
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A known model and whether anything serves it now.
+
+    ``online``: a live worker of the model takes jobs (idle or busy, the test
+    /ready uses). ``offline``: none does now (its workers left, or are still
+    loading, or are unhealthy or stopping); a submit would wait in the queue
+    for a worker that may never come, so clients should say so.
+    """
+
+    model: ModelInfo
+    workers: int  # live workers of the model, in any state
+    serving: int  # those of them that take jobs
+
+    @property
+    def status(self) -> str:
+        return "online" if self.serving else "offline"
+
+
+def model_statuses(client: redis.Redis, workers: list[WorkerInfo] | None = None) -> list[ModelStatus]:
+    """Every known model with its status, by name; ``workers`` saves a read when the caller has them."""
+    if workers is None:
+        workers = live_workers(client)
+    out = []
+    for m in sorted(known_models(client), key=lambda m: m.name):
+        mine = [w for w in workers if w.model == m.name]
+        out.append(ModelStatus(m, len(mine), sum(1 for w in mine if w.state in SERVING_STATES)))
+    return out

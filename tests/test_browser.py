@@ -78,6 +78,84 @@ def test_cancel_a_running_job_and_screenshot_the_stream(page, live_api, slow_wor
     assert "stopped on cancelled" in page.inner_text("#summary")
 
 
+# Read in one evaluate, so the job rows and the worker row are seen at the same instant.
+SNAPSHOT = """(jobs) => {
+  const out = document.querySelector('#output').textContent;
+  const row = (id) => document.querySelector(`#jobs tr[data-job='${id}']`);
+  const w = [...document.querySelectorAll('#workers tr')].find((tr) => tr.dataset.model === 'pair');
+  return {chars: out.length, status: document.querySelector('#status').textContent,
+          jobs: jobs.map((id) => row(id) ? row(id).dataset.state : null),
+          worker: w ? {state: w.dataset.state, used: Number(w.dataset.used), text: w.children[3].textContent,
+                       jobs: w.dataset.jobs.split(' ').filter(Boolean)} : null};
+}"""
+
+
+def shown_job(page, index=0):
+    return page.evaluate("JSON.parse(sessionStorage.getItem('inferq-recent'))")[index]
+
+
+@pytest.fixture(scope="module")
+def pair_worker(worker_factory, slow_model):
+    """Two slots, ~1 ms a token: two long jobs overlap on one worker."""
+    from worker.backends.selection import installed
+
+    if "llama-cpp" not in installed():  # ctransformers has one slot
+        pytest.skip("llama-cpp is not installed (make test installs it)")
+    return worker_factory("pair", slow_model, "--parallel", "2")
+
+
+def test_job_and_worker_states_follow_the_events(page, live_api, pair_worker):
+    open_page(page, live_api, "pair")
+    page.wait_for_selector("#workers tr[data-model='pair']")
+    submit(page, "a long story", 4000)  # ~5 s at temperature 0: it runs to max_tokens
+    page.wait_for_function("() => document.querySelector('#output').textContent.length > 0", timeout=30000)
+    first = shown_job(page)
+    # The `started` event was handled before the first token (in order); the page's 2 s poll has
+    # most likely not run since the submit, so a table that waited for polling would fail here.
+    snap = page.evaluate(f"({SNAPSHOT})", [first])
+    assert snap["jobs"] == ["running"] and snap["worker"]["state"] == "busy", snap
+    assert snap["worker"]["text"] == "busy 1/2" and snap["worker"]["jobs"] == [first], snap
+
+    submit(page, "def queue worker", 600)  # the first job's stream stays open for its row
+    page.wait_for_function(f"() => JSON.parse(sessionStorage.getItem('inferq-recent'))[0] !== '{first}'")
+    second = shown_job(page)
+    page.wait_for_function("() => document.querySelector('#output').textContent.length > 0", timeout=30000)
+    snap = page.evaluate(f"({SNAPSHOT})", [second, first])
+    assert snap["jobs"] == ["running", "running"], snap
+    assert snap["worker"]["text"] == "busy 2/2" and set(snap["worker"]["jobs"]) == {first, second}, snap
+
+    # The shorter one ends first: finished at once, and the worker down to one job within a second.
+    page.wait_for_function("() => document.querySelector('#status').textContent === 'finished'", timeout=30000)
+    snap = page.evaluate(f"({SNAPSHOT})", [second, first])
+    assert snap["jobs"][0] == "finished" and second not in snap["worker"]["jobs"], snap  # at the same instant
+    if snap["jobs"][1] == "running":  # a loaded machine may have finished both already
+        page.wait_for_selector("#workers tr[data-model='pair'][data-used='1']", timeout=1000)
+    # The first job, no longer shown, still ends by its own event: finished, and the worker idle.
+    page.wait_for_selector(f"#jobs tr[data-job='{first}'][data-state='finished']", timeout=30000)
+    page.wait_for_selector("#workers tr[data-model='pair'][data-state='idle'][data-used='0']", timeout=1000)
+    assert page.inner_text("#workers tr[data-model='pair'] td:nth-child(4)") == "idle 0/2"
+    assert Client(live_api).status(first)["state"] == "finished"
+    assert page.evaluate("window.__csp") == []
+
+
+def test_offline_models_are_shown_offline_and_not_submitted_to(page, live_api, tiny_worker, worker_factory,
+                                                                tiny_model):
+    gone = worker_factory("gone-away", tiny_model)
+    assert gone.stop() == 0  # its model stays known (the grace period) with no worker
+    open_page(page, live_api, "tiny")
+    option = "#model option[value='gone-away']"
+    page.wait_for_selector(option, state="attached")
+    assert page.get_attribute(option, "data-status") == "offline"
+    assert page.eval_on_selector(option, "o => o.disabled") is True
+    assert "offline, last seen" in page.eval_on_selector(option, "o => o.textContent")
+    assert page.eval_on_selector("#model option[value='tiny']", "o => o.disabled") is False
+    before = page.evaluate("sessionStorage.getItem('inferq-recent')")
+    page.eval_on_selector("#model", "s => { s.value = 'gone-away'; }")  # what a stale page could hold
+    page.click("#submit")
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('offline')")
+    assert page.evaluate("sessionStorage.getItem('inferq-recent')") == before
+
+
 def test_auth_on_the_page_asks_for_a_token(page, redis_url, tiny_worker):
     port = free_port()
     env = {**os.environ, "REDIS_URL": redis_url, "INFERQ_API_TOKENS": "web-token"}

@@ -1,14 +1,17 @@
 """The inferq command line: help, one-line failures, submit/status/cancel against a live API."""
 import json
+import os
+import signal
 import subprocess
 import sys
 
 import pytest
+import requests
 from click.testing import CliRunner
 
 from inferq.cli import main
 from inferq.embedded_redis import free_port
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 
 COMMANDS = ["up", "demo", "api", "worker", "submit", "status", "cancel", "models", "make-test-model"]
 
@@ -77,3 +80,42 @@ def test_make_test_model(tmp_path):
     result = CliRunner().invoke(main, ["make-test-model", str(tmp_path / "m.gguf")])
     assert result.exit_code == 0
     assert (tmp_path / "m.gguf").read_bytes()[:4] == b"GGUF"
+
+
+def _models(url):
+    try:
+        return {m["id"]: m for m in requests.get(url + "/v1/models", timeout=2).json()["data"]}
+    except requests.RequestException:
+        return {}
+
+
+@pytest.mark.slow
+def test_a_model_an_earlier_up_served_shows_offline(tmp_path, tiny_model):
+    """`inferq up --model small=...`, stopped, then a plain `inferq up` on the same data: Redis
+    (AOF) still knows `small`, and says nobody serves it rather than listing it as a choice."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["INFERQ_DATA_DIR"] = str(tmp_path / "data")
+
+    def up(*args):
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "inferq", "--log-level", "WARNING", "up", "--port",
+                                 str(port), "--threads", "1", *args], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return proc, f"http://127.0.0.1:{port}"
+
+    first, url = up("--model", f"small={tiny_model}")
+    try:
+        wait_until(lambda: _models(url).get("small", {}).get("status") == "online", timeout=60,
+                   what="the first stack")
+    finally:
+        first.send_signal(signal.SIGINT)
+        assert first.wait(60) == 0
+    second, url = up()
+    try:
+        wait_until(lambda: _models(url).get("demo", {}).get("status") == "online", timeout=60,
+                   what="the second stack")
+        small = _models(url)["small"]
+        assert small["status"] == "offline" and small["workers"] == 0 and small["last_seen"] > 0
+    finally:
+        second.send_signal(signal.SIGINT)
+        assert second.wait(60) == 0

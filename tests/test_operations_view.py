@@ -235,3 +235,32 @@ def test_job_time_average_is_updated_atomically_by_concurrent_workers(r):
     for t in threads:
         t.join()
     assert stats.job_seconds(r, model2) == pytest.approx(1 - 0.999 ** 400, rel=1e-9)
+
+
+def test_models_say_online_or_offline_and_are_dropped_after_the_grace(client, r, worker_factory, tiny_model):
+    from queue_schema import keys, registry
+
+    def listed():
+        return {m["id"]: m for m in client.get("/v1/models").get_json()["data"]}
+
+    w = worker_factory("leaving", tiny_model)
+    m = listed()["leaving"]
+    assert m["status"] == "online" and m["serving_workers"] == 1 and time.time() - m["last_seen"] < 10
+    assert w.stop() == 0  # a clean exit takes the worker off the registry at once
+    m = listed()["leaving"]
+    assert m["status"] == "offline" and m["workers"] == 0 and m["serving_workers"] == 0
+    assert 0 <= time.time() - m["last_seen"] < 10
+
+    # Past the grace a model is gone; just inside it, it is still listed (offline). The records are
+    # what a worker's heartbeat writes, backdated.
+    now = time.time()
+    for name, age in (("long-gone", registry.MODEL_TTL_S + 5), ("just-gone", registry.MODEL_TTL_S - 30)):
+        info = registry.ModelInfo(name=name, context_length=512, queue_depth=10, backend="llama-cpp",
+                                  last_seen=now - age)
+        r.set(keys.model(name), info.model_dump_json(), ex=registry.MODEL_TTL_S)
+        r.zadd(keys.MODELS, {name: now - age})
+    models = listed()
+    assert "long-gone" not in models and r.zscore(keys.MODELS, "long-gone") is None
+    assert models["just-gone"]["status"] == "offline"
+    assert models["just-gone"]["last_seen"] == pytest.approx(now - registry.MODEL_TTL_S + 30)
+

@@ -2,8 +2,19 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { token: sessionStorage.getItem("inferq-token") || "", job: null, source: null, lastSeq: -1,
-                recent: JSON.parse(sessionStorage.getItem("inferq-recent") || "[]") };
+const state = { token: sessionStorage.getItem("inferq-token") || "", job: null,
+                recent: JSON.parse(sessionStorage.getItem("inferq-recent") || "[]"),
+                follows: new Map(),  // job id -> {source, lastSeq}: the open event streams, one per job
+                rows: new Map(),     // job id -> what the recent-jobs table shows
+                startedOn: new Map(),  // job id -> {worker, ts}: its `started` event, until it ends
+                ended: new Set(),    // jobs whose `end`/`error` this page received
+                workers: [], models: [], workersAsked: 0, started: 0, firstToken: null, shownEnded: false };
+
+// A browser opens at most 6 HTTP/1.1 connections to one host and every EventSource holds one:
+// the narration feed plus this many job streams leaves two for fetches. Jobs past it are polled.
+const MAX_FOLLOWED = 3;
+const TERMINAL = new Set(["finished", "failed", "cancelled"]);
+const RANK = { queued: 0, expired: 0, running: 1, finished: 2, failed: 2, cancelled: 2 };
 
 function headers(extra = {}) {
   return state.token ? { ...extra, Authorization: `Bearer ${state.token}` } : extra;
@@ -15,7 +26,11 @@ async function api(method, path, body) {
   const resp = await fetch(path, opts);
   if (resp.status === 401) { askForToken(); throw new Error("a token is needed"); }
   const data = await resp.json();
-  if (!resp.ok) throw new Error(data.error ? `${data.error.code}: ${data.error.message}` : resp.statusText);
+  if (!resp.ok) {
+    const err = new Error(data.error ? `${data.error.code}: ${data.error.message}` : resp.statusText);
+    err.status = resp.status;
+    throw err;
+  }
   return data;
 }
 
@@ -28,25 +43,58 @@ function streamUrl(path) {
 
 function setStatus(text) { $("status").textContent = text; }
 
-async function loadModels() {
-  const data = await api("GET", "/v1/models");
-  const select = $("model");
-  const current = select.value;
-  select.innerHTML = "";
-  for (const m of data.data) {
-    const opt = document.createElement("option");
-    opt.value = m.id;
-    opt.textContent = `${m.id} (${m.workers} worker${m.workers === 1 ? "" : "s"})`;
-    select.appendChild(opt);
-  }
-  if (current) select.value = current;
+function ago(seconds) {
+  if (seconds < 90) return `${Math.max(0, Math.round(seconds))} s ago`;
+  return `${Math.round(seconds / 60)} min ago`;
 }
 
+// --- models ---------------------------------------------------------------------------------
+function modelLabel(m) {
+  if (m.status === "online") return `${m.id} (${m.serving_workers} worker${m.serving_workers === 1 ? "" : "s"})`;
+  // A model stays known for a while after its last worker left: say so rather than offer it.
+  if (m.workers > 0) return `${m.id} (offline: ${m.workers} worker${m.workers === 1 ? "" : "s"} starting)`;
+  return `${m.id} (offline, last seen ${ago(Date.now() / 1000 - m.last_seen)})`;
+}
+
+async function loadModels() {
+  const data = await api("GET", "/v1/models");
+  state.models = data.data;
+  const select = $("model");
+  const current = select.value;
+  const online = data.data.filter((m) => m.status === "online");
+  const offline = data.data.filter((m) => m.status !== "online");
+  select.innerHTML = "";
+  for (const m of [...online, ...offline]) {
+    const opt = document.createElement("option");
+    opt.value = m.id;
+    opt.textContent = modelLabel(m);
+    opt.disabled = m.status !== "online";
+    opt.dataset.status = m.status;
+    select.appendChild(opt);
+  }
+  if (online.some((m) => m.id === current)) select.value = current;
+  else select.value = online.length ? online[0].id : "";
+  $("model-note").textContent = online.length ? "" :
+    (data.data.length ? "No worker serves any model now: start one (inferq worker / inferq up)." :
+      "No model is known yet: start a worker (inferq worker / inferq up).");
+}
+
+function modelIsOnline(name) {
+  return state.models.some((m) => m.id === name && m.status === "online");
+}
+
+// --- submitting and following jobs ------------------------------------------------------------
 async function submitJob(event) {
   event.preventDefault();
+  const model = $("model").value;
+  if (!modelIsOnline(model)) {
+    setStatus(model ? `${model} is offline: no worker serves it now` : "no model is online");
+    return;
+  }
   const stop = $("stop").value.split("\n").filter((s) => s.length > 0);
-  const body = { operation: "infer", model: $("model").value, prompt: $("prompt").value,
+  const body = { operation: "infer", model, prompt: $("prompt").value,
                  max_tokens: Number($("max-tokens").value), temperature: Number($("temperature").value), stop };
+  state.job = null;  // the shown job's tokens must not land in the cleared pane
   $("output").textContent = "";
   $("summary").textContent = "";
   try {
@@ -54,67 +102,118 @@ async function submitJob(event) {
     state.recent.unshift(accepted.job_id);
     state.recent = state.recent.slice(0, 20);
     sessionStorage.setItem("inferq-recent", JSON.stringify(state.recent));
+    state.rows.set(accepted.job_id, { model, state: "queued", position: null, tokens: "", took: "" });
     watch(accepted.job_id, accepted.sse_url);
-    refreshJobs();
+    renderJobs();
   } catch (err) {
     setStatus(err.message);
   }
 }
 
+// The job shown in the output pane; the stream of the one shown before stays open (state only)
+// until it ends, so its row in the table keeps following its events.
 function watch(jobId, sseUrl) {
-  if (state.source) state.source.close();
   state.job = jobId;
-  state.lastSeq = -1;
   state.started = performance.now();
   state.firstToken = null;
-  state.ended = false;
+  state.shownEnded = false;
   $("cancel").disabled = false;
   setStatus("submitted");
+  if (state.follows.size >= MAX_FOLLOWED) {
+    const [oldest] = state.follows.keys();
+    unfollow(oldest);  // its row falls back to polling
+  }
+  follow(jobId, sseUrl);
+}
+
+function follow(jobId, sseUrl) {
   // On a dropped connection EventSource reconnects by itself and sends Last-Event-ID;
-  // the seq check below makes sure no text is shown twice whatever the server resends.
-  const source = new EventSource(streamUrl(sseUrl));
-  state.source = source;
+  // the seq check below makes sure no event is handled twice whatever the server resends.
+  const source = new EventSource(streamUrl(sseUrl || `/v1/jobs/${jobId}/stream`));
+  const f = { source, lastSeq: -1, queuedTs: null };
+  state.follows.set(jobId, f);
   const handle = (e) => {
     const ev = JSON.parse(e.data);
-    if (ev.seq <= state.lastSeq) return;
-    state.lastSeq = ev.seq;
-    onEvent(ev, source);
+    if (ev.seq <= f.lastSeq) return;
+    f.lastSeq = ev.seq;
+    onEvent(ev, f);
   };
   for (const type of ["queued", "started", "token", "narration", "metrics", "end", "error"]) {
     source.addEventListener(type, handle);
   }
-  source.onerror = () => { if (state.source === source) setStatus("reconnecting…"); };
+  source.onerror = () => { if (state.job === jobId && !state.shownEnded) setStatus("reconnecting…"); };
 }
 
-function onEvent(ev, source) {
+function unfollow(jobId) {
+  const f = state.follows.get(jobId);
+  if (f) f.source.close();  // otherwise EventSource would reconnect for ever
+  state.follows.delete(jobId);
+}
+
+function row(jobId) {
+  if (!state.rows.has(jobId)) {
+    state.rows.set(jobId, { model: "", state: "queued", position: null, tokens: "", took: "" });
+  }
+  return state.rows.get(jobId);
+}
+
+function onEvent(ev, f) {
+  const shown = ev.job_id === state.job;
+  const r = row(ev.job_id);
   switch (ev.type) {
     case "queued":
-      setStatus(`queued, position ${ev.position}${ev.eta_s ? `, about ${Math.round(ev.eta_s)} s` : ""}`);
+      f.queuedTs = ev.ts;
+      if (RANK[r.state] === 0) { r.state = "queued"; r.position = ev.position; }
+      if (shown) setStatus(`queued, position ${ev.position}${ev.eta_s ? `, about ${Math.round(ev.eta_s)} s` : ""}`);
+      renderJobs();
       break;
     case "started":
-      setStatus(`running on ${ev.worker}`);
+      if (RANK[r.state] < 1) { r.state = "running"; r.position = null; }
+      if (ev.model) r.model = ev.model;
+      state.startedOn.set(ev.job_id, { worker: ev.worker, ts: ev.ts });
+      if (shown) setStatus(`running on ${ev.worker}`);
+      renderJobs();
+      renderWorkers();
+      refreshWorkers().catch(() => {});
       break;
     case "token":
-      if (state.firstToken === null) state.firstToken = performance.now();
-      $("output").textContent += ev.t;
+      r.tokens = ev.i + 1;
+      if (shown) {
+        if (state.firstToken === null) state.firstToken = performance.now();
+        $("output").textContent += ev.t;
+      }
+      renderJobs();
       break;
     case "end":
     case "error": {
-      state.ended = true;
-      source.close();  // otherwise EventSource would reconnect for ever
-      $("cancel").disabled = true;
-      if (ev.type === "end") {
-        const ttft = state.firstToken ? Math.round(state.firstToken - state.started) : "-";
-        setStatus(ev.stop_reason === "cancelled" ? "cancelled" : "finished");
-        $("summary").textContent = `${ev.tokens_out} tokens in ${ev.decode_time_ms} ms, TTFT ${ttft} ms, ` +
-          `stopped on ${ev.stop_reason}`;
-      } else {
-        setStatus(`failed: ${ev.code}`);
-        $("summary").textContent = ev.message;
-      }
-      refreshJobs();
+      if (ev.type === "end") r.state = ev.stop_reason === "cancelled" ? "cancelled" : "finished";
+      else r.state = ev.code === "CANCELLED" ? "cancelled" : "failed";
+      r.position = null;
+      if (ev.type === "end") r.tokens = ev.tokens_out;
+      if (f.queuedTs !== null) r.took = `${ev.ts - f.queuedTs} ms`;
+      state.ended.add(ev.job_id);
+      state.startedOn.delete(ev.job_id);
+      unfollow(ev.job_id);
+      if (shown) showEnd(ev);
+      renderJobs();
+      renderWorkers();  // the worker record may lag the log by a few ms: the event is newer
+      refreshWorkers().catch(() => {});
       break;
     }
+  }
+}
+
+function showEnd(ev) {
+  state.shownEnded = true;
+  $("cancel").disabled = true;
+  if (ev.type === "end") {
+    const ttft = state.firstToken ? Math.round(state.firstToken - state.started) : "-";
+    setStatus(ev.stop_reason === "cancelled" ? "cancelled" : "finished");
+    $("summary").textContent = `${ev.tokens_out} tokens in ${ev.decode_time_ms} ms, TTFT ${ttft} ms, ` +
+      `stopped on ${ev.stop_reason}`;
+  } else {
+    setStatus(`failed: ${ev.code}`);
+    $("summary").textContent = ev.message;
   }
 }
 
@@ -124,47 +223,97 @@ async function cancelJob() {
   try {
     await api("DELETE", `/v1/jobs/${job}`);
     // The stream's end can arrive before this answer does: never paint over it.
-    if (state.job === job && !state.ended) setStatus("cancelling…");
+    if (state.job === job && !state.shownEnded) setStatus("cancelling…");
   }
   catch (err) { setStatus(err.message); }
 }
 
-function cells(row, values) {
-  row.innerHTML = "";
+// --- the tables ---------------------------------------------------------------------------------
+function cells(tr, values) {
+  tr.innerHTML = "";
   for (const v of values) {
     const td = document.createElement("td");
     td.textContent = v === null || v === undefined ? "" : String(v);
-    row.appendChild(td);
+    tr.appendChild(td);
   }
 }
 
-async function refreshJobs() {
+function renderJobs() {
   const body = document.querySelector("#jobs tbody");
   const rows = [];
   for (const id of state.recent) {
-    try {
-      const j = await api("GET", `/v1/jobs/${id}`);
-      const tr = document.createElement("tr");
-      const took = j.finished_ms && j.submitted_ms ? `${j.finished_ms - j.submitted_ms} ms` : "";
-      cells(tr, [id.slice(0, 8), j.model, j.state, j.position, j.result ? j.result.tokens_out : "", took]);
-      tr.dataset.job = id;
-      tr.dataset.state = j.state;
-      rows.push(tr);
-    } catch (err) { /* an expired job simply drops out of the list */ }
+    const r = state.rows.get(id);
+    if (!r || r.gone) continue;  // not read yet, or expired from Redis
+    const tr = document.createElement("tr");
+    cells(tr, [id.slice(0, 8), r.model, r.state, r.position, r.tokens, r.took]);
+    tr.dataset.job = id;
+    tr.dataset.state = r.state;
+    rows.push(tr);
   }
   body.replaceChildren(...rows);
 }
 
-async function refreshWorkers() {
-  const data = await api("GET", "/v1/workers");
+// Polling fills in the jobs this page does not follow (earlier ones, other tabs' ones) and the
+// figures only the server has. A poll answered after an event never moves a row backwards: a job's
+// states only go forwards, and an event is never older than the poll that crosses it.
+async function refreshJobs() {
+  const open = state.recent.filter((id) => !TERMINAL.has((state.rows.get(id) || {}).state));
+  await Promise.all(open.map(async (id) => {
+    let j;
+    try { j = await api("GET", `/v1/jobs/${id}`); }
+    catch (err) { if (err.status === 404) row(id).gone = true; return; }
+    const r = row(id);
+    r.model = j.model || r.model;
+    if (RANK[j.state] >= RANK[r.state]) {
+      r.state = j.state;
+      r.position = j.position;
+    }
+    if (j.result) r.tokens = j.result.tokens_out;
+    if (j.finished_ms && j.submitted_ms) r.took = `${j.finished_ms - j.submitted_ms} ms`;
+    if (!TERMINAL.has(r.state) && !state.follows.has(id) && state.follows.size < MAX_FOLLOWED) follow(id);
+  }));
+  renderJobs();
+}
+
+// What a worker runs now: its record, corrected by the events this page has seen since the
+// record was written (it is republished within milliseconds of a change, but a fetch can land
+// in between). A job that ended is never running again; a job that started after the record
+// was written is running there.
+function workerJobs(w) {
+  const jobs = (w.jobs || (w.current_job ? [w.current_job] : [])).filter((j) => !state.ended.has(j));
+  for (const [job, s] of state.startedOn) {
+    if (s.worker === w.id && s.ts > w.heartbeat_at * 1000 && !jobs.includes(job)) jobs.push(job);
+  }
+  return jobs;
+}
+
+function renderWorkers() {
   const body = document.querySelector("#workers tbody");
-  body.replaceChildren(...data.workers.map((w) => {
+  body.replaceChildren(...state.workers.map((w) => {
+    const jobs = workerJobs(w);
+    let st = w.state;
+    if (st === "idle" || st === "busy") st = jobs.length ? "busy" : "idle";
+    const slots = w.slots || 1;
+    const shown = st === "loading" || st === "unhealthy" ? st : `${st} ${jobs.length}/${slots}`;
+    const job = jobs.length ? jobs[0].slice(0, 8) + (jobs.length > 1 ? ` +${jobs.length - 1}` : "") : "";
     const tr = document.createElement("tr");
-    cells(tr, [w.id, w.model, w.backend, w.state,
-               w.last_tokens_per_sec ? w.last_tokens_per_sec.toFixed(0) : "", (w.current_job || "").slice(0, 8)]);
+    cells(tr, [w.id, w.model, w.backend, shown, w.last_tokens_per_sec ? w.last_tokens_per_sec.toFixed(0) : "", job]);
+    tr.dataset.worker = w.id;
     tr.dataset.model = w.model;
+    tr.dataset.state = st;
+    tr.dataset.used = String(jobs.length);
+    tr.dataset.jobs = jobs.join(" ");
     return tr;
   }));
+}
+
+async function refreshWorkers() {
+  // Answers can arrive out of order: only the latest asked may paint.
+  const asked = ++state.workersAsked;
+  const data = await api("GET", "/v1/workers");
+  if (asked !== state.workersAsked) return;
+  state.workers = data.workers;
+  renderWorkers();
 }
 
 function followNarration() {
@@ -179,15 +328,7 @@ function followNarration() {
   });
 }
 
-async function start() {
-  $("job-form").addEventListener("submit", submitJob);
-  $("cancel").addEventListener("click", cancelJob);
-  $("save-token").addEventListener("click", () => {
-    state.token = $("token").value.trim();
-    sessionStorage.setItem("inferq-token", state.token);
-    $("auth").hidden = true;
-    start();
-  });
+async function boot() {
   try {
     await loadModels();
     await refreshWorkers();
@@ -199,6 +340,19 @@ async function start() {
   followNarration();
   setInterval(() => { refreshWorkers().catch(() => {}); refreshJobs().catch(() => {}); loadModels().catch(() => {}); },
               2000);
+}
+
+function start() {
+  // Listeners once: boot() runs again after a token is given.
+  $("job-form").addEventListener("submit", submitJob);
+  $("cancel").addEventListener("click", cancelJob);
+  $("save-token").addEventListener("click", () => {
+    state.token = $("token").value.trim();
+    sessionStorage.setItem("inferq-token", state.token);
+    $("auth").hidden = true;
+    boot();
+  });
+  boot();
 }
 
 start();
