@@ -8,12 +8,10 @@ PY := $(VENV)/bin/python
 # The demo needs only the base install: the demo model runs on ctransformers (a base
 # dependency, prebuilt wheels), so a newcomer waits for wheels, not for llama-cpp-python's
 # source build, playwright or schemathesis. The tests need everything.
-# six: rq-dashboard 0.9 imports it without declaring it (the dev extras happened to bring it);
-# it belongs in setup.cfg's install_requires, which a plain `pip install inferq` needs too.
 $(VENV)/.installed-base: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e . six
+	$(PY) -m pip install --quiet -e .
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.installed-base

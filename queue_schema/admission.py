@@ -42,6 +42,8 @@ _ADMIT = """
 local model = redis.call('GET', KEYS[1])
 if not model then return {-1} end
 local info = cjson.decode(model)
+local serving = redis.call('ZCOUNT', KEYS[12], tonumber(ARGV[1]) / 1000 - tonumber(ARGV[8]), '+inf')
+if serving == 0 then return {-3} end
 local bound = math.min(tonumber(info['queue_depth']), tonumber(ARGV[2]))
 local lengths, depth = {}, 0
 for q = 2, 4 do
@@ -54,8 +56,7 @@ local position = 0
 for q = 2, prio + 1 do position = position + lengths[q] end
 local eta = 'null'
 local per_job = redis.call('HGET', KEYS[13], 'value')
-local serving = redis.call('ZCOUNT', KEYS[12], tonumber(ARGV[1]) / 1000 - tonumber(ARGV[8]), '+inf')
-if per_job and serving > 0 then
+if per_job then
   local slots = tonumber(info['slots'] or 1)
   eta = string.format('%.3f', (position + 1) * tonumber(per_job) / (serving * slots))
 end
@@ -115,6 +116,9 @@ class Admission:
         if result[0] == -1:
             raise InferqError(ErrorCode.MODEL_NOT_FOUND, f"no worker serves a model named {op.model!r}; "
                               "see GET /v1/models")
+        if result[0] == -3:
+            raise InferqError(ErrorCode.MODEL_OFFLINE, f"no live worker serves {op.model!r} now (one did recently, "
+                              "and may come back); retry later", retriable=True, headers={"Retry-After": "5"})
         if result[0] == -2:
             raise InferqError(ErrorCode.QUEUE_FULL, f"the queue for {op.model} is full ({result[1]} jobs); "
                               "retry later", retriable=True, headers={"Retry-After": "5"})

@@ -19,6 +19,9 @@ HEARTBEAT_INTERVAL_S = 2.0
 WORKER_TTL_S = 10  # a worker silent this long is considered lost
 MODEL_TTL_S = 600  # the grace: a model no worker served for this long is forgotten
 SERVING_STATES = ("idle", "busy")  # the states in which a worker takes jobs
+# Admission takes jobs for a model while any worker of it is up, loading ones included: they will
+# take what is queued for them (a restarting worker must not turn submits into 503s).
+QUEUEING_STATES = ("loading", "idle", "busy")
 
 
 class WorkerInfo(BaseModel):
@@ -64,7 +67,7 @@ def publish_heartbeat(client: redis.Redis, worker: WorkerInfo, model: ModelInfo)
     pipe.set(keys.model(model.name), model.model_dump_json(), ex=MODEL_TTL_S)
     pipe.zadd(keys.MODELS, {model.name: now})
     serving = keys.model_workers(model.name)
-    if worker.state in SERVING_STATES:
+    if worker.state in QUEUEING_STATES:
         pipe.zadd(serving, {worker.id: now})
     else:
         pipe.zrem(serving, worker.id)
