@@ -228,3 +228,158 @@ def test_the_embedded_dashboard_reads_a_sentinel_url(cluster):
     resp = app.get("/rq/0/data/queues.json")
     assert resp.status_code == 200, resp.get_data(as_text=True)[:500]
     assert any(q["name"] == "inferq.dash.normal" and q["count"] == 1 for q in resp.get_json()["queues"])
+
+
+# --- the whole stack through kill -9 of the master ------------------------------------------
+
+def _api(redis_url: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": redis_url, "INFERQ_KEEPALIVE_S": "1"}
+    proc = subprocess.Popen([*GUNICORN, "--workers", "1", "--bind", f"127.0.0.1:{port}", "api.wsgi:app"],
+                            cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+class Submitter(threading.Thread):
+    """Submits short jobs until told to stop (or a bound is reached), recording every answer."""
+
+    def __init__(self, api_url: str, model: str, limit: int = 400, seconds: float = 45):
+        super().__init__(daemon=True)
+        self.api_url, self.model, self.limit, self.seconds = api_url, model, limit, seconds
+        self.answers: list[tuple[float, int, str | None]] = []  # (time, status, job id if accepted)
+        self.stop = threading.Event()
+
+    def run(self):
+        deadline = time.monotonic() + self.seconds
+        with requests.Session() as http:
+            while not self.stop.is_set() and len(self.answers) < self.limit and time.monotonic() < deadline:
+                body = {"operation": "infer", "model": self.model, "prompt": f"job {len(self.answers)}",
+                        "max_tokens": 4, "temperature": 0}
+                t = time.monotonic()
+                try:
+                    resp = http.post(f"{self.api_url}/v1/jobs", json=body, timeout=30)
+                    job = resp.json().get("job_id") if resp.status_code == 202 else None
+                    self.answers.append((t, resp.status_code, job))
+                except requests.RequestException:
+                    self.answers.append((t, 0, None))  # the API itself did not answer
+                self.stop.wait(0.05)
+
+
+class Watcher(threading.Thread):
+    """Reads one job's stream with the Python client (it resumes with Last-Event-ID by itself)."""
+
+    def __init__(self, api_url: str, job_id: str):
+        super().__init__(daemon=True)
+        self.client, self.job_id = Client(api_url), job_id
+        self.events: list[dict] = []
+        self.error: Exception | None = None
+
+    def run(self):
+        try:
+            for event in self.client.events(self.job_id):
+                self.events.append(event)
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_killing_the_master_fails_over_without_a_500_a_broken_stream_or_a_dead_worker(cluster, tmp_path,
+                                                                                     slow_model):
+    url = cluster.url
+    worker = start_worker(url, "ha", slow_model, tmp_path, wait=False)
+    api, api_url = _api(url, tmp_path / "api.log")
+    submitter = None
+    try:
+        data = connection.client(url, socket_timeout=2)
+
+        def worker_idle():
+            assert worker.proc.poll() is None, worker.log()
+            try:
+                return any(w.model == "ha" and w.state == "idle" for w in registry.live_workers(data))
+            except redis.ConnectionError:
+                return False
+
+        wait_until(worker_idle, timeout=60, what="the worker")
+        wait_until(lambda: _ready(api_url, api), timeout=30, what="the API")
+
+        # Two long jobs streaming across the kill; the deadline ends them whatever this machine's speed.
+        client = Client(api_url)
+        watchers = [Watcher(api_url, client.submit("the data model of the queue worker", model="ha",
+                                                   max_tokens=4000, temperature=0, repetition_penalty=1.0,
+                                                   timeout_s=8)["job_id"]) for _ in range(2)]
+        for w in watchers:
+            w.start()
+        wait_until(lambda: all(any(e["type"] == "token" for e in w.events) for w in watchers), timeout=30,
+                   what="both streams to be under way")
+        submitter = Submitter(api_url, "ha")
+        submitter.start()
+        time.sleep(1.5)
+
+        old_port = cluster.master.port
+        cluster.master.proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(lambda: cluster.master_port() != old_port, timeout=30, interval=0.1, what="the promotion")
+        promoted = time.monotonic() - killed
+        assert cluster.master_port() == cluster.replica.port
+        new_log = EventLog(cluster.replica.client)
+
+        def a_new_job_ended():
+            for t, status, job in list(submitter.answers):
+                if t > killed and job is not None:
+                    last = new_log.last(job)
+                    if last is not None and last.type == "end":
+                        return t - killed, time.monotonic() - killed
+            return None
+
+        submitted_after, ended_after = wait_until(a_new_job_ended, timeout=30, interval=0.1,
+                                                  what="a job submitted after the kill to end on the new master")
+        time.sleep(1)  # a little traffic on the new master too
+        submitter.stop.set()
+        submitter.join(35)
+        for w in watchers:
+            w.join(40)
+
+        statuses = [status for _, status, _ in submitter.answers]
+        odd = sorted({s for s in statuses if not (200 <= s < 300 or 400 <= s < 500 or s == 503)})
+        assert not odd, (odd, _tail(tmp_path / "api.log"))
+        assert 503 in statuses, "the kill never reached the API: the test did not test a failover"
+        for w in watchers:
+            assert not w.is_alive() and w.error is None, (w.job_id, w.error, w.events[-3:])
+            seqs = [e["seq"] for e in w.events]
+            assert seqs == list(range(len(seqs))), (w.job_id, seqs)
+            assert w.events[-1]["type"] in ("end", "error"), w.events[-1]
+            # What the stream said is what the new master holds: nothing reordered or invented.
+            assert [e.seq for e in new_log.replay(w.job_id)] == seqs
+        # The streams really were cut (the API's pub/sub connection went down with the master) and resumed.
+        assert "pub/sub connection lost" in (tmp_path / "api.log").read_text(errors="replace")
+        assert worker.proc.poll() is None, worker.log()
+        accepted = [job for _, status, job in submitter.answers if job]
+        unknown = [job for job in accepted if new_log.last(job) is None]
+        print(f"\nfailover: promoted {promoted:.1f} s after the kill; first job submitted after it ended "
+              f"{ended_after:.1f} s after (submitted at +{submitted_after:.1f} s); answers "
+              f"{ {s: statuses.count(s) for s in sorted(set(statuses))} }; accepted jobs the new master "
+              f"never saw: {len(unknown)} of {len(accepted)}; stream ends "
+              f"{[w.events[-1].get('code') or w.events[-1]['type'] for w in watchers]}")
+    finally:
+        if submitter is not None:
+            submitter.stop.set()
+        api.terminate()
+        try:
+            api.wait(15)
+        except subprocess.TimeoutExpired:
+            api.kill()
+            api.wait()
+        worker.stop(signal.SIGKILL)
+
+
+def _ready(api_url: str, proc: subprocess.Popen) -> bool:
+    assert proc.poll() is None, "gunicorn exited"
+    try:
+        return requests.get(api_url + "/ready", timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else ""
