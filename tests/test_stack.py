@@ -174,3 +174,12 @@ def test_a_dead_child_is_named_and_the_rest_of_the_stack_stopped(tmp_path, tiny_
                         r"stopped\n", errors[0]), errors
     left = [pid for pid in children if _alive(pid)]
     assert not left, (left, "".join(lines))
+
+
+def test_every_worker_gets_a_label_of_its_own():
+    from inferq.stack import WorkerArgs, worker_labels
+
+    workers = [WorkerArgs("m", "a.gguf"), WorkerArgs("m", "b.gguf"), WorkerArgs("n", "c.gguf"),
+               WorkerArgs("m", "a.gguf", device="cuda:0"), WorkerArgs("m", "a.gguf", device="cuda:1")]
+    assert worker_labels(workers) == ["worker m #1", "worker m #2", "worker n", "worker m on cuda:0",
+                                      "worker m on cuda:1"]
