@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import redis
-from redis.sentinel import Sentinel, SentinelConnectionPool
+from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis_sentinel_url import parse_sentinel_url
 
 SENTINEL_SCHEME = "redis+sentinel"
@@ -116,7 +116,20 @@ def blocking_client(url: str, max_connections: int, timeout: float, **options) -
 
 
 def _sentinels(target: SentinelTarget) -> Sentinel:
-    return Sentinel(target.hosts, sentinel_kwargs=target.sentinel_options)
+    return _Sentinel(target.hosts, sentinel_kwargs=target.sentinel_options)
+
+
+class _Sentinel(Sentinel):
+    """redis-py's Sentinel, whose "no master" error fits on a line: its own holds the repr of
+    every sentinel client, and the API logs it for each request while a failover runs."""
+
+    def discover_master(self, service_name):
+        try:
+            return super().discover_master(service_name)
+        except MasterNotFoundError as exc:
+            hosts = ", ".join("{host}:{port}".format_map(s.connection_pool.connection_kwargs) for s in self.sentinels)
+            raise MasterNotFoundError(f"no master for {service_name!r} from the sentinels at {hosts} (unreachable, "
+                                      f"or none sees a master that is up)") from exc
 
 
 class BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
