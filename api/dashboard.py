@@ -30,6 +30,7 @@ from rq.serializers import JSONSerializer
 from rq_dashboard.web import setup_rq_connection
 
 from api.errors import error_response
+from queue_schema import connection
 from queue_schema.errors import ErrorCode, InferqError
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,11 @@ def _no_such_job(exc: NoSuchJobError):
 def init_app(app: Flask) -> None:
     _json_by_default()
     app.config.setdefault("RQ_DASHBOARD_REDIS_URL", app.config["REDIS_URL"])
+    url = app.config["RQ_DASHBOARD_REDIS_URL"]
+    if isinstance(url, str) and connection.is_sentinel(url):
+        # rq-dashboard reads a Sentinel URL with the parser inferq uses, but takes the
+        # sentinels' own password from this setting only, never from the URL.
+        app.config.setdefault("RQ_DASHBOARD_REDIS_SENTINEL_PASSWORD", connection.sentinel_password(url))
     app.register_blueprint(rq_dashboard.blueprint, url_prefix="/rq")
     setup_rq_connection(app)
     app.before_request(_check_instance)

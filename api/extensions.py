@@ -6,8 +6,10 @@ from dataclasses import dataclass
 import redis
 from flask import Flask, current_app
 
-from api.fanout import ChannelHub
 from api import sse
+from api.config import ConfigError
+from api.fanout import ChannelHub
+from queue_schema import connection
 from queue_schema.admission import Admission
 from queue_schema.eventlog import EventLog
 
@@ -25,11 +27,14 @@ def init_app(app: Flask) -> None:
     # a burst of 1,000 stream connects would otherwise open 1,000 connections (and
     # redis-py reads its package metadata for each new one). No API route blocks on
     # Redis for long (streams share the hub's pub/sub connection), so waits are short.
-    pool = redis.BlockingConnectionPool.from_url(
-        app.config["REDIS_URL"], max_connections=int(app.config["REDIS_MAX_CONNECTIONS"]),
-        timeout=float(app.config["REDIS_POOL_TIMEOUT_S"]), socket_connect_timeout=2, socket_timeout=10,
-        health_check_interval=30, retry_on_timeout=False)
-    client = redis.Redis(connection_pool=pool)
+    # With a Sentinel URL the pool also follows the master through a failover.
+    try:
+        client = connection.blocking_client(
+            app.config["REDIS_URL"], max_connections=int(app.config["REDIS_MAX_CONNECTIONS"]),
+            timeout=float(app.config["REDIS_POOL_TIMEOUT_S"]), socket_connect_timeout=2, socket_timeout=10,
+            health_check_interval=30, retry_on_timeout=False)
+    except ValueError as exc:  # redis-py's and ours: an unknown scheme, a Sentinel URL without a service...
+        raise ConfigError(f"REDIS_URL: {exc}") from None
     ttl = int(app.config["JOB_TTL_S"])
     app.extensions["inferq"] = Resources(client, EventLog(client, ttl_s=ttl), ChannelHub(client, decode=sse.relayed),
                                          Admission(client, log_ttl_s=ttl))

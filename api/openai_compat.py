@@ -146,7 +146,16 @@ def _inferq_error(exc: InferqError):
 
 @bp.errorhandler(redis.RedisError)
 def _redis_error(exc):
-    return jsonify(_error_body(503, "the queue (Redis) is unavailable; retry shortly", "redis_unavailable")), 503
+    # Imported here to keep this change to this handler; the same test and Retry-After as api/errors.py.
+    from api.errors import RETRY_AFTER_S
+    from queue_schema.redis_errors import unavailable
+
+    if not unavailable(exc):  # a Redis error that is a bug (a bad command, a script error): not a 503
+        log.exception("unhandled Redis error")
+        return jsonify(_error_body(500, "internal error; see the API log", "internal_error")), 500
+    log.warning("redis unavailable: %s", exc)
+    return (jsonify(_error_body(503, "the queue (Redis) is unavailable; retry shortly", "redis_unavailable")), 503,
+            {"Retry-After": RETRY_AFTER_S})
 
 
 def _parse(model_cls):

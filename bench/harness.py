@@ -10,12 +10,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import redis
 import requests
 
 from inferq.client import chunk_lines, parse_sse
 from inferq.embedded_redis import EmbeddedRedis, free_port
-from queue_schema import registry
+from queue_schema import connection, registry
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -117,7 +116,7 @@ def stack(models: dict[str, Path], threads: int, api_processes: int = 1, workers
             [sys.executable, "-m", "gunicorn", "--config", "python:api.gunicorn_conf", "--workers", str(api_processes),
              "--bind", f"127.0.0.1:{port}", "--log-level", "warning", "api.wsgi:app"], cwd=ROOT, env=env))
         url = f"http://127.0.0.1:{port}"
-        client = redis.Redis.from_url(server.url)
+        client = connection.client(server.url)
         want = len(models) * workers_per_model
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

@@ -75,7 +75,9 @@ def _demo_model() -> tuple[str, str]:
 @click.option("--gpus", default=None, help="all, or GPU indexes like 0,1: one worker per GPU per model.")
 @click.option("--redis-url", envvar="REDIS_URL", default=None,
               help="Use this Redis; unset: start an embedded redis-server (env REDIS_URL).")
-def up(models, host, port, backend, gpu_layers, threads, gpus, redis_url):
+@click.option("--stop-timeout", default=60.0, show_default=True,
+              help="Seconds the API, then the workers, get to stop on Ctrl-C before they are killed.")
+def up(models, host, port, backend, gpu_layers, threads, gpus, redis_url, stop_timeout):
     """Run the whole stack on this machine until Ctrl-C.
 
     \b
@@ -90,7 +92,7 @@ def up(models, host, port, backend, gpu_layers, threads, gpus, redis_url):
     share = threads or max(1, ((os.cpu_count() or 2) - 1) // len(models))
     devices = _gpu_devices(gpus) if gpus else ["cpu"]
     stack = Stack([WorkerArgs(n, p, backend, gpu_layers, share, device) for n, p in models for device in devices],
-                  host, port, DATA_DIR, redis_url)
+                  host, port, DATA_DIR, redis_url, stop_timeout=stop_timeout)
 
     def ready(stack):
         from inferq.embedded_redis import masked

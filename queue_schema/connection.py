@@ -1,14 +1,155 @@
-"""Redis clients from ``REDIS_URL``, and the URL as it may be shown."""
+"""Redis clients from ``REDIS_URL``, and the URL as it may be shown.
+
+Every process builds its clients here, so whatever ``REDIS_URL`` redis-py
+reads (``redis://``, ``rediss://``, ``unix://``) works, and so does a
+Sentinel URL::
+
+    redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db][?sentinel_password=...]
+
+A Sentinel client asks the sentinels where the master of ``service_name`` is
+whenever it (re)connects, so after a failover it follows the promoted replica;
+until one is promoted its commands fail with ``redis.ConnectionError``, which
+callers already treat as "Redis is unavailable" (``queue_schema.redis_errors``).
+The URL is parsed by ``redis_sentinel_url``, the parser rq-dashboard uses, so the
+dashboard the API embeds reads the same URL the same way.
+"""
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+import re
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import redis
+from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
+from redis_sentinel_url import parse_sentinel_url
+
+SENTINEL_SCHEME = "redis+sentinel"
+# A sentinel answers one small command per (re)connect. Its connections get their own
+# timeouts: a data client may have none (a worker's BLPOP connection), and a sentinel
+# that stopped answering must not hold a reconnect for ever.
+SENTINEL_TIMEOUT_S = 2.0
+_SECRETS = re.compile(r"(^|&)((?:sentinel_)?password)=[^&]*")
+
+
+class RedisURLError(ValueError):
+    """``REDIS_URL`` cannot be used; the message says why in one line, without the password."""
 
 
 def masked(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``, for logs and terminals."""
+    """``url`` with its passwords (if any) replaced by ``***``, for logs and terminals."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    query = _SECRETS.sub(r"\1\2=***", parts.query)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def is_sentinel(url: str) -> bool:
+    return urlsplit(url).scheme == SENTINEL_SCHEME
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """What a ``redis+sentinel://`` URL names."""
+
+    hosts: list[tuple[str, int]]
+    service: str
+    client_options: dict  # for connections to the master: db, password, the caller's options
+    sentinel_options: dict  # for connections to the sentinels
+
+
+def parse_sentinel(url: str, **client_options) -> SentinelTarget:
+    """Read a Sentinel URL as rq-dashboard does; options in the URL win over ``client_options``."""
+    parts = urlsplit(url)
+    if parts.scheme != SENTINEL_SCHEME:
+        raise RedisURLError(f"not a {SENTINEL_SCHEME}:// URL: {masked(url)}")
+    # Both refusals keep inferq and rq-dashboard reading one URL one way: its parser drops
+    # user names and does not percent-decode, where redis-py's from_url does both.
+    if parts.username:
+        raise RedisURLError(f"{SENTINEL_SCHEME}:// URLs take a password only (:password@host), "
+                            f"not a user name: {masked(url)}")
+    if "%" in (parts.password or ""):
+        raise RedisURLError(f"{SENTINEL_SCHEME}:// passwords are read as written, without percent-decoding: "
+                            f"use URL-safe characters: {masked(url)}")
+    try:
+        parsed = parse_sentinel_url(url, client_options=dict(client_options))
+    except ValueError as exc:
+        raise RedisURLError(f"cannot read {masked(url)}: {exc}") from None
+    service = parsed.default_client.service
+    if not service:
+        raise RedisURLError(f"{masked(url)} names no service: {SENTINEL_SCHEME}://host:port/SERVICE[/db]")
+    if parsed.default_client.type != "master":
+        raise RedisURLError(f"{masked(url)} asks for a replica: inferq writes, so it needs the master")
+    sentinel_options = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+                        **parsed.sentinel_options}
+    password = parse_qs(parts.query).get("sentinel_password")
+    if password:
+        sentinel_options["password"] = password[-1]
+    return SentinelTarget(parsed.hosts, service, parsed.client_options, sentinel_options)
+
+
+def sentinel_password(url: str) -> str | None:
+    """The password a Sentinel URL gives for the sentinels themselves (``?sentinel_password=``)."""
+    return parse_sentinel(url).sentinel_options.get("password") if is_sentinel(url) else None
+
+
+def client(url: str, **options) -> redis.Redis:
+    """A client for ``url``; ``options`` are redis-py connection options (the URL's own win)."""
+    if not is_sentinel(url):
+        return redis.Redis.from_url(url, **options)
+    target = parse_sentinel(url, **options)
+    return _sentinels(target).master_for(target.service, **target.client_options)
+
+
+def blocking_client(url: str, max_connections: int, timeout: float, **options) -> redis.Redis:
+    """A client whose pool holds at most ``max_connections``: a caller past that waits up to
+    ``timeout`` seconds for a free one, then gets ``redis.ConnectionError``."""
+    if not is_sentinel(url):
+        pool = redis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout,
+                                                     **options)
+    else:
+        target = parse_sentinel(url, **options)
+        pool = BlockingSentinelPool(target.service, _sentinels(target), max_connections=max_connections,
+                                    timeout=timeout, is_master=True, **target.client_options)
+    return redis.Redis(connection_pool=pool)
+
+
+def _sentinels(target: SentinelTarget) -> Sentinel:
+    return _Sentinel(target.hosts, sentinel_kwargs=target.sentinel_options)
+
+
+class _Sentinel(Sentinel):
+    """redis-py's Sentinel, whose "no master" error fits on a line: its own holds the repr of
+    every sentinel client, and the API logs it for each request while a failover runs."""
+
+    def discover_master(self, service_name):
+        try:
+            return super().discover_master(service_name)
+        except MasterNotFoundError as exc:
+            hosts = ", ".join("{host}:{port}".format_map(s.connection_pool.connection_kwargs) for s in self.sentinels)
+            raise MasterNotFoundError(f"no master for {service_name!r} from the sentinels at {hosts} (unreachable, "
+                                      f"or none sees a master that is up)") from exc
+
+
+class BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
+    """Sentinel's master lookup with BlockingConnectionPool's bound.
+
+    By the MRO, SentinelConnectionPool supplies the connection class (one that
+    asks the sentinels for the master's address on connect, and turns a READONLY
+    answer from a demoted master into a ConnectionError), ``owns_connection``
+    (a connection to a former master is not taken back) and ``reset``;
+    BlockingConnectionPool supplies ``get_connection``/``release``/``disconnect``
+    over its bounded queue.
+    """
+
+    def release(self, connection) -> None:
+        if not self.owns_connection(connection):
+            # BlockingConnectionPool disconnects a connection it does not own and frees its
+            # slot, but keeps it in the list of every connection it made: without this each
+            # failover would leave up to max_connections dead ones there for good.
+            try:
+                self._connections.remove(connection)
+            except ValueError:
+                pass
+        super().release(connection)

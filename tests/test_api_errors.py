@@ -1,10 +1,13 @@
 """Every bad-input class answers with its status and code, as JSON, never echoing the prompt."""
 import json
+import shutil
 import signal
 
 import pytest
+import redis
 
 from inferq.embedded_redis import free_port
+from tests.conftest import wait_until
 from tests.helpers import events, submit
 
 SECRET = "SECRET-PROMPT-TEXT"
@@ -183,3 +186,59 @@ def test_huge_or_odd_last_event_ids_are_422(client, r):
     # The largest allowed: past the log's end, so the (ended) stream has nothing to send.
     resp = client.get(f"/v1/jobs/{job}/stream", headers={"Last-Event-ID": str(2**53)}, buffered=True)
     assert resp.status_code == 200 and "event:" not in resp.get_data(as_text=True)
+
+
+def _copy_of(server, tmp):
+    """A redis-server of the test's own, in sync as a replica of ``server`` (the session's)."""
+    from inferq.embedded_redis import EmbeddedRedis
+
+    copy = EmbeddedRedis(tmp / "copy", appendonly=False).start()
+    c = redis.Redis(port=copy.port, password=copy.password)
+    c.config_set("masterauth", server.password)
+    c.execute_command("REPLICAOF", "127.0.0.1", server.port)
+    wait_until(lambda: c.info("replication").get("master_link_status") == "up", what="the copy to sync")
+    return copy, c
+
+
+def _read_only(c, copy):
+    pass  # a replica: every write is refused with READONLY, as on a demoted master in a failover
+
+
+def _full(c, copy):
+    c.execute_command("REPLICAOF", "NO", "ONE")
+    c.config_set("maxmemory", 1)  # noeviction (the default): writes are refused with OOM
+
+
+def _failing_to_persist(c, copy):
+    c.execute_command("REPLICAOF", "NO", "ONE")
+    c.config_set("save", "3600 1")
+    shutil.rmtree(copy.data_dir)  # the snapshot cannot be written: writes are refused with MISCONF
+    c.bgsave()
+    wait_until(lambda: c.info("persistence")["rdb_last_bgsave_status"] == "err", what="the snapshot to fail")
+
+
+def _cut_off(c, copy):
+    c.config_set("replica-serve-stale-data", "no")  # every command is refused with MASTERDOWN
+    c.execute_command("REPLICAOF", "127.0.0.1", free_port())
+
+
+@pytest.mark.usefixtures("tiny_worker")
+@pytest.mark.parametrize("make", [_read_only, _full, _failing_to_persist, _cut_off])
+def test_a_redis_that_cannot_take_writes_is_503_with_retry_after_never_500(redis_server, tmp_path, make):
+    """The answers a failover (READONLY, MASTERDOWN) or a full or failing Redis (OOM, MISCONF) gives,
+    from real servers: Redis 6 wraps them in a script error, and nearly every write is a script."""
+    from api import create_app
+
+    copy, c = _copy_of(redis_server, tmp_path)
+    try:
+        make(c, copy)
+        app = create_app({"REDIS_URL": copy.url, "TESTING": True}).test_client()
+        for path, payload, code in [("/v1/jobs", body(max_tokens=2), "REDIS_UNAVAILABLE"),
+                                    ("/v1/completions", {"model": "tiny", "prompt": SECRET, "max_tokens": 2},
+                                     "redis_unavailable")]:
+            resp = app.post(path, json=payload)
+            assert resp.status_code == 503, (path, resp.get_data(as_text=True)[:300])
+            assert resp.get_json()["error"]["code"] == code and int(resp.headers["Retry-After"]) > 0
+            assert "Traceback" not in resp.get_data(as_text=True)
+    finally:
+        copy.stop()

@@ -47,6 +47,15 @@ def test_worker_with_redis_unreachable_fails_in_one_line(tiny_model):
     one_line_error(proc, "cannot reach Redis")
 
 
+def test_worker_with_a_sentinel_url_it_cannot_use_fails_in_one_line(tiny_model):
+    sentinels = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    proc = inferq("worker", "--model", f"m={tiny_model}", "--redis-url", f"redis+sentinel://:s3cret@{sentinels}/svc")
+    one_line_error(proc, f"no master for 'svc' from the sentinels at {sentinels.replace(',', ', ')}")
+    assert "s3cret" not in proc.stderr and len(proc.stderr.splitlines()[-1]) < 300
+    one_line_error(inferq("worker", "--model", f"m={tiny_model}", "--redis-url", "redis+sentinel://127.0.0.1:1"),
+                   "names no service")
+
+
 def test_client_commands_with_api_unreachable_fail_in_one_line():
     url = f"http://127.0.0.1:{free_port()}"
     for args in (["submit", "hi", "--model", "x"], ["status", "abc"], ["cancel", "abc"], ["models"]):

@@ -1,8 +1,14 @@
 """No Docker engine runs here: check the compose file's shape and that what it references exists."""
 import re
+import shutil
 from pathlib import Path
 
+import pytest
+import redis
 import yaml
+
+from inferq.embedded_redis import free_port
+from tests.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = re.compile(r"\$\{(?P<name>[A-Z_]+):\?(?P<message>[^}]+)\}")
@@ -91,3 +97,81 @@ def test_every_gunicorn_launch_uses_the_shared_config():
                 launches += 1
                 assert "api.gunicorn_conf" in line, f"{path}: {line.strip()}"
     assert launches >= 6  # Dockerfile, compose, cli, stack, bench and tests/conftest.py's GUNICORN
+
+
+# --- docker-compose.sentinel.yml: Redis with a replica and sentinels, on top of the file above ---------------
+
+def sentinel_override():
+    return yaml.safe_load((ROOT / "docker-compose.sentinel.yml").read_text())
+
+
+def test_the_sentinel_variant_adds_a_replica_and_sentinels_and_points_every_client_at_them():
+    from queue_schema.connection import parse_sentinel
+
+    services = sentinel_override()["services"]
+    assert set(services) == {"redis", "redis-replica", "sentinel", "api", "worker"}
+    assert set(services) - {"redis-replica", "sentinel"} <= set(compose()["services"])  # an override
+    for name in ("redis", "redis-replica"):
+        command = services[name]["command"]
+        assert "--appendonly" in command, name
+        # Same password on every data node, and each uses it for its master: any one may be promoted.
+        for flag in ("--requirepass", "--masterauth"):
+            assert required_vars(command[command.index(flag) + 1]) == {"REDIS_PASSWORD"}, (name, flag)
+    replica = services["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1:][:2] == ["redis", "6379"]
+    for name in ("redis-replica", "sentinel"):
+        assert "ports" not in services[name], name  # reachable from the compose network only
+        assert "redis-cli" in services[name]["healthcheck"]["test"], name
+    for name in ("api", "worker"):
+        url = services[name]["environment"]["REDIS_URL"]
+        assert required_vars(url) == {"REDIS_PASSWORD", "SENTINEL_PASSWORD"}, name
+        assert services[name]["depends_on"]["sentinel"]["condition"] == "service_healthy", name
+        # What inferq (and rq-dashboard) will read once compose has filled in the passwords.
+        target = parse_sentinel(REQUIRED.sub("pw", url))
+        assert target.hosts == [("sentinel", 26379)] and target.service == "inferq", name
+        assert target.client_options["password"] == "pw" and target.sentinel_options["password"] == "pw"
+
+
+def test_the_sentinel_config_is_written_at_start_with_its_passwords_off_the_command_line(tmp_path):
+    import os
+    import subprocess
+
+    sentinel = sentinel_override()["services"]["sentinel"]
+    assert sentinel["entrypoint"] == ["sh", "-c"]
+    script = sentinel["command"][0].replace("$$", "$")  # compose's escape for a variable the shell expands
+    assert "${" not in sentinel["command"][0]  # a value compose filled in would be on the command line
+    head, sep, tail = script.partition(" && exec ")
+    assert sep and tail == "redis-server /tmp/sentinel.conf --sentinel"
+    conf = tmp_path / "sentinel.conf"
+    env = {"PATH": os.environ["PATH"], "REDIS_PASSWORD": "data-pw", "SENTINEL_PASSWORD": "sentinel-pw"}
+    subprocess.run(["sh", "-c", head.replace("/tmp/sentinel.conf", str(conf))], env=env, check=True, timeout=10)
+    lines = conf.read_text().splitlines()
+    assert "requirepass sentinel-pw" in lines and "sentinel auth-pass inferq data-pw" in lines
+    assert "sentinel monitor inferq redis 6379 2" in lines and "sentinel resolve-hostnames yes" in lines
+    assert conf.stat().st_mode & 0o077 == 0  # only the sentinel can read it
+    assert set(sentinel["environment"]) == {"REDIS_PASSWORD", "SENTINEL_PASSWORD", "REDISCLI_AUTH"}
+    # A real redis-server (Redis 7, as in the image) starts as a sentinel from it: here on a free
+    # port, watching a master on loopback, since no compose network resolves "redis".
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        pytest.skip("no redis-server on PATH")
+    port = free_port()
+    conf.write_text(conf.read_text().replace("port 26379", f"port {port}\nbind 127.0.0.1")
+                    .replace("inferq redis 6379", f"inferq 127.0.0.1 {free_port()}"))
+    proc = subprocess.Popen([redis_server, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port, password="sentinel-pw", socket_timeout=2)
+        wait_until(lambda: _pings(client, proc), timeout=10, what="the sentinel")
+        assert client.sentinel_master("inferq")["quorum"] == 2
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _pings(client, proc) -> bool:
+    assert proc.poll() is None, "the sentinel did not start from the generated config"
+    try:
+        return client.ping()
+    except redis.ConnectionError:
+        return False

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import redis
 
+from queue_schema import connection
 from queue_schema.connection import masked
 from queue_schema.errors import InferqError
 from worker import gpu
@@ -36,10 +37,14 @@ def run_worker(redis_url: str, spec: ModelSpec, burst: bool = False, on_loaded=N
         spec = replace(spec, options=replace(spec.options, gpu_layers=999))  # a GPU worker offloads everything
     # Commands get a short socket timeout, so a dead link shows within seconds; the
     # connections that block (the wake list's BLPOP, the cancel channel) get their own.
-    client = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=SOCKET_TIMEOUT_S,
-                                  health_check_interval=30)
-    blocking = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=None,
-                                    socket_keepalive=True, health_check_interval=30)
+    # With a Sentinel URL both follow the master through a failover (queue_schema.connection).
+    try:
+        client = connection.client(redis_url, socket_connect_timeout=2, socket_timeout=SOCKET_TIMEOUT_S,
+                                   health_check_interval=30)
+        blocking = connection.client(redis_url, socket_connect_timeout=2, socket_timeout=None,
+                                     socket_keepalive=True, health_check_interval=30)
+    except ValueError as exc:  # an unknown scheme, a Sentinel URL without a service...
+        raise WorkerStartError(f"bad Redis URL: {exc}") from None
     try:
         client.ping()
     except redis.RedisError as exc:
