@@ -34,6 +34,8 @@ def job_batches(job_id: str, after_seq: int, keepalive_s: float) -> Iterator[lis
         if not frames:  # nothing after Last-Event-ID: it may be at or past the end already
             last = eventlog.last(job_id)
             if last is not None and last.terminal and last.seq <= sent:
+                if last.seq < sent:  # the client saw events this log lost (a Redis failover): end it anyway
+                    yield [sse.logged(last)]
                 return
         quiet_since = time.monotonic()
         while not lifecycle.stopping.is_set():
@@ -50,6 +52,10 @@ def job_batches(job_id: str, after_seq: int, keepalive_s: float) -> Iterator[lis
             frames, done = [], False
             for frame in batch:
                 if frame.seq <= sent:
+                    if frame.type in TERMINAL_TYPES:  # a log that lost events the client saw: still end
+                        frames.append(frame)
+                        done = True
+                        break
                     continue
                 if frame.seq > sent + 1:  # missed on the channel: back-fill from the log
                     frames += map(sse.logged, eventlog.replay(job_id, after_seq=sent, until_seq=frame.seq - 1))

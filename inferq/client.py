@@ -94,6 +94,8 @@ class Client:
                         yield data
                         if data["type"] in ("end", "error"):
                             return
+                # Ended without a terminal event (the API process stopped, or Redis went away): resume.
+                self._backoff_or_raise(ApiUnreachable(f"the stream of job {job_id} kept ending early"), reconnects)
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, ApiUnreachable) as exc:
                 self._backoff_or_raise(exc, reconnects)
             except ApiError as exc:

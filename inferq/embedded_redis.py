@@ -73,7 +73,9 @@ class EmbeddedRedis:
                 "--bind", "127.0.0.1", "--protected-mode", "yes", "--dir", str(self.data_dir.resolve()),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no",
                 "--logfile", "redis.log"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Its own session: a terminal's Ctrl-C is for `inferq up`, which stops Redis last.
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
         client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -19,7 +19,7 @@ import requests
 
 from inferq.embedded_redis import EmbeddedRedis, free_port
 from inferq.testmodel import make_llama_gguf
-from queue_schema import registry
+from queue_schema import connection, registry
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every API the tests start runs with the settings production uses.
@@ -90,7 +90,7 @@ def start_worker(redis_url: str, model: str, path: Path, tmp: Path, *extra: str,
     proc = subprocess.Popen(cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
     worker = WorkerProcess(proc, model, log_path)
     if wait:
-        client = redis.Redis.from_url(redis_url)
+        client = connection.client(redis_url)
 
         def ready():
             if proc.poll() is not None:

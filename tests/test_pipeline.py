@@ -288,3 +288,13 @@ def test_more_watchers_than_the_api_has_redis_connections(live_api, worker_facto
     assert len(results) == 150
     first = results[0]
     assert first == list(range(len(first))) and all(r == first for r in results.values())
+
+
+def test_a_client_ahead_of_the_log_still_gets_its_end(client, tiny):
+    """After a failover the new master may have lost events a client saw: resuming past the log's end
+    must still end the stream, not wait for seqs that will never come again."""
+    job = submit(client, model=tiny, prompt="ahead", max_tokens=3, temperature=0)
+    evts = events(client, job)
+    resumed = events(client, job, last_event_id=evts[-1]["seq"] + 5)
+    assert resumed == [evts[-1]]
+    assert events(client, job, last_event_id=evts[-1]["seq"]) == []
