@@ -20,7 +20,7 @@ def body(**fields):
     (json.dumps(body(max_tokens="many")).encode(), 422, "INVALID_REQUEST"),
     (json.dumps(body(temperature=9)).encode(), 422, "INVALID_REQUEST"),
     (json.dumps(body(extra_field=True)).encode(), 422, "INVALID_REQUEST"),
-    (json.dumps({**body(), "operation": "embed"}).encode(), 400, "UNSUPPORTED_OPERATION"),
+    (json.dumps({**body(), "operation": "train"}).encode(), 400, "UNSUPPORTED_OPERATION"),
     (json.dumps(body(model="no-such-model")).encode(), 404, "MODEL_NOT_FOUND"),
     (json.dumps(body(prompt=SECRET * 3000)).encode(), 422, "INVALID_REQUEST"),
 ])
