@@ -2,8 +2,10 @@
 
 The job layer (``worker.jobs``) checks and tokenizes the inputs on the intake
 thread; the scheduler runs an ``EmbedTask`` on the engine thread, one batch
-per step (as many inputs as the backend's embedding context takes in one
-decode), so the streams of running generations keep flowing. Each input's
+per step (the inputs that fit the step's token budget, the one the scheduler
+gives prefill chunks, and at least one input; at most what the backend's
+embedding context takes in one decode), so the streams of running
+generations keep flowing. Each input's
 vector is L2-normalized, as OpenAI's are, and sent as its own ``embedding``
 event (base64 of little-endian float32): one event per input keeps every
 event small, and the whole job is bounded by ``MAX_FLOATS``.
@@ -48,11 +50,11 @@ class EmbedTask(Task):
     def __post_init__(self):
         self.tokens = sum(map(len, self.inputs))
 
-    def step(self, backend: Backend) -> bool:
+    def step(self, backend: Backend, budget: int) -> bool:
         seqs, room = backend.embed_limits()
         batch, used = [], 0
         for ids in self.inputs[self.count:self.count + seqs]:
-            if batch and used + len(ids) > room:
+            if batch and used + len(ids) > min(room, budget):
                 break
             batch.append(ids)
             used += len(ids)

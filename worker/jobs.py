@@ -310,6 +310,7 @@ class Jobs:
 
     def _task_ended(self, task: Task, end: Ended) -> None:
         rt, record, emitter = self.rt, task.context, task.emitter
+        record.tokens = 0  # no token generated: the counters of generated tokens stay as they are
         reason = "cancelled" if end.reason == "cancelled" else "done"
         tokens = getattr(task, "tokens", 0)
         emitter.emit("metrics", tokens_per_sec=round(tokens / max(end.decode_time_ms, 1) * 1000, 2),

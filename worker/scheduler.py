@@ -114,8 +114,8 @@ class Task:
     count: int = 0  # outputs so far (embeddings sent)
     started_at: float = 0.0
 
-    def step(self, backend: Backend) -> bool:
-        """Do the next piece (about one decode call); True when the whole job is done."""
+    def step(self, backend: Backend, budget: int) -> bool:
+        """Do the next piece (one decode call of about ``budget`` tokens); True when the whole job is done."""
         raise NotImplementedError
 
 
@@ -279,7 +279,7 @@ class Scheduler:
     def _run_task(self) -> None:
         task = self._tasks[0]
         try:
-            done = task.step(self.backend)
+            done = task.step(self.backend, self._prefill_budget())
         except Exception as exc:  # noqa: BLE001 - the job layer decides what it means
             log.exception("job %s: its task failed", task.job_id)
             self._end_task(task, "failed", exc)
