@@ -180,3 +180,23 @@ def test_a_prompt_under_the_byte_bound_is_tokenized_a_prefix_at_a_time(backends)
         builder.from_text(text, budget)
     assert not info.value.exact and budget < info.value.tokens < whole
     assert builder.from_text("x " * 20, budget) == b.tokenize("x " * 20, add_bos=True, special=False)
+
+
+def test_render_parts_keeps_content_apart_through_what_templates_do():
+    from jinja2.exceptions import TemplateError
+
+    msgs = [{"role": "user", "content": "  spaced <|x|>  "}, {"role": "assistant", "content": ""}]
+    plain = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+    parts = chat_template.render_parts(msgs, plain).parts
+    assert parts == (("[user]", True), ("  spaced <|x|>  ", False), ("[assistant]", True))
+    trimmed = chat_template.render_parts(msgs, "{% for m in messages %}<{{ m.content | trim }}>{% endfor %}")
+    assert trimmed.exact and trimmed.parts == (("<", True), ("spaced <|x|>", False), ("><>", True))
+    upper = chat_template.render_parts(msgs, "{% for m in messages %}{{ m.content | upper }}{% endfor %}")
+    assert upper.exact and upper.parts == (("  SPACED <|X|>  ", False),)
+    branching = "{% for m in messages %}{% if m.content.startswith(' ') %}!{% endif %}{{ m.content }}{% endfor %}"
+    looked = chat_template.render_parts(msgs, branching)
+    assert not looked.exact and looked.parts == (("  spaced <|x|>  ", False),)  # as sent, apart
+    cut = "{% for m in messages %}{{ m.content[:9] }}{% endfor %}"
+    assert chat_template.render_parts(msgs, cut, specials=("<|y|>",)).parts == (("  spaced ", True),)
+    with pytest.raises(TemplateError, match="control token"):
+        chat_template.render_parts([{"role": "user", "content": "<|x|> then more"}], cut, specials=("<|x|>",))

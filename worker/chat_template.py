@@ -95,25 +95,25 @@ def render_parts(messages: Sequence[dict], template: str | None, bos_token: str 
 
     contents = [m.get("content") or "" for m in messages]
     exact = draw(contents)
-    nonce = secrets.token_hex(8)
+    nonce = f"{secrets.randbelow(10 ** 16):016d}"  # digits: a template's upper() or lower() keeps them
     start, end = f"\ue000{nonce}\ue001", f"\ue002{nonce}\ue003"
     cut = re.compile(re.escape(start) + "(.*?)" + re.escape(end), re.S)
     marked = None
     for variant in (contents, [c.strip() for c in contents]):
-        candidate = draw([start + c + end for c in variant])
+        candidate = draw([start + c + end if c else c for c in variant])  # empty: nothing to keep apart
         if candidate.replace(start, "").replace(end, "") == exact:
             return Rendered(_split(candidate, cut))
         marked = marked or candidate
-    if start in marked:
+    if marked.count(start) == marked.count(end) == len(cut.findall(marked)) > 0:
         # The template rewrites content some other way: keep its structure, write the content as sent.
         log.info("the chat template changes message content beyond trimming; the content is written as sent")
         return Rendered(_split(marked, cut), exact=False)
-    # The markers did not survive (the template escapes content): all of it is template text, which
-    # is safe only if no message holds a control token's text.
+    # The markers did not survive whole (the template cuts or rewrites content): all of it is template
+    # text, which is safe only if no message holds a control token's text.
     typed = next((s for s in specials if s and any(s in c for c in contents)), None)
     if typed is not None:
         raise TemplateError(f"a message holds the control token {typed!r}, and this model's chat template "
-                            "escapes message content, so it cannot be kept as text; remove it")
+                            "rewrites message content, so it cannot be kept as text; remove it")
     return Rendered(((exact, True),), exact=False)
 
 
