@@ -84,7 +84,7 @@ class Utf8Guard:
     def allowed(self, need: int) -> np.ndarray:
         fits = (self.lead == need) & self.tail_ok
         if need:
-            fits |= (self.lead == self.length) & (self.length < need)  # more of the owed bytes, not all
+            fits |= (self.lead == self.length) & (self.length > 0) & (self.length < need)  # some of what it owes
         return fits
 
     def after(self, need: int, token: int) -> int:
