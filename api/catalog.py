@@ -12,7 +12,8 @@ bp = Blueprint("catalog", __name__)
 @bp.get("/v1/models")
 def list_models():
     """Models served now (``online``) or within the grace period (``offline``), in OpenAI's list
-    shape plus inferq's fields; ``last_seen`` is the last heartbeat of a worker of the model."""
+    shape plus inferq's fields; ``last_seen`` is the last heartbeat of a worker of the model, and
+    ``capabilities`` what its workers can do (chat_template, grammar, logprobs, embeddings)."""
     r = resources().redis
     data = []
     for s in registry.model_statuses(r):
@@ -20,7 +21,8 @@ def list_models():
         data.append({
             "id": m.name, "object": "model", "created": int(m.last_seen), "owned_by": "inferq",
             "status": s.status, "last_seen": m.last_seen,
-            "context_length": m.context_length, "backend": m.backend,
+            "context_length": m.context_length, "backend": m.backend, "capabilities": m.capabilities,
+            "embedding_length": m.embedding_length,
             "workers": s.workers, "serving_workers": s.serving,
             "queued": jobs.depth(r, m.name), "max_queue_depth": m.queue_depth,
         })

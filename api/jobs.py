@@ -10,14 +10,14 @@ from api.extensions import resources
 from queue_schema import books, jobs, keys, leases, stats
 from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.eventlog import Appended
-from queue_schema.operations import InferOperation, JobAccepted, parse_operation
+from queue_schema.operations import JobAccepted, Operation, parse_operation
 
 log = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__)
 
 
-def submit(op: InferOperation) -> tuple[str, int]:
-    """Admit the job (model check, queue bound, enqueue, ``queued`` event: one atomic step).
+def submit(op: Operation) -> tuple[str, int]:
+    """Admit the job (model and capability checks, queue bound, enqueue, ``queued`` event: one atomic step).
     Shared with the OpenAI routes; returns the job id and its queue position."""
     auth.check_priority(op.priority)
     res = resources()

@@ -1,27 +1,29 @@
-"""OpenAI-compatible ``/v1/completions`` and ``/v1/chat/completions``.
+"""OpenAI-compatible ``/v1/completions``, ``/v1/chat/completions`` and ``/v1/embeddings``.
 
-Each request becomes an ordinary ``infer`` job, so priorities, queue bounds,
-cancellation, ``GET /v1/jobs`` and the dashboards all apply. Unknown OpenAI
-fields are ignored (clients send many); errors take OpenAI's shape.
+Each request becomes ordinary jobs (``infer``, or ``embed``; one per choice
+when ``n`` > 1), so priorities, queue bounds, cancellation, ``GET /v1/jobs``
+and the dashboards all apply. The request bodies are ``api.openai_models``;
+unknown OpenAI fields are ignored (clients send many); errors take OpenAI's
+shape.
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import struct
 import time
 
 import redis
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
-from typing import Annotated, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from api import lifecycle, limits, relay
 from api.extensions import resources
 from api.jobs import request_cancel, submit
+from api.openai_models import ChatRequest, CompletionRequest, EmbeddingRequest, InvalidField, _Request
 from queue_schema import jobs
 from queue_schema.errors import ErrorCode, InferqError
-from queue_schema.operations import InferOperation
 
 log = logging.getLogger(__name__)
 bp = Blueprint("openai", __name__)
@@ -31,93 +33,6 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
                 404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
                 415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
                 503: "server_error"}
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
-
-
-# 100 bytes of UTF-8 is the real limit; JSON Schema cannot say bytes, and 25 characters always fit.
-StopString = Annotated[str, Field(min_length=1, json_schema_extra={"maxLength": 25})]
-
-
-class _Request(BaseModel):
-    """Fields inferq uses; OpenAI's others are accepted and ignored."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-    max_tokens: int | None = Field(None, ge=1, le=4096)
-    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, ge=0, le=1)
-    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
-    seed: int | None = Field(None, ge=-1, le=2**63 - 1)
-    n: Literal[1] = Field(1, description="Only one choice per request.")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = Field(None, max_length=256)
-    # OpenAI's own rules for it; checked, not forwarded (the job's metadata carries `user`).
-    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
-                        Field(max_length=16)] | None = None
-
-    def infer_fields(self, default_max: int) -> dict:
-        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        fields = dict(model=self.model, max_tokens=self.max_completion_tokens or self.max_tokens or default_max,
-                      temperature=self.temperature, top_p=self.top_p, stop=stop, stream=self.stream,
-                      repetition_penalty=1.0)  # OpenAI has no repetition penalty: leave logits alone
-        if self.seed is not None:
-            fields["seed"] = self.seed
-        if self.user:
-            fields["metadata"] = {"user": self.user}
-        return fields
-
-
-class CompletionRequest(_Request):
-    prompt: Annotated[str, Field(min_length=1, max_length=32768)] | Annotated[
-        list[Annotated[str, Field(min_length=1, max_length=32768)]], Field(min_length=1, max_length=1)]
-
-    def operation(self) -> InferOperation:
-        prompt = self.prompt if isinstance(self.prompt, str) else "".join(self.prompt)
-        return _infer(prompt=prompt, **self.infer_fields(default_max=16))
-
-
-class ContentPart(BaseModel):
-    """One part of a message's content; only ``text`` parts are used, others (images...) are ignored."""
-
-    model_config = ConfigDict(extra="ignore")
-    type: str
-    text: Annotated[str, Field(max_length=32768)] | None = None
-
-
-class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str, Field(max_length=32768)] | Annotated[list[ContentPart], Field(max_length=256)] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(p.text or "" for p in self.content if p.type == "text")
-        return self.content or ""
-
-
-class ChatRequest(_Request):
-    messages: list[ChatMessageIn] = Field(min_length=1, max_length=256)
-
-    def operation(self) -> InferOperation:
-        roles = {"developer": "system"}
-        messages = [{"role": roles.get(m.role, m.role), "content": m.text()} for m in self.messages]
-        return _infer(messages=messages, **self.infer_fields(default_max=256))
-
-
-def _infer(**fields) -> InferOperation:
-    try:
-        return InferOperation.model_validate({"operation": "infer", **fields})
-    except ValidationError as exc:
-        err = exc.errors(include_input=False, include_url=False)[0]
-        raise OpenAIError(400, f"{'.'.join(map(str, err['loc']))}: {err['msg']}", param=str(err["loc"][0]),
-                          code="invalid_value") from None
 
 
 class OpenAIError(Exception):
@@ -136,6 +51,11 @@ def _error_body(status: int, message: str, code: str | None, param: str | None =
 @bp.errorhandler(OpenAIError)
 def _openai_error(exc: OpenAIError):
     return jsonify(_error_body(exc.status, exc.message, exc.code, exc.param)), exc.status, exc.headers
+
+
+@bp.errorhandler(InvalidField)
+def _invalid_field(exc: InvalidField):
+    return jsonify(_error_body(400, exc.message, "invalid_value", exc.param)), 400
 
 
 @bp.errorhandler(InferqError)
@@ -179,47 +99,78 @@ def _events(job_id: str):
     """The job's events as dicts, from its log and then live, until the terminal one."""
     keepalive = float(current_app.config["KEEPALIVE_S"])
     for frames in relay.job_batches(job_id, -1, keepalive):
-        if not frames:
-            yield None
         for frame in frames:
             yield json.loads(frame.data)
+
+
+# --- logprobs in OpenAI's two shapes ---------------------------------------------------------
+def _chat_logprob(event: dict) -> dict:
+    return {"token": event["token"], "logprob": event["logprob"], "bytes": event["bytes"],
+            "top_logprobs": [{"token": t["token"], "logprob": t["logprob"], "bytes": t["bytes"]}
+                             for t in event.get("top_logprobs", [])]}
+
+
+def _legacy_logprobs(events: list[dict], offset: int = 0) -> dict:
+    """The completions route's shape: parallel lists, text offsets counted from ``offset``."""
+    out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in events:
+        out["tokens"].append(e["token"])
+        out["token_logprobs"].append(e["logprob"])
+        top: dict = {}
+        for t in e.get("top_logprobs", []):  # keyed by text: of two tokens that read alike, the likelier
+            top.setdefault(t["token"], t["logprob"])
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(e["token"])
+    return out
 
 
 class _Shape:
     """What differs between the completion and the chat-completion responses."""
 
-    def __init__(self, chat: bool, job_id: str, model: str):
-        self.chat, self.model = chat, model
+    def __init__(self, chat: bool, job_id: str, model: str, logprobs: bool):
+        self.chat, self.model, self.logprobs = chat, model, logprobs
         self.id = ("chatcmpl-" if chat else "cmpl-") + job_id
         self.created = int(time.time())
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict:
+    def chunk(self, index: int, text: str | None, finish: str | None, first: bool = False,
+              tokens: list[dict] | None = None, offset: int = 0) -> dict:
+        lp = None
+        if self.logprobs and tokens:
+            lp = {"content": [_chat_logprob(e) for e in tokens], "refusal": None} if self.chat \
+                else _legacy_logprobs(tokens, offset)
         if self.chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
             return {**self._base("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
         return {**self._base("text_completion"), "choices": [choice]}
 
     def usage_chunk(self, usage: dict) -> dict:
         return {**self._base("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
                 "usage": usage}
 
-    def whole(self, text: str, finish: str, usage: dict) -> dict:
+    def choice(self, index: int, text: str, finish: str, tokens: list[dict]) -> dict:
+        lp = None
+        if self.logprobs:
+            lp = {"content": [_chat_logprob(e) for e in tokens], "refusal": None} if self.chat \
+                else _legacy_logprobs(tokens)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
-            return {**self._base("chat.completion"), "choices": [choice], "usage": usage}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {**self._base("text_completion"), "choices": [choice], "usage": usage}
+            return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": lp, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
+
+    def whole(self, choices: list[dict], usage: dict) -> dict:
+        return {**self._base("chat.completion" if self.chat else "text_completion"), "choices": choices,
+                "usage": usage}
 
 
-def _usage(prompt_tokens: int, end: dict) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": end["tokens_out"],
-            "total_tokens": prompt_tokens + end["tokens_out"]}
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 # A job that failed after it was admitted already ran (partly): the official SDKs retry 5xx answers
@@ -240,92 +191,133 @@ def _interrupted(job_id: str) -> OpenAIError:
                        headers=_NO_RETRY)
 
 
-def _respond(req: _Request, chat: bool):
-    op = req.operation()
-    release = limits.stream_slot() if req.stream else None  # before the job exists: a 429 runs nothing
+def _submit_all(ops) -> list[str]:
+    """Admit every choice's job; if one is refused, cancel the ones admitted before it."""
+    job_ids = []
     try:
-        job_id, _ = submit(op)
+        for op in ops:
+            job_ids.append(submit(op)[0])
+    except Exception:
+        _cancel_open(job_ids)
+        raise
+    return job_ids
+
+
+def _cancel_open(job_ids: list[str]) -> None:
+    res = resources()
+    for job_id in job_ids:
+        try:
+            view = jobs.view(res.redis, res.eventlog, job_id)
+            if view is not None and view.terminal is None:
+                request_cancel(job_id, view.state)
+        except redis.RedisError:
+            log.warning("job %s: could not cancel it", job_id)
+
+
+def _respond(req: _Request, chat: bool):
+    ops = req.operations()
+    release = limits.stream_slot() if req.stream else None  # before any job exists: a 429 runs nothing
+    try:
+        job_ids = _submit_all(ops)
     except Exception:
         if release:
             release()
         raise
-    shape = _Shape(chat, job_id, op.model)
-    headers = {"X-Inferq-Job-Id": job_id}
+    shape = _Shape(chat, job_ids[0], ops[0].model, ops[0].logprobs is not None)
+    headers = {"X-Inferq-Job-Id": ",".join(job_ids)}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        response = Response(stream_with_context(_stream(job_id, shape, include_usage)), mimetype="text/event-stream",
+        response = Response(stream_with_context(_stream(job_ids, shape, include_usage)),
+                            mimetype="text/event-stream",
                             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         response.call_on_close(release)
         return response
-    prompt_tokens = 0
-    for event in _events(job_id):
-        if event is None:
-            continue
-        if event["type"] == "metrics":
-            prompt_tokens = event["prompt_tokens"]
-        elif event["type"] == "error":
-            raise _job_error(event)
-        elif event["type"] == "end":
-            body = shape.whole(event["text"], _FINISH[event["stop_reason"]], _usage(prompt_tokens, event))
-            return jsonify(body), 200, headers
-    raise _interrupted(job_id)
+    choices, prompt_tokens, completion_tokens = [], 0, 0
+    for index, job_id in enumerate(job_ids):
+        tokens, end = [], None
+        for event in _events(job_id):
+            if event["type"] == "token" and "logprob" in event:
+                tokens.append(event)
+            elif event["type"] == "metrics":
+                prompt_tokens = event["prompt_tokens"]
+            elif event["type"] == "error":
+                _cancel_open(job_ids[index + 1:])
+                raise _job_error(event)
+            elif event["type"] == "end":
+                end = event
+                break
+        if end is None:
+            raise _interrupted(job_id)
+        completion_tokens += end["tokens_out"]
+        choices.append(shape.choice(index, end["text"], _FINISH[end["stop_reason"]], tokens))
+    return jsonify(shape.whole(choices, _usage(prompt_tokens, completion_tokens))), 200, headers
 
 
-def _stream(job_id: str, shape: _Shape, include_usage: bool):
-    """OpenAI's chunks for the job's events; ``[DONE]`` only after a complete answer.
+def _stream(job_ids: list[str], shape: _Shape, include_usage: bool):
+    """OpenAI's chunks for the jobs' events; ``[DONE]`` only after every choice is complete.
 
-    A job error, or a stream cut off before the job ended, ends with an error
+    A job error, or a stream cut off before the jobs ended, ends with an error
     chunk in OpenAI's shape and no ``[DONE]``: the SDKs raise on it, so an
-    interrupted answer never passes for a whole one. Chunks made from events
-    that arrived together go out in one write.
+    interrupted answer never passes for a whole one. With ``n`` > 1 the
+    choices' chunks interleave as their tokens come, each with its ``index``.
+    Chunks made from events that arrived together go out in one write.
     """
     def data(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     done = False
-    prompt_tokens = 0
+    prompt_tokens = completion_tokens = 0
+    ended = set()
+    offsets = [0] * len(job_ids)  # completions' text_offset, per choice
     keepalive = float(current_app.config["KEEPALIVE_S"])
     try:
         if shape.chat:
-            yield data(shape.chunk(None, None, first=True))
+            yield "".join(data(shape.chunk(i, None, None, first=True)) for i in range(len(job_ids)))
         try:
-            for frames in relay.job_batches(job_id, -1, keepalive):
-                if not frames:
+            for batch in relay.merged_batches(job_ids, keepalive):
+                if not batch:
                     yield ": keep-alive\n\n"
                 out = []
-                for frame in frames:
+                for index, frame in batch:
                     if frame.type == "token":
-                        out.append(data(shape.chunk(json.loads(frame.data)["t"], None)))
+                        event = json.loads(frame.data)
+                        tokens = [event] if "logprob" in event else None
+                        if event["t"] or tokens:
+                            out.append(data(shape.chunk(index, event["t"], None, tokens=tokens,
+                                                        offset=offsets[index])))
+                        offsets[index] += len(event["t"])
                     elif frame.type == "metrics":
                         prompt_tokens = json.loads(frame.data)["prompt_tokens"]
                     elif frame.type == "error":
                         done = True
                         err = _job_error(json.loads(frame.data))
                         out.append(data(_error_body(err.status, err.message, err.code)))
+                        break
                     elif frame.type == "end":
-                        done = True
                         event = json.loads(frame.data)
-                        out.append(data(shape.chunk(None, _FINISH[event["stop_reason"]])))
-                        if include_usage:
-                            out.append(data(shape.usage_chunk(_usage(prompt_tokens, event))))
-                        out.append("data: [DONE]\n\n")
+                        ended.add(index)
+                        completion_tokens += event["tokens_out"]
+                        out.append(data(shape.chunk(index, None, _FINISH[event["stop_reason"]])))
+                        if len(ended) == len(job_ids):
+                            done = True
+                            if include_usage:
+                                out.append(data(shape.usage_chunk(_usage(prompt_tokens, completion_tokens))))
+                            out.append("data: [DONE]\n\n")
                 if out:
                     yield "".join(out)
+                if done:
+                    break
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.warning("job %s: its OpenAI stream lost Redis: %s", job_id, exc)
+            log.warning("jobs %s: their OpenAI stream lost Redis: %s", ",".join(job_ids), exc)
         if not done:
-            done = True  # said so to the client: the job goes on, nobody cancels it
-            err = _interrupted(job_id)
+            done = True  # said so to the client: the jobs go on, nobody cancels them
+            err = _interrupted(job_ids[0])
             yield data(_error_body(err.status, err.message, err.code))
+        elif len(ended) < len(job_ids):  # one choice failed: the others are of no use
+            _cancel_open(job_ids)
     finally:
         if not done and not lifecycle.stopping.is_set():  # the client went away mid-stream: free the worker
-            try:
-                res = resources()
-                view = jobs.view(res.redis, res.eventlog, job_id)
-                if view is not None and view.terminal is None:
-                    request_cancel(job_id, view.state)
-            except redis.RedisError:
-                log.warning("job %s: could not cancel after the client disconnected", job_id)
+            _cancel_open(job_ids)
 
 
 @bp.post("/v1/completions")
@@ -336,3 +328,36 @@ def completions():
 @bp.post("/v1/chat/completions")
 def chat_completions():
     return _respond(_parse(ChatRequest), chat=True)
+
+
+@bp.post("/v1/embeddings")
+def embeddings():
+    """An ``embed`` job; the vectors come back as floats or (``encoding_format=base64``) as the worker
+    sent them: little-endian float32, base64."""
+    req = _parse(EmbeddingRequest)
+    op = req.operation()
+    job_id, _ = submit(op)
+    vectors: dict[int, str] = {}
+    prompt_tokens = 0
+    for event in _events(job_id):
+        if event["type"] == "embedding":
+            vectors[event["index"]] = event["embedding"]
+        elif event["type"] == "metrics":
+            prompt_tokens = event["prompt_tokens"]
+        elif event["type"] == "error":
+            raise _job_error(event)
+        elif event["type"] == "end":
+            if event["stop_reason"] == "cancelled":
+                raise OpenAIError(500, "the job was cancelled", code="cancelled", headers=_NO_RETRY)
+            data = [{"object": "embedding", "index": i,
+                     "embedding": vectors[i] if req.encoding_format == "base64" else _floats(vectors[i])}
+                    for i in sorted(vectors)]
+            return jsonify(object="list", data=data, model=op.model,
+                           usage={"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}), 200, \
+                {"X-Inferq-Job-Id": job_id}
+    raise _interrupted(job_id)
+
+
+def _floats(encoded: str) -> list[float]:
+    raw = base64.b64decode(encoded)
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))

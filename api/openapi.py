@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify
 
 from queue_schema.events import event_json_schema
-from queue_schema.operations import InferOperation, JobAccepted
+from queue_schema.operations import EmbedOperation, InferOperation, JobAccepted
 
 bp = Blueprint("openapi", __name__)
 
@@ -28,11 +28,12 @@ def _errors(*statuses: int) -> dict:
 
 def _schemas() -> dict:
     schemas = {"Error": _ERROR}
-    from api.openai_compat import ChatRequest, CompletionRequest
+    from api.openai_models import ChatRequest, CompletionRequest, EmbeddingRequest
 
-    for name, model in (("InferOperation", InferOperation), ("JobAccepted", JobAccepted),
-                        ("CompletionRequest", CompletionRequest), ("ChatRequest", ChatRequest)):
-        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, model in (("InferOperation", InferOperation), ("EmbedOperation", EmbedOperation),
+                        ("JobAccepted", JobAccepted), ("CompletionRequest", CompletionRequest),
+                        ("ChatRequest", ChatRequest), ("EmbeddingRequest", EmbeddingRequest)):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}", by_alias=True)
         schemas.update(schema.pop("$defs", {}))
         schemas[name] = schema
     events = event_json_schema()
@@ -42,12 +43,16 @@ def _schemas() -> dict:
 
 
 def document() -> dict:
-    submit = {"requestBody": {"required": True, **_json("InferOperation")},
+    operation = {"oneOf": [{"$ref": "#/components/schemas/InferOperation"},
+                           {"$ref": "#/components/schemas/EmbedOperation"}],
+                 "discriminator": {"propertyName": "operation"}}
+    submit = {"requestBody": {"required": True, "content": {"application/json": {"schema": operation}}},
               "responses": {"202": {"description": "accepted", **_json("JobAccepted")},
                             **_errors(400, 401, 404, 422, 503)}}
     job_obj = {"description": "job state", "content": {"application/json": {"schema": {"type": "object"}}}}
     completion_body = {"required": True, **_json("CompletionRequest")}
     chat_body = {"required": True, **_json("ChatRequest")}
+    embedding_body = {"required": True, **_json("EmbeddingRequest")}
     openai_responses = {"200": {"description": "completion (JSON, or SSE when stream is true)",
                                 "content": {"application/json": {"schema": {"type": "object"}},
                                             "text/event-stream": {"schema": {"type": "string"}}}},
@@ -78,6 +83,10 @@ def document() -> dict:
                                          "requestBody": completion_body, "responses": openai_responses}},
             "/v1/chat/completions": {"post": {"summary": "OpenAI-compatible chat completion (an infer job)",
                                               "requestBody": chat_body, "responses": openai_responses}},
+            "/v1/embeddings": {"post": {"summary": "OpenAI-compatible embeddings (an embed job)",
+                                        "requestBody": embedding_body,
+                                        "responses": {"200": job_obj, **{str(s): job_obj for s in
+                                                                         (400, 401, 404, 500, 503)}}}},
             "/health": {"get": {"summary": "Process alive", "responses": {"200": job_obj}}},
             "/ready": {"get": {"summary": "Redis answers and a worker serves a model",
                                "responses": {"200": job_obj, "503": job_obj}}},

@@ -7,12 +7,18 @@ read is therefore either in the log or on the channel, never in neither. A
 gap on the channel (a message lost in a reconnect) is back-filled from the
 log, and a quiet channel is checked against the log once per keep-alive.
 
-Both the SSE stream routes and the OpenAI routes read jobs through here.
+Both the SSE stream routes and the OpenAI routes read jobs through here;
+``merged_batches`` reads several jobs at once (an OpenAI request with ``n``
+choices), one follower each, in the order their events arrive.
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Iterator
+
+from flask import current_app
 
 from api import lifecycle, sse
 from api.extensions import resources
@@ -69,6 +75,50 @@ def job_batches(job_id: str, after_seq: int, keepalive_s: float) -> Iterator[lis
                 quiet_since = time.monotonic()
             if done:
                 return
+
+
+def merged_batches(job_ids: list[str], keepalive_s: float) -> Iterator[list[tuple[int, sse.Frame]]]:
+    """Every job's events from the start, as (index in ``job_ids``, frame) batches as they come; [] on
+    silence. Each job is followed by its own thread (a greenlet under gevent) until it ends."""
+    if len(job_ids) == 1:
+        for frames in job_batches(job_ids[0], -1, keepalive_s):
+            yield [(0, f) for f in frames]
+        return
+    app = current_app._get_current_object()
+    out: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def follow(index: int, job_id: str) -> None:
+        with app.app_context():
+            try:
+                for frames in job_batches(job_id, -1, keepalive_s):
+                    if stop.is_set():
+                        return
+                    if frames:
+                        out.put((index, frames))
+            except Exception as exc:  # handed to the reader, which raises it
+                out.put((index, exc))
+            finally:
+                out.put((index, None))
+
+    for i, job_id in enumerate(job_ids):
+        threading.Thread(target=follow, args=(i, job_id), name=f"inferq-relay-{job_id}", daemon=True).start()
+    left = len(job_ids)
+    try:
+        while left:
+            try:
+                index, item = out.get(timeout=keepalive_s)
+            except queue.Empty:
+                yield []
+                continue
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield [(index, f) for f in item]
+    finally:
+        stop.set()
 
 
 def job_messages(job_id: str, after_seq: int, keepalive_s: float) -> Iterator[str]:

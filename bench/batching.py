@@ -73,16 +73,27 @@ def engine(path, threads: int, sequences: int, max_tokens: int, rounds: int, off
         for s in range(sequences):
             backend.forget(s, 0)
         start = time.perf_counter()
-        rows = backend.decode([Chunk(s, p, 0, True) for s, p in enumerate(prompts)])
+        picked: list[int] = [0] * sequences
+        group: list[Chunk] = []
+
+        def prefill(chunks: list[Chunk]) -> None:
+            for chunk, row in zip(chunks, backend.decode(chunks)):  # sample before the next call reuses the rows
+                picked[chunk.slot] = samplers[chunk.slot].sample(row)
+
+        for s, p in enumerate(prompts):  # prompts together, as many as one decode call takes
+            if group and sum(len(c.tokens) for c in group) + len(p) > backend.options.batch_size:
+                prefill(group)
+                group = []
+            group.append(Chunk(s, p, 0, True))
+        prefill(group)
         ttfts.append((time.perf_counter() - start) * 1000)
         pos = [len(p) for p in prompts]
-        for step in range(max_tokens):
-            picked = [samplers[s].sample(rows[s]) for s in range(sequences)]
-            tokens += sequences
-            if step == max_tokens - 1:
-                break
+        tokens += sequences
+        for _ in range(max_tokens - 1):
             rows = backend.decode([Chunk(s, [t], pos[s], True) for s, t in enumerate(picked)])
             pos = [p + 1 for p in pos]
+            picked = [samplers[s].sample(rows[s]) for s in range(sequences)]
+            tokens += sequences
         seconds += time.perf_counter() - start
         for sampler in samplers:
             sampler.close()
@@ -118,6 +129,34 @@ def shared_prefix(url: str, model: str) -> dict:
     return out
 
 
+def cancel_latency(url: str, model: str, runs: int = 5) -> dict:
+    """Milliseconds from DELETE to the client holding the job's ``end``: while it decodes, and while it
+    prefills a ~2,000-token prompt, with another job streaming beside it."""
+    from inferq.client import Client
+
+    api = Client(url, timeout=30)
+    out: dict[str, list[float]] = {"decode": [], "prefill": []}
+    busy = api.submit("busy", model=model, max_tokens=2000, temperature=0, repetition_penalty=1.0)["job_id"]
+    for phase in ("decode", "prefill"):
+        for run in range(runs):
+            prompt = f"{run} busy" if phase == "decode" else f"{run} " + "the data model of the queue worker " * 80
+            job = api.submit(prompt, model=model, max_tokens=1000 if phase == "decode" else 8,
+                             temperature=0)["job_id"]
+            stream = api.events(job)
+            for e in stream:
+                if (phase == "decode" and e["type"] == "token") or (phase == "prefill" and e["type"] == "narration"):
+                    break
+            if phase == "prefill":
+                time.sleep(0.2)  # well inside the ~1.5 s prefill
+            t0 = time.perf_counter()
+            api.cancel(job)
+            last = list(stream)[-1]
+            if last.get("stop_reason") == "cancelled":
+                out[phase].append((time.perf_counter() - t0) * 1000)
+    api.cancel(busy)
+    return {k: {"p50": statistics.median(v), "max": max(v), "n": len(v)} for k, v in out.items() if v}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["tiny", "slow", "small"], default="small")
@@ -147,6 +186,7 @@ def main(argv=None):
             if slots == args.slots:
                 extra["redis"] = redis_cost(redis_url, url, "peer", args.per_client, args.max_tokens)
                 extra["prefix_ttft_ms"] = shared_prefix(url, "peer")
+                extra["cancel_ms"] = cancel_latency(url, "peer")
 
     print(f"batching: model={args.model} ({path.stat().st_size / 1e6:.0f} MB), {args.threads} threads, "
           f"{args.slots} slots, {args.per_client} x {args.max_tokens}-token completions per client")
@@ -167,6 +207,8 @@ def main(argv=None):
           f"CPU per generated token: one Redis core carries ~{cost['tokens_per_s_per_redis_core']:.0f} tokens/s")
     print(f"1,000-token shared prefix: TTFT first {extra['prefix_ttft_ms']['first']:.0f} ms, "
           f"second {extra['prefix_ttft_ms']['second']:.0f} ms")
+    print("cancel, DELETE to end at the client (ms): " + "; ".join(
+        f"{k} p50 {v['p50']:.0f} max {v['max']:.0f} ({v['n']} runs)" for k, v in extra["cancel_ms"].items()))
     save("batching", {"model": args.model, "threads": args.threads, "slots": args.slots,
                       "per_client": args.per_client, "max_tokens": args.max_tokens, "rows": rows, **extra})
 

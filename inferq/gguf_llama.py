@@ -17,12 +17,20 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 @dataclass(frozen=True)
 class Vocabulary:
+    """A tokenizer as GGUF stores it: SentencePiece (``llama``) or byte-level BPE (``gpt2``, with merges)."""
+
     tokens: list[str]
-    scores: list[float]
+    scores: list[float] | None
     types: list[int]
-    unk_id: int = 0
+    unk_id: int | None = 0
     bos_id: int = 1
     eos_id: int = 2
+    model: str = "llama"  # tokenizer.ggml.model: llama (SentencePiece) | gpt2 (byte-level BPE)
+    pre: str | None = None  # tokenizer.ggml.pre, BPE's pre-tokenizer: llama-bpe (Llama 3), qwen2...
+    merges: list[str] | None = None  # BPE merges, "left right", in rank order
+    eot_id: int | None = None  # end of turn (<|eot_id|>, <|im_end|>, <end_of_turn>): ends a reply, not EOS
+    add_bos: bool | None = None  # None: llama.cpp's default for the tokenizer model
+    add_space_prefix: bool | None = None
 
 
 def write_llama_gguf(path: str | Path, *, name: str, n_ctx: int, n_head: int, n_head_kv: int,
@@ -51,13 +59,25 @@ def write_llama_gguf(path: str | Path, *, name: str, n_ctx: int, n_head: int, n_
     writer.add_head_count_kv(n_head_kv)
     writer.add_layer_norm_rms_eps(rms_eps)
     writer.add_file_type(1 if f16 else 0)
-    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_model(vocab.model)
+    if vocab.pre:
+        writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
-    writer.add_token_scores(vocab.scores)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
+    if vocab.merges is not None:
+        writer.add_token_merges(vocab.merges)
     writer.add_bos_token_id(vocab.bos_id)
     writer.add_eos_token_id(vocab.eos_id)
-    writer.add_unk_token_id(vocab.unk_id)
+    if vocab.unk_id is not None:
+        writer.add_unk_token_id(vocab.unk_id)
+    if vocab.eot_id is not None:
+        writer.add_eot_token_id(vocab.eot_id)
+    if vocab.add_bos is not None:
+        writer.add_add_bos_token(vocab.add_bos)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
     if chat_template:
         writer.add_chat_template(chat_template)
     for tensor_name, array in tensors.items():

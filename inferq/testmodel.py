@@ -3,6 +3,11 @@
 The files are real GGUF: the worker loads and decodes them with the same code
 paths as a downloaded model. Weights are random (seeded), so the text is
 gibberish, but it is deterministic for a given seed, which is what tests need.
+
+``make_chat_gguf`` writes the chat models of today in miniature: their
+tokenizers (SentencePiece or byte-level BPE with merges), their control
+tokens, their end-of-turn token and their real chat templates (ChatML as
+Qwen 2 writes it, Llama 3, Gemma).
 """
 from __future__ import annotations
 
@@ -64,8 +69,109 @@ def vocabulary(extra: int = 0) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: every byte as a printable character (space is "Ġ", newline "Ċ")."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = dict(zip(printable, map(chr, printable))), 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return dict(sorted(chars.items()))
+
+
+BPE_WORDS = _WORDS + ["user", "assistant", "system", "model", "hello", "there", "helpful", "You", "are", "a"]
+
+
+def bpe_vocabulary(specials: list[str]) -> tuple[list[str], list[int], list[str]]:
+    """A byte-level BPE vocabulary: the 256 bytes, merges that build some words, then ``specials`` (control)."""
+    alphabet = _bytes_to_unicode()
+    tokens = list(alphabet.values())
+    seen, merges = set(tokens), []
+    for word in BPE_WORDS:
+        for text in (word, " " + word):
+            chars = [alphabet[b] for b in text.encode()]
+            left = chars[0]
+            for c in chars[1:]:
+                if left + c not in seen:
+                    seen.add(left + c)
+                    tokens.append(left + c)
+                    merges.append(f"{left} {c}")
+                left += c
+    newline = alphabet[ord("\n")]
+    tokens.append(newline * 2)
+    merges.append(f"{newline} {newline}")
+    types = [NORMAL] * len(tokens) + [CONTROL] * len(specials)
+    return tokens + specials, types, merges
+
+
+# The templates as the models' tokenizer_config.json files carry them (Qwen 2 without its tool branch).
+CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
+    "{%- else %}\n"
+    "    {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}\n"
+    "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or "
+    "(message.role == \"assistant\") %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n")
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}")
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+
+
+def chat_vocabulary(flavour: str) -> Vocabulary:
+    """The tokenizer of a chat model family, in miniature."""
+    if flavour == "chatml":  # Qwen 2: BPE, no BOS, <|endoftext|> is EOS, <|im_end|> ends a turn
+        tokens, types, merges = bpe_vocabulary(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+        n = len(tokens)
+        return Vocabulary(tokens, None, types, unk_id=None, bos_id=n - 3, eos_id=n - 3, model="gpt2", pre="qwen2",
+                          merges=merges, eot_id=n - 1, add_bos=False)
+    if flavour == "llama3":
+        specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                    "<|eot_id|>"]
+        tokens, types, merges = bpe_vocabulary(specials)
+        first = len(tokens) - len(specials)
+        return Vocabulary(tokens, None, types, unk_id=None, bos_id=first, eos_id=first + 1, model="gpt2",
+                          pre="llama-bpe", merges=merges, eot_id=first + 4, add_bos=True)
+    if flavour == "gemma":  # SentencePiece without the space prefix, as Gemma's files are
+        base, scores, types = vocabulary()
+        specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+        kinds = [CONTROL, CONTROL, CONTROL, UNKNOWN, CONTROL, CONTROL]
+        return Vocabulary(specials + base[3:], [0.0] * 6 + scores[3:], kinds + types[3:], unk_id=3, bos_id=2,
+                          eos_id=1, eot_id=5, add_bos=True, add_space_prefix=False)
+    raise ValueError(f"unknown chat flavour {flavour!r}; choose {', '.join(CHAT_TEMPLATES)}")
+
+
+CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "gemma": GEMMA_TEMPLATE}
+CHAT_ARCHS = {"chatml": "qwen2", "llama3": "llama", "gemma": "llama"}
+
+
+def make_chat_gguf(path: str | Path, flavour: str, shape: ModelShape | str = "tiny", seed: int = 0) -> Path:
+    """A random-weight chat model of ``flavour`` (chatml, llama3, gemma) with its tokenizer and template."""
+    return make_llama_gguf(path, shape, seed, chat_template=CHAT_TEMPLATES[flavour], arch=CHAT_ARCHS[flavour],
+                           vocab=chat_vocabulary(flavour))
+
+
 def make_llama_gguf(path: str | Path, shape: ModelShape | str = "tiny", seed: int = 0,
-                    dtype: str = "f32", chat_template: str | None = None, arch: str = "llama") -> Path:
+                    dtype: str = "f32", chat_template: str | None = None, arch: str = "llama",
+                    vocab: Vocabulary | None = None) -> Path:
     """Write a llama GGUF with random weights to ``path`` and return the path.
 
     ``arch="qwen2"`` adds the q/k/v biases Qwen 2 has, giving a file only
@@ -74,7 +180,7 @@ def make_llama_gguf(path: str | Path, shape: ModelShape | str = "tiny", seed: in
     """
     if isinstance(shape, str):
         shape = SHAPES[shape]
-    vocab = Vocabulary(*vocabulary(shape.extra_vocab))
+    vocab = vocab or Vocabulary(*vocabulary(shape.extra_vocab))
     rng = np.random.default_rng(seed)
     wtype = {"f32": np.float32, "f16": np.float16}[dtype]
 

@@ -9,6 +9,8 @@ class ErrorCode(str, Enum):
     INVALID_JSON = "INVALID_JSON"
     INVALID_REQUEST = "INVALID_REQUEST"
     UNSUPPORTED_OPERATION = "UNSUPPORTED_OPERATION"
+    # The model's workers cannot do what the job asks (a grammar, logprobs, embeddings): registry capabilities.
+    UNSUPPORTED_FEATURE = "UNSUPPORTED_FEATURE"
     UNAUTHORIZED = "UNAUTHORIZED"
     FORBIDDEN_ORIGIN = "FORBIDDEN_ORIGIN"  # a write from another site's page (CSRF)
     PRIORITY_NOT_ALLOWED = "PRIORITY_NOT_ALLOWED"
@@ -38,6 +40,7 @@ HTTP_STATUS = {
     ErrorCode.INVALID_JSON: 400,
     ErrorCode.INVALID_REQUEST: 422,
     ErrorCode.UNSUPPORTED_OPERATION: 400,
+    ErrorCode.UNSUPPORTED_FEATURE: 400,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN_ORIGIN: 403,
     ErrorCode.PRIORITY_NOT_ALLOWED: 403,

@@ -4,6 +4,15 @@ Every event has ``type``, ``job_id``, ``seq`` (0, 1, 2... per job, no gaps)
 and ``ts`` (ms since the epoch). A job's stream is ``queued``, ``started``,
 then ``token``/``narration``/``metrics``, and ends with exactly one ``end``
 or ``error``.
+
+With ``logprobs`` asked, an ``infer`` job sends one ``token`` event per
+generated token, each with ``logprob`` (and ``top_logprobs``), even when its
+text ``t`` is empty: ``t`` is the text that became safe to send with that
+token (held-back bytes of a character, or a possible stop string, come out
+with a later token, or not at all once they turn out to be a stop string),
+while ``token`` is the token's own piece. Without ``logprobs``, only tokens
+that release text send an event. An ``embed`` job sends one ``embedding``
+event per input, then ``metrics`` and ``end``.
 """
 from __future__ import annotations
 
@@ -14,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from queue_schema.errors import EventDecodeError
 
-StopReason = Literal["max_tokens", "eos", "stop_sequence", "cancelled"]
+# done: an operation that generates no text (embed) finished.
+StopReason = Literal["max_tokens", "eos", "stop_sequence", "cancelled", "done"]
 JobErrorCode = Literal["INVALID_REQUEST", "CONTEXT_LENGTH_EXCEEDED", "MODEL_NOT_FOUND", "WORKER_LOST",
                        "TIMEOUT", "VRAM_OOM", "INFERENCE_FAILED", "CANCELLED"]
 TERMINAL_TYPES = frozenset({"end", "error"})
@@ -50,10 +60,34 @@ class Started(_Event):
     queue_wait_ms: int
 
 
+class TopLogprob(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token: str = Field(description="The token's piece as text (bytes that are not UTF-8 replaced).")
+    logprob: float
+    bytes: list[int] = Field(description="The token's piece, byte by byte.")
+
+
 class Token(_Event):
     type: Literal["token"] = "token"
-    t: str = Field(description="Text of this token; always complete UTF-8 characters.")
+    t: str = Field(description="Text released with this token: whole UTF-8 characters; may be empty, or hold "
+                               "text held back from earlier tokens.")
     i: int = Field(ge=0, description="0-based index of the generated token.")
+    # Only when the job asked for logprobs: then every generated token has its own event.
+    token: str | None = Field(None, description="This token's own piece (logprobs only).")
+    logprob: float | None = Field(None, description="Its log-probability under the model (logprobs only).")
+    top_logprobs: list[TopLogprob] | None = Field(None, description="The most likely tokens at this step, most "
+                                                                     "likely first (logprobs > 0 only).")
+    bytes: list[int] | None = Field(None, description="This token's piece, byte by byte (logprobs only).")
+
+
+class Embedding(_Event):
+    type: Literal["embedding"] = "embedding"
+    index: int = Field(ge=0, description="Which input (0-based).")
+    embedding: str = Field(description="The vector, L2-normalized: base64 of little-endian float32 (OpenAI's "
+                                       "encoding_format=base64).")
+    dims: int = Field(ge=1)
+    tokens: int = Field(ge=0, description="Tokens of this input.")
 
 
 class Narration(_Event):
@@ -93,9 +127,11 @@ class Error(_Event):
     retriable: bool = False
 
 
-Event = Annotated[Union[Queued, Started, Token, Narration, Metrics, End, Error], Field(discriminator="type")]
+Event = Annotated[Union[Queued, Started, Token, Embedding, Narration, Metrics, End, Error],
+                  Field(discriminator="type")]
 EVENT_TYPES: dict[str, type[_Event]] = {
-    cls.model_fields["type"].default: cls for cls in (Queued, Started, Token, Narration, Metrics, End, Error)
+    cls.model_fields["type"].default: cls for cls in (Queued, Started, Token, Embedding, Narration, Metrics, End,
+                                                     Error)
 }
 _ADAPTER: TypeAdapter = TypeAdapter(Event)
 

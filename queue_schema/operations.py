@@ -1,13 +1,15 @@
 """Operations clients submit, validated with pydantic.
 
-``Operation`` is a union tagged by the field ``operation``; ``infer`` is the
-only member today. Adding one means adding a model to ``OPERATIONS``.
+An operation is tagged by the field ``operation``: ``infer`` (generate text)
+or ``embed`` (one vector per input). Adding one means adding a model to
+``OPERATIONS`` (and a job function name in ``queue_schema.admission``).
 """
 from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Any, Literal
+import re
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -28,6 +30,17 @@ MAX_PROMPT_CHARS = 32768
 MAX_METADATA_BYTES = 2048
 MAX_METADATA_ITEMS = 16
 MAX_METADATA_STRING = 100
+MAX_GRAMMAR_CHARS = 16384
+MAX_SCHEMA_BYTES = 16384
+MAX_SCHEMA_DEPTH = 32
+# JSON Schema counts (minItems, maxLength...) become repetitions in the grammar, written out one by one.
+MAX_SCHEMA_COUNT = 1000
+MAX_LOGIT_BIAS = 1024
+MAX_EMBED_INPUTS = 2048
+MAX_EMBED_TOKENS_PER_INPUT = 8192
+MAX_EMBED_CHARS = 1_000_000  # all the inputs together
+_COUNT_KEYS = frozenset({"minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties"})
+_QUANTIFIER = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 
 
 class ChatMessage(BaseModel):
@@ -42,7 +55,8 @@ class InferOperation(BaseModel):
 
     # The document says what the validators enforce: exactly one of prompt/messages.
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, json_schema_extra={
-        "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
+        "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}],
+        "not": {"required": ["json_schema", "grammar"]}})
 
     operation: Literal["infer"]
     model: str = Field(pattern=MODEL_NAME_PATTERN, description="Name a worker serves.")
@@ -56,6 +70,20 @@ class InferOperation(BaseModel):
     top_k: int = Field(40, ge=0, le=100000, description="0 turns top-k off.")
     repetition_penalty: float = Field(1.1, ge=0, le=2, description="Applies at temperature 0 too; 1 turns it off.")
     seed: int = Field(-1, ge=-1, le=2**63 - 1, description="-1 picks a random seed.")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted once from every token already "
+                                    "generated (OpenAI's; the prompt does not count).")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted per time a token was generated.")
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] = Field(
+        default_factory=dict, description="Token id (as a string) -> added to its logit, -100..100; -100 all but "
+                                          "bans it, 100 all but forces it.",
+        json_schema_extra={"maxProperties": MAX_LOGIT_BIAS, "additionalProperties": False})
+    logprobs: int = Field(None, ge=0, le=20, description="Log-probabilities on every token event, with this "
+                          "many alternatives (0: the chosen token's only).")  # type: ignore[assignment]
+    json_schema: dict[str, Any] = Field(None, description="The output is JSON matching this JSON Schema (at most "
+                                        f"{MAX_SCHEMA_BYTES} bytes, counts up to {MAX_SCHEMA_COUNT}).",
+                                        json_schema_extra={"maxProperties": 64})  # type: ignore[assignment]
+    grammar: str = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS,  # type: ignore[assignment]
+                         description="The output matches this GBNF grammar (llama.cpp's; rule 'root').")
     # The limit is 100 bytes of UTF-8, which JSON Schema cannot say; 25 characters always fit.
     stop: list[Annotated[str, Field(min_length=1, json_schema_extra={"maxLength": 25})]] = Field(
         default_factory=list, max_length=4, description="Up to 4 stop strings of 1..100 bytes of UTF-8.")
@@ -71,10 +99,29 @@ class InferOperation(BaseModel):
                                                                                           "boolean", "null"],
                                                                                  "maxLength": MAX_METADATA_STRING}})
 
-    @field_validator("max_tokens", "top_k", "seed", "timeout_s", "ttl_s", mode="before")
+    @field_validator("max_tokens", "top_k", "seed", "timeout_s", "ttl_s", "logprobs", mode="before")
     @classmethod
     def _integral_floats(cls, value: Any) -> Any:
         return _integral(value)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_size(cls, bias: dict[str, float]) -> dict[str, float]:
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias holds at most {MAX_LOGIT_BIAS} tokens")
+        return bias
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_bounds(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        try:
+            size = len(json.dumps(schema).encode())
+        except (ValueError, RecursionError):
+            raise ValueError("json_schema must be plain JSON") from None
+        if size > MAX_SCHEMA_BYTES:
+            raise ValueError(f"json_schema must serialize to at most {MAX_SCHEMA_BYTES} bytes of JSON")
+        _check_schema(schema, 0)
+        return schema
 
     @field_validator("stop")
     @classmethod
@@ -105,10 +152,93 @@ class InferOperation(BaseModel):
     def _prompt_or_messages(self) -> "InferOperation":
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.json_schema is not None and self.grammar is not None:
+            raise ValueError("give at most one of 'json_schema' or 'grammar'")
         return self
 
+    def needs(self) -> list[str]:
+        """The worker capabilities this job needs (registry.ModelInfo.capabilities), checked at submit."""
+        out = []
+        if self.json_schema is not None or self.grammar is not None:
+            out.append("grammar")
+        if self.logprobs is not None:
+            out.append("logprobs")
+        return out
 
-OPERATIONS: dict[str, type[BaseModel]] = {"infer": InferOperation}
+
+def _check_schema(node: Any, depth: int) -> None:
+    if depth > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"json_schema nests more than {MAX_SCHEMA_DEPTH} levels")
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in _COUNT_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and value > MAX_SCHEMA_COUNT:
+                raise ValueError(f"json_schema: {key} is at most {MAX_SCHEMA_COUNT} here")
+            if key == "pattern" and isinstance(value, str):
+                for low, high in _QUANTIFIER.findall(value):
+                    if int(low) > MAX_SCHEMA_COUNT or (high and int(high) > MAX_SCHEMA_COUNT):
+                        raise ValueError(f"json_schema: pattern repetitions are at most {MAX_SCHEMA_COUNT}")
+            _check_schema(value, depth + 1)
+    elif isinstance(node, list):
+        for value in node:
+            _check_schema(value, depth + 1)
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]],
+                     Field(min_length=1, max_length=MAX_EMBED_TOKENS_PER_INPUT)]
+
+
+class EmbedOperation(BaseModel):
+    """One embedding vector per input (L2-normalized), from the model's hidden states."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    operation: Literal["embed"]
+    model: str = Field(pattern=MODEL_NAME_PATTERN, description="Name a worker serves.")
+    input: Union[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)],
+                 Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]],
+                           Field(min_length=1, max_length=MAX_EMBED_INPUTS)],
+                 Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]] = Field(
+        description=f"A text, up to {MAX_EMBED_INPUTS} texts, or as many lists of token ids; at most "
+                    f"{MAX_EMBED_CHARS} characters in all.")
+    priority: Priority = "normal"
+    timeout_s: int = Field(600, ge=1, le=3600, description="Deadline once started.")
+    ttl_s: int = Field(None, ge=1, le=7 * 24 * 3600,  # type: ignore[assignment]
+                       description="Give up (error TIMEOUT) if the job waited longer than this to start.")
+    metadata: dict[str, Any] = InferOperation.model_fields["metadata"]
+
+    @field_validator("timeout_s", "ttl_s", mode="before")
+    @classmethod
+    def _integral_floats(cls, value: Any) -> Any:
+        return _integral(value)
+
+    _metadata_rules = field_validator("metadata")(InferOperation._metadata_rules.__func__)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _integral_ids(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [[_integral(t) for t in item] if isinstance(item, list) else item for item in value]
+        return value
+
+    @field_validator("input")
+    @classmethod
+    def _total_size(cls, value):
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            if sum(len(s) for s in value) > MAX_EMBED_CHARS:
+                raise ValueError(f"the inputs hold at most {MAX_EMBED_CHARS} characters in all")
+        return value
+
+    @property
+    def inputs(self) -> list[str] | list[list[int]]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+    def needs(self) -> list[str]:
+        return ["embeddings"]
+
+
+Operation = Union[InferOperation, EmbedOperation]
+OPERATIONS: dict[str, type[BaseModel]] = {"infer": InferOperation, "embed": EmbedOperation}
 
 
 class JobAccepted(BaseModel):
@@ -128,7 +258,7 @@ def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
     return out
 
 
-def parse_operation(body: bytes | str | dict, *, default_operation: str | None = None) -> InferOperation:
+def parse_operation(body: bytes | str | dict, *, default_operation: str | None = None) -> Operation:
     """Validate a submitted operation; raise InferqError with a client-facing code."""
     if not isinstance(body, dict):
         try:

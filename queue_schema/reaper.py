@@ -140,7 +140,7 @@ class Reaper:
         """The job's lease is ours now: requeue it once if it streamed nothing, else WORKER_LOST."""
         job = books.fetch(self.redis, job_id)
         history = self.eventlog.replay(job_id)
-        tokens = sum(1 for e in history if e.type == "token")
+        tokens = sum(1 for e in history if e.type in ("token", "embedding"))  # what a client may have seen
         seq = history[-1].seq + 1 if history else 0
         worker = owner or "unknown"
         if history and history[-1].terminal:  # cannot happen (a terminal event releases the lease); tidy up

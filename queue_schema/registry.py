@@ -42,6 +42,7 @@ class WorkerInfo(BaseModel):
     last_tokens_per_sec: float | None = None
     vram_bytes: int = 0
     context_length: int = 0
+    capabilities: list[str] = []  # what its backend can do beyond plain generation (see ModelInfo)
     started_at: float = 0.0
     heartbeat_at: float = 0.0
 
@@ -54,6 +55,11 @@ class ModelInfo(BaseModel):
     queue_depth: int  # the bound past which the API answers 503
     backend: str
     slots: int = 1  # jobs one of its workers decodes at once
+    # What its workers can do beyond plain generation: chat_template (renders the file's template with
+    # its control tokens), grammar (structured output), logprobs, embeddings. Admission refuses a job
+    # that needs one the record lacks (UNSUPPORTED_FEATURE).
+    capabilities: list[str] = []
+    embedding_length: int = 0  # dimensions of its embeddings (0: it cannot embed)
     last_seen: float = 0.0
 
 

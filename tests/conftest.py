@@ -90,15 +90,20 @@ def start_worker(redis_url: str, model: str, path: Path, tmp: Path, *extra: str,
     proc = subprocess.Popen(cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
     worker = WorkerProcess(proc, model, log_path)
     if wait:
-        client = connection.client(redis_url)
-
-        def ready():
-            if proc.poll() is not None:
-                raise AssertionError(f"worker exited with {proc.returncode}:\n{worker.log()}")
-            return any(w.pid == proc.pid and w.state == "idle" for w in registry.live_workers(client))
-
-        wait_until(ready, what=f"worker for {model}")
+        wait_ready(redis_url, worker)
     return worker
+
+
+def wait_ready(redis_url: str, worker: WorkerProcess) -> None:
+    client = connection.client(redis_url)
+    proc = worker.proc
+
+    def ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited with {proc.returncode}:\n{worker.log()}")
+        return any(w.pid == proc.pid and w.state == "idle" for w in registry.live_workers(client))
+
+    wait_until(ready, what=f"worker for {worker.model}")
 
 
 @pytest.fixture(scope="session")
@@ -108,8 +113,10 @@ def worker_factory(redis_url, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("workers")
 
     def factory(model: str, path: Path, *extra: str, wait: bool = True) -> WorkerProcess:
-        w = start_worker(redis_url, model, path, tmp, *extra, wait=wait)
-        started.append(w)
+        w = start_worker(redis_url, model, path, tmp, *extra, wait=False)
+        started.append(w)  # before the wait: one that never gets ready is still killed at the end
+        if wait:
+            wait_ready(redis_url, w)
         return w
 
     yield factory

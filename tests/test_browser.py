@@ -209,3 +209,46 @@ def _health(url):
         return Client(url)._request("GET", "/health").ok
     except Exception:
         return False
+
+
+@pytest.fixture(scope="module")
+def chatml_worker(worker_factory, model_dir):
+    from inferq.testmodel import make_chat_gguf
+    from worker.backends.selection import installed
+
+    if "llama-cpp" not in installed():
+        pytest.skip("llama-cpp is not installed (make test installs it)")
+    return worker_factory("page-chat", make_chat_gguf(model_dir / "page-chat.gguf", "chatml"))
+
+
+def test_a_conversation_in_chat_mode(page, live_api, chatml_worker, tiny_worker):
+    open_page(page, live_api, "tiny")
+    # No chat template in the tiny file: chat is not offered for it.
+    assert page.eval_on_selector("#mode-chat", "e => e.disabled") is True
+    page.select_option("#model", "page-chat")
+    page.wait_for_function("() => !document.querySelector('#mode-chat').disabled")
+    page.check("#mode-chat")
+    assert page.is_visible("#chat-box") and not page.is_visible("#prompt-box")
+    page.fill("#max-tokens", "12")
+    page.fill("#temperature", "0")
+    replies = []
+    for turn, text in enumerate(["hello there", "and the queue?"]):
+        page.fill("#chat-input", text)
+        page.click("#submit")
+        page.wait_for_function(f"() => document.querySelectorAll('#chat-log li.assistant[data-job]').length === "
+                               f"{turn + 1} && document.querySelector('#status').textContent === 'finished'",
+                               timeout=30000)
+        job = page.eval_on_selector_all("#chat-log li.assistant", "els => els.map(e => e.dataset.job)")[turn]
+        shown = page.eval_on_selector_all("#chat-log li.assistant", "els => els.map(e => e.textContent)")[turn]
+        status = Client(live_api).status(job)
+        assert status["state"] == "finished" and status["result"]["text"] == shown
+        replies.append(job)
+    assert page.eval_on_selector_all("#chat-log li.user", "els => els.map(e => e.textContent)") == [
+        "hello there", "and the queue?"]
+    # The second turn carried the whole conversation: a longer prompt.
+    prompts = [next(e for e in Client(live_api).events(j) if e["type"] == "metrics")["prompt_tokens"]
+               for j in replies]
+    assert prompts[1] > prompts[0] + 5
+    page.click("#chat-reset")
+    assert page.eval_on_selector_all("#chat-log li", "els => els.length") == 0
+    assert page.evaluate("window.__csp") == []

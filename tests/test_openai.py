@@ -1,4 +1,5 @@
 """The OpenAI routes, driven by the official openai client against a real API and worker."""
+import math
 import time
 
 import openai
@@ -76,8 +77,16 @@ def test_errors_in_openai_shape(oai, live_api):
         oai.completions.create(model="no-such-model", prompt="x")
     assert nf.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as br:
-        oai.completions.create(model="tiny", prompt="x", n=2)
+        oai.completions.create(model="tiny", prompt="x", n=5)
     assert br.value.body["param"] == "n" and br.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as br:
+        oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                    logit_bias={"99999": 5})
+    assert "vocabulary" in br.value.message
+    with pytest.raises(openai.BadRequestError) as br:
+        oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                    logit_bias={"a token": 5})
+    assert br.value.body["param"].startswith("logit_bias")
     with pytest.raises(openai.BadRequestError):
         oai.completions.create(model="tiny", prompt="x", temperature=5)
     with pytest.raises(openai.BadRequestError):
@@ -90,8 +99,7 @@ def test_errors_in_openai_shape(oai, live_api):
 
 def test_unknown_openai_fields_are_ignored(oai):
     resp = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
-                                       presence_penalty=0.5, logit_bias={"1": 1}, user="alice",
-                                       extra_body={"some_future_field": True})
+                                       user="alice", extra_body={"some_future_field": True})
     assert resp.usage.completion_tokens == 2
 
 
@@ -133,10 +141,15 @@ def test_chat_uses_the_models_own_template(oai, worker_factory, model_dir, tiny_
     path = make_llama_gguf(model_dir / "templated.gguf", "tiny", seed=0, chat_template=TEMPLATE)
     worker_factory("templated", path)
     msgs = [{"role": "user", "content": "hello there"}]
-    backend = load_backend("ctransformers", str(tiny_model), LoadOptions(threads=1))
-    own = len(backend.tokenize(chat_template.render(msgs, TEMPLATE)))
-    fallback = len(backend.tokenize(chat_template.render(msgs, None)))
-    assert own != fallback
+    backend = load_backend("llama-cpp", str(tiny_model), LoadOptions(threads=1))
+    try:
+        # The template writes </s>, the file's EOS: one token, as llama.cpp parses it.
+        own = len(backend.tokenize(chat_template.render(msgs, TEMPLATE), add_bos=True, special=True))
+        fallback = len(backend.tokenize(chat_template.render(msgs, None), add_bos=True, special=True))
+        as_text = len(backend.tokenize(chat_template.render(msgs, TEMPLATE), add_bos=True, special=False))
+    finally:
+        backend.close()
+    assert own != fallback and own < as_text
     with_template = oai.chat.completions.create(model="templated", messages=msgs, max_tokens=1)
     without = oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=1)
     assert with_template.usage.prompt_tokens == own
@@ -230,3 +243,144 @@ def _ok(url):
         return requests.get(url + "/health", timeout=1).ok
     except requests.RequestException:
         return False
+
+
+def tiny_token(piece: str) -> int:
+    from inferq.testmodel import vocabulary
+
+    return vocabulary()[0].index(piece)
+
+
+def test_chat_logprobs_streamed_and_not(oai):
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "the queue"}], max_tokens=12, temperature=0,
+                  logprobs=True, top_logprobs=3)
+    resp = oai.chat.completions.create(**kwargs)
+    entries = resp.choices[0].logprobs.content
+    assert len(entries) == resp.usage.completion_tokens == 12
+    for e in entries:
+        tops = [t.logprob for t in e.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and sum(math.exp(t) for t in tops) <= 1.0001
+        assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == e.logprob <= 0  # greedy
+        assert e.bytes == list(e.token.encode()) or "\ufffd" in e.token
+    text = bytes(b for e in entries for b in e.bytes).decode("utf-8", errors="replace")
+    assert text == resp.choices[0].message.content
+    chunks = list(oai.chat.completions.create(stream=True, **kwargs))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == resp.choices[0].message.content
+    plain = oai.chat.completions.create(**{**kwargs, "logprobs": False, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == resp.choices[0].message.content
+
+
+def test_completion_logprobs_in_the_legacy_shape(oai):
+    resp = oai.completions.create(model="tiny", prompt="def data", max_tokens=8, temperature=0, logprobs=2)
+    lp = resp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(p) for top, p in zip(lp.top_logprobs,
+                                                                                       lp.token_logprobs))
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(8)]
+    chunks = list(oai.completions.create(model="tiny", prompt="def data", max_tokens=8, temperature=0, logprobs=2,
+                                         stream=True))
+    assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
+
+
+def test_token_events_carry_logprobs_when_asked(client, tiny):
+    job = submit_job(client, model=tiny, prompt="the data model", max_tokens=10, temperature=0, logprobs=2,
+                     stop=["xq"])
+    evts = events(client, job)
+    tokens = [e for e in evts if e["type"] == "token"]
+    assert [e["i"] for e in tokens] == list(range(10))  # one event per token, even when it releases no text
+    assert all(len(e["top_logprobs"]) == 2 and e["logprob"] <= 0 and e["top_logprobs"][0]["token"] == e["token"]
+               for e in tokens)
+    assert "".join(e["t"] for e in tokens) == evts[-1]["text"]
+    plain = [e for e in events(client, submit_job(client, model=tiny, prompt="the data model", max_tokens=10,
+                                                  temperature=0)) if e["type"] == "token"]
+    assert all("logprob" not in e for e in plain) and "".join(e["t"] for e in plain) == evts[-1]["text"]
+
+
+def submit_job(client, **fields):
+    from tests.helpers import submit
+
+    return submit(client, **fields)
+
+
+def test_n_choices_are_jobs_run_together_with_derived_seeds(oai, live_api, client, r):
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    msgs = [{"role": "user", "content": "tell"}]
+    raw = requests.post(f"{live_api}/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": msgs, "n": 3, "seed": 7, "temperature": 1, "max_tokens": 10})
+    body = raw.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    job_ids = raw.headers["X-Inferq-Job-Id"].split(",")
+    assert len(job_ids) == 3 and body["id"] == f"chatcmpl-{job_ids[0]}"
+    seeds = [Job.fetch(j, connection=r, serializer=JSONSerializer).kwargs["payload"]["seed"] for j in job_ids]
+    assert seeds == [7, 8, 9]
+    for job_id, choice in zip(job_ids, body["choices"]):
+        status = client.get(f"/v1/jobs/{job_id}").get_json()
+        assert status["state"] == "finished" and status["result"]["text"] == choice["message"]["content"]
+    assert body["usage"]["completion_tokens"] == 30
+    assert len({c["message"]["content"] for c in body["choices"]}) > 1  # different seeds, different texts
+    streamed = oai.chat.completions.with_raw_response.create(
+        model="tiny", messages=msgs, n=3, seed=7, temperature=1, max_tokens=10, stream=True,
+        stream_options={"include_usage": True})
+    job_ids = streamed.headers["X-Inferq-Job-Id"].split(",")
+    chunks = list(streamed.parse())
+    for i, job_id in enumerate(job_ids):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        text = client.get(f"/v1/jobs/{job_id}").get_json()["result"]["text"]
+        assert "".join(c.delta.content or "" for c in mine) == text
+        assert [c.finish_reason for c in mine if c.finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == 30
+
+
+def test_n_streamed_choices_interleave_as_they_come(oai, worker_factory, slow_model):
+    worker_factory("oai-n", slow_model, "--parallel", "3")
+    chunks = list(oai.completions.create(model="oai-n", prompt="busy", n=3, seed=1, temperature=1, max_tokens=400,
+                                         stream=True))
+    indexes = [c.choices[0].index for c in chunks if c.choices[0].text]
+    assert set(indexes) == {0, 1, 2} and indexes != sorted(indexes)  # not one choice after another
+    assert sorted(c.choices[0].index for c in chunks if c.choices[0].finish_reason) == [0, 1, 2]
+
+
+def test_openai_routes_take_no_top_k_and_no_repetition_penalty(oai, r):
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    resp = oai.completions.create(model="tiny", prompt="x", max_tokens=1)
+    payload = Job.fetch(resp.id.removeprefix("cmpl-"), connection=r, serializer=JSONSerializer).kwargs["payload"]
+    assert (payload["top_k"], payload["repetition_penalty"], payload["temperature"], payload["top_p"]) == (0, 1, 1, 1)
+
+
+def test_logit_bias_forces_and_bans_tokens(oai):
+    queue = tiny_token("\u2581queue")
+    forced = oai.completions.create(model="tiny", prompt="def", max_tokens=5, temperature=0,
+                                    logit_bias={str(queue): 100})
+    assert forced.choices[0].text == " queue" * 5
+    base = oai.completions.create(model="tiny", prompt="def", max_tokens=12, temperature=0, logprobs=0)
+    first = base.choices[0].logprobs.tokens[0]
+    banned = oai.completions.create(model="tiny", prompt="def", max_tokens=12, temperature=0, logprobs=0,
+                                    logit_bias={str(tiny_token(first.replace(" ", "\u2581"))): -100})
+    assert first not in banned.choices[0].logprobs.tokens
+
+
+@pytest.mark.parametrize("penalty", ["presence_penalty", "frequency_penalty"])
+def test_presence_and_frequency_penalties_break_repetition(oai, penalty):
+    kwargs = dict(model="tiny", prompt="def data", max_tokens=40, temperature=0, logprobs=0)
+    plain = oai.completions.create(**kwargs).choices[0].logprobs.tokens
+    penalized = oai.completions.create(**kwargs, **{penalty: 2}).choices[0].logprobs.tokens
+    print(penalty, len(set(plain)), len(set(penalized)))
+    assert penalized != plain and len(set(penalized)) > len(set(plain))
+
+
+def test_the_numpy_sampler_takes_the_same_controls(client, tiny):
+    queue = tiny_token("\u2581queue")
+    evts = events(client, submit_job(client, model=tiny, prompt="def", max_tokens=4, temperature=0,
+                                     logit_bias={str(queue): 100}, repetition_penalty=1.0))
+    assert evts[-1]["text"] == " queue" * 4
+    fields = dict(model=tiny, prompt="def data", max_tokens=40, temperature=0, repetition_penalty=1.0, logprobs=0)
+    plain = [e["token"] for e in events(client, submit_job(client, **fields)) if e["type"] == "token"]
+    penalized = [e["token"] for e in events(client, submit_job(client, **fields, frequency_penalty=2,
+                                                               presence_penalty=1)) if e["type"] == "token"]
+    assert penalized != plain and len(set(penalized)) > len(set(plain))

@@ -49,6 +49,27 @@ def test_defaults_follow_the_design():
     (ok(messages=[{"role": "user", "content": "hi"}]), ErrorCode.INVALID_REQUEST, "body"),
     ({"operation": "infer", "model": "tiny", "messages": [{"role": "robot", "content": "x"}]},
      ErrorCode.INVALID_REQUEST, "messages.0.role"),
+    (ok(presence_penalty=2.5), ErrorCode.INVALID_REQUEST, "presence_penalty"),
+    (ok(frequency_penalty=-3), ErrorCode.INVALID_REQUEST, "frequency_penalty"),
+    (ok(logit_bias={"token": 1}), ErrorCode.INVALID_REQUEST, "logit_bias"),
+    (ok(logit_bias={"12": 101}), ErrorCode.INVALID_REQUEST, "logit_bias"),
+    (ok(logit_bias={str(i): 1 for i in range(1025)}), ErrorCode.INVALID_REQUEST, "logit_bias"),
+    (ok(logprobs=21), ErrorCode.INVALID_REQUEST, "logprobs"),
+    (ok(grammar=""), ErrorCode.INVALID_REQUEST, "grammar"),
+    (ok(grammar="x" * 16385), ErrorCode.INVALID_REQUEST, "grammar"),
+    (ok(json_schema=[1]), ErrorCode.INVALID_REQUEST, "json_schema"),
+    (ok(json_schema={"type": "string", "maxLength": 5000}), ErrorCode.INVALID_REQUEST, "json_schema"),
+    (ok(json_schema={"type": "string", "pattern": "^a{2000}$"}), ErrorCode.INVALID_REQUEST, "json_schema"),
+    (ok(json_schema={"description": "x" * 17000}), ErrorCode.INVALID_REQUEST, "json_schema"),
+    (ok(json_schema={"type": "object"}, grammar='root ::= "a"'), ErrorCode.INVALID_REQUEST, "body"),
+    ({"operation": "embed", "model": "tiny"}, ErrorCode.INVALID_REQUEST, "input"),
+    ({"operation": "embed", "model": "tiny", "input": ""}, ErrorCode.INVALID_REQUEST, "input"),
+    ({"operation": "embed", "model": "tiny", "input": ["x"] * 2049}, ErrorCode.INVALID_REQUEST, "input"),
+    ({"operation": "embed", "model": "tiny", "input": ["x" * 32768] * 31}, ErrorCode.INVALID_REQUEST, "input"),
+    ({"operation": "embed", "model": "tiny", "input": [[-1]]}, ErrorCode.INVALID_REQUEST, "input"),
+    ({"operation": "embed", "model": "tiny", "input": "x", "prompt": SECRET}, ErrorCode.INVALID_REQUEST, "prompt"),
+    ({"operation": "embed", "model": "tiny", "input": "x", "metadata": {"s": "x" * 101}}, ErrorCode.INVALID_REQUEST,
+     "metadata"),
 ])
 def test_bad_input_is_rejected_with_a_code(body, code, field):
     raw = body if isinstance(body, bytes) else json.dumps(body)
@@ -67,6 +88,15 @@ def test_integral_floats_count_as_integers_as_in_json_schema():
     for bad in (26.5, True, "26"):
         with pytest.raises(InferqError):
             parse_operation(ok(max_tokens=bad))
+
+
+def test_embed_inputs_and_what_each_operation_needs():
+    op = parse_operation({"operation": "embed", "model": "m", "input": "one"})
+    assert op.inputs == ["one"] and op.needs() == ["embeddings"] and op.priority == "normal"
+    assert parse_operation({"operation": "embed", "model": "m", "input": [[1, 2.0]]}).inputs == [[1, 2]]
+    assert parse_operation(ok()).needs() == []
+    assert parse_operation(ok(json_schema={"type": "object"}, logprobs=0)).needs() == ["grammar", "logprobs"]
+    assert parse_operation(ok(logit_bias={"7": -100})).logit_bias == {"7": -100.0}
 
 
 def test_chat_messages_are_accepted():

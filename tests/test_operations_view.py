@@ -44,7 +44,7 @@ def test_metrics_count_the_jobs_that_ran(client, worker_factory, tiny_model, slo
                     value(before, f"inferq_jobs_{k}_total", model="metered") for k in ("finished", "failed"))
         return samples if moved == 4 else None
 
-    after = wait_until(counted, timeout=5, what="all four jobs in /metrics")
+    after = wait_until(counted, timeout=20, what="all four jobs in /metrics")
     assert value(after, "inferq_jobs_submitted_total", model="metered") - \
         value(before, "inferq_jobs_submitted_total", model="metered") == 4
     assert value(after, "inferq_jobs_finished_total", model="metered") - \

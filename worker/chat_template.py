@@ -1,15 +1,34 @@
 """Chat messages to a prompt, with the model's own template when it has one.
 
 GGUF files carry their chat template (``tokenizer.chat_template``, Jinja2);
-it is rendered in Jinja2's sandbox because the template comes from a file,
-not from us.
+it is rendered as Hugging Face's ``apply_chat_template`` renders it (Jinja2's
+sandbox, ``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``tojson``,
+``bos_token``/``eos_token``, ``add_generation_prompt``) because the template
+comes from a file, not from us.
+
+The rendered prompt is returned in parts: the template's own text, where the
+control tokens it writes (``<|im_start|>``, ``<|eot_id|>``) are parsed as
+single tokens, and each message's content, which is tokenized as plain text,
+so a control token typed in a message stays text and cannot forge a turn. The
+parts are found by rendering each content between two markers nobody can
+guess (a fresh nonce per render) and cutting there; a template that changes
+the content it writes (``| trim`` does) is matched by rendering the trimmed
+content too. See ``worker.prompt`` for how the parts become tokens.
 """
 from __future__ import annotations
 
+import json
+import logging
+import re
+import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+log = logging.getLogger(__name__)
 
 # A plain, model-agnostic fallback for files that carry no template.
 FALLBACK_TEMPLATE = (
@@ -22,9 +41,90 @@ def _raise(message: str):
     raise TemplateError(message)
 
 
-def render(messages: Sequence[dict], template: str | None, bos_token: str = "", eos_token: str = "") -> str:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+def _tojson(value, indent=None):  # Hugging Face's: no HTML escaping, non-ASCII kept
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise
-    compiled = env.from_string(template or FALLBACK_TEMPLATE)
-    return compiled.render(messages=list(messages), add_generation_prompt=True,
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = _tojson
+    return env
+
+
+_ENV = _environment()
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A rendered prompt as (text, from_template) parts, in order."""
+
+    parts: tuple[tuple[str, bool], ...]
+    exact: bool = True  # False: the template changed the content in a way the parts could not follow
+
+    @property
+    def text(self) -> str:
+        return "".join(text for text, _ in self.parts)
+
+
+def render_text(messages: Sequence[dict], template: str | None, bos_token: str = "", eos_token: str = "",
+                add_generation_prompt: bool = True) -> str:
+    """The prompt as one string, exactly as the template writes it."""
+    compiled = _ENV.from_string(template or FALLBACK_TEMPLATE)
+    return compiled.render(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
                            bos_token=bos_token, eos_token=eos_token)
+
+
+# Kept for the callers that want the text only (tests, the CLI).
+render = render_text
+
+
+def render_parts(messages: Sequence[dict], template: str | None, bos_token: str = "", eos_token: str = "",
+                 add_generation_prompt: bool = True, specials: Sequence[str] = ()) -> Rendered:
+    """The prompt in parts: template text and message contents apart (see the module docstring).
+
+    Raises jinja2's TemplateError when the template refuses the conversation
+    (``raise_exception``: a system message a model does not take, roles out of order), or
+    when it escapes the content so the parts cannot be told apart and a message holds
+    one of ``specials`` (the control tokens' texts).
+    """
+    def draw(contents: list[str]) -> str:
+        msgs = [{**m, "content": c} for m, c in zip(messages, contents)]
+        return render_text(msgs, template, bos_token, eos_token, add_generation_prompt)
+
+    contents = [m.get("content") or "" for m in messages]
+    exact = draw(contents)
+    nonce = f"{secrets.randbelow(10 ** 16):016d}"  # digits: a template's upper() or lower() keeps them
+    start, end = f"\ue000{nonce}\ue001", f"\ue002{nonce}\ue003"
+    cut = re.compile(re.escape(start) + "(.*?)" + re.escape(end), re.S)
+    marked = None
+    for variant in (contents, [c.strip() for c in contents]):
+        candidate = draw([start + c + end if c else c for c in variant])  # empty: nothing to keep apart
+        if candidate.replace(start, "").replace(end, "") == exact:
+            return Rendered(_split(candidate, cut))
+        marked = marked or candidate
+    if marked.count(start) == marked.count(end) == len(cut.findall(marked)) > 0:
+        # The template rewrites content some other way: keep its structure, write the content as sent.
+        log.info("the chat template changes message content beyond trimming; the content is written as sent")
+        return Rendered(_split(marked, cut), exact=False)
+    # The markers did not survive whole (the template cuts or rewrites content): all of it is template
+    # text, which is safe only if no message holds a control token's text.
+    typed = next((s for s in specials if s and any(s in c for c in contents)), None)
+    if typed is not None:
+        raise TemplateError(f"a message holds the control token {typed!r}, and this model's chat template "
+                            "rewrites message content, so it cannot be kept as text; remove it")
+    return Rendered(((exact, True),), exact=False)
+
+
+def _split(marked: str, cut: re.Pattern) -> tuple[tuple[str, bool], ...]:
+    parts, at = [], 0
+    for m in cut.finditer(marked):
+        if m.start() > at:
+            parts.append((marked[at:m.start()], True))
+        if m.group(1):
+            parts.append((m.group(1), False))
+        at = m.end()
+    if at < len(marked):
+        parts.append((marked[at:], True))
+    return tuple(parts)

@@ -1,12 +1,18 @@
-"""The name ``infer`` jobs carry (``queue_schema.admission.INFER_FUNC``), and what it does under plain RQ.
+"""The names inferq jobs carry (``queue_schema.admission``), and what they do under plain RQ.
 
-inferq workers never call it: they read the job's payload and decode it with
+inferq workers never call them: they read the job's payload and run it with
 the scheduler. RQ's own ``rq worker`` pointed at an inferq queue would import
-and call it, and it says why that cannot work instead of running anything.
+and call them, and they say why that cannot work instead of running anything.
 """
 from __future__ import annotations
 
+_WHY = ("jobs run only in an inferq worker (inferq worker --model NAME=PATH), which keeps the model loaded; "
+        "RQ's own worker cannot run them")
+
 
 def run_infer(payload: dict) -> dict:
-    raise RuntimeError("infer jobs run only in an inferq worker (inferq worker --model NAME=PATH), "
-                       "which keeps the model loaded; RQ's own worker cannot run them")
+    raise RuntimeError(f"infer {_WHY}")
+
+
+def run_embed(payload: dict) -> dict:
+    raise RuntimeError(f"embed {_WHY}")

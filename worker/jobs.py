@@ -1,8 +1,12 @@
 """A job's life on a worker: from the RQ job it took to a sequence to decode, and its story as events.
 
 ``prepare`` (the intake thread) checks what the job is, logs ``started``,
-builds the prompt and the sequence the scheduler decodes, or ends the job at
-once with a clear error. ``ended`` (the engine thread) tells how it ended as
+builds the prompt and the sequence the scheduler decodes (an ``infer`` job)
+or the task it runs (an ``embed`` job, ``worker.embedding``), or ends the job
+at once with a clear error: a template that refuses the conversation, a bad
+grammar or schema, a feature this backend lacks are ``INVALID_REQUEST``; a
+prompt too long for the context is ``CONTEXT_LENGTH_EXCEEDED``, found before
+it is tokenized in full (``worker.prompt``). ``ended`` (the engine thread) tells how it ended as
 events. ``logged`` (the publisher thread) closes RQ's books once the job's
 terminal event is in the log — or forgets the job if the log refused this
 worker's events (it lost the job's lease).
@@ -23,21 +27,25 @@ from pydantic import ValidationError
 from rq.executions import Execution
 from rq.job import Job
 
+from jinja2.exceptions import TemplateError
+
 from queue_schema import books, log_context, stats
-from queue_schema.admission import INFER_FUNC
+from queue_schema.admission import EMBED_FUNC, INFER_FUNC
 from queue_schema.errors import ErrorCode
 from queue_schema.eventlog import Appended
 from queue_schema.events import now_ms
 from queue_schema.leases import Acquired
-from queue_schema.operations import InferOperation
-from worker import chat_template, narration
+from queue_schema.operations import EmbedOperation, InferOperation, Operation
+from worker import embedding, grammar, narration
 from worker.backends.base import SamplingParams
+from worker.prompt import PromptBuilder, PromptTooLong
 from worker.publisher import JobEmitter
-from worker.scheduler import Ended, Sequence
+from worker.scheduler import Ended, Sequence, Task
 
 log = logging.getLogger(__name__)
 LOG_PROMPTS = os.environ.get("INFERQ_LOG_PROMPTS") == "1"
-JOB_FUNCTIONS = frozenset({INFER_FUNC})
+JOB_FUNCTIONS = {INFER_FUNC: InferOperation, EMBED_FUNC: EmbedOperation}
+_NAMES = {INFER_FUNC: "infer", EMBED_FUNC: "embed"}
 
 
 @dataclass
@@ -47,7 +55,7 @@ class Record:
     job: Job
     emitter: JobEmitter
     execution: Execution | None = None
-    op: InferOperation | None = None
+    op: Operation | None = None
     wait_ms: int | None = None
     outcome: str = "failed"  # finished | cancelled | failed
     reason: str = ""  # for RQ's failed registry
@@ -67,6 +75,7 @@ class Jobs:
         self.rt = runtime
         self._records: dict[str, Record] = {}
         self._lock = threading.Lock()
+        self._prompts: PromptBuilder | None = None  # once the model is loaded
 
     def held(self) -> list[str]:
         """The jobs whose leases this worker renews."""
@@ -81,8 +90,8 @@ class Jobs:
                 self._records.pop(job_id, None)
 
     # --- intake thread -------------------------------------------------------------------
-    def prepare(self, taken: list[Acquired]) -> list[Sequence]:
-        """Sequences for the jobs just taken; the others end here, with their reasons logged."""
+    def prepare(self, taken: list[Acquired]) -> list[Sequence | Task]:
+        """Sequences (and tasks) for the jobs just taken; the others end here, with their reasons logged."""
         rt = self.rt
         records = []
         for acq in taken:
@@ -114,16 +123,18 @@ class Jobs:
                 log_context.job_id.reset(token)
         return out
 
-    def _sequence(self, record: Record) -> Sequence:
+    def _sequence(self, record: Record) -> Sequence | Task:
         rt, job, emitter = self.rt, record.job, record.emitter
-        if job.func_name not in JOB_FUNCTIONS:
+        kind = JOB_FUNCTIONS.get(job.func_name)
+        if kind is None:
             self._fail(record, ErrorCode.INVALID_REQUEST,
                        f"inferq workers run only inferq's own jobs; this one names {job.func_name!r}")
         try:
-            op = InferOperation.model_validate(job.kwargs.get("payload"))
+            op = kind.model_validate(job.kwargs.get("payload"))
         except (ValidationError, ValueError, TypeError, AttributeError) as exc:
             self._fail(record, ErrorCode.INVALID_REQUEST,
-                       f"the job's payload is not a valid infer operation ({exc.__class__.__name__})")
+                       f"the job's payload is not a valid {_NAMES[job.func_name]} operation "
+                       f"({exc.__class__.__name__})")
         record.op = op
         submitted = job.meta.get("submitted_ms") or now_ms()
         record.wait_ms = wait_ms = max(0, now_ms() - int(submitted))
@@ -131,35 +142,94 @@ class Jobs:
         if op.ttl_s is not None and wait_ms > op.ttl_s * 1000:
             self._fail(record, ErrorCode.TIMEOUT, f"the job waited {wait_ms / 1000:.1f} s in the queue, "
                        f"longer than its ttl_s={op.ttl_s}", retriable=True)
+        backend = rt.backend
+        missing = [c for c in op.needs() if c not in backend.capabilities]
+        if missing:  # admission checked the model's record; this worker's backend may differ
+            self._fail(record, ErrorCode.INVALID_REQUEST, f"this worker's backend ({backend.name}) cannot do "
+                       f"{', '.join(missing)}")
         cancelled = rt.cancel.watch(job.id)
         if cancelled.is_set():
             rt.cancel.unwatch(job.id)
             record.outcome, record.summary = "cancelled", {"tokens_out": 0, "stop_reason": "cancelled"}
             emitter.emit("end", tokens_out=0, decode_time_ms=0, stop_reason="cancelled", text="")
             raise JobFailed()
-        backend = rt.backend
+        if isinstance(op, EmbedOperation):
+            return self._embed_task(record, op, cancelled)
+        prompt = self._prompt(record, op)
+        rt.narrate(narration.job_started(rt.id, job.id, rt.spec.name, wait_ms, len(prompt)), emitter)
         try:
-            text = self._prompt_text(op)
-            prompt = backend.tokenize(text)
-        except Exception as exc:  # a template error, or a tokenizer failure
+            rules = grammar.of(op)
+            params = SamplingParams(op.temperature, op.top_k, op.top_p, op.repetition_penalty, op.seed,
+                                    op.presence_penalty, op.frequency_penalty, self._logit_bias(op), rules)
+            sampler = backend.sampler(params, prompt)
+        except ValueError as exc:  # a schema the converter refuses, a grammar llama.cpp cannot parse
+            self._fail(record, ErrorCode.INVALID_REQUEST, str(exc))
+        return Sequence(job.id, prompt, params, op.max_tokens, op.stop, time.monotonic() + op.timeout_s,
+                        cancelled, emitter, context=record, logprobs=op.logprobs, sampler=sampler)
+
+    def _builder(self) -> PromptBuilder:
+        if self._prompts is None:
+            self._prompts = PromptBuilder(self.rt.backend)
+        return self._prompts
+
+    def _prompt(self, record: Record, op: InferOperation) -> list[int]:
+        backend = self.rt.backend
+        budget = backend.context_length - op.max_tokens
+        try:
+            if op.prompt is not None:
+                text = op.prompt
+                prompt = self._builder().from_text(text, budget)
+            else:
+                template = backend.info.chat_template if backend.info else None
+                prompt, text = self._builder().from_messages([m.model_dump() for m in op.messages], template,
+                                                             budget)
+        except PromptTooLong as exc:
+            size = "" if exc.exact else " (refused before it was tokenized in full)"
+            self._fail(record, ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                       f"prompt is {exc} and max_tokens is {op.max_tokens}: more than the model's context of "
+                       f"{backend.context_length} tokens{size}")
+        except TemplateError as exc:  # the template refused the conversation (roles, a system message)
+            self._fail(record, ErrorCode.INVALID_REQUEST, f"the model's chat template refused the messages: {exc}")
+        except Exception as exc:  # a tokenizer failure
             self._fail(record, ErrorCode.INVALID_REQUEST, f"cannot build the prompt: {exc}")
         if LOG_PROMPTS:  # opt-in only: prompts are user data
             log.info("prompt: %r", text)
-        rt.narrate(narration.job_started(rt.id, job.id, rt.spec.name, wait_ms, len(prompt)), emitter)
-        if len(prompt) + op.max_tokens > backend.context_length:
-            self._fail(record, ErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                       f"prompt is {len(prompt)} tokens and max_tokens is {op.max_tokens}: "
-                       f"{len(prompt) + op.max_tokens} is over the model's context of {backend.context_length} "
-                       "tokens")
-        params = SamplingParams(op.temperature, op.top_k, op.top_p, op.repetition_penalty, op.seed)
-        return Sequence(job.id, prompt, params, op.max_tokens, op.stop, time.monotonic() + op.timeout_s,
-                        cancelled, emitter, context=record)
+        return prompt
 
-    def _prompt_text(self, op: InferOperation) -> str:
-        if op.prompt is not None:
-            return op.prompt
-        info = self.rt.backend.info
-        return chat_template.render([m.model_dump() for m in op.messages], info.chat_template if info else None)
+    def _logit_bias(self, op: InferOperation) -> tuple[tuple[int, float], ...]:
+        vocab = self.rt.backend.vocab_size
+        bias = tuple((int(token), float(value)) for token, value in op.logit_bias.items())
+        unknown = [t for t, _ in bias if t >= vocab]
+        if unknown:
+            raise ValueError(f"logit_bias names token {unknown[0]}, past this model's vocabulary of {vocab} tokens")
+        return bias
+
+    def _embed_task(self, record: Record, op: EmbedOperation, cancelled) -> Task:
+        rt, backend = self.rt, self.rt.backend
+        seqs, room = backend.embed_limits()
+        inputs = op.inputs
+        if len(inputs) * backend.embedding_length > embedding.MAX_FLOATS:
+            self._fail(record, ErrorCode.INVALID_REQUEST, f"{len(inputs)} inputs of {backend.embedding_length} "
+                       f"dimensions are more than one job returns ({embedding.MAX_FLOATS} floats); split them")
+        tokens = []
+        for n, item in enumerate(inputs):
+            if isinstance(item, str):
+                try:
+                    ids = self._builder().from_text(item, room)
+                except PromptTooLong as exc:
+                    self._fail(record, ErrorCode.CONTEXT_LENGTH_EXCEEDED, f"input {n} is {exc}: more than the "
+                               f"{room} tokens one input may have on this model")
+            else:
+                ids = list(item)
+                if len(ids) > room or max(ids) >= backend.vocab_size:
+                    self._fail(record, ErrorCode.INVALID_REQUEST if len(ids) <= room else
+                               ErrorCode.CONTEXT_LENGTH_EXCEEDED, f"input {n}: {len(ids)} token ids, at most "
+                               f"{room}, each below {backend.vocab_size}")
+            tokens.append(ids)
+        rt.narrate(narration.job_started(rt.id, record.job.id, rt.spec.name, record.wait_ms, sum(map(len, tokens))),
+                   record.emitter)
+        return embedding.EmbedTask(record.job.id, tokens, time.monotonic() + op.timeout_s, cancelled,
+                                   record.emitter, context=record)
 
     def _fail(self, record: Record, code: ErrorCode, message: str, retriable: bool = False,
               raise_: bool = True) -> None:
@@ -181,7 +251,7 @@ class Jobs:
             pipe.execute()
 
     # --- engine thread -------------------------------------------------------------------
-    def ended(self, seq: Sequence, end: Ended) -> None:
+    def ended(self, seq: Sequence | Task, end: Ended) -> None:
         rt, record, emitter = self.rt, seq.context, seq.emitter
         rt.cancel.unwatch(seq.job_id)
         record.tokens, record.first_token_ms = end.tokens_out, end.first_token_ms
@@ -213,8 +283,15 @@ class Jobs:
                        retriable=True, raise_=False)
             return
         if end.reason == "timeout":
-            self._fail(record, ErrorCode.TIMEOUT, f"decoding ran past timeout_s={record.op.timeout_s} after "
-                       f"{end.tokens_out} tokens", raise_=False)
+            self._fail(record, ErrorCode.TIMEOUT, f"the job ran past timeout_s={record.op.timeout_s} after "
+                       f"{end.tokens_out} {'embeddings' if isinstance(seq, Task) else 'tokens'}", raise_=False)
+            return
+        if end.reason == "rejected":  # its grammar allowed no token: the request cannot be met
+            self._fail(record, ErrorCode.INVALID_REQUEST, f"{end.error} (after {end.tokens_out} tokens)",
+                       raise_=False)
+            return
+        if isinstance(seq, Task):
+            self._task_ended(seq, end)
             return
         rt.last_tokens_per_sec = end.tokens_per_sec
         emitter.emit("metrics", tokens_per_sec=round(end.tokens_per_sec, 2), vram_bytes=rt.vram_bytes,
@@ -230,6 +307,22 @@ class Jobs:
                           "queue_wait_ms": record.wait_ms}
         log.info("job %s on %s: %d tokens, %.1f tok/s, %s", seq.job_id, rt.id, end.tokens_out,
                  end.tokens_per_sec, end.reason)
+
+    def _task_ended(self, task: Task, end: Ended) -> None:
+        rt, record, emitter = self.rt, task.context, task.emitter
+        record.tokens = 0  # no token generated: the counters of generated tokens stay as they are
+        reason = "cancelled" if end.reason == "cancelled" else "done"
+        tokens = getattr(task, "tokens", 0)
+        emitter.emit("metrics", tokens_per_sec=round(tokens / max(end.decode_time_ms, 1) * 1000, 2),
+                     vram_bytes=rt.vram_bytes, prompt_tokens=tokens, tokens_out=0, cached_tokens=0)
+        rt.narrate(narration.embed_finished(rt.id, task.job_id, end.tokens_out, tokens, end.decode_time_ms / 1000,
+                                            reason), emitter)
+        emitter.emit("end", tokens_out=0, decode_time_ms=end.decode_time_ms, stop_reason=reason, text="")
+        record.outcome = "cancelled" if reason == "cancelled" else "finished"
+        record.summary = {"tokens_out": 0, "stop_reason": reason, "embeddings": end.tokens_out,
+                          "prompt_tokens": tokens, "decode_time_ms": end.decode_time_ms,
+                          "queue_wait_ms": record.wait_ms}
+        log.info("job %s on %s: %d embeddings, %d tokens, %s", task.job_id, rt.id, end.tokens_out, tokens, reason)
 
     # --- publisher thread ----------------------------------------------------------------
     def logged(self, job_id: str, status: Appended, terminal_written: bool) -> None:

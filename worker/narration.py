@@ -27,3 +27,9 @@ def job_finished(worker: str, job_id: str, tokens: int, seconds: float, tok_s: f
 
 def job_failed(worker: str, job_id: str, code: str, message: str) -> dict:
     return dict(actor=worker, action="fail", target=job_id, human=f"Job failed with {code}: {message}")
+
+
+def embed_finished(worker: str, job_id: str, inputs: int, tokens: int, seconds: float, reason: str) -> dict:
+    return dict(actor=worker, action="finish", target=job_id,
+                human=f"Embedded {inputs} inputs ({tokens} tokens) in {seconds:.2f} s; stopped on {reason}",
+                story="cancelled by the client" if reason == "cancelled" else None)

@@ -196,13 +196,17 @@ class WorkerRuntime:
             current_job=running[0] if running else None,
             batch_size=round(sum(sizes) / len(sizes), 2) if sizes else 0.0,
             last_tokens_per_sec=self.last_tokens_per_sec, vram_bytes=self.vram_bytes,
-            context_length=b.context_length if b else 0, started_at=self.started_at)
+            context_length=b.context_length if b else 0, capabilities=sorted(b.capabilities) if b else [],
+            started_at=self.started_at)
 
     def model_info(self) -> registry.ModelInfo:
+        """The model's record; its ``capabilities`` are what admission checks jobs against."""
         b = self.backend
+        capabilities = sorted(b.capabilities) if b else []
         return registry.ModelInfo(name=self.spec.name, context_length=b.context_length if b else 0,
                                   queue_depth=self.spec.queue_depth, backend=b.name if b else self.spec.backend,
-                                  slots=b.slots if b else 1)
+                                  slots=b.slots if b else 1, capabilities=capabilities,
+                                  embedding_length=b.embedding_length if "embeddings" in capabilities else 0)
 
     def _beat(self) -> None:
         next_info = next_renew = 0.0

@@ -16,11 +16,17 @@ sequences; each step the scheduler
    step);
 4. samples each sequence's next token (in the backend, in C), turns token
    bytes into safe text (``TextAssembler``: whole UTF-8 characters, stop
-   strings held back), and hands the whole step's events to the publisher
-   at once.
+   strings held back), adds log-probabilities for the sequences that asked,
+   and hands the whole step's events to the publisher at once.
 
-One sequence failing to build (bad template, too long) never reaches here;
-a decode call failing ends the sequences in that call only.
+Work that is not a token loop — an embed job (``worker.embedding``) — runs
+here too, on the engine thread that owns the model's contexts: one batch of
+it per step, between two decodes, so a long embed job never stalls the
+streams. It takes one of the worker's job slots while it runs.
+
+One sequence failing to build (bad template, too long, bad grammar) never
+reaches here; a decode call failing ends the sequences in that call only, and
+a grammar that allows no token ends its own sequence only.
 """
 from __future__ import annotations
 
@@ -31,7 +37,8 @@ import time
 from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass, field
 
-from worker.backends.base import Backend, Chunk, SamplingParams, TokenSampler
+from worker import logprobs
+from worker.backends.base import Backend, Chunk, NoTokenAllowed, SamplingParams, TokenSampler
 from worker.publisher import JobEmitter
 from worker.text_assembler import TextAssembler
 
@@ -53,6 +60,8 @@ class Sequence:
     cancelled: threading.Event
     emitter: JobEmitter
     context: object = None  # the job layer's own state, untouched here
+    logprobs: int | None = None  # top alternatives on each token event; None: no logprobs
+    sampler: TokenSampler | None = None  # made by the job layer (it checks the grammar), else at admission
     # --- filled in while it runs ---
     slot: int = -1
     reused: int = 0  # prompt tokens found in the cache
@@ -60,7 +69,6 @@ class Sequence:
     pending: int | None = None  # sampled, not yet evaluated
     count: int = 0  # tokens generated
     text: str = ""
-    sampler: TokenSampler | None = None
     assembler: TextAssembler = field(default_factory=TextAssembler)
     admitted_at: float = 0.0
     first_at: float | None = None
@@ -75,8 +83,9 @@ class Sequence:
 class Ended:
     """How a sequence ended, for the job layer to tell as events."""
 
-    # max_tokens | eos | stop_sequence | cancelled | timeout: it ran; failed: a decode call raised;
-    # dropped: the worker lost its lease; aborted: the worker is stopping now; overflow: Redis away too long
+    # max_tokens | eos | stop_sequence | cancelled | timeout | done (a task): it ran; failed: a decode call
+    # raised; rejected: its grammar allowed no token; dropped: the worker lost its lease; aborted: the
+    # worker is stopping now; overflow: Redis away too long
     reason: str
     text: str
     tokens_out: int
@@ -94,6 +103,22 @@ class Slot:
     used_at: float = 0.0
 
 
+class Task:
+    """Work for the engine thread that is not a token loop (an embed job), done a step at a time."""
+
+    job_id: str
+    cancelled: threading.Event
+    deadline: float
+    emitter: JobEmitter
+    context: object = None
+    count: int = 0  # outputs so far (embeddings sent)
+    started_at: float = 0.0
+
+    def step(self, backend: Backend, budget: int) -> bool:
+        """Do the next piece (one decode call of about ``budget`` tokens); True when the whole job is done."""
+        raise NotImplementedError
+
+
 class Scheduler:
     def __init__(self, backend: Backend, on_end: Callable[[Sequence, Ended], None],
                  publish: Callable[[list], None], on_change: Callable[[], None] = lambda: None):
@@ -102,7 +127,8 @@ class Scheduler:
         self._publish = publish  # a step's events, at once
         self._on_change = on_change  # a job started or ended: the worker's record is stale
         self.slots = [Slot(i) for i in range(backend.slots)]
-        self._incoming: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self._incoming: queue.SimpleQueue[Sequence | Task] = queue.SimpleQueue()
+        self._tasks: list[Task] = []  # running, oldest first (engine thread only)
         self._waiting = 0  # submitted, not yet admitted
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -116,16 +142,16 @@ class Scheduler:
         self.end_all: str | None = None  # end every running job now, for this reason ("aborted", "overflow")
 
     # --- other threads -----------------------------------------------------------------
-    def submit(self, seq: Sequence) -> None:
+    def submit(self, item: Sequence | Task) -> None:
         with self._lock:
             self._waiting += 1
-        self._incoming.put(seq)
+        self._incoming.put(item)
         self._wake.set()
 
     def capacity(self) -> int:
-        """Jobs it can take now."""
+        """Jobs it can take now (a running task counts as a job)."""
         with self._lock:
-            busy = sum(1 for s in self.slots if s.seq is not None)
+            busy = sum(1 for s in self.slots if s.seq is not None) + len(self._tasks)
             return len(self.slots) - busy - self._waiting
 
     def drop(self, job_id: str) -> None:
@@ -135,11 +161,11 @@ class Scheduler:
         self._wake.set()
 
     def running(self) -> list[str]:
-        return [s.seq.job_id for s in self.slots if s.seq is not None]
+        return [s.seq.job_id for s in self.slots if s.seq is not None] + [t.job_id for t in self._tasks]
 
     def busy(self) -> bool:
         with self._lock:
-            return self._waiting > 0 or any(s.seq is not None for s in self.slots)
+            return self._waiting > 0 or bool(self._tasks) or any(s.seq is not None for s in self.slots)
 
     def wake(self) -> None:
         self._wake.set()
@@ -159,9 +185,11 @@ class Scheduler:
         """One scheduling step; False if there was nothing to do."""
         self._admit()
         active = [s.seq for s in self.slots if s.seq is not None]
-        if not active:
+        if not active and not self._tasks:
             return False
         self._end_stopped(active)
+        if self._tasks:
+            self._run_task()
         chunks, plan = self._plan()
         if chunks:
             started = time.perf_counter()
@@ -181,15 +209,22 @@ class Scheduler:
     def _admit(self) -> None:
         while True:
             free = [s for s in self.slots if s.seq is None]
-            if not free:
+            if len(free) <= len(self._tasks):  # a task holds a job slot, not a cache slot
                 return
             try:
-                seq = self._incoming.get_nowait()
+                item = self._incoming.get_nowait()
             except queue.Empty:
                 return
             with self._lock:
                 self._waiting -= 1
-            self._place(seq, free)
+            if isinstance(item, Sequence):
+                self._place(item, free)
+            else:
+                item.started_at = time.perf_counter()
+                item.emitter.sink = self._out.append
+                with self._lock:
+                    self._tasks.append(item)
+                self._on_change()
 
     def _place(self, seq: Sequence, free: list[Slot]) -> None:
         """Put ``seq`` in the free slot that saves the most prefill (copying a busy slot's prefix if longer)."""
@@ -212,7 +247,8 @@ class Scheduler:
         seq.slot, seq.reused, seq.at = slot.index, keep, keep
         seq.admitted_at = time.perf_counter()
         seq.assembler = TextAssembler(seq.stops)
-        seq.sampler = self.backend.sampler(seq.params, seq.prompt)
+        if seq.sampler is None:
+            seq.sampler = self.backend.sampler(seq.params, seq.prompt)
         seq.emitter.sink = self._out.append
         slot.seq, slot.used_at = seq, time.monotonic()
         self._on_change()
@@ -230,6 +266,40 @@ class Scheduler:
                 self._end(seq, "cancelled")
             elif now > seq.deadline:
                 self._end(seq, "timeout")
+        for task in list(self._tasks):
+            if task.job_id in dropped:
+                self._end_task(task, "dropped")
+            elif self.end_all:
+                self._end_task(task, self.end_all)
+            elif task.cancelled.is_set():
+                self._end_task(task, "cancelled")
+            elif now > task.deadline:
+                self._end_task(task, "timeout")
+
+    def _run_task(self) -> None:
+        task = self._tasks[0]
+        try:
+            done = task.step(self.backend, self._prefill_budget())
+        except Exception as exc:  # noqa: BLE001 - the job layer decides what it means
+            log.exception("job %s: its task failed", task.job_id)
+            self._end_task(task, "failed", exc)
+            return
+        if done:
+            self._end_task(task, "done")
+        elif len(self._tasks) > 1:  # round robin between tasks, one piece each per step
+            with self._lock:
+                self._tasks.append(self._tasks.pop(0))
+
+    def _end_task(self, task: Task, reason: str, error: BaseException | None = None) -> None:
+        with self._lock:
+            if task not in self._tasks:
+                return
+            self._tasks.remove(task)
+        elapsed = time.perf_counter() - task.started_at
+        self.on_end(task, Ended(reason, "", task.count, int(elapsed * 1000), None,
+                                task.count / elapsed if elapsed > 0 else 0.0, error))
+        self.slot_freed.set()
+        self._on_change()
 
     def _plan(self) -> tuple[list[Chunk], list[Sequence]]:
         chunks, plan = [], []
@@ -275,7 +345,12 @@ class Scheduler:
                 seq.at += len(chunk.tokens)
             if row is None:
                 continue
-            token = seq.sampler.sample(row)
+            try:
+                token = seq.sampler.sample(row)
+            except NoTokenAllowed as exc:
+                # With an EOS in the vocabulary a finished grammar allows it; without one, it is done.
+                self._end(seq, "eos" if backend.eos_token_id < 0 else "rejected", exc)
+                continue
             now = time.perf_counter()
             seq.first_at = seq.first_at or now
             seq.last_at = now
@@ -283,7 +358,9 @@ class Scheduler:
                 self._end(seq, "eos")
                 continue
             text = seq.assembler.push(backend.token_bytes(token))
-            if text:
+            if seq.logprobs is not None:  # one event per token, its text possibly empty
+                seq.emitter.emit("token", t=text, i=seq.count, **logprobs.fields(backend, row, token, seq.logprobs))
+            elif text:
                 seq.emitter.emit("token", t=text, i=seq.count)
             seq.count += 1
             if seq.assembler.stopped:

@@ -1,4 +1,5 @@
-// inferq's browser page: submit a job, stream its tokens with EventSource, watch queues and workers.
+// inferq's browser page: submit a job, stream its tokens with EventSource, watch queues and workers;
+// or, for a model that renders its own chat template, hold a conversation through the OpenAI route.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -8,7 +9,9 @@ const state = { token: sessionStorage.getItem("inferq-token") || "", job: null,
                 rows: new Map(),     // job id -> what the recent-jobs table shows
                 startedOn: new Map(),  // job id -> {worker, ts}: its `started` event, until it ends
                 ended: new Set(),    // jobs whose `end`/`error` this page received
-                workers: [], models: [], workersAsked: 0, started: 0, firstToken: null, shownEnded: false };
+                workers: [], models: [], workersAsked: 0, started: 0, firstToken: null, shownEnded: false,
+                chat: [],            // the conversation: [{role, content}], sent whole with every message
+                chatting: false };   // a reply is streaming
 
 // A browser opens at most 6 HTTP/1.1 connections to one host and every EventSource holds one:
 // the narration feed plus this many job streams leaves two for fetches. Jobs past it are polled.
@@ -74,6 +77,7 @@ async function loadModels() {
   }
   if (online.some((m) => m.id === current)) select.value = current;
   else select.value = online.length ? online[0].id : "";
+  updateMode();
   $("model-note").textContent = online.length ? "" :
     (data.data.length ? "No worker serves any model now: start one (inferq worker / inferq up)." :
       "No model is known yet: start a worker (inferq worker / inferq up).");
@@ -81,6 +85,26 @@ async function loadModels() {
 
 function modelIsOnline(name) {
   return state.models.some((m) => m.id === name && m.status === "online");
+}
+
+// Chat is offered for models whose workers render the file's own chat template (GET /v1/models).
+function modelChats(name) {
+  const m = state.models.find((x) => x.id === name);
+  return Boolean(m && (m.capabilities || []).includes("chat_template"));
+}
+
+function chatMode() { return document.querySelector("input[name=mode]:checked").value === "chat"; }
+
+function updateMode() {
+  const chats = modelChats($("model").value);
+  $("mode-chat").disabled = !chats;
+  if (!chats && chatMode()) document.querySelector("input[name=mode][value=prompt]").checked = true;
+  $("mode-note").textContent = chats ? "" : "chat needs a model with a chat template";
+  const chat = chatMode();
+  $("prompt-box").hidden = chat;
+  $("output").hidden = chat;
+  $("chat-box").hidden = !chat;
+  $("submit").textContent = chat ? "Send" : "Submit";
 }
 
 // --- submitting and following jobs ------------------------------------------------------------
@@ -91,6 +115,8 @@ async function submitJob(event) {
     setStatus(model ? `${model} is offline: no worker serves it now` : "no model is online");
     return;
   }
+  if (chatMode()) { sendChat(model); return; }
+  if (!$("prompt").value) { setStatus("write a prompt first"); return; }
   const stop = $("stop").value.split("\n").filter((s) => s.length > 0);
   const body = { operation: "infer", model, prompt: $("prompt").value,
                  max_tokens: Number($("max-tokens").value), temperature: Number($("temperature").value), stop };
@@ -215,6 +241,111 @@ function showEnd(ev) {
     setStatus(`failed: ${ev.code}`);
     $("summary").textContent = ev.message;
   }
+}
+
+// --- chat ------------------------------------------------------------------------------------------
+function chatLine(role, text) {
+  const li = document.createElement("li");
+  li.className = role;
+  li.textContent = text;
+  $("chat-log").appendChild(li);
+  li.scrollIntoView({ block: "nearest" });
+  return li;
+}
+
+function rememberJob(jobId, model) {
+  state.recent.unshift(jobId);
+  state.recent = state.recent.slice(0, 20);
+  sessionStorage.setItem("inferq-recent", JSON.stringify(state.recent));
+  state.rows.set(jobId, { model, state: "queued", position: null, tokens: "", took: "" });
+  renderJobs();
+}
+
+// One turn: the whole conversation to POST /v1/chat/completions, the reply read as it streams
+// (fetch, not EventSource: it is a POST, and the answer is OpenAI's chunks, ended by [DONE]).
+async function sendChat(model) {
+  const text = $("chat-input").value.trim();
+  if (!text || state.chatting) return;
+  state.chatting = true;
+  $("chat-input").value = "";
+  state.chat.push({ role: "user", content: text });
+  chatLine("user", text);
+  const reply = chatLine("assistant", "");
+  const stop = $("stop").value.split("\n").filter((s) => s.length > 0);
+  const body = { model, messages: state.chat, stream: true, max_tokens: Number($("max-tokens").value),
+                 temperature: Number($("temperature").value) };
+  if (stop.length) body.stop = stop;
+  state.job = null;
+  state.shownEnded = false;
+  $("summary").textContent = "";
+  setStatus("submitted");
+  const started = performance.now();
+  let finish = null;
+  try {
+    const resp = await fetch("/v1/chat/completions", { method: "POST", body: JSON.stringify(body),
+                                                       headers: headers({ "Content-Type": "application/json" }) });
+    if (resp.status === 401) { askForToken(); throw new Error("a token is needed"); }
+    const jobId = resp.headers.get("X-Inferq-Job-Id");
+    if (!resp.ok) {
+      const data = await resp.json();
+      throw new Error(data.error ? `${data.error.code}: ${data.error.message}` : resp.statusText);
+    }
+    state.job = jobId;
+    reply.dataset.job = jobId;
+    rememberJob(jobId, model);
+    $("cancel").disabled = false;
+    setStatus("running");
+    finish = await readChunks(resp, reply);
+    state.chat.push({ role: "assistant", content: reply.textContent });
+    setStatus("finished");
+    const ms = Math.round(performance.now() - started);
+    $("summary").textContent = `${reply.textContent.length} characters in ${ms} ms, finish_reason ${finish}`;
+  } catch (err) {
+    reply.classList.add("failed");
+    reply.textContent = err.message;
+    state.chat.pop();  // the turn did not happen: the next message replaces it
+    setStatus(`failed: ${err.message}`);
+  } finally {
+    state.chatting = false;
+    state.shownEnded = true;
+    $("cancel").disabled = true;
+    refreshJobs().catch(() => {});
+  }
+}
+
+async function readChunks(resp, reply) {
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let finish = null;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      for (const line of block.split("\n")) {
+        if (!line.startsWith("data: ")) continue;
+        const data = line.slice(6);
+        if (data === "[DONE]") return finish;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(`${chunk.error.code}: ${chunk.error.message}`);
+        for (const choice of chunk.choices || []) {
+          if (choice.delta && choice.delta.content) reply.textContent += choice.delta.content;
+          if (choice.finish_reason) finish = choice.finish_reason;
+        }
+      }
+    }
+  }
+  throw new Error("the reply was cut off before it ended");
+}
+
+function resetChat() {
+  state.chat = [];
+  $("chat-log").replaceChildren();
+  $("summary").textContent = "";
 }
 
 async function cancelJob() {
@@ -346,6 +477,9 @@ function start() {
   // Listeners once: boot() runs again after a token is given.
   $("job-form").addEventListener("submit", submitJob);
   $("cancel").addEventListener("click", cancelJob);
+  $("model").addEventListener("change", updateMode);
+  for (const radio of document.querySelectorAll("input[name=mode]")) radio.addEventListener("change", updateMode);
+  $("chat-reset").addEventListener("click", resetChat);
   $("save-token").addEventListener("click", () => {
     state.token = $("token").value.trim();
     sessionStorage.setItem("inferq-token", state.token);

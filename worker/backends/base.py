@@ -44,11 +44,19 @@ class LoadOptions:
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """One sequence's sampling settings (the job's; OpenAI's routes fill in OpenAI's defaults)."""
+
     temperature: float = 0.8
     top_k: int = 40
     top_p: float = 0.95
-    repetition_penalty: float = 1.1
+    repetition_penalty: float = 1.1  # over the last 64 tokens, the prompt's tail included
     seed: int = -1  # -1: a random one
+    # OpenAI's: minus presence_penalty once, and frequency_penalty per time, for every token already
+    # generated (the prompt does not count).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    grammar: str | None = None  # GBNF the output must match (a backend with "grammar" in its capabilities)
 
     @property
     def resolved_seed(self) -> int:
@@ -69,10 +77,15 @@ class Chunk:
     logits: bool  # keep the logits after the last token (to sample the next one)
 
 
+class NoTokenAllowed(Exception):
+    """The sequence's grammar allows no token here (it cannot be completed with this vocabulary)."""
+
+
 class TokenSampler:
     """Picks a sequence's next token from a row of logits, and remembers it."""
 
     def sample(self, row: int) -> int:
+        """The next token; NoTokenAllowed if the grammar rules every token out."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -84,6 +97,11 @@ class Backend:
 
     name = "base"
     can_share_prefix = False  # ``share`` copies cached positions between slots
+    # What it can do beyond plain generation, published in the worker's heartbeat and checked at
+    # submit: grammar (structured output), logprobs, embeddings, chat_template (renders the
+    # file's template with its control tokens as tokens; added when the file has one).
+    capabilities: frozenset[str] = frozenset({"logprobs"})
+    parses_specials = False  # ``tokenize(..., special=True)`` turns control tokens' texts into those tokens
 
     def __init__(self, path: str, options: LoadOptions):
         self.path = path
@@ -91,6 +109,13 @@ class Backend:
         self.slots = 1
         self.context_length = 0  # per sequence
         self.eos_token_id = -1
+        self.bos_token_id = -1
+        self.add_bos = True  # the tokenizer puts BOS before a prompt
+        self.bos_text = self.eos_text = ""  # the tokens' texts, for chat templates
+        self.special_tokens: dict[str, int] = {}  # control tokens' texts (parsed in template text only)
+        self.longest_piece = 1  # most bytes of text one token stands for (prompt size guard)
+        self.vocab_size = 0
+        self.embedding_length = 0
         self.info = None  # GGUFInfo, set by load_backend
         self.reason = ""  # why load_backend chose this backend
         self._direct: list[int] = []  # what slot 0 holds for ``generate``
@@ -123,6 +148,15 @@ class Backend:
 
     def logits(self, row: int) -> np.ndarray:
         raise NotImplementedError
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """One vector per input (pooled, not normalized), in as few decode calls as fit; only for a
+        backend with "embeddings" in its capabilities, and inputs within ``embed_limits``."""
+        raise NotImplementedError
+
+    def embed_limits(self) -> tuple[int, int]:
+        """(inputs, tokens) one ``embed`` call takes at most; (0, 0) where it cannot embed."""
+        return 0, 0
 
     gpu_index: int | None = None  # set by the runtime for a worker pinned to a GPU
 

@@ -48,14 +48,19 @@ def _library(gpu_layers: int) -> str | None:
 
 class NumpySampler(TokenSampler):
     def __init__(self, backend: "CTransformersBackend", params: SamplingParams, history: Sequence[int]):
+        if params.grammar is not None:
+            raise ValueError("the ctransformers backend cannot constrain output to a grammar")
         self._backend = backend
         self._sample = Sampler(params.temperature, params.top_k, params.top_p, params.repetition_penalty,
-                               params.seed)
+                               params.seed, presence_penalty=params.presence_penalty,
+                               frequency_penalty=params.frequency_penalty, logit_bias=params.logit_bias)
         self._recent = list(history[-self._sample.window:])
+        self._generated: list[int] = []
 
     def sample(self, row: int) -> int:
-        token = self._sample(self._backend.logits(row), self._recent)
+        token = self._sample(self._backend.logits(row), self._recent, self._generated)
         self._recent.append(token)
+        self._generated.append(token)
         return token
 
 
@@ -84,6 +89,11 @@ class CTransformersBackend(Backend):
         self.vocab_size = self._lib.ctransformers_llm_vocab_size(self._handle)
         self._threads = options.resolved_threads
         self._piece_cache: dict[int, bytes] = {}
+        # It puts BOS before every prompt, and parses no control token in text (special_tokens stays empty).
+        self.add_bos = True
+        self.longest_piece = max((len(self.token_bytes(t)) for t in range(self.vocab_size)), default=1)
+        self.bos_text = self.token_bytes(self.bos_token_id).decode("utf-8", "replace")
+        self.eos_text = self.token_bytes(self.eos_token_id).decode("utf-8", "replace")
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         # ctransformers' tokenizer has no notion of special tokens in text: ``special`` cannot apply.

@@ -7,6 +7,20 @@ prompts, in one ``llama_decode``; sampling is llama.cpp's own sampler chain
 per sequence, in C, so the Python cost per token does not grow with the
 vocabulary.
 
+A sequence with a grammar (structured output) has llama.cpp's grammar
+sampler in its chain and is sampled through ``llama_sampler_apply`` on a
+candidates array we hold, so a grammar that rules out every token is seen and
+ends that job, where ``llama_sampler_sample`` would accept a forbidden token
+and llama.cpp would abort the process. The array also rules out tokens whose
+bytes would make the output invalid UTF-8 (a stray byte-fallback token): the
+grammar reads a lone continuation byte as a character of its own, and the
+text would not be what it matched. Prompt tokens are fed to the repetition
+penalty only, never to the grammar.
+
+Embeddings use a second, small context on the same weights (``embeddings``
+on, the model's pooling or mean), made at the first embed job and used only
+by the engine thread, like the first.
+
 The high-level ``Llama`` class is not used: it owns one sequence. The C
 functions' ctypes signatures follow the llama.cpp that llama-cpp-python
 vendors (``setup.cfg`` pins the range we test against).
@@ -14,16 +28,24 @@ vendors (``setup.cfg`` pins the range we test against).
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import logging
 from collections.abc import Sequence
 
 import numpy as np
 
-from worker.backends.base import Backend, Chunk, LoadOptions, ModelLoadError, SamplingParams, TokenSampler
+from worker.backends.base import (Backend, Chunk, LoadOptions, ModelLoadError, NoTokenAllowed, SamplingParams,
+                                  TokenSampler)
 
 log = logging.getLogger(__name__)
 REPETITION_WINDOW = 64  # the numpy sampler's window: both backends penalize alike
+PENALTY_WINDOW = 4096  # presence/frequency penalties look at every generated token (max_tokens at most)
+_ATTR_UNKNOWN, _ATTR_CONTROL = 1 << 0, 1 << 3
+_POOLING_NONE, _POOLING_MEAN, _POOLING_RANK = 0, 1, 4
+EMBED_MAX_TOKENS = 2048  # the embedding context: tokens per decode, and so per input
+EMBED_MAX_SEQS = 16  # inputs per decode
+_CANDIDATE = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 _GGML_LOG_LEVEL_ERROR = 4
 _log_callback = None  # kept alive: llama.cpp calls it from C
 _last_error = [""]
@@ -43,12 +65,77 @@ def _quiet(llama_cpp) -> None:
     llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 
+class Utf8Guard:
+    """Which tokens keep a sequence's bytes valid UTF-8, given how many continuation bytes it owes."""
+
+    def __init__(self, pieces: list[bytes]):
+        n = len(pieces)
+        self.length = np.zeros(n, np.int32)
+        self.lead = np.zeros(n, np.int32)  # leading continuation bytes
+        self.tail_ok = np.ones(n, bool)  # the rest is valid UTF-8, perhaps ending inside a character
+        self.tail_need = np.zeros(n, np.int32)  # continuation bytes the rest leaves owing
+        for t, piece in enumerate(pieces):
+            c = 0
+            while c < len(piece) and 0x80 <= piece[c] <= 0xBF:
+                c += 1
+            self.length[t], self.lead[t] = len(piece), c
+            self.tail_ok[t], self.tail_need[t] = _utf8_rest(piece[c:])
+
+    def allowed(self, need: int) -> np.ndarray:
+        fits = (self.lead == need) & self.tail_ok
+        if need:
+            fits |= (self.lead == self.length) & (self.length > 0) & (self.length < need)  # some of what it owes
+        return fits
+
+    def after(self, need: int, token: int) -> int:
+        if need and self.lead[token] == self.length[token] < need:
+            return need - int(self.length[token])
+        return int(self.tail_need[token])
+
+
+def _utf8_rest(data: bytes) -> tuple[bool, int]:
+    for back in range(1, min(4, len(data)) + 1):  # an unfinished character at the end?
+        byte = data[-back]
+        if byte & 0xC0 == 0x80:
+            continue
+        size = 2 if 0xC2 <= byte <= 0xDF else 3 if 0xE0 <= byte <= 0xEF else 4 if 0xF0 <= byte <= 0xF4 else 1
+        if size > back:
+            head, owed = data[:-back], size - back
+            break
+        head, owed = data, 0
+        break
+    else:
+        head, owed = data, 0
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False, 0
+    return True, owed
+
+
 class LlamaSampler(TokenSampler):
-    def __init__(self, lib, ctx, chain):
-        self._lib, self._ctx, self._chain = lib, ctx, chain
+    def __init__(self, backend: "LlamaCppBackend", chain, checked: bool):
+        self._backend, self._lib, self._ctx, self._chain = backend, backend._lib, backend._ctx, chain
+        self._checked = checked  # sampled through our own candidates array (a grammar may rule out all)
+        self._cands = np.empty(backend.vocab_size, dtype=_CANDIDATE) if checked else None
+        self._utf8 = backend.utf8_guard() if checked else None
+        self._owed = 0  # continuation bytes the output owes
 
     def sample(self, row: int) -> int:
-        return self._lib.llama_sampler_sample(self._chain, self._ctx, row)  # also accepts the token
+        if not self._checked:
+            return self._lib.llama_sampler_sample(self._chain, self._ctx, row)  # also accepts the token
+        lib, cands = self._lib, self._cands
+        cands["id"] = np.arange(len(cands), dtype=np.int32)
+        cands["logit"] = np.where(self._utf8.allowed(self._owed), self._backend.logits(row), -np.inf)
+        cands["p"] = 0.0
+        cur = lib.llama_token_data_array(cands.ctypes.data_as(lib.llama_token_data_p), len(cands), -1, False)
+        lib.llama_sampler_apply(self._chain, ctypes.byref(cur))
+        if not 0 <= cur.selected < cur.size or not math.isfinite(cur.data[cur.selected].logit):
+            raise NoTokenAllowed("the grammar allows no token of this model's vocabulary here")
+        token = int(cur.data[cur.selected].id)
+        lib.llama_sampler_accept(self._chain, token)
+        self._owed = self._utf8.after(self._owed, token)
+        return token
 
     def close(self) -> None:
         chain, self._chain = self._chain, None
@@ -59,6 +146,8 @@ class LlamaSampler(TokenSampler):
 class LlamaCppBackend(Backend):
     name = "llama-cpp"
     can_share_prefix = True
+    capabilities = frozenset({"logprobs", "grammar", "embeddings"})
+    parses_specials = True
 
     def __init__(self, path: str, options: LoadOptions):
         super().__init__(path, options)
@@ -96,10 +185,54 @@ class LlamaCppBackend(Backend):
         self._memory = lib.llama_get_memory(self._ctx)
         self.vocab_size = lib.llama_vocab_n_tokens(self._vocab)
         self.eos_token_id = lib.llama_vocab_eos(self._vocab)
+        self.bos_token_id = lib.llama_vocab_bos(self._vocab)
+        self.add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
+        self.embedding_length = lib.llama_model_n_embd_out(self._model)
         self._batch_size = cparams.n_batch
         self._batch = lib.llama_batch_init(self._batch_size, 0, 1)
         self._pieces: dict[int, bytes] = {}
         self._buf = ctypes.create_string_buffer(256)
+        self._read_vocabulary()
+        self._pooling = self._pooling_type()
+        if self._pooling == _POOLING_RANK:  # a reranker: its "embedding" is a score
+            self.capabilities = self.capabilities - {"embeddings"}
+        self._ectx = self._ebatch = None
+        self._utf8: Utf8Guard | None = None
+
+    def utf8_guard(self) -> Utf8Guard:
+        """Made at the first grammar job (a pass over the vocabulary); read-only after, any thread."""
+        if self._utf8 is None:
+            self._utf8 = Utf8Guard([self.token_bytes(t) for t in range(self.vocab_size)])
+        return self._utf8
+
+    def _read_vocabulary(self) -> None:
+        """Control tokens' texts (parsed in chat template text) and the longest piece (prompt size guard)."""
+        lib, vocab = self._lib, self._vocab
+        longest, specials = 1, {}
+        for token in range(self.vocab_size):
+            text = self._piece(token, special=True)
+            longest = max(longest, len(text))
+            if lib.llama_vocab_get_attr(vocab, token) & (_ATTR_CONTROL | _ATTR_UNKNOWN) and text:
+                specials.setdefault(text.decode("utf-8", errors="replace"), token)
+        self.longest_piece, self.special_tokens = longest, specials
+        self.bos_text = self._piece(self.bos_token_id, special=True).decode("utf-8", "replace") \
+            if self.bos_token_id >= 0 else ""
+        self.eos_text = self._piece(self.eos_token_id, special=True).decode("utf-8", "replace") \
+            if self.eos_token_id >= 0 else ""
+
+    def _pooling_type(self) -> int:
+        arch = (self.info.architecture if self.info else None) or self._meta("general.architecture") or ""
+        raw = self._meta(f"{arch}.pooling_type")
+        try:
+            pooling = int(raw) if raw is not None else _POOLING_NONE
+        except ValueError:
+            pooling = _POOLING_NONE
+        return _POOLING_MEAN if pooling == _POOLING_NONE else pooling  # a generative model: mean of its states
+
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(128)
+        n = self._lib.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
 
     # --- tokens ---------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
@@ -115,29 +248,50 @@ class LlamaCppBackend(Backend):
     def token_bytes(self, token: int) -> bytes:
         piece = self._pieces.get(token)
         if piece is None:
-            n = self._lib.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
-            if n < 0:  # the piece needs -n bytes
-                buf = ctypes.create_string_buffer(-n)
-                n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-                piece = buf.raw[:n]
-            else:
-                piece = self._buf.raw[:n]
-            self._pieces[token] = piece
+            piece = self._pieces[token] = self._piece(token, special=False)  # control tokens: no text
         return piece
+
+    def _piece(self, token: int, special: bool) -> bytes:
+        n = self._lib.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, special)
+        if n >= 0:
+            return self._buf.raw[:n]
+        buf = ctypes.create_string_buffer(-n)  # the piece needs -n bytes
+        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
 
     def is_eog(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
 
     # --- sampling -------------------------------------------------------------------
     def sampler(self, params: SamplingParams, history: Sequence[int]) -> LlamaSampler:
+        """The sequence's chain: logit bias, penalties, grammar, then greedy or top-k/top-p/temperature.
+
+        ValueError for a grammar llama.cpp cannot parse (with its message). Safe to call on a thread
+        that is not the engine's: it reads the vocabulary only.
+        """
         lib = self._lib
+        grammar = None
+        if params.grammar is not None:
+            _last_error[0] = ""
+            grammar = lib.llama_sampler_init_grammar(self._vocab, params.grammar.encode("utf-8"), b"root")
+            if not grammar:
+                raise ValueError(f"invalid grammar: {_last_error[0] or 'llama.cpp could not parse it'}")
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if params.logit_bias:
+            biases = (lib.llama_logit_bias * len(params.logit_bias))(*params.logit_bias)
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(self.vocab_size, len(biases),
+                                                                                 biases))
         if params.repetition_penalty not in (0.0, 1.0):
             penalties = lib.llama_sampler_init_penalties(self.vocab_size, REPETITION_WINDOW,
                                                          params.repetition_penalty, 0.0, 0.0)
             for token in history[-REPETITION_WINDOW:]:  # the prompt's tail counts as "recent", as before
                 lib.llama_sampler_accept(penalties, token)
             lib.llama_sampler_chain_add(chain, penalties)
+        if params.presence_penalty or params.frequency_penalty:  # generated tokens only: no history
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_penalties(
+                self.vocab_size, PENALTY_WINDOW, 1.0, params.frequency_penalty, params.presence_penalty))
+        if grammar is not None:  # before any truncation: it must see every candidate
+            lib.llama_sampler_chain_add(chain, grammar)
         if params.temperature <= 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
         else:
@@ -147,7 +301,7 @@ class LlamaCppBackend(Backend):
                 lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(params.temperature))
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(params.resolved_seed))
-        return LlamaSampler(lib, self._ctx, chain)
+        return LlamaSampler(self, chain, checked=grammar is not None)
 
     # --- decoding -------------------------------------------------------------------
     def decode(self, chunks: Sequence[Chunk]) -> list[int | None]:
@@ -185,10 +339,69 @@ class LlamaCppBackend(Backend):
     def logits(self, row: int) -> np.ndarray:
         return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, row), shape=(self.vocab_size,))
 
+    # --- embeddings -----------------------------------------------------------------
+    def embed_limits(self) -> tuple[int, int]:
+        if "embeddings" not in self.capabilities:
+            return 0, 0
+        return EMBED_MAX_SEQS, min(self.context_length, EMBED_MAX_TOKENS)
+
+    def _embedding_context(self):
+        if self._ectx is None:
+            lib = self._lib
+            _, tokens = self.embed_limits()
+            cparams = lib.llama_context_default_params()
+            # One ubatch per decode: pooling reads a sequence's states from a single ubatch.
+            cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = tokens
+            cparams.n_seq_max = EMBED_MAX_SEQS
+            cparams.kv_unified = True
+            cparams.embeddings = True
+            cparams.pooling_type = self._pooling
+            cparams.n_threads = cparams.n_threads_batch = self.options.resolved_threads
+            cparams.no_perf = True
+            ctx = lib.llama_init_from_model(self._model, cparams)
+            if not ctx:
+                raise MemoryError(f"llama-cpp could not make an embedding context of {tokens} tokens: "
+                                  f"{_last_error[0] or 'out of memory?'}")
+            self._ectx, self._ebatch = ctx, lib.llama_batch_init(tokens, 0, 1)
+        return self._ectx
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        lib = self._lib
+        ctx = self._embedding_context()
+        seqs, tokens = self.embed_limits()
+        if len(inputs) > seqs or sum(map(len, inputs)) > tokens:
+            raise ValueError(f"an embed call of more than {seqs} inputs or {tokens} tokens")
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        batch = self._ebatch
+        n = 0
+        for s, ids in enumerate(inputs):
+            for p, t in enumerate(ids):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.logits[n] = t, p, 1, 1
+                batch.seq_id[n][0] = s
+                n += 1
+        batch.n_tokens = n
+        if lib.llama_model_has_encoder(self._model) and not lib.llama_model_has_decoder(self._model):
+            status = lib.llama_encode(ctx, batch)
+        else:
+            status = lib.llama_decode(ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status} (embeddings)")
+        out = []
+        for s in range(len(inputs)):
+            ptr = lib.llama_get_embeddings_seq(ctx, s)
+            if not ptr:
+                raise RuntimeError("llama.cpp gave no pooled embedding")
+            out.append(np.ctypeslib.as_array(ptr, shape=(self.embedding_length,)).copy())
+        return out
+
     def close(self) -> None:
         lib = getattr(self, "_lib", None)
         if lib is None or not getattr(self, "_ctx", None):
             return
+        if self._ectx is not None:
+            lib.llama_batch_free(self._ebatch)
+            lib.llama_free(self._ectx)
+            self._ectx = None
         lib.llama_batch_free(self._batch)
         lib.llama_free(self._ctx)
         lib.llama_model_free(self._model)

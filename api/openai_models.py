@@ -1,0 +1,202 @@
+"""OpenAI's request bodies, as inferq reads them, and the inferq operations they become.
+
+Fields inferq uses are validated with OpenAI's own ranges; OpenAI's other
+fields are accepted and ignored (clients send many). Defaults are OpenAI's:
+temperature 1, top_p 1, no top-k (OpenAI has none), no repetition penalty,
+presence and frequency penalties 0. ``n`` choices are ``n`` jobs with the same
+prompt (seeds ``seed``, ``seed + 1``... when a seed is given).
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from queue_schema.operations import (MAX_EMBED_INPUTS, MAX_EMBED_TOKENS_PER_INPUT, MAX_LOGIT_BIAS, MAX_PROMPT_CHARS,
+                                     EmbedOperation, InferOperation)
+
+MODEL = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_CHOICES = 4
+# 100 bytes of UTF-8 is the real limit; JSON Schema cannot say bytes, and 25 characters always fit.
+StopString = Annotated[str, Field(min_length=1, json_schema_extra={"maxLength": 25})]
+Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+# Token id (as a string) -> -100..100; the document says what the contract enforces.
+LogitBias = Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]],
+                      Field(json_schema_extra={"additionalProperties": False, "maxProperties": MAX_LOGIT_BIAS})]
+
+
+class InvalidField(Exception):
+    """A request OpenAI would refuse: 400 ``invalid_value`` naming ``param``."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param, self.message = param, message
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the grammar is always strict
+
+
+class ResponseFormat(BaseModel):
+    """``text``; ``json_object`` (any JSON object); ``json_schema`` (JSON matching the schema, any JSON
+    object when it gives none)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def schema_for_infer(self) -> dict | None:
+        if self.type == "text":
+            return None
+        given = self.json_schema.schema_ if self.type == "json_schema" and self.json_schema else None
+        return given or {"type": "object"}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = MODEL
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, ge=0, le=1)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: LogitBias | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
+    seed: int | None = Field(None, ge=-1, le=2**63 - 1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description=f"Choices (1..{MAX_CHOICES}), each its own job.")
+    response_format: ResponseFormat | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+    # OpenAI's own rules for it; checked, not forwarded (the job's metadata carries `user`).
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                        Field(max_length=16)] | None = None
+
+    def _fields(self, default_max: int, logprobs: int | None) -> dict:
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        fields = dict(model=self.model, max_tokens=self.max_completion_tokens or self.max_tokens or default_max,
+                      temperature=self.temperature, top_p=self.top_p, top_k=0, stop=stop, stream=self.stream,
+                      repetition_penalty=1.0,  # OpenAI has neither a repetition penalty nor top-k
+                      presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                      logit_bias=self.logit_bias or {})
+        if logprobs is not None:
+            fields["logprobs"] = logprobs
+        schema = self.response_format.schema_for_infer() if self.response_format else None
+        if schema is not None:
+            fields["json_schema"] = schema
+        if self.user:
+            fields["metadata"] = {"user": self.user}
+        return fields
+
+    def _operations(self, default_max: int, logprobs: int | None, **prompt) -> list[InferOperation]:
+        fields = {**self._fields(default_max, logprobs), **prompt}
+        out = []
+        for i in range(self.n):
+            seed = {} if self.seed is None or self.seed < 0 else {"seed": (self.seed + i) % 2**63}
+            out.append(_infer(**fields, **seed))
+        return out
+
+
+class CompletionRequest(_Request):
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)] | Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]], Field(min_length=1, max_length=1)]
+    logprobs: int | None = Field(None, ge=0, le=5, description="Alternatives per token (OpenAI's legacy shape).")
+
+    def operations(self) -> list[InferOperation]:
+        prompt = self.prompt if isinstance(self.prompt, str) else "".join(self.prompt)
+        return self._operations(16, self.logprobs, prompt=prompt)
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; only ``text`` parts are used, others (images...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: Text | None = None
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | Annotated[list[ContentPart], Field(max_length=256)] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: keep the text ones
+            return "".join(p.text or "" for p in self.content if p.type == "text")
+        return self.content or ""
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=256)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token; used with logprobs.")
+
+    def operations(self) -> list[InferOperation]:
+        roles = {"developer": "system"}
+        messages = [{"role": roles.get(m.role, m.role), "content": m.text()} for m in self.messages]
+        return self._operations(256, (self.top_logprobs or 0) if self.logprobs else None, messages=messages)
+
+
+EmbedText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+TokenList = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1,
+                                                                           max_length=MAX_EMBED_TOKENS_PER_INPUT)]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = MODEL
+    input: EmbedText | Annotated[list[EmbedText], Field(min_length=1, max_length=MAX_EMBED_INPUTS)] | TokenList | \
+        Annotated[list[TokenList], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: None = Field(None, description="Not supported: the vectors have the model's own size "
+                                               "(embedding_length in GET /v1/models).")
+    user: str | None = Field(None, max_length=256)
+
+    @field_validator("dimensions", mode="before")
+    @classmethod
+    def _no_dimensions(cls, value):
+        if value is not None:
+            raise ValueError("dimensions is not supported: the vectors have the model's own size "
+                             "(embedding_length in GET /v1/models)")
+        return value
+
+    def operation(self) -> EmbedOperation:
+        value = self.input
+        if isinstance(value, list) and value and isinstance(value[0], int):
+            value = [value]  # one input given as token ids
+        fields: dict = {"operation": "embed", "model": self.model, "input": value}
+        if self.user:
+            fields["metadata"] = {"user": self.user}
+        try:
+            return EmbedOperation.model_validate(fields)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+
+
+def _infer(**fields) -> InferOperation:
+    try:
+        return InferOperation.model_validate({"operation": "infer", **fields})
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+_PARAMS = {"json_schema": "response_format"}  # the operation's field -> the OpenAI request's
+
+
+def _invalid(exc: ValidationError) -> InvalidField:
+    err = exc.errors(include_input=False, include_url=False)[0]
+    loc = [str(p) for p in err["loc"]]
+    param = _PARAMS.get(loc[0], loc[0]) if loc else "body"
+    return InvalidField(param, f"{'.'.join(loc) or 'body'}: {err['msg']}")
