@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api import lifecycle, limits, relay
 from api.extensions import resources
-from api.jobs import request_cancel, submit
-from queue_schema import jobs
+from api.jobs import idempotency, request_cancel, submit
+from queue_schema import jobs, keys
 from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.operations import InferOperation
 
@@ -141,12 +141,21 @@ def _openai_error(exc: OpenAIError):
 @bp.errorhandler(InferqError)
 def _inferq_error(exc: InferqError):
     code = "model_not_found" if exc.code == ErrorCode.MODEL_NOT_FOUND else exc.code.value.lower()
-    return jsonify(_error_body(exc.status, exc.message, code)), exc.status, exc.headers
+    param = exc.errors[0]["field"] if exc.errors else None
+    return jsonify(_error_body(exc.status, exc.message, code, param)), exc.status, exc.headers
 
 
 @bp.errorhandler(redis.RedisError)
 def _redis_error(exc):
     return jsonify(_error_body(503, "the queue (Redis) is unavailable; retry shortly", "redis_unavailable")), 503
+
+
+def use_openai_errors(blueprint: Blueprint) -> None:
+    """Errors in OpenAI's shape on another blueprint's routes too (files, batches)."""
+    blueprint.register_error_handler(OpenAIError, _openai_error)
+    blueprint.register_error_handler(InferqError, _inferq_error)
+    blueprint.register_error_handler(redis.ConnectionError, _redis_error)
+    blueprint.register_error_handler(redis.TimeoutError, _redis_error)
 
 
 def _parse(model_cls):
@@ -179,10 +188,10 @@ def _events(job_id: str):
 class _Shape:
     """What differs between the completion and the chat-completion responses."""
 
-    def __init__(self, chat: bool, job_id: str, model: str):
+    def __init__(self, chat: bool, job_id: str, model: str, created: int | None = None):
         self.chat, self.model = chat, model
         self.id = ("chatcmpl-" if chat else "cmpl-") + job_id
-        self.created = int(time.time())
+        self.created = int(time.time()) if created is None else created
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -233,18 +242,24 @@ def _interrupted(job_id: str) -> OpenAIError:
 
 def _respond(req: _Request, chat: bool):
     op = req.operation()
+    # An Idempotency-Key answers again with the first request's job: streamed again, or its result.
+    idem = idempotency(request.path, req.model_dump_json())
     release = limits.stream_slot() if req.stream else None  # before the job exists: a 429 runs nothing
     try:
-        job_id, _ = submit(op)
+        job_id = submit(op, idem).job_id
     except Exception:
         if release:
             release()
         raise
-    shape = _Shape(chat, job_id, op.model)
+    # The job's submit time, so a replayed answer is the same answer.
+    submitted = resources().redis.hget(keys.job_info(job_id), "submitted")
+    shape = _Shape(chat, job_id, op.model, int(submitted) // 1000 if submitted else None)
     headers = {"X-Inferq-Job-Id": job_id}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        response = Response(stream_with_context(_stream(job_id, shape, include_usage)), mimetype="text/event-stream",
+        # With a key, the client means to come back for the job: leaving does not cancel it.
+        stream = _stream(job_id, shape, include_usage, cancel_on_disconnect=idem is None)
+        response = Response(stream_with_context(stream), mimetype="text/event-stream",
                             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         response.call_on_close(release)
         return response
@@ -262,7 +277,7 @@ def _respond(req: _Request, chat: bool):
     raise _interrupted(job_id)
 
 
-def _stream(job_id: str, shape: _Shape, include_usage: bool):
+def _stream(job_id: str, shape: _Shape, include_usage: bool, cancel_on_disconnect: bool = True):
     """OpenAI's chunks for the job's events; ``[DONE]`` only after a complete answer.
 
     A job error, or a stream cut off before the job ended, ends with an error
@@ -309,7 +324,7 @@ def _stream(job_id: str, shape: _Shape, include_usage: bool):
             err = _interrupted(job_id)
             yield data(_error_body(err.status, err.message, err.code))
     finally:
-        if not done and not lifecycle.stopping.is_set():  # the client went away mid-stream: free the worker
+        if not done and cancel_on_disconnect and not lifecycle.stopping.is_set():  # the client left: free the worker
             try:
                 res = resources()
                 view = jobs.view(res.redis, res.eventlog, job_id)
