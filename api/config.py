@@ -25,6 +25,11 @@ DEFAULTS = {
     "SUBMIT_BURST": 0,  # the token bucket's size; 0: twice the rate
     "MAX_QUEUED_PER_TENANT": 0,
     "MAX_RUNNING_PER_TENANT": 0,
+    # Webhooks (queue_schema/webhooks.py): "whsec_" + base64 key, and the hosts a webhook_url may name.
+    "WEBHOOK_SECRET": None,
+    "WEBHOOK_ALLOW_HOSTS": None,
+    "WEBHOOK_TIMEOUT_S": 5.0,
+    "WEBHOOK_RETRY_BASE_S": 5.0,  # first retry after this; then doubling, up to an hour, for 24 h
     # Open SSE streams, per principal and per API process (api/limits.py). The process bound
     # stays below gunicorn's worker_connections (api/gunicorn_conf.py) so /health and
     # ordinary requests always find a free connection.
@@ -43,7 +48,8 @@ DEFAULTS = {
 
 # Lists of names and secrets, taken as written: from_prefixed_env would JSON-parse them, and
 # `0`, `false`, `null` or `[]` would quietly turn auth off (`true` became the token `True`).
-RAW_SETTINGS = ("API_TOKENS", "ADMIN_TOKENS", "HIGH_PRIORITY_TENANTS", "TRUSTED_ORIGINS")
+RAW_SETTINGS = ("API_TOKENS", "ADMIN_TOKENS", "HIGH_PRIORITY_TENANTS", "TRUSTED_ORIGINS", "WEBHOOK_SECRET",
+                "WEBHOOK_ALLOW_HOSTS")
 
 
 class ConfigError(ValueError):

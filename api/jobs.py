@@ -7,7 +7,7 @@ from flask import Blueprint, current_app, jsonify, request, url_for
 
 from api import auth
 from api.extensions import resources
-from queue_schema import books, jobs, keys, leases, listing, stats, tenants
+from queue_schema import books, jobs, keys, leases, listing, stats, tenants, webhooks
 from queue_schema.admission import Admitted, Idempotency
 from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.eventlog import Appended
@@ -42,10 +42,22 @@ def idempotency(route: str, request_json: str) -> Idempotency | None:
     return Idempotency.of(key, f"{route}\n{request_json}")
 
 
+def check_webhook(url: str | None) -> None:
+    if url is None:
+        return
+    problem = webhooks.url_problem(url, current_app.extensions["inferq_webhook_hosts"])
+    if current_app.extensions["inferq_webhook_key"] is None:
+        problem = "cannot be called: webhooks are off (INFERQ_WEBHOOK_SECRET is unset)"
+    if problem is not None:
+        raise InferqError(ErrorCode.INVALID_REQUEST, f"invalid request: webhook_url {problem}", errors=[
+            {"field": "webhook_url", "constraint": "allowed_host", "message": f"webhook_url {problem}"}])
+
+
 def submit(op: InferOperation, idem: Idempotency | None = None) -> Admitted:
     """Admit the job for the caller's tenant (model check, limits, queue bound, enqueue, ``queued``
     event: one atomic step), or find the one ``idem`` already made. Shared with the OpenAI routes."""
     auth.check_priority(op.priority)
+    check_webhook(getattr(op, "webhook_url", None))
     res = resources()
     admitted = res.admission.admit(op, int(current_app.config["MAX_QUEUE_DEPTH"]), auth.principal().tenant,
                                    tenant_limits(), idem)

@@ -71,6 +71,11 @@ class InferOperation(BaseModel):
                                                                                           "boolean", "null"],
                                                                                  "maxLength": MAX_METADATA_STRING}})
 
+    # Called when the job ends (queue_schema/webhooks.py); the API allows only
+    # the hosts in INFERQ_WEBHOOK_ALLOW_HOSTS.
+    webhook_url: str = Field(None, min_length=1, max_length=2048,  # type: ignore[assignment]
+                             description="POSTed a signed job.finished / job.failed / job.cancelled event.")
+
     @field_validator("max_tokens", "top_k", "seed", "timeout_s", "ttl_s", mode="before")
     @classmethod
     def _integral_floats(cls, value: Any) -> Any:
