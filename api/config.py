@@ -30,6 +30,12 @@ DEFAULTS = {
     "WEBHOOK_ALLOW_HOSTS": None,
     "WEBHOOK_TIMEOUT_S": 5.0,
     "WEBHOOK_RETRY_BASE_S": 5.0,  # first retry after this; then doubling, up to an hour, for 24 h
+    # Files and batches (queue_schema/files.py, queue_schema/batches.py); file bytes live in Redis.
+    "FILE_MAX_BYTES": 8 << 20,
+    "FILE_MAX_LINES": 10_000,
+    "FILES_MAX_BYTES_PER_TENANT": 64 << 20,
+    "FILE_TTL_S": 7 * 24 * 3600,
+    "BATCH_WINDOW": 16,  # lines of one batch queued or running at once
     # Open SSE streams, per principal and per API process (api/limits.py). The process bound
     # stays below gunicorn's worker_connections (api/gunicorn_conf.py) so /health and
     # ordinary requests always find a free connection.

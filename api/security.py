@@ -25,7 +25,8 @@ from api.config import csv_setting
 from queue_schema.errors import ErrorCode, InferqError
 
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
-JSON_ENDPOINTS = {"jobs.create_job", "jobs.create_inference", "openai.completions", "openai.chat_completions"}
+JSON_ENDPOINTS = {"jobs.create_job", "jobs.create_inference", "openai.completions", "openai.chat_completions",
+                  "batches.create_batch"}
 # rq-dashboard 0.9's blueprint: every route that changes Redis.
 DASHBOARD_WRITES = {"rq_dashboard.delete_job_view", "rq_dashboard.requeue_job_view", "rq_dashboard.requeue_all",
                     "rq_dashboard.empty_queue", "rq_dashboard.compact_queue"}
