@@ -7,8 +7,9 @@ constant time. ``?access_token=`` is accepted on stream routes only, because a
 browser's EventSource cannot set headers.
 
 ``INFERQ_ADMIN_TOKENS`` (same format; the name defaults to ``admin``) are
-tokens that see every tenant's jobs, files and batches. Setting only admin
-tokens also turns auth on.
+tokens that see every tenant's jobs, files and batches; once any is set,
+rq-dashboard (which shows every tenant's jobs) takes only them. Setting only
+admin tokens also turns auth on.
 
 ``principal()`` names the current request's tenant and the key its limits are
 counted by (api/limits.py, and Redis-side admission). A job, file or batch
@@ -151,6 +152,10 @@ def check_request() -> None:
         scheme = "Basic" if (request.blueprint or "") == "rq_dashboard" else "Bearer"
         raise InferqError(ErrorCode.UNAUTHORIZED, "missing or invalid bearer token",
                           headers={"WWW-Authenticate": f'{scheme} realm="inferq"'})
+    if request.blueprint == "rq_dashboard" and not found.admin and any(p.admin for _, p in tokens):
+        # rq-dashboard shows every tenant's jobs and their payloads: with admins configured, only for them.
+        raise InferqError(ErrorCode.UNAUTHORIZED, "rq-dashboard shows every tenant's jobs: use an admin token",
+                          headers={"WWW-Authenticate": 'Basic realm="inferq"'})
     g.inferq_principal = found
 
 

@@ -192,9 +192,11 @@ def _submit(batch: batches.Batch) -> bool:
     submitted = batch.submitted
     tenant = Tenant(batch.tenant, f"batch:{batch.limit_key}")
     blocked = False
-    while out < window and submitted < batch.total:
+    # The lines this pass may submit, in one read.
+    pending = r.lrange(keys.batch_lines(batch.id), submitted, submitted + max(0, window - out) - 1)
+    for raw in pending:
         line = submitted
-        entry = json.loads(r.lindex(keys.batch_lines(batch.id), line))
+        entry = json.loads(raw)
         if "op" not in entry:
             batches.record(r, batch.id, [(line, _http_result(entry["custom_id"], None, entry["status"],
                                                              entry["body"]), False)])
@@ -215,7 +217,6 @@ def _submit(batch: batches.Batch) -> bool:
             else:
                 r.hset(keys.batch_jobs(batch.id), mapping={str(line): admitted.job_id,
                                                             f"j:{admitted.job_id}": line})
-                out += 1
         submitted += 1
         r.hset(keys.batch(batch.id), "submitted", submitted)
     return blocked
@@ -305,9 +306,8 @@ def _expire_rest(batch: batches.Batch) -> None:
     """Lines never submitted before the window ended: ``batch_expired`` in the error file."""
     r = resources().redis
     rest = []
-    for line in range(batch.submitted, batch.total):
-        entry = json.loads(r.lindex(keys.batch_lines(batch.id), line))
-        rest.append((line, _plain_error(entry["custom_id"], None, "batch_expired",
+    for line, raw in enumerate(r.lrange(keys.batch_lines(batch.id), batch.submitted, -1), batch.submitted):
+        rest.append((line, _plain_error(json.loads(raw)["custom_id"], None, "batch_expired",
                                         "the batch expired before this request ran"), False))
     batches.record(r, batch.id, rest)
 

@@ -193,3 +193,11 @@ def end_all(r, job_ids, owner):
     for job_id in job_ids:
         log.append(End(job_id=job_id, seq=log.next_seq(job_id), tokens_out=0, decode_time_ms=0, stop_reason="eos",
                        text=""), owner)
+
+
+def test_with_admins_configured_rq_dashboard_is_theirs_only(redis_url):
+    client = make_client(redis_url)
+    assert client.get("/rq/", headers=bearer(T.ALICE)).status_code == 401
+    assert client.get("/rq/", headers=bearer(ADMIN)).status_code == 200
+    no_admins = create_app({"REDIS_URL": redis_url, "TESTING": True, "API_TOKENS": f"{T.alice}:{T.ALICE}"})
+    assert no_admins.test_client().get("/rq/", headers=bearer(T.ALICE)).status_code == 200
