@@ -90,15 +90,25 @@ def start_worker(redis_url: str, model: str, path: Path, tmp: Path, *extra: str,
     proc = subprocess.Popen(cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
     worker = WorkerProcess(proc, model, log_path)
     if wait:
-        client = redis.Redis.from_url(redis_url)
-
-        def ready():
-            if proc.poll() is not None:
-                raise AssertionError(f"worker exited with {proc.returncode}:\n{worker.log()}")
-            return any(w.pid == proc.pid and w.state == "idle" for w in registry.live_workers(client))
-
-        wait_until(ready, what=f"worker for {model}")
+        try:
+            wait_ready(redis_url, worker)
+        except BaseException:  # never leave a worker behind a failed start
+            proc.kill()
+            proc.wait()
+            raise
     return worker
+
+
+def wait_ready(redis_url: str, worker: WorkerProcess) -> None:
+    client = redis.Redis.from_url(redis_url)
+    proc = worker.proc
+
+    def ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited with {proc.returncode}:\n{worker.log()}")
+        return any(w.pid == proc.pid and w.state == "idle" for w in registry.live_workers(client))
+
+    wait_until(ready, what=f"worker for {worker.model}")
 
 
 @pytest.fixture(scope="session")
