@@ -74,6 +74,9 @@ class Background:
 
     # --- webhooks ------------------------------------------------------------------------
     def deliver_webhooks(self) -> int:
+        if self.app.extensions["inferq_webhook_key"] is None:
+            # It could only abandon them: leave deliveries to the processes that can sign them.
+            return 0
         res = self.app.extensions["inferq"]
         deliveries = webhooks.Deliveries(res.redis, float(self.app.config["WEBHOOK_RETRY_BASE_S"]))
         claimed = deliveries.claim(now_ms())

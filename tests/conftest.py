@@ -172,11 +172,15 @@ def client(app):
     return app.test_client()
 
 
+# Every API process on one Redis advances every batch, whichever claims it: they must agree on these.
+SHARED_SETTINGS = {"BATCH_WINDOW": 4}
+
+
 def start_api(redis_url: str, log_path: Path, workers: int = 1, **settings) -> tuple[subprocess.Popen, str]:
     """gunicorn + gevent serving the API on a free port, with ``INFERQ_<name>`` settings; waits until it answers."""
     port = free_port()
     env = {**os.environ, "REDIS_URL": redis_url, "INFERQ_KEEPALIVE_S": "1",
-           **{f"INFERQ_{k}": str(v) for k, v in settings.items()}}
+           **{f"INFERQ_{k}": str(v) for k, v in {**SHARED_SETTINGS, **settings}.items()}}
     proc = subprocess.Popen([*GUNICORN, "--workers", str(workers), "--bind", f"127.0.0.1:{port}", "api.wsgi:app"],
                             cwd=ROOT, env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -218,7 +222,7 @@ class TenantAPI:
     def settings(self) -> dict:
         return {"API_TOKENS": f"alice:{self.ALICE},bob:{self.BOB}", "ADMIN_TOKENS": self.ADMIN,
                 "WEBHOOK_SECRET": self.WEBHOOK_SECRET, "WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
-                "WEBHOOK_RETRY_BASE_S": "0.3", "BATCH_WINDOW": "4"}
+                "WEBHOOK_RETRY_BASE_S": "0.3"}
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
+from inferq.client import Client
 from queue_schema import keys, webhooks
 from tests.conftest import TenantAPI, wait_until
 from tests.helpers import bearer, serve_fake_model
@@ -87,6 +88,11 @@ def receiver():
         rec.close()
 
 
+def ended(api: TenantAPI, job_id: str) -> dict:
+    """Wait for the job's end (a loaded machine may queue it a while): what follows times the webhook only."""
+    return list(Client(api.url, token=api.ALICE, timeout=60).events(job_id))[-1]
+
+
 def submit(api: TenantAPI, **fields):
     body = {"operation": "infer", "model": "tiny", "prompt": "def data", "max_tokens": 3, "temperature": 0, **fields}
     return requests.post(f"{api.url}/v1/jobs", json=body, headers=bearer(api.ALICE), timeout=30)
@@ -96,6 +102,7 @@ def submit(api: TenantAPI, **fields):
 def test_a_finished_job_is_posted_signed_and_retried_after_a_500(tenant_api, receiver, r):
     hook = receiver({"/hook": [500, 200]})
     job = submit(tenant_api, webhook_url=hook.url + "/hook").json()["job_id"]
+    ended(tenant_api, job)
     wait_until(lambda: len(hook.seen) >= 2, timeout=15, what="the retry")
     time.sleep(0.5)  # nothing more may come: the second attempt got its 200
     assert len(hook.seen) == 2
@@ -116,6 +123,7 @@ def test_a_finished_job_is_posted_signed_and_retried_after_a_500(tenant_api, rec
 def test_a_redirect_is_not_followed_and_a_failed_job_is_reported(tenant_api, receiver):
     hook = receiver({"/hook": [302, 204]})
     job = submit(tenant_api, prompt="word " * 600, max_tokens=16, webhook_url=hook.url + "/hook").json()["job_id"]
+    ended(tenant_api, job)
     wait_until(lambda: len(hook.seen) >= 2, timeout=15, what="the retry")
     assert [path for path, _, _ in hook.seen] == ["/hook", "/hook"]  # never /elsewhere
     event = json.loads(hook.seen[-1][2])
