@@ -5,8 +5,8 @@ import logging
 
 from flask import Flask
 
-from api import (auth, catalog, config, dashboard, errors, extensions, health, jobs, limits, metrics, openai_compat,
-                 openapi, security, stream, ui)
+from api import (auth, background, batches, catalog, config, dashboard, errors, extensions, files, health, jobs,
+                 limits, metrics, openai_compat, openapi, security, stream, ui)
 
 
 def create_app(test_config: dict | None = None) -> Flask:
@@ -26,7 +26,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     auth.init_app(app)
     security.init_app(app)
     limits.init_app(app)
-    for bp in (health.bp, metrics.bp, jobs.bp, stream.bp, catalog.bp, openai_compat.bp, openapi.bp, ui.bp):
+    background.init_app(app)
+    for bp in (health.bp, metrics.bp, jobs.bp, stream.bp, catalog.bp, openai_compat.bp, files.bp, batches.bp,
+               openapi.bp, ui.bp):
         app.register_blueprint(bp)
     dashboard.init_app(app)
     return app

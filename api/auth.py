@@ -6,8 +6,15 @@ but holding no token is a startup error, never auth off. Tokens are compared in
 constant time. ``?access_token=`` is accepted on stream routes only, because a
 browser's EventSource cannot set headers.
 
+``INFERQ_ADMIN_TOKENS`` (same format; the name defaults to ``admin``) are
+tokens that see every tenant's jobs, files and batches; once any is set,
+rq-dashboard (which shows every tenant's jobs) takes only them. Setting only
+admin tokens also turns auth on.
+
 ``principal()`` names the current request's tenant and the key its limits are
-counted by (api/limits.py, and Redis-side admission).
+counted by (api/limits.py, and Redis-side admission). A job, file or batch
+belongs to the tenant that made it; ``can_see`` says whether the current
+request may know it exists (others get the 404 an unknown id gets).
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from flask import Flask, current_app, g, request
 
 from api.config import ConfigError, csv_setting
 from queue_schema.errors import ErrorCode, InferqError
+from queue_schema.tenants import ANONYMOUS, SHARED, Tenant
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +36,8 @@ log = logging.getLogger(__name__)
 OPEN_ENDPOINTS = {"health.health", "health.ready", "metrics.metrics", "static", "ui.index", "ui.static"}
 QUERY_TOKEN_ENDPOINTS = {"stream.job_stream", "stream.narration"}
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-SHARED_TENANT = "default"
-ANONYMOUS = "anonymous"  # every request while auth is off
+SHARED_TENANT = SHARED
+ADMIN = "admin"
 SHORT_TOKEN = 16
 
 
@@ -39,6 +47,11 @@ class Principal:
 
     name: str
     limit_key: str
+    admin: bool = False  # sees every tenant's jobs, files and batches
+
+    @property
+    def tenant(self) -> Tenant:
+        return Tenant(self.name, self.limit_key)
 
 
 @dataclass(frozen=True)
@@ -47,34 +60,36 @@ class AuthConfig:
     high_priority: frozenset[str] | None  # None: every tenant may submit priority "high"
 
 
-def parse_tokens(raw) -> tuple[tuple[bytes, Principal], ...] | None:
-    """``INFERQ_API_TOKENS`` as (token, principal) pairs; None when unset. Raises ConfigError."""
-    entries = csv_setting(raw)
-    if entries is None:
+def parse_tokens(raw, admin_raw=None) -> tuple[tuple[bytes, Principal], ...] | None:
+    """``INFERQ_API_TOKENS`` (and ``INFERQ_ADMIN_TOKENS``) as (token, principal) pairs; None when
+    both are unset. Raises ConfigError."""
+    entries, admins = csv_setting(raw), csv_setting(admin_raw)
+    if entries is None and admins is None:
         return None
     owners: dict[str, Principal] = {}
-    for entry in entries:
-        name, sep, token = entry.partition(":")
-        if not sep:
-            name, token = SHARED_TENANT, entry
-        name, token = name.strip(), token.strip()
-        if not TENANT_PATTERN.match(name):
-            raise ConfigError(f"INFERQ_API_TOKENS: {name!r} is not a tenant name (letters, digits, '.', '_', '-'; "
-                              "entries are token or name:token)")
-        if not token:
-            raise ConfigError(f"INFERQ_API_TOKENS: the entry for tenant {name!r} has no token after ':'")
-        # A bare token's key must not reveal it, yet stay the same across processes and restarts;
-        # the ":" keeps it (and "addr:...") apart from every tenant name.
-        key = name if sep else "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
-        principal = Principal(name, key)
-        if owners.setdefault(token, principal) != principal:
-            raise ConfigError(f"INFERQ_API_TOKENS: one token is given to two tenants "
-                              f"({owners[token].name!r} and {name!r})")
-        if len(token) < SHORT_TOKEN:
-            log.warning("INFERQ_API_TOKENS: the token of tenant %r is shorter than %d characters: easy to guess",
-                        name, SHORT_TOKEN)
-    if not owners:
-        raise ConfigError("INFERQ_API_TOKENS is set but holds no token; unset it to turn auth off")
+    for setting, items, admin in (("INFERQ_API_TOKENS", entries, False), ("INFERQ_ADMIN_TOKENS", admins, True)):
+        if items is not None and not items:
+            raise ConfigError(f"{setting} is set but holds no token; unset it to turn auth off")
+        for entry in items or ():
+            name, sep, token = entry.partition(":")
+            if not sep:
+                name, token = (ADMIN if admin else SHARED_TENANT), entry
+            name, token = name.strip(), token.strip()
+            if not TENANT_PATTERN.match(name):
+                raise ConfigError(f"{setting}: {name!r} is not a tenant name (letters, digits, '.', '_', '-'; "
+                                  "entries are token or name:token)")
+            if not token:
+                raise ConfigError(f"{setting}: the entry for tenant {name!r} has no token after ':'")
+            # A bare token's key must not reveal it, yet stay the same across processes and restarts;
+            # the ":" keeps it (and "addr:...") apart from every tenant name.
+            key = name if sep or admin else "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+            principal = Principal(name, key, admin)
+            if owners.setdefault(token, principal) != principal:
+                raise ConfigError(f"{setting}: one token is given to two tenants "
+                                  f"({owners[token].name!r} and {name!r})")
+            if len(token) < SHORT_TOKEN:
+                log.warning("%s: the token of tenant %r is shorter than %d characters: easy to guess",
+                            setting, name, SHORT_TOKEN)
     return tuple((token.encode(), p) for token, p in owners.items())
 
 
@@ -118,6 +133,15 @@ def principal() -> Principal:
     return found if found is not None else _anonymous()
 
 
+def can_see(owner: str | None) -> bool:
+    """May the current request know of a job, file or batch that ``owner`` made? Admins see all;
+    with auth off there is one tenant; things with no owner (RQ's own jobs) only admins see."""
+    if _config().tokens is None:
+        return True
+    who = principal()
+    return who.admin or (owner is not None and owner == who.name)
+
+
 def check_request() -> None:
     tokens = _config().tokens
     if tokens is None or request.endpoint in OPEN_ENDPOINTS or request.method == "OPTIONS":
@@ -128,6 +152,10 @@ def check_request() -> None:
         scheme = "Basic" if (request.blueprint or "") == "rq_dashboard" else "Bearer"
         raise InferqError(ErrorCode.UNAUTHORIZED, "missing or invalid bearer token",
                           headers={"WWW-Authenticate": f'{scheme} realm="inferq"'})
+    if request.blueprint == "rq_dashboard" and not found.admin and any(p.admin for _, p in tokens):
+        # rq-dashboard shows every tenant's jobs and their payloads: with admins configured, only for them.
+        raise InferqError(ErrorCode.UNAUTHORIZED, "rq-dashboard shows every tenant's jobs: use an admin token",
+                          headers={"WWW-Authenticate": 'Basic realm="inferq"'})
     g.inferq_principal = found
 
 
@@ -144,6 +172,7 @@ def check_priority(priority: str) -> None:
 
 def init_app(app: Flask) -> None:
     tenants = csv_setting(app.config.get("HIGH_PRIORITY_TENANTS"))
-    app.extensions["inferq_auth"] = AuthConfig(parse_tokens(app.config.get("API_TOKENS")),
+    app.extensions["inferq_auth"] = AuthConfig(parse_tokens(app.config.get("API_TOKENS"),
+                                                            app.config.get("ADMIN_TOKENS")),
                                                frozenset(tenants) if tenants is not None else None)
     app.before_request(check_request)

@@ -11,12 +11,31 @@ DEFAULTS = {
     "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
     # Comma-separated `token` or `name:token` entries (api/auth.py); None (unset) turns auth off.
     "API_TOKENS": None,
+    # Tokens that see every tenant's jobs, files and batches (same format; the name defaults to "admin").
+    "ADMIN_TOKENS": None,
     # Comma-separated tenant names that may submit priority "high"; None (unset): everyone may.
     "HIGH_PRIORITY_TENANTS": None,
     # Comma-separated origins (scheme://host[:port]) trusted for writes besides the API's own
     # (a proxy that rewrites Host, say); see api/security.py.
     "TRUSTED_ORIGINS": None,
     "MAX_QUEUE_DEPTH": 1000,  # per model, on top of each worker's own --queue-depth
+    # Per limit key (a tenant, a bare token, a client address with auth off), checked in the
+    # admission script (queue_schema/tenants.py); 0 turns a limit off.
+    "SUBMITS_PER_S": 0,
+    "SUBMIT_BURST": 0,  # the token bucket's size; 0: twice the rate
+    "MAX_QUEUED_PER_TENANT": 0,
+    "MAX_RUNNING_PER_TENANT": 0,
+    # Webhooks (queue_schema/webhooks.py): "whsec_" + base64 key, and the hosts a webhook_url may name.
+    "WEBHOOK_SECRET": None,
+    "WEBHOOK_ALLOW_HOSTS": None,
+    "WEBHOOK_TIMEOUT_S": 5.0,
+    "WEBHOOK_RETRY_BASE_S": 5.0,  # first retry after this; then doubling, up to an hour, for 24 h
+    # Files and batches (queue_schema/files.py, queue_schema/batches.py); file bytes live in Redis.
+    "FILE_MAX_BYTES": 8 << 20,
+    "FILE_MAX_LINES": 10_000,
+    "FILES_MAX_BYTES_PER_TENANT": 64 << 20,
+    "FILE_TTL_S": 7 * 24 * 3600,
+    "BATCH_WINDOW": 16,  # lines of one batch queued or running at once
     # Open SSE streams, per principal and per API process (api/limits.py). The process bound
     # stays below gunicorn's worker_connections (api/gunicorn_conf.py) so /health and
     # ordinary requests always find a free connection.
@@ -35,7 +54,8 @@ DEFAULTS = {
 
 # Lists of names and secrets, taken as written: from_prefixed_env would JSON-parse them, and
 # `0`, `false`, `null` or `[]` would quietly turn auth off (`true` became the token `True`).
-RAW_SETTINGS = ("API_TOKENS", "HIGH_PRIORITY_TENANTS", "TRUSTED_ORIGINS")
+RAW_SETTINGS = ("API_TOKENS", "ADMIN_TOKENS", "HIGH_PRIORITY_TENANTS", "TRUSTED_ORIGINS", "WEBHOOK_SECRET",
+                "WEBHOOK_ALLOW_HOSTS")
 
 
 class ConfigError(ValueError):

@@ -16,7 +16,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from api.extensions import resources
-from queue_schema import jobs, keys, registry, stats
+from queue_schema import jobs, keys, registry, stats, tenants
 
 bp = Blueprint("metrics", __name__)
 _HELP = {
@@ -44,12 +44,15 @@ class RedisCollector:
         oldest = GaugeMetricFamily("inferq_queue_oldest_job_age_seconds", "Age of the oldest waiting job",
                                    labels=["model", "priority"])
         for model in models:
+            snap = jobs.snapshot(r, model)
             for priority in keys.PRIORITIES:
-                q = jobs.queue(r, model, priority)
-                depth.add_metric([model, priority], q.count)
-                oldest.add_metric([model, priority], _oldest_age(r, q))
+                depth.add_metric([model, priority], snap.lengths[priority])
+                # Each tenant's queue is FIFO: the oldest job is at the head of one of them.
+                oldest.add_metric([model, priority], max((_oldest_age(r, name) for name, n in
+                                                          snap.queues[priority].items() if n), default=0.0))
         yield depth
         yield oldest
+        yield from _tenant_families(r)
         for name, help_text in (("ttft_seconds", "Time from a job's start to its first token"),
                                 ("queue_wait_seconds", "Time jobs waited in the queue")):
             family = HistogramMetricFamily(f"inferq_{name}", help_text, labels=["model"])
@@ -89,8 +92,27 @@ class RedisCollector:
         yield from (by_state, running, rate, vram, slots, busy, batch)
 
 
-def _oldest_age(r: redis.Redis, q) -> float:
-    head = r.lindex(q.key, 0)
+def _tenant_families(r: redis.Redis):
+    """Jobs by tenant: counted by the admission and terminal-append scripts; queued and running
+    are the sizes of the sets those scripts keep (queue_schema.tenants)."""
+    counters = tenants.read_counters(r)
+    for name in ("submitted", "finished", "failed", "cancelled"):
+        family = CounterMetricFamily(f"inferq_tenant_jobs_{name}", f"{_HELP[name]}, by tenant", labels=["tenant"])
+        for tenant, value in sorted(counters.get(name, {}).items()):
+            family.add_metric([tenant], value)
+        yield family
+    queued = GaugeMetricFamily("inferq_tenant_jobs_queued", "Jobs waiting, by tenant", labels=["tenant"])
+    running = GaugeMetricFamily("inferq_tenant_jobs_running", "Jobs leased to a worker, by tenant",
+                                labels=["tenant"])
+    for tenant, (q, n) in sorted(tenants.counts(r).items()):
+        queued.add_metric([tenant], q)
+        running.add_metric([tenant], n)
+    yield queued
+    yield running
+
+
+def _oldest_age(r: redis.Redis, queue_name: str) -> float:
+    head = r.lindex(keys.rq_queue(queue_name), 0)
     if head is None:
         return 0.0
     try:

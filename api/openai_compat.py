@@ -2,9 +2,11 @@
 
 Each request becomes ordinary jobs (``infer``, or ``embed``; one per choice
 when ``n`` > 1), so priorities, queue bounds, cancellation, ``GET /v1/jobs``
-and the dashboards all apply. The request bodies are ``api.openai_models``;
-unknown OpenAI fields are ignored (clients send many); errors take OpenAI's
-shape.
+and the dashboards all apply, and they belong to the caller's tenant. An
+``Idempotency-Key`` answers a repeated request with the first one's jobs
+(with ``n`` > 1, each choice has a key derived from it). The request bodies
+are ``api.openai_models``; unknown OpenAI fields are ignored (clients send
+many); errors take OpenAI's shape.
 """
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ import redis
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 from pydantic import ValidationError
 
-from api import lifecycle, limits, relay
+from api import auth, lifecycle, limits, relay
 from api.extensions import resources
-from api.jobs import request_cancel, submit
+from api.jobs import idempotency, request_cancel, submit
 from api.openai_models import ChatRequest, CompletionRequest, EmbeddingRequest, InvalidField, _Request
-from queue_schema import jobs
+from queue_schema import jobs, keys
+from queue_schema.admission import Admitted, Idempotency
 from queue_schema.errors import ErrorCode, InferqError
 
 log = logging.getLogger(__name__)
@@ -61,7 +64,8 @@ def _invalid_field(exc: InvalidField):
 @bp.errorhandler(InferqError)
 def _inferq_error(exc: InferqError):
     code = "model_not_found" if exc.code == ErrorCode.MODEL_NOT_FOUND else exc.code.value.lower()
-    return jsonify(_error_body(exc.status, exc.message, code)), exc.status, exc.headers
+    param = exc.errors[0]["field"] if exc.errors else None
+    return jsonify(_error_body(exc.status, exc.message, code, param)), exc.status, exc.headers
 
 
 @bp.errorhandler(redis.RedisError)
@@ -76,6 +80,14 @@ def _redis_error(exc):
     log.warning("redis unavailable: %s", exc)
     return (jsonify(_error_body(503, "the queue (Redis) is unavailable; retry shortly", "redis_unavailable")), 503,
             {"Retry-After": RETRY_AFTER_S})
+
+
+def use_openai_errors(blueprint: Blueprint) -> None:
+    """Errors in OpenAI's shape on another blueprint's routes too (files, batches)."""
+    blueprint.register_error_handler(OpenAIError, _openai_error)
+    blueprint.register_error_handler(InvalidField, _invalid_field)
+    blueprint.register_error_handler(InferqError, _inferq_error)
+    blueprint.register_error_handler(redis.RedisError, _redis_error)  # 503 only when Redis is unavailable
 
 
 def _parse(model_cls):
@@ -128,10 +140,10 @@ def _legacy_logprobs(events: list[dict], offset: int = 0) -> dict:
 class _Shape:
     """What differs between the completion and the chat-completion responses."""
 
-    def __init__(self, chat: bool, job_id: str, model: str, logprobs: bool):
+    def __init__(self, chat: bool, job_id: str, model: str, logprobs: bool = False, created: int | None = None):
         self.chat, self.model, self.logprobs = chat, model, logprobs
         self.id = ("chatcmpl-" if chat else "cmpl-") + job_id
-        self.created = int(time.time())
+        self.created = int(time.time()) if created is None else created
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -191,16 +203,27 @@ def _interrupted(job_id: str) -> OpenAIError:
                        headers=_NO_RETRY)
 
 
-def _submit_all(ops) -> list[str]:
-    """Admit every choice's job; if one is refused, cancel the ones admitted before it."""
-    job_ids = []
+def _submit_all(ops, idem: Idempotency | None) -> list[Admitted]:
+    """Admit every choice's job, choice i under the key's ``Idempotency.choice(i)``, or find the one
+    that key already made. If one is refused, the jobs this request admitted are cancelled and their
+    keys forgotten, so a retry with the key starts afresh, as it does when a single job is refused;
+    choices found by their key (another request's) are left to that request."""
+    admitted: list[Admitted] = []
     try:
-        for op in ops:
-            job_ids.append(submit(op)[0])
+        for i, op in enumerate(ops):
+            admitted.append(submit(op, idem.choice(i) if idem else None))
     except Exception:
-        _cancel_open(job_ids)
+        fresh = [(i, a) for i, a in enumerate(admitted) if not a.replayed]
+        if idem is not None:
+            tenant = auth.principal().tenant
+            for i, a in fresh:
+                try:
+                    resources().admission.forget(tenant, idem.choice(i), a.job_id)
+                except redis.RedisError:
+                    log.warning("job %s: could not forget its idempotency key", a.job_id)
+        _cancel_open([a.job_id for _, a in fresh])
         raise
-    return job_ids
+    return admitted
 
 
 def _cancel_open(job_ids: list[str]) -> None:
@@ -216,19 +239,25 @@ def _cancel_open(job_ids: list[str]) -> None:
 
 def _respond(req: _Request, chat: bool):
     ops = req.operations()
+    # An Idempotency-Key answers again with the first request's jobs: streamed again, or their result.
+    idem = idempotency(request.path, req.model_dump_json())
     release = limits.stream_slot() if req.stream else None  # before any job exists: a 429 runs nothing
     try:
-        job_ids = _submit_all(ops)
+        job_ids = [a.job_id for a in _submit_all(ops, idem)]
     except Exception:
         if release:
             release()
         raise
-    shape = _Shape(chat, job_ids[0], ops[0].model, ops[0].logprobs is not None)
+    # The first job's submit time, so a replayed answer is the same answer.
+    submitted = resources().redis.hget(keys.job_info(job_ids[0]), "submitted")
+    shape = _Shape(chat, job_ids[0], ops[0].model, ops[0].logprobs is not None,
+                   int(submitted) // 1000 if submitted else None)
     headers = {"X-Inferq-Job-Id": ",".join(job_ids)}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        response = Response(stream_with_context(_stream(job_ids, shape, include_usage)),
-                            mimetype="text/event-stream",
+        # With a key, the client means to come back for the jobs: leaving does not cancel them.
+        stream = _stream(job_ids, shape, include_usage, cancel_on_disconnect=idem is None)
+        response = Response(stream_with_context(stream), mimetype="text/event-stream",
                             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         response.call_on_close(release)
         return response
@@ -253,7 +282,7 @@ def _respond(req: _Request, chat: bool):
     return jsonify(shape.whole(choices, _usage(prompt_tokens, completion_tokens))), 200, headers
 
 
-def _stream(job_ids: list[str], shape: _Shape, include_usage: bool):
+def _stream(job_ids: list[str], shape: _Shape, include_usage: bool, cancel_on_disconnect: bool = True):
     """OpenAI's chunks for the jobs' events; ``[DONE]`` only after every choice is complete.
 
     A job error, or a stream cut off before the jobs ended, ends with an error
@@ -316,8 +345,8 @@ def _stream(job_ids: list[str], shape: _Shape, include_usage: bool):
         elif len(ended) < len(job_ids):  # one choice failed: the others are of no use
             _cancel_open(job_ids)
     finally:
-        if not done and not lifecycle.stopping.is_set():  # the client went away mid-stream: free the worker
-            _cancel_open(job_ids)
+        if not done and cancel_on_disconnect and not lifecycle.stopping.is_set():
+            _cancel_open(job_ids)  # the client went away mid-stream: free the workers
 
 
 @bp.post("/v1/completions")
@@ -333,10 +362,10 @@ def chat_completions():
 @bp.post("/v1/embeddings")
 def embeddings():
     """An ``embed`` job; the vectors come back as floats or (``encoding_format=base64``) as the worker
-    sent them: little-endian float32, base64."""
+    sent them: little-endian float32, base64. An Idempotency-Key answers again with the first job's."""
     req = _parse(EmbeddingRequest)
     op = req.operation()
-    job_id, _ = submit(op)
+    job_id = submit(op, idempotency(request.path, req.model_dump_json())).job_id
     vectors: dict[int, str] = {}
     prompt_tokens = 0
     for event in _events(job_id):
@@ -349,13 +378,18 @@ def embeddings():
         elif event["type"] == "end":
             if event["stop_reason"] == "cancelled":
                 raise OpenAIError(500, "the job was cancelled", code="cancelled", headers=_NO_RETRY)
-            data = [{"object": "embedding", "index": i,
-                     "embedding": vectors[i] if req.encoding_format == "base64" else _floats(vectors[i])}
-                    for i in sorted(vectors)]
-            return jsonify(object="list", data=data, model=op.model,
-                           usage={"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}), 200, \
+            return jsonify(_embedding_list(vectors, req.encoding_format, op.model, prompt_tokens)), 200, \
                 {"X-Inferq-Job-Id": job_id}
     raise _interrupted(job_id)
+
+
+def _embedding_list(vectors: dict[int, str], encoding_format: str, model: str, prompt_tokens: int) -> dict:
+    """The embeddings answer (shared with batches) from the job's vectors by input index."""
+    data = [{"object": "embedding", "index": i,
+             "embedding": vectors[i] if encoding_format == "base64" else _floats(vectors[i])}
+            for i in sorted(vectors)]
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
 def _floats(encoded: str) -> list[float]:

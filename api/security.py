@@ -26,7 +26,7 @@ from queue_schema.errors import ErrorCode, InferqError
 
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 JSON_ENDPOINTS = {"jobs.create_job", "jobs.create_inference", "openai.completions", "openai.chat_completions",
-                  "openai.embeddings"}
+                  "openai.embeddings", "batches.create_batch"}
 # rq-dashboard 0.9's blueprint: every route that changes Redis.
 DASHBOARD_WRITES = {"rq_dashboard.delete_job_view", "rq_dashboard.requeue_job_view", "rq_dashboard.requeue_all",
                     "rq_dashboard.empty_queue", "rq_dashboard.compact_queue"}

@@ -11,8 +11,9 @@ import logging
 import redis
 from flask import Blueprint, current_app, request, stream_with_context
 
-from api import limits, relay, sse
+from api import auth, limits, relay, sse
 from api.extensions import resources
+from queue_schema import tenants
 from queue_schema.errors import ErrorCode, InferqError
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ MAX_SEQ = 2**53  # far past any job's last event, and exact in every client's JS
 @bp.get("/v1/jobs/<job_id>/stream")
 def job_stream(job_id: str):
     res = resources()
-    if not res.eventlog.exists(job_id):
+    if not res.eventlog.exists(job_id) or not auth.can_see(tenants.owner(res.redis, job_id)):
         raise InferqError(ErrorCode.JOB_NOT_FOUND, f"no event log for job {job_id!r} (unknown, or expired)")
     after = _last_event_id()
     keepalive = float(current_app.config["KEEPALIVE_S"])

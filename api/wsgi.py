@@ -1,17 +1,22 @@
 """WSGI entry point: ``gunicorn -k gevent api.wsgi:app``.
 
 Each API process also reaps: a model's only worker dying is noticed here
-(``queue_schema.reaper``), not only by other workers of that model.
+(``queue_schema.reaper``), not only by other workers of that model; and it
+delivers webhooks and advances batches (``api/background.py``).
 """
 import os
 import socket
 
 from api import create_app, lifecycle
+from api.background import Background
 from api.extensions import resources
 from queue_schema.reaper import Reaper
 
 app = create_app()
 lifecycle.end_streams_on_shutdown()
+identity = f"api-{socket.gethostname()}-{os.getpid()}"
 with app.app_context():
-    reaper = Reaper(resources().redis, f"api-{socket.gethostname()}-{os.getpid()}", resources().eventlog)
+    reaper = Reaper(resources().redis, identity, resources().eventlog)
 reaper.start()
+background = Background(app, identity)
+background.start()

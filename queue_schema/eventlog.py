@@ -21,6 +21,13 @@ field; the script refuses any write after one and, with it, releases the
 job's lease and takes it off the open-jobs index, so a job's stream ends with
 exactly one ``end`` or ``error``.
 
+The terminal write is also the one place every ending passes through (a
+worker's, the reaper's, a cancel's), so the same step settles what hangs on
+a job's end: it leaves its tenant's queued and running sets
+(queue_schema.tenants) and is counted by tenant; a job with a webhook gets
+its delivery scheduled (queue_schema.webhooks); a batch line is handed to
+its batch (queue_schema.batches). No path that ends a job can miss them.
+
 The published message is ``"<seq> <type> <json>"`` (``-`` for no seq): the
 API's relay learns an event's seq and type without parsing its JSON, and the
 SSE wire format stays the API's business (api/sse.py).
@@ -34,7 +41,7 @@ from enum import IntEnum
 import redis
 
 from queue_schema import keys
-from queue_schema.events import Narration, _Event, parse_event
+from queue_schema.events import Narration, _Event, now_ms, parse_event
 
 # How long a job's log (and RQ's job hash and result) lives after it ends: replay, late watchers.
 DEFAULT_TTL_S = int(os.environ.get("INFERQ_JOB_TTL_S", 24 * 3600))
@@ -51,13 +58,36 @@ class Appended(IntEnum):
     GAP = -2  # the first new seq is past the log's end: nothing written
 
 
-# KEYS: leases index, open-jobs index, then (stream, channel, lease) per job.
-# ARGV: writer, ttl, then per job: its id, n, then (seq, event json, published message, terminal) n times.
+# KEYS: leases index, open-jobs index, tenant counters, webhooks due, batches due, batches claimed,
+#       then (stream, channel, lease) per job.
+# ARGV: writer, ttl, now (ms), the affixes of job info, queued and running sets, a batch's ended list
+#       and a webhook delivery, then per job: its id, n, then (seq, event json, published message,
+#       final state or "") n times.
 _APPEND = """
-local writer, ttl = ARGV[1], ARGV[2]
+local writer, ttl, now = ARGV[1], ARGV[2], ARGV[3]
+local function ended(job, state)
+  local info = ARGV[4] .. job .. ARGV[5]
+  local meta = redis.call('HMGET', info, 'tenant', 'limit', 'webhook', 'batch')
+  if meta[2] then
+    redis.call('SREM', ARGV[6] .. meta[2] .. ARGV[7], job)
+    redis.call('SREM', ARGV[8] .. meta[2] .. ARGV[9], job)
+  end
+  if meta[1] then redis.call('HINCRBY', KEYS[3], state .. '|' .. meta[1], 1) end
+  if meta[3] then
+    local delivery = 'job_' .. job
+    redis.call('HSET', ARGV[12] .. delivery .. ARGV[13], 'url', meta[3], 'type', 'job.' .. state,
+               'target', job, 'state', state, 'tenant', meta[1] or '', 'created', now)
+    redis.call('ZADD', KEYS[4], now, delivery)
+  end
+  if meta[4] then
+    redis.call('RPUSH', ARGV[10] .. meta[4] .. ARGV[11], job)
+    if not redis.call('ZSCORE', KEYS[6], meta[4]) then redis.call('ZADD', KEYS[5], now, meta[4]) end
+  end
+  if meta[1] then redis.call('EXPIRE', info, ttl) end
+end
 local out = {}
-local a = 3
-for k = 3, #KEYS, 3 do
+local a = 14
+for k = 7, #KEYS, 3 do
   local stream, channel, lease = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   local job, n = ARGV[a], tonumber(ARGV[a + 1])
   local first = a + 2
@@ -79,12 +109,13 @@ for k = 3, #KEYS, 3 do
       local seq = tonumber(ARGV[i])
       if seq > next_seq then status = -2 break end
       if seq == next_seq then
-        if ARGV[i + 3] == '1' then
+        if ARGV[i + 3] ~= '' then
           redis.call('XADD', stream, seq .. '-1', 'e', ARGV[i + 1], 'closed', '1')
           redis.call('PUBLISH', channel, ARGV[i + 2])
           redis.call('DEL', lease)
           redis.call('ZREM', KEYS[1], job)
           redis.call('ZREM', KEYS[2], job)
+          ended(job, ARGV[i + 3])
           next_seq = seq + 1
           break
         end
@@ -104,6 +135,19 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
 redis.call('PUBLISH', KEYS[2], ARGV[2])
 return 1
 """
+
+
+_ENDING_AFFIXES = [*keys.split(keys.job_info), *keys.split(keys.limit_queued), *keys.split(keys.limit_running),
+                   *keys.split(keys.batch_ended), *keys.split(keys.webhook)]
+
+
+def final_state(event: _Event) -> str | None:
+    """What a terminal event makes of its job (finished, failed, cancelled); None for others."""
+    if not event.terminal:
+        return None
+    if event.type == "end":
+        return "cancelled" if event.stop_reason == "cancelled" else "finished"
+    return "cancelled" if event.code == "CANCELLED" else "failed"
 
 
 def _entry_id(seq: int) -> str:
@@ -143,10 +187,12 @@ class EventLog:
             data = event.model_dump_json(exclude_none=True)
             if event.job_id is not None:
                 per_job.setdefault(event.job_id, []).extend(
-                    (event.seq, data, published(data, event.type, event.seq), "1" if event.terminal else "0"))
+                    (event.seq, data, published(data, event.type, event.seq), final_state(event) or ""))
             if isinstance(event, Narration):
                 narration.append(data)
-        keys_, args = [keys.LEASES, keys.OPEN_JOBS], [writer, self.ttl_s]
+        keys_ = [keys.LEASES, keys.OPEN_JOBS, keys.TENANT_COUNTERS, keys.WEBHOOKS_DUE, keys.BATCHES_DUE,
+                 keys.BATCHES_CLAIMED]
+        args = [writer, self.ttl_s, now_ms(), *_ENDING_AFFIXES]
         for job_id, fields in per_job.items():
             keys_ += [keys.job_events(job_id), keys.job_channel(job_id), keys.job_lease(job_id)]
             args += [job_id, len(fields) // 4, *fields]

@@ -6,7 +6,7 @@ they are doing now: queued (at which position, with an ETA), running, ended.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 from rq import Queue
@@ -16,7 +16,7 @@ from rq.serializers import JSONSerializer
 
 from queue_schema import keys, registry, stats
 from queue_schema.eventlog import EventLog
-from queue_schema.events import End, _Event, now_ms
+from queue_schema.events import End, _Event, now_ms, parse_event
 
 
 def queue(client: redis.Redis, model: str, priority: str) -> Queue:
@@ -44,20 +44,22 @@ def cancelled_end(job_id: str, seq: int) -> End:
 
 @dataclass
 class QueueSnapshot:
-    """What a submit needs to know, read in one round trip."""
+    """What a submit needs to know, read in two round trips."""
 
     model: registry.ModelInfo | None
-    lengths: dict[str, int]  # priority -> waiting jobs
+    lengths: dict[str, int]  # priority -> waiting jobs (every tenant's)
     job_seconds: float | None
     serving_workers: int
     slots: int = 1  # jobs each serving worker runs at once
+    queues: dict[str, dict[str, int]] = field(default_factory=dict)  # priority -> queue name -> waiting
 
     @property
     def depth(self) -> int:
         return sum(self.lengths.values())
 
     def ahead(self, priority: str) -> int:
-        """Jobs taken before one enqueued now at ``priority``."""
+        """Jobs at ``priority`` or above (every one of them goes before a job enqueued now, in a
+        single-tenant queue)."""
         return sum(self.lengths[p] for p in keys.PRIORITIES[: keys.PRIORITIES.index(priority) + 1])
 
     def eta(self, position: int) -> float | None:
@@ -72,14 +74,23 @@ def snapshot(client: redis.Redis, model: str) -> QueueSnapshot:
     pipe = client.pipeline(transaction=False)
     pipe.get(keys.model(model))
     for p in keys.PRIORITIES:
-        pipe.llen(queue_key(model, p))
+        pipe.lrange(keys.queue_ring(keys.queue_name(model, p)), 0, -1)
     pipe.hget(keys.histogram(stats.RATE_KEY, model), "value")
     pipe.zcount(keys.model_workers(model), now - registry.WORKER_TTL_S, "+inf")
     blob, *rest = pipe.execute()
-    lengths, (per_job, serving) = dict(zip(keys.PRIORITIES, rest[:-2])), rest[-2:]
+    rings, (per_job, serving) = rest[:-2], rest[-2:]
+    # The model's own queue counts whether or not it is in the ring (jobs RQ's API pushed).
+    names = {p: {keys.queue_name(model, p)} | {m.decode() for m in ring} for p, ring in zip(keys.PRIORITIES, rings)}
+    pipe = client.pipeline(transaction=False)
+    for p in keys.PRIORITIES:
+        for name in sorted(names[p]):
+            pipe.llen(keys.rq_queue(name))
+    counts = iter(pipe.execute())
+    queues = {p: {name: next(counts) for name in sorted(names[p])} for p in keys.PRIORITIES}
+    lengths = {p: sum(queues[p].values()) for p in keys.PRIORITIES}
     model_info = registry.ModelInfo.model_validate_json(blob) if blob else None
     return QueueSnapshot(model_info, lengths, float(per_job) if per_job is not None else None, int(serving),
-                         model_info.slots if model_info else 1)
+                         model_info.slots if model_info else 1, queues)
 
 
 def depth(client: redis.Redis, model: str) -> int:
@@ -122,13 +133,39 @@ def view(client: redis.Redis, log: EventLog, job_id: str) -> JobView | None:
         job = Job.fetch(job_id, connection=client, serializer=JSONSerializer)
     except Exception:  # rq raises NoSuchJobError, or a decode error for foreign keys
         job = None
-    last = log.last(job_id)
+    return _view(client, job_id, job, log.last(job_id), with_position=True)
+
+
+def views(client: redis.Redis, job_ids: list[str]) -> list[JobView | None]:
+    """Many jobs' states in one round trip, without queue positions (listings)."""
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hgetall(keys.rq_job(job_id))
+        pipe.xrevrange(keys.job_events(job_id), count=1)
+    raw = pipe.execute()
+    out = []
+    for i, job_id in enumerate(job_ids):
+        fields, entries = raw[2 * i], raw[2 * i + 1]
+        job = None
+        if fields:
+            try:
+                job = Job(job_id, connection=client, serializer=JSONSerializer)
+                job.restore(fields)
+            except Exception:  # a hash that is not an RQ job's
+                job = None
+        last = parse_event(entries[0][1][b"e"]) if entries else None
+        out.append(_view(client, job_id, job, last, with_position=False))
+    return out
+
+
+def _view(client: redis.Redis, job_id: str, job: Job | None, last: _Event | None,
+          with_position: bool) -> JobView | None:
     if job is None and last is None:
         return None
     meta = job.meta if job is not None else {}
     started_ms = int(job.started_at.timestamp() * 1000) if job is not None and job.started_at else None
     terminal = last if last is not None and last.terminal else None
-    position = None
+    position = snap = None
     if terminal is not None:
         if terminal.type == "end":
             state = "cancelled" if terminal.stop_reason == "cancelled" else "finished"
@@ -138,8 +175,9 @@ def view(client: redis.Redis, log: EventLog, job_id: str) -> JobView | None:
         status = job.get_status(refresh=False) if job is not None else None
         if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
             state = "queued"
-            snap = snapshot(client, meta["model"]) if meta.get("model") else None
-            position = _position(client, job, snap)
+            if with_position and meta.get("model"):
+                snap = snapshot(client, meta["model"])
+                position = _position(client, job, snap)
             expires = meta.get("expires_ms")
             if expires and now_ms() > expires:
                 state = "expired"  # the worker that takes it will end it with TIMEOUT
@@ -149,7 +187,7 @@ def view(client: redis.Redis, log: EventLog, job_id: str) -> JobView | None:
             state = "failed"
         else:
             state = "running"
-    eta = snap.eta(position) if position is not None else None
+    eta = snap.eta(position) if position is not None and snap is not None else None
     return JobView(job_id, state, meta.get("model"), position, terminal, meta.get("submitted_ms"), started_ms, eta,
                    _metadata(job) if terminal is not None else None)
 
@@ -162,11 +200,14 @@ def _metadata(job: Job | None) -> dict | None:
 
 
 def _position(client: redis.Redis, job: Job, snap: QueueSnapshot | None) -> int | None:
-    model, priority = job.meta.get("model"), job.meta.get("priority")
+    """Jobs that go before this one: an estimate under fair share (every job of a higher priority,
+    those ahead in its own queue, and as many of each other tenant's as the ring takes meanwhile)."""
+    priority = job.meta.get("priority")
     if snap is None or priority not in keys.PRIORITIES:
         return None
-    own = queue(client, model, priority).get_job_position(job.id)
+    own = client.lpos(keys.rq_queue(job.origin), job.id)
     if own is None:
         return None
     higher = keys.PRIORITIES[: keys.PRIORITIES.index(priority)]
-    return own + sum(snap.lengths[p] for p in higher)
+    others = sum(min(n, own + 1) for name, n in snap.queues.get(priority, {}).items() if name != job.origin)
+    return own + others + sum(snap.lengths[p] for p in higher)

@@ -8,7 +8,12 @@ PREFIX = "inferq"
 
 # RQ adds its own "rq:queue:" prefix to queue names.
 QUEUE_PREFIX = f"{PREFIX}."
-PRIORITIES = ("high", "normal", "low")
+# Interactive priorities first; "batch" (OpenAI batch lines, queue_schema.batches) is taken only
+# when nothing interactive waits, and is outside the admission bound.
+PRIORITIES = ("high", "normal", "low", "batch")
+INTERACTIVE = PRIORITIES[:3]
+# A tenant's own RQ queue is "<model's queue>@<tenant>": neither model nor tenant names hold "@".
+TENANT_QUEUE_SEP = "@"
 
 WORKERS = f"{PREFIX}:workers"  # sorted set: worker id -> last heartbeat (epoch s)
 MODELS = f"{PREFIX}:models"  # sorted set: model name -> last time a worker served it
@@ -19,6 +24,13 @@ COUNTERS = f"{PREFIX}:stats:counters"  # hash: "<counter>|<model>" -> count, for
 LEASES = f"{PREFIX}:leases"  # sorted set: job id -> when its lease was taken (ms): the running jobs
 OPEN_JOBS = f"{PREFIX}:jobs:open"  # sorted set: job id -> submitted (ms), while its log has no terminal event
 REAPER = f"{PREFIX}:reaper"  # which process reaps lost jobs now (a short-lived lock)
+JOB_INDEX = f"{PREFIX}:jobs:index"  # sorted set: job id -> submitted (ms), every tenant's (admins list it)
+TENANTS = f"{PREFIX}:tenants"  # hash: limit key -> tenant name, for /metrics
+TENANT_COUNTERS = f"{PREFIX}:stats:tenants"  # hash: "<counter>|<tenant>" -> count, for /metrics
+WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"  # sorted set: delivery id -> when it is due (ms)
+WEBHOOKS_CLAIMED = f"{PREFIX}:webhooks:claimed"  # sorted set: delivery id -> when its claim lapses (ms)
+BATCHES_DUE = f"{PREFIX}:batches:due"  # sorted set: batch id -> when it next needs advancing (ms)
+BATCHES_CLAIMED = f"{PREFIX}:batches:claimed"  # sorted set: batch id -> when its claim lapses (ms)
 # RQ's own names for the Redis objects it keeps; inferq's Lua scripts touch them, so they are spelled here too.
 RQ_QUEUE_PREFIX = "rq:queue:"
 RQ_JOB_PREFIX = "rq:job:"
@@ -30,9 +42,20 @@ def histogram(name: str, model: str) -> str:
     return f"{PREFIX}:stats:hist:{name}:{model}"
 
 
-def queue_name(model: str, priority: str) -> str:
-    """RQ queue name for one model and priority."""
-    return f"{QUEUE_PREFIX}{model}.{priority}"
+def queue_name(model: str, priority: str, tenant: str | None = None) -> str:
+    """RQ queue name for one model and priority: the model's own, or one tenant's under it (fair share)."""
+    base = f"{QUEUE_PREFIX}{model}.{priority}"
+    return base if tenant is None else f"{base}{TENANT_QUEUE_SEP}{tenant}"
+
+
+def base_queue_name(name: str) -> str:
+    """The model's queue a tenant's queue belongs to (itself for a model's queue)."""
+    return name.partition(TENANT_QUEUE_SEP)[0]
+
+
+def queue_ring(name: str) -> str:
+    """List of the queues under one model queue that have jobs waiting, taken in turn (fair share)."""
+    return f"{PREFIX}:ring:{base_queue_name(name)}"
 
 
 def job_events(job_id: str) -> str:
@@ -48,6 +71,12 @@ def job_channel(job_id: str) -> str:
 def job_cancel(job_id: str) -> str:
     """Flag set when a client asked to cancel the job."""
     return f"{PREFIX}:job:{job_id}:cancel"
+
+
+def job_info(job_id: str) -> str:
+    """Hash of what inferq's scripts need to know about a job: ``tenant``, ``limit`` (its limit key),
+    and optionally ``webhook`` and ``batch``."""
+    return f"{PREFIX}:job:{job_id}:info"
 
 
 def job_lease(job_id: str) -> str:
@@ -83,6 +112,76 @@ def model_workers(name: str) -> str:
 def model(name: str) -> str:
     """JSON describing a served model (context length, queue bound); refreshed by its workers."""
     return f"{PREFIX}:model:{name}"
+
+
+def limit_queued(limit_key: str) -> str:
+    """Set of the queued jobs of one limit key (api/auth.py: a tenant, a bare token, an address)."""
+    return f"{PREFIX}:limit:{limit_key}:queued"
+
+
+def limit_running(limit_key: str) -> str:
+    """Set of the leased (running) jobs of one limit key."""
+    return f"{PREFIX}:limit:{limit_key}:running"
+
+
+def limit_bucket(limit_key: str) -> str:
+    """Hash holding one limit key's submit token bucket (``tokens``, ``at`` ms)."""
+    return f"{PREFIX}:limit:{limit_key}:bucket"
+
+
+def tenant_jobs(tenant: str) -> str:
+    """Sorted set: the tenant's job ids -> submitted (ms), for GET /v1/jobs."""
+    return f"{PREFIX}:tenant:{tenant}:jobs"
+
+
+def tenant_files(tenant: str) -> str:
+    """Sorted set: the tenant's file ids -> created (ms)."""
+    return f"{PREFIX}:tenant:{tenant}:files"
+
+
+def tenant_batches(tenant: str) -> str:
+    """Sorted set: the tenant's batch ids -> created (ms)."""
+    return f"{PREFIX}:tenant:{tenant}:batches"
+
+
+def idempotency(tenant: str, key_digest: str) -> str:
+    """The job id (and request fingerprint) an Idempotency-Key of the tenant gave."""
+    return f"{PREFIX}:tenant:{tenant}:idem:{key_digest}"
+
+
+def webhook(delivery_id: str) -> str:
+    """Hash of one webhook delivery: url, event type, target, attempts, the body once built."""
+    return f"{PREFIX}:webhook:{delivery_id}"
+
+
+def file(file_id: str) -> str:
+    """Hash of one uploaded (or batch output) file: its metadata and its bytes."""
+    return f"{PREFIX}:file:{file_id}"
+
+
+def batch(batch_id: str) -> str:
+    """Hash of one batch: its state, counts, cursor and timestamps."""
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def batch_lines(batch_id: str) -> str:
+    """List of the batch's validated requests, one JSON object per input line."""
+    return f"{PREFIX}:batch:{batch_id}:lines"
+
+
+def batch_jobs(batch_id: str) -> str:
+    """Hash: a line's index -> the job that runs it."""
+    return f"{PREFIX}:batch:{batch_id}:jobs"
+
+
+def batch_ended(batch_id: str) -> str:
+    """List of the batch's job ids whose logs ended and whose results are not collected yet."""
+    return f"{PREFIX}:batch:{batch_id}:ended"
+
+
+def batch_results(batch_id: str) -> str:
+    """Hash: a line's index -> its output (or error) line, once collected."""
+    return f"{PREFIX}:batch:{batch_id}:results"
 
 
 def split(key_function) -> tuple[str, str]:

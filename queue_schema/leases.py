@@ -17,6 +17,13 @@ dead or cut-off owner loses its jobs. Taking a lease over is a
 compare-and-set on (owner, renewals), and every event write checks the owner
 (``queue_schema.eventlog``), so a worker that comes back after losing its
 lease is refused and stops the job.
+
+Fair share: within a priority, each tenant's jobs wait on the tenant's own
+RQ queue, and the model queue's ring lists the queues that have jobs; each
+job taken moves the ring's head to its tail (LMOVE, O(1)), so tenants take
+turns whatever their backlog, and a queue that runs empty leaves the ring
+(LREM of the tail just moved, O(1)). In the same step the job moves from its
+limit key's queued set to its running set (queue_schema.tenants).
 """
 from __future__ import annotations
 
@@ -27,33 +34,53 @@ import redis
 
 from queue_schema import keys
 
-# KEYS: leases index, then the queues in priority order.
+# KEYS: leases index, then per priority (highest first): its ring, then the model's own queue.
 # ARGV: owner, RQ worker name, now (ms), now (RQ's date format), how many, then the key affixes.
 _ACQUIRE = """
 local owner, worker, now_ms, now_rq, want = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local job_pre, ev_pre, ev_post, lease_pre, lease_post = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local queue_pre, info_pre, info_post = ARGV[11], ARGV[12], ARGV[13]
+local queued_pre, queued_post, running_pre, running_post = ARGV[14], ARGV[15], ARGV[16], ARGV[17]
 local out = {}
-for q = 2, #KEYS do
-  while #out < want do
-    local id = redis.call('LPOP', KEYS[q])
-    if not id then break end
-    local job = job_pre .. id
-    if redis.call('HGET', job, 'status') == 'queued' then
-      local last = redis.call('XREVRANGE', ev_pre .. id .. ev_post, '+', '-', 'COUNT', 1)[1]
-      local next_seq, closed = 0, 0
-      if last then
-        next_seq = tonumber(string.match(last[1], '^(%d+)')) + 1
-        if #last[2] > 2 then closed = 1 end
-      end
-      if closed == 0 then
-        redis.call('HSET', lease_pre .. id .. lease_post, 'owner', owner, 'renewals', 0, 'taken_ms', now_ms)
-        redis.call('ZADD', KEYS[1], now_ms, id)
-        redis.call('HSET', job, 'status', 'started', 'worker_name', worker, 'started_at', now_rq,
-                   'last_heartbeat', now_rq)
-        redis.call('PERSIST', job)
-      end
-      out[#out + 1] = {id, KEYS[q], next_seq, closed, redis.call('HGETALL', job)}
+local function take(id, queue)
+  local job = job_pre .. id
+  if redis.call('HGET', job, 'status') ~= 'queued' then return end
+  local last = redis.call('XREVRANGE', ev_pre .. id .. ev_post, '+', '-', 'COUNT', 1)[1]
+  local next_seq, closed = 0, 0
+  if last then
+    next_seq = tonumber(string.match(last[1], '^(%d+)')) + 1
+    if #last[2] > 2 then closed = 1 end
+  end
+  if closed == 0 then
+    redis.call('HSET', lease_pre .. id .. lease_post, 'owner', owner, 'renewals', 0, 'taken_ms', now_ms)
+    redis.call('ZADD', KEYS[1], now_ms, id)
+    redis.call('HSET', job, 'status', 'started', 'worker_name', worker, 'started_at', now_rq,
+               'last_heartbeat', now_rq)
+    redis.call('PERSIST', job)
+    local limit = redis.call('HGET', info_pre .. id .. info_post, 'limit')
+    if limit then
+      redis.call('SREM', queued_pre .. limit .. queued_post, id)
+      redis.call('SADD', running_pre .. limit .. running_post, id)
     end
+  end
+  out[#out + 1] = {id, queue, next_seq, closed, redis.call('HGETALL', job)}
+end
+for k = 2, #KEYS, 2 do
+  local ring, own = KEYS[k], KEYS[k + 1]
+  -- Fair share: the ring's head goes to its tail and gives one job; an empty queue leaves the ring.
+  while #out < want do
+    local member = redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+    if not member then break end
+    local queue = queue_pre .. member
+    local id = redis.call('LPOP', queue)
+    if not id or redis.call('LLEN', queue) == 0 then redis.call('LREM', ring, -1, member) end
+    if id then take(id, queue) end
+  end
+  -- Jobs pushed on the model's own queue some other way (RQ's API) are in no ring.
+  while #out < want do
+    local id = redis.call('LPOP', own)
+    if not id then break end
+    take(id, own)
   end
   if #out >= want then break end
 end
@@ -85,13 +112,22 @@ if (lease[1] or '') ~= ARGV[1] or (lease[2] or '') ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'renewals', 0)
 return 1
 """
-# KEYS: lease, leases index, queue, RQ job hash, wake list. ARGV: owner, job id.
+# KEYS: lease, leases index, queue, RQ job hash, wake list, the queue's ring, job info.
+# ARGV: owner, job id, queue name, then the affixes of the limit sets.
 _REQUEUE = """
 if (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[4], 'status', 'queued', 'worker_name', '')
-redis.call('LPUSH', KEYS[3], ARGV[2])
+if redis.call('LPUSH', KEYS[3], ARGV[2]) == 1 then
+  redis.call('LREM', KEYS[6], 0, ARGV[3])
+  redis.call('LPUSH', KEYS[6], ARGV[3])
+end
+local limit = redis.call('HGET', KEYS[7], 'limit')
+if limit then
+  redis.call('SREM', ARGV[6] .. limit .. ARGV[7], ARGV[2])
+  redis.call('SADD', ARGV[4] .. limit .. ARGV[5], ARGV[2])
+end
 redis.call('RPUSH', KEYS[5], 1)
 redis.call('LTRIM', KEYS[5], -64, -1)
 return 1
@@ -102,6 +138,9 @@ redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[2])
 return 1
 """
+
+
+_LIMIT_AFFIXES = [*keys.split(keys.limit_queued), *keys.split(keys.limit_running)]
 
 
 @dataclass
@@ -131,12 +170,15 @@ class Leases:
         self._claim = client.register_script(_CLAIM)
         self._requeue = client.register_script(_REQUEUE)
         self._release = client.register_script(_RELEASE)
-        self._affixes = [keys.RQ_JOB_PREFIX, *keys.split(keys.job_events), *keys.split(keys.job_lease)]
+        self._affixes = [keys.RQ_JOB_PREFIX, *keys.split(keys.job_events), *keys.split(keys.job_lease),
+                         keys.RQ_QUEUE_PREFIX, *keys.split(keys.job_info), *_LIMIT_AFFIXES]
 
     def acquire(self, owner: str, rq_worker: str, queue_names: Sequence[str], want: int, now_ms: int,
                 now_rq: str) -> list[Acquired]:
-        """Take up to ``want`` jobs from the queues, highest priority first, under ``owner``'s lease."""
-        rows = self._acquire(keys=[keys.LEASES, *(keys.rq_queue(q) for q in queue_names)],
+        """Take up to ``want`` jobs under ``owner``'s lease from the model queues ``queue_names``
+        (highest priority first), the tenants' queues under each taken in turn."""
+        queue_keys = [k for q in queue_names for k in (keys.queue_ring(q), keys.rq_queue(q))]
+        rows = self._acquire(keys=[keys.LEASES, *queue_keys],
                              args=[owner, rq_worker, now_ms, now_rq, want, *self._affixes])
         out = []
         for job_id, queue_key, next_seq, closed, flat in rows:
@@ -161,9 +203,12 @@ class Leases:
         return bool(self._claim(keys=[keys.job_lease(seen.job_id)], args=[seen.owner, seen.renewals, new_owner]))
 
     def requeue(self, job_id: str, owner: str, queue_name: str, model: str) -> bool:
-        """Give the job back, to the front of its queue, if ``owner`` holds it."""
+        """Give the job back, to the front of its queue (and its queue to the front of the ring),
+        if ``owner`` holds it."""
         return bool(self._requeue(keys=[keys.job_lease(job_id), keys.LEASES, keys.rq_queue(queue_name),
-                                        keys.rq_job(job_id), keys.model_wake(model)], args=[owner, job_id]))
+                                        keys.rq_job(job_id), keys.model_wake(model), keys.queue_ring(queue_name),
+                                        keys.job_info(job_id)],
+                                  args=[owner, job_id, queue_name, *_LIMIT_AFFIXES]))
 
     def release(self, job_id: str, owner: str) -> bool:
         return bool(self._release(keys=[keys.job_lease(job_id), keys.LEASES], args=[owner, job_id]))

@@ -99,6 +99,11 @@ class InferOperation(BaseModel):
                                                                                           "boolean", "null"],
                                                                                  "maxLength": MAX_METADATA_STRING}})
 
+    # Called when the job ends (queue_schema/webhooks.py); the API allows only
+    # the hosts in INFERQ_WEBHOOK_ALLOW_HOSTS.
+    webhook_url: str = Field(None, min_length=1, max_length=2048,  # type: ignore[assignment]
+                             description="POSTed a signed job.finished / job.failed / job.cancelled event.")
+
     @field_validator("max_tokens", "top_k", "seed", "timeout_s", "ttl_s", "logprobs", mode="before")
     @classmethod
     def _integral_floats(cls, value: Any) -> Any:
@@ -206,6 +211,7 @@ class EmbedOperation(BaseModel):
     ttl_s: int = Field(None, ge=1, le=7 * 24 * 3600,  # type: ignore[assignment]
                        description="Give up (error TIMEOUT) if the job waited longer than this to start.")
     metadata: dict[str, Any] = InferOperation.model_fields["metadata"]
+    webhook_url: str = InferOperation.model_fields["webhook_url"]  # type: ignore[assignment]
 
     @field_validator("timeout_s", "ttl_s", mode="before")
     @classmethod

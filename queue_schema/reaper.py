@@ -15,7 +15,9 @@ for ones whose RQ job went away without a lease: deleted or emptied from a
 queue in rq-dashboard (ended with ``error`` ``CANCELLED``), cancelled in RQ
 (``end`` ``cancelled``), or shown as running with no lease at all (a Redis
 restart lost it: handled like a lost lease). And it closes RQ's books of jobs
-whose log ended but whose writer died before writing them.
+whose log ended but whose writer died before writing them, puts tenant queues
+that have jobs but are in no ring back in their ring (fair share), and drops
+tenant counts of jobs that are gone.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import time
 import redis
 from rq.job import JobStatus
 
-from queue_schema import books, jobs, keys, leases, stats
+from queue_schema import books, jobs, keys, leases, stats, tenants
 from queue_schema.eventlog import EventLog
 from queue_schema.events import Error, Narration, Queued, now_ms
 
@@ -61,6 +63,14 @@ for i, id in ipairs(ARGV) do
   end
 end
 return out
+"""
+
+# KEYS: ring, queue. ARGV: the queue's name. Checked again inside: the lease script may have emptied it.
+_RING_ADD = """
+if redis.call('LLEN', KEYS[2]) > 0 and not redis.call('LPOS', KEYS[1], ARGV[1]) then
+  redis.call('RPUSH', KEYS[1], ARGV[1])
+end
+return 1
 """
 
 
@@ -152,7 +162,9 @@ class Reaper:
                 and priority in keys.PRIORITIES:
             job.meta["requeues"] = meta.get("requeues", 0) + 1
             job.save_meta()
-            queue = keys.queue_name(model, priority)
+            # Back to its tenant's queue (the model's own for jobs with none).
+            queue = job.origin if keys.base_queue_name(job.origin) == keys.queue_name(model, priority) \
+                else keys.queue_name(model, priority)
             story = dict(actor=self.id, action="requeue", target=job_id,
                          human=f"Worker {worker} was lost before the first token; "
                                "the job goes back to the front of its queue")
@@ -181,6 +193,28 @@ class Reaper:
     def sweep(self) -> list[tuple[str, str]]:
         done = self._sweep_open_logs()
         done += self._sweep_started_books()
+        done += self._sweep_rings()
+        if tenants.tidy(self.redis):
+            log.warning("reaper %s: dropped tenant counts of jobs that had ended (Redis lost writes?)", self.id)
+        return done
+
+    def _sweep_rings(self) -> list[tuple[str, str]]:
+        """Tenant queues with jobs but in no ring (a job requeued in rq-dashboard, RQ's own enqueue):
+        put them back in their rings, so fair share finds them."""
+        names = [n.decode()[len(keys.RQ_QUEUE_PREFIX):] for n in self.redis.smembers(keys.RQ_QUEUES)]
+        names = [n for n in names if n.startswith(keys.QUEUE_PREFIX) and keys.TENANT_QUEUE_SEP in n]
+        if not names:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.llen(keys.rq_queue(name))
+            pipe.lpos(keys.queue_ring(name), name)
+        found = pipe.execute()
+        done = []
+        for i, name in enumerate(names):
+            if found[2 * i] and found[2 * i + 1] is None:
+                self.redis.eval(_RING_ADD, 2, keys.queue_ring(name), keys.rq_queue(name), name)
+                done.append((name, "ring repaired"))
         return done
 
     def _sweep_open_logs(self) -> list[tuple[str, str]]:

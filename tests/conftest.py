@@ -90,7 +90,12 @@ def start_worker(redis_url: str, model: str, path: Path, tmp: Path, *extra: str,
     proc = subprocess.Popen(cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
     worker = WorkerProcess(proc, model, log_path)
     if wait:
-        wait_ready(redis_url, worker)
+        try:
+            wait_ready(redis_url, worker)
+        except BaseException:  # never leave a worker behind a failed start
+            proc.kill()
+            proc.wait()
+            raise
     return worker
 
 
@@ -169,16 +174,17 @@ def client(app):
     return app.test_client()
 
 
-@pytest.fixture(scope="session")
-def live_api(redis_url, tmp_path_factory):
-    """The API served for real by gunicorn + gevent on a free port."""
+# Every API process on one Redis advances every batch, whichever claims it: they must agree on these.
+SHARED_SETTINGS = {"BATCH_WINDOW": 4}
+
+
+def start_api(redis_url: str, log_path: Path, workers: int = 1, **settings) -> tuple[subprocess.Popen, str]:
+    """gunicorn + gevent serving the API on a free port, with ``INFERQ_<name>`` settings; waits until it answers."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("api") / "gunicorn.log"
-    # Tests open up to 150 streams on one job from this one address (auth off: one principal).
-    env = {**os.environ, "REDIS_URL": redis_url, "INFERQ_KEEPALIVE_S": "1", "INFERQ_MAX_STREAMS_PER_TOKEN": "500"}
-    proc = subprocess.Popen([*GUNICORN, "--workers", "1", "--bind", f"127.0.0.1:{port}", "api.wsgi:app"],
-                            cwd=ROOT, env=env,
-                            stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+    env = {**os.environ, "REDIS_URL": redis_url, "INFERQ_KEEPALIVE_S": "1",
+           **{f"INFERQ_{k}": str(v) for k, v in {**SHARED_SETTINGS, **settings}.items()}}
+    proc = subprocess.Popen([*GUNICORN, "--workers", str(workers), "--bind", f"127.0.0.1:{port}", "api.wsgi:app"],
+                            cwd=ROOT, env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
     def up():
@@ -190,6 +196,42 @@ def live_api(redis_url, tmp_path_factory):
             return False
 
     wait_until(up, what="gunicorn")
+    return proc, url
+
+
+@pytest.fixture(scope="session")
+def live_api(redis_url, tmp_path_factory):
+    """The API served for real by gunicorn + gevent on a free port."""
+    # Tests open up to 150 streams on one job from this one address (auth off: one principal).
+    proc, url = start_api(redis_url, tmp_path_factory.mktemp("api") / "gunicorn.log", MAX_STREAMS_PER_TOKEN=500)
     yield url
+    proc.terminate()
+    proc.wait(15)
+
+
+class TenantAPI:
+    """A live API with auth on: tenants alice and bob, an admin, webhooks to loopback."""
+
+    ALICE, BOB, ADMIN = "tok-alice-live-0123456789", "tok-bob-live-00123456789", "tok-admin-live-0123456789"
+    WEBHOOK_SECRET = "whsec_" + __import__("base64").b64encode(b"inferq-test-webhook-key-32-bytes").decode()
+
+    def __init__(self, url: str, log_path: Path):
+        self.url, self.log_path = url, log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def settings(self) -> dict:
+        return {"API_TOKENS": f"alice:{self.ALICE},bob:{self.BOB}", "ADMIN_TOKENS": self.ADMIN,
+                "WEBHOOK_SECRET": self.WEBHOOK_SECRET, "WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
+                "WEBHOOK_RETRY_BASE_S": "0.3"}
+
+
+@pytest.fixture(scope="session")
+def tenant_api(redis_url, tmp_path_factory) -> TenantAPI:
+    log_path = tmp_path_factory.mktemp("tenant-api") / "gunicorn.log"
+    api = TenantAPI("", log_path)
+    proc, api.url = start_api(redis_url, log_path, **api.settings())
+    yield api
     proc.terminate()
     proc.wait(15)

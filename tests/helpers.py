@@ -56,3 +56,20 @@ def shut_redis_down_once(redis_url: str, marker: str) -> str:
     open(marker, "w").close()
     redis.Redis.from_url(redis_url).shutdown()
     return "first run"
+
+
+def serve_fake_model(client: redis.Redis, model: str, queue_depth: int = 1000, slots: int = 1,
+                     capabilities: tuple[str, ...] = ()) -> None:
+    """A model that admission takes jobs for, with no worker that would run them: a heartbeat only
+    (good for 10 s; call again to keep it). Jobs stay queued until a test takes them."""
+    from queue_schema import registry
+
+    worker = registry.WorkerInfo(id=f"fake-{model}", host="test", pid=0, model=model, backend="none", state="idle",
+                                 slots=slots)
+    registry.publish_heartbeat(client, worker, registry.ModelInfo(name=model, context_length=512,
+                                                                  queue_depth=queue_depth, backend="none",
+                                                                  slots=slots, capabilities=list(capabilities)))
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}

@@ -88,10 +88,10 @@ def test_principals_name_the_tenant_and_a_stable_limit_key(tenants):
     def who(token, **kw):
         return tenants.get("/whoami", headers={"Authorization": f"Bearer {token}"}, **kw).get_json()
 
-    assert who("tok-alice-0123456789") == {"name": "alice", "limit_key": "alice"}
-    assert who("tok-bob-0123456789") == {"name": "bob", "limit_key": "bob"}
+    assert who("tok-alice-0123456789") == {"name": "alice", "limit_key": "alice", "admin": False}
+    assert who("tok-bob-0123456789") == {"name": "bob", "limit_key": "bob", "admin": False}
     shared = who("shared-tok-0123456789")
-    assert shared == {"name": "default",
+    assert shared == {"name": "default", "admin": False,
                       "limit_key": "token:" + hashlib.sha256(b"shared-tok-0123456789").hexdigest()[:16]}
     assert "shared-tok" not in shared["limit_key"]
     assert tenants.get("/whoami").status_code == 401
@@ -105,7 +105,7 @@ def test_principal_with_auth_off_is_the_client_address(redis_url):
     app = create_app({"REDIS_URL": redis_url, "TESTING": True})
     app.add_url_rule("/whoami", "whoami", lambda: jsonify(vars(auth.principal())))
     got = app.test_client().get("/whoami", environ_base={"REMOTE_ADDR": "192.0.2.7"}).get_json()
-    assert got == {"name": "anonymous", "limit_key": "addr:192.0.2.7"}
+    assert got == {"name": "anonymous", "limit_key": "addr:192.0.2.7", "admin": False}
 
 
 def test_high_priority_is_for_the_listed_tenants_only(tenants, monkeypatch, redis_url):

@@ -22,7 +22,31 @@ def test_key_names_are_pinned():
     assert keys.CANCEL_CHANNEL == "inferq:cancel"
     assert keys.NARRATION_CHANNEL == "inferq:narration"
     assert keys.NARRATION_LOG == "inferq:narration:log"
-    assert keys.PRIORITIES == ("high", "normal", "low")
+    assert keys.PRIORITIES == ("high", "normal", "low", "batch")
+    assert keys.INTERACTIVE == ("high", "normal", "low")
+    assert keys.queue_name("tiny", "low", "alice") == "inferq.tiny.low@alice"
+    assert keys.base_queue_name("inferq.tiny.low@alice") == "inferq.tiny.low"
+    assert keys.queue_ring("inferq.tiny.low@alice") == keys.queue_ring("inferq.tiny.low") == "inferq:ring:inferq.tiny.low"
+    assert keys.job_info("j1") == "inferq:job:j1:info"
+    assert keys.limit_queued("alice") == "inferq:limit:alice:queued"
+    assert keys.limit_running("token:ab") == "inferq:limit:token:ab:running"
+    assert keys.limit_bucket("addr:1.2.3.4") == "inferq:limit:addr:1.2.3.4:bucket"
+    assert keys.tenant_jobs("alice") == "inferq:tenant:alice:jobs"
+    assert keys.tenant_files("alice") == "inferq:tenant:alice:files"
+    assert keys.tenant_batches("alice") == "inferq:tenant:alice:batches"
+    assert keys.idempotency("alice", "d1") == "inferq:tenant:alice:idem:d1"
+    assert keys.JOB_INDEX == "inferq:jobs:index"
+    assert keys.TENANTS == "inferq:tenants"
+    assert keys.TENANT_COUNTERS == "inferq:stats:tenants"
+    assert keys.WEBHOOKS_DUE == "inferq:webhooks:due" and keys.WEBHOOKS_CLAIMED == "inferq:webhooks:claimed"
+    assert keys.webhook("job_j1") == "inferq:webhook:job_j1"
+    assert keys.BATCHES_DUE == "inferq:batches:due" and keys.BATCHES_CLAIMED == "inferq:batches:claimed"
+    assert keys.file("file-1") == "inferq:file:file-1"
+    assert keys.batch("batch_1") == "inferq:batch:batch_1"
+    assert keys.batch_lines("b") == "inferq:batch:b:lines"
+    assert keys.batch_jobs("b") == "inferq:batch:b:jobs"
+    assert keys.batch_ended("b") == "inferq:batch:b:ended"
+    assert keys.batch_results("b") == "inferq:batch:b:results"
     assert keys.COUNTERS == "inferq:stats:counters"
     assert keys.histogram("ttft_seconds", "tiny") == "inferq:stats:hist:ttft_seconds:tiny"
 
@@ -31,7 +55,8 @@ def test_no_other_module_spells_a_key():
     import pathlib
     import re
 
-    spelled = re.compile(r"""['"]inferq[:.](job|worker|workers|model|models|cancel|narration|stats)\b""")
+    spelled = re.compile(r"""['"]inferq[:.](job|jobs|worker|workers|model|models|cancel|narration|stats|ring|limit|"""
+                         r"""tenant|tenants|webhook|webhooks|file|batch|batches)\b""")
 
     root = pathlib.Path(__file__).resolve().parent.parent
     offenders = []

@@ -1,0 +1,360 @@
+"""Advancing batches: validate the input file, submit its lines as jobs, collect results, finalize.
+
+Run by every API process (``api/background.py``) on the batches' schedule:
+a process claims a batch, takes it one step further and gives it back due
+again (or finishes it). Every step can be repeated after a crash without
+running a line twice or counting a result twice (see queue_schema.batches).
+
+Lines run as ordinary jobs (``infer`` for the completion routes, ``embed``
+for ``/v1/embeddings``) at priority ``batch``, which workers take
+only when nothing interactive waits, at most ``INFERQ_BATCH_WINDOW`` of a
+batch queued or running at once. They count against neither the queue bound
+nor the tenant's interactive limits (a limit key of their own, ``batch:...``),
+so a tenant's batch never makes its interactive requests wait or fail.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import current_app
+from pydantic import ValidationError
+
+from api.extensions import resources
+from api.jobs import request_cancel
+# The OpenAI routes' own request models and answer shapes: a batch line is answered exactly as the route would.
+from api.openai_compat import _FINISH, _JOB_STATUS, OpenAIError, _embedding_list, _error_body, _Shape, _usage
+from api.openai_models import ChatRequest, CompletionRequest, EmbeddingRequest, InvalidField
+from queue_schema import batches, files, jobs, keys
+from queue_schema.admission import Idempotency
+from queue_schema.errors import ErrorCode, InferqError
+from queue_schema.events import now_ms, parse_event
+from queue_schema.operations import OPERATIONS
+from queue_schema.tenants import NO_LIMITS, Tenant
+
+log = logging.getLogger(__name__)
+REQUESTS = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest,
+            "/v1/embeddings": EmbeddingRequest}
+EMBEDDINGS = "/v1/embeddings"
+MAX_ERRORS = 100  # validation errors reported for one file
+MAX_CUSTOM_ID = 512
+COLLECT = 200
+POLL_MS = 2000  # a batch with jobs out comes back this often (a job's end also wakes it)
+BLOCKED_MS = 1000
+WAITING = (ErrorCode.MODEL_OFFLINE, ErrorCode.QUEUE_FULL, ErrorCode.REDIS_UNAVAILABLE)
+
+
+def advance_due(identity: str, count: int = 10) -> int:
+    """Claim due batches and take each one step further; how many were handled."""
+    res = resources()
+    schedule = batches.schedule(res.redis)
+    claims = schedule.claim(now_ms(), count)
+    for claim in claims:
+        try:
+            due = advance(claim.member)
+        except InferqError as exc:
+            log.warning("batch %s: %s; trying again shortly", claim.member, exc.message)
+            due = now_ms() + BLOCKED_MS
+        except Exception:  # a bug must not stall every other batch
+            log.exception("batch %s: advancing failed (%s)", claim.member, identity)
+            due = now_ms() + 5 * POLL_MS
+        if due is None:
+            schedule.finish(claim)
+        else:
+            schedule.reschedule(claim, due)
+    return len(claims)
+
+
+def advance(batch_id: str) -> int | None:
+    """One step; when the batch is due again (ms), or None when it is done."""
+    r = resources().redis
+    batch = batches.get(r, batch_id)
+    if batch is None or batch.status in batches.FINAL:
+        return None
+    now = now_ms()
+    if batch.status == "validating":
+        return _validate(batch, now)
+    if batch.status == "finalizing":
+        _finalize(batch, "completed", ("finalizing",), now)
+        return None
+    if batch.status == "in_progress" and not batch.expiring and now // 1000 >= batch.expires_at:
+        r.hset(keys.batch(batch.id), "expiring", 1)
+        batch.expiring = True
+        log.info("batch %s: past its 24 h window; winding down", batch.id)
+    _collect(batch)
+    batch = batches.get(r, batch_id)
+    if batch.status == "cancelling" or batch.expiring:
+        _cancel_outstanding(batch)
+        if r.hlen(keys.batch_results(batch.id)) < batch.submitted:
+            return now + BLOCKED_MS
+        if batch.expiring:
+            _expire_rest(batch)
+            _finalize(batch, "expired", ("in_progress", "cancelling"), now)
+        else:
+            _finalize(batch, "cancelled", ("cancelling",), now)
+        return None
+    blocked = _submit(batch)
+    batch = batches.get(r, batch_id)
+    if batch.submitted >= batch.total and batch.completed + batch.failed >= batch.total:
+        if batches.move(r, batch.id, ("in_progress",), "finalizing", finalizing_at=now // 1000):
+            _finalize(batch, "completed", ("finalizing",), now)
+        return None
+    return now + (BLOCKED_MS if blocked else POLL_MS)
+
+
+# --- validating ---------------------------------------------------------------------------
+def _validate(batch: batches.Batch, now: int) -> int | None:
+    r = resources().redis
+    raw = files.content(r, batch.input_file_id)
+    errors: list[dict] = []
+    lines: list[dict] = []
+    if raw is None:
+        errors.append({"code": "file_not_found", "message": f"input file {batch.input_file_id} no longer exists",
+                       "param": "input_file_id", "line": None})
+    else:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+            errors.append({"code": "invalid_file", "message": "the input file is not UTF-8", "param": None,
+                           "line": None})
+        seen: set[str] = set()
+        for number, line in enumerate((text or "").splitlines(), 1):
+            if not line.strip():
+                continue
+            parsed = _line(batch, number, line, seen, errors)
+            if parsed is not None:
+                lines.append(parsed)
+            if len(errors) >= MAX_ERRORS:
+                break
+        if not errors and not lines:
+            errors.append({"code": "empty_file", "message": "the input file holds no request", "param": None,
+                           "line": None})
+    if errors:
+        batches.finish(r, batch, "failed", now, ("validating",), errors=json.dumps(errors))
+        log.info("batch %s failed validation: %d errors", batch.id, len(errors))
+        return None
+    pipe = r.pipeline()
+    pipe.delete(keys.batch_lines(batch.id))
+    pipe.rpush(keys.batch_lines(batch.id), *(json.dumps(x, separators=(",", ":")) for x in lines))
+    pipe.hset(keys.batch(batch.id), "total", len(lines))
+    pipe.execute()
+    if batches.move(r, batch.id, ("validating",), "in_progress", in_progress_at=now // 1000):
+        log.info("batch %s: %d requests, in progress", batch.id, len(lines))
+    return now
+
+
+def _line(batch: batches.Batch, number: int, line: str, seen: set[str], errors: list[dict]) -> dict | None:
+    """One input line as {custom_id, op} (or {custom_id, status, body} for a request that cannot run);
+    None, with the reason in ``errors``, for a line that breaks the file's format."""
+    def bad(code: str, message: str, param: str | None = None) -> None:
+        errors.append({"code": code, "message": message, "param": param, "line": number})
+
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError):
+        return bad("invalid_json_line", f"line {number} is not valid JSON")
+    if not isinstance(obj, dict):
+        return bad("invalid_json_line", f"line {number} is not a JSON object")
+    custom_id = obj.get("custom_id")
+    if not isinstance(custom_id, str) or not 1 <= len(custom_id) <= MAX_CUSTOM_ID:
+        return bad("missing_custom_id", f"line {number}: custom_id must be a string of 1..{MAX_CUSTOM_ID}",
+                   "custom_id")
+    if custom_id in seen:
+        return bad("duplicate_custom_id", f"line {number}: custom_id {custom_id!r} appears twice", "custom_id")
+    seen.add(custom_id)
+    if obj.get("method") != "POST":
+        return bad("invalid_method", f"line {number}: method must be POST", "method")
+    if obj.get("url") != batch.endpoint:
+        return bad("mismatched_endpoint", f"line {number}: url must be the batch's endpoint {batch.endpoint}", "url")
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        return bad("missing_body", f"line {number}: body must be a JSON object", "body")
+    try:
+        request = REQUESTS[batch.endpoint].model_validate({**body, "stream": False})
+        if batch.endpoint == EMBEDDINGS:
+            op = request.operation()
+        else:
+            if request.n != 1:  # a line is one job; n choices would be n
+                raise InvalidField("n", "n must be 1 in a batch: give each choice its own line")
+            op, = request.operations()
+    except ValidationError as exc:
+        err = exc.errors(include_input=False, include_url=False)[0]
+        param = ".".join(str(p) for p in err["loc"])
+        return {"custom_id": custom_id, "status": 400,
+                "body": _error_body(400, f"{param}: {err['msg']}", "invalid_value", param)}
+    except InvalidField as exc:
+        return {"custom_id": custom_id, "status": 400,
+                "body": _error_body(400, exc.message, "invalid_value", exc.param)}
+    except OpenAIError as exc:
+        return {"custom_id": custom_id, "status": exc.status,
+                "body": _error_body(exc.status, exc.message, exc.code, exc.param)}
+    entry = {"custom_id": custom_id, "op": op.model_dump(mode="json", exclude_none=True),
+             "chat": batch.endpoint == "/v1/chat/completions"}
+    if batch.endpoint == EMBEDDINGS:
+        entry["encoding_format"] = request.encoding_format
+    return entry
+
+
+# --- submitting -----------------------------------------------------------------------------
+def _submit(batch: batches.Batch) -> bool:
+    """Submit lines while the batch has fewer than its window out; True if admission said wait."""
+    res = resources()
+    r = res.redis
+    window = int(current_app.config["BATCH_WINDOW"])
+    out = batch.submitted - batch.completed - batch.failed
+    submitted = batch.submitted
+    tenant = Tenant(batch.tenant, f"batch:{batch.limit_key}")
+    blocked = False
+    # The lines this pass may submit, in one read.
+    pending = r.lrange(keys.batch_lines(batch.id), submitted, submitted + max(0, window - out) - 1)
+    for raw in pending:
+        line = submitted
+        entry = json.loads(raw)
+        if "op" not in entry:
+            batches.record(r, batch.id, [(line, _http_result(entry["custom_id"], None, entry["status"],
+                                                             entry["body"]), False)])
+        else:
+            op = OPERATIONS[entry["op"]["operation"]].model_validate(entry["op"])
+            try:
+                # Priority batch is outside the queue bound (the window bounds it), hence bound 0.
+                admitted = res.admission.admit(op, 0, tenant, NO_LIMITS, Idempotency(f"{batch.id}.{line}", "batch"),
+                                               priority="batch", batch=batch.id)
+            except InferqError as exc:
+                if exc.code in WAITING:
+                    blocked = True
+                    break
+                status = exc.status if exc.status < 500 else 500
+                code = "model_not_found" if exc.code == ErrorCode.MODEL_NOT_FOUND else exc.code.value.lower()
+                batches.record(r, batch.id, [(line, _http_result(entry["custom_id"], None, status,
+                                                                 _error_body(status, exc.message, code)), False)])
+            else:
+                r.hset(keys.batch_jobs(batch.id), mapping={str(line): admitted.job_id,
+                                                            f"j:{admitted.job_id}": line})
+        submitted += 1
+        r.hset(keys.batch(batch.id), "submitted", submitted)
+    return blocked
+
+
+# --- collecting ---------------------------------------------------------------------------
+def _collect(batch: batches.Batch) -> int:
+    """Results of the batch's jobs whose logs ended since the last look."""
+    r = resources().redis
+    ended = [j.decode() for j in r.lrange(keys.batch_ended(batch.id), 0, COLLECT - 1)]
+    if not ended:
+        return 0
+    pipe = r.pipeline(transaction=False)
+    for job_id in ended:
+        pipe.hget(keys.batch_jobs(batch.id), f"j:{job_id}")
+        pipe.xrevrange(keys.job_events(job_id), count=6)
+        pipe.hget(keys.job_info(job_id), "submitted")
+    raw = pipe.execute()
+    done, kept = [], []
+    for i, job_id in enumerate(ended):
+        line, entries, submitted = raw[3 * i: 3 * i + 3]
+        if line is None:  # admitted, not yet mapped (the submit step was cut short): it maps it on retry
+            kept.append(job_id)
+            continue
+        line = int(line)
+        entry = json.loads(r.lindex(keys.batch_lines(batch.id), line) or "{}")
+        op = entry.get("op") or {}
+        if op.get("operation") == "embed" or "logprobs" in op:  # one event per vector, or per token
+            entries = r.xrange(keys.job_events(job_id))
+        raw_events = [json.loads(fields[b"e"]) for _, fields in entries]
+        events = [parse_event(fields[b"e"]) for _, fields in entries]
+        done.append(_job_result(batch, line, entry, job_id, events, raw_events, int(submitted or 0) // 1000))
+    batches.record(r, batch.id, done)
+    pipe = r.pipeline(transaction=False)
+    for job_id in ended:
+        if job_id not in kept:
+            pipe.lrem(keys.batch_ended(batch.id), 1, job_id)
+    pipe.execute()
+    return len(done)
+
+
+def _job_result(batch: batches.Batch, line: int, entry: dict, job_id: str, events: list, raw_events: list[dict],
+                created: int) -> tuple[int, dict, bool]:
+    custom_id = entry.get("custom_id", "")
+    terminal = next((e for e in events if e.terminal), None)
+    metrics = next((e for e in events if e.type == "metrics"), None)
+    cancelled = terminal is None or (terminal.type == "end" and terminal.stop_reason == "cancelled") or (
+        terminal.type == "error" and terminal.code == "CANCELLED")
+    if cancelled:
+        code = "batch_expired" if batch.expiring else "batch_cancelled"
+        why = "the batch expired before this request ran" if batch.expiring else "the batch was cancelled"
+        return line, _plain_error(custom_id, job_id, code, why), False
+    if terminal.type == "error":
+        status = _JOB_STATUS.get(terminal.code, 500)
+        return line, _http_result(custom_id, job_id, status, _error_body(status, terminal.message,
+                                                                        terminal.code.lower())), False
+    op = entry.get("op") or {}
+    prompt_tokens = metrics.prompt_tokens if metrics else 0
+    if op.get("operation") == "embed":
+        vectors = {e["index"]: e["embedding"] for e in raw_events if e["type"] == "embedding"}
+        body = _embedding_list(vectors, entry.get("encoding_format", "float"), op.get("model", ""), prompt_tokens)
+        return line, _http_result(custom_id, job_id, 200, body), True
+    logprobs = "logprobs" in op
+    shape = _Shape(bool(entry.get("chat")), job_id, op.get("model", ""), logprobs, created)
+    tokens = sorted((e for e in raw_events if e["type"] == "token" and "logprob" in e), key=lambda e: e["i"]) \
+        if logprobs else []
+    choice = shape.choice(0, terminal.text, _FINISH[terminal.stop_reason], tokens)
+    body = shape.whole([choice], _usage(prompt_tokens, terminal.tokens_out))
+    return line, _http_result(custom_id, job_id, 200, body), True
+
+
+def _http_result(custom_id: str, job_id: str | None, status: int, body: dict) -> dict:
+    """An output (or error file) line; a request refused before it became a job has no job id."""
+    request_id = job_id or custom_id
+    return {"id": f"batch_req_{request_id}", "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": request_id, "body": body}, "error": None}
+
+
+def _plain_error(custom_id: str, job_id: str | None, code: str, message: str) -> dict:
+    return {"id": f"batch_req_{job_id or custom_id}", "custom_id": custom_id, "response": None,
+            "error": {"code": code, "message": message}}
+
+
+# --- winding down ---------------------------------------------------------------------------
+def _cancel_outstanding(batch: batches.Batch) -> None:
+    """Cancel the batch's jobs that have not ended (each ends, and is collected, like any other)."""
+    r = resources().redis
+    done = {int(k) for k in r.hkeys(keys.batch_results(batch.id))}
+    lines = [str(i) for i in range(batch.submitted) if i not in done]
+    if not lines:
+        return
+    job_ids = [j.decode() for j in r.hmget(keys.batch_jobs(batch.id), lines) if j is not None]
+    for job_id, view in zip(job_ids, jobs.views(r, job_ids)):
+        if view is not None and view.terminal is None:
+            request_cancel(job_id, view.state)
+
+
+def _expire_rest(batch: batches.Batch) -> None:
+    """Lines never submitted before the window ended: ``batch_expired`` in the error file."""
+    r = resources().redis
+    rest = []
+    for line, raw in enumerate(r.lrange(keys.batch_lines(batch.id), batch.submitted, -1), batch.submitted):
+        rest.append((line, _plain_error(json.loads(raw)["custom_id"], None, "batch_expired",
+                                        "the batch expired before this request ran"), False))
+    batches.record(r, batch.id, rest)
+
+
+def _finalize(batch: batches.Batch, to: str, from_statuses: tuple[str, ...], now: int) -> None:
+    """Write the output and error files (in input order), then the final status, once."""
+    r = resources().redis
+    results = batches.results(r, batch.id)
+    ok = [results[i] for i in sorted(results) if results[i]["error"] is None
+          and results[i]["response"]["status_code"] == 200]
+    bad = [results[i] for i in sorted(results) if not (results[i]["error"] is None
+                                                        and results[i]["response"]["status_code"] == 200)]
+    ttl = int(current_app.config["FILE_TTL_S"])
+    ids = {}
+    for name, rows in (("output", ok), ("errors", bad)):
+        if not rows:
+            continue
+        file_id = f"file-{batch.id.removeprefix('batch_')}-{name}"
+        content = "".join(json.dumps(row, separators=(",", ":"), ensure_ascii=False) + "\n" for row in rows)
+        files.store(r, batch.tenant, "batch_output", f"{batch.id}_{name}.jsonl", content.encode(), now, ttl,
+                    file_id=file_id)
+        ids["output_file_id" if name == "output" else "error_file_id"] = file_id
+    if batches.finish(r, batch, to, now, from_statuses, **ids):
+        log.info("batch %s %s: %d ok, %d failed", batch.id, to, len(ok), len(bad))

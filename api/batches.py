@@ -1,0 +1,97 @@
+"""OpenAI's Batch API: create, look up, list and cancel batches; each tenant sees its own.
+
+A batch's progress lives in Redis and is advanced by whichever API process
+claims it (api/batch_runner.py, queue_schema/batches.py), so any API process
+answers for any batch, and restarts lose nothing.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Literal
+
+from flask import Blueprint, jsonify, request
+from pydantic import BaseModel, ConfigDict, Field
+
+from api import auth
+from api.extensions import resources
+from api.files import owned_file
+from api.jobs import check_webhook
+from api.openai_compat import OpenAIError, _parse, use_openai_errors
+from queue_schema import batches
+from queue_schema.errors import ErrorCode, InferqError
+from queue_schema.events import now_ms
+
+log = logging.getLogger(__name__)
+bp = Blueprint("batches", __name__)
+use_openai_errors(bp)
+
+
+class BatchRequest(BaseModel):
+    """OpenAI's fields inferq uses (others are ignored), plus ``webhook_url`` (in ``extra_body``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input_file_id: str = Field(min_length=1, max_length=64)
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+    completion_window: Literal["24h"]
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                        Field(max_length=16)] | None = None
+    webhook_url: str | None = Field(None, min_length=1, max_length=2048)
+
+
+def owned_batch(batch_id: str) -> batches.Batch:
+    batch = batches.get(resources().redis, batch_id)
+    if batch is None or not auth.can_see(batch.tenant):
+        raise InferqError(ErrorCode.BATCH_NOT_FOUND, f"no batch {batch_id!r}")
+    return batch
+
+
+@bp.post("/v1/batches")
+def create_batch():
+    req = _parse(BatchRequest)
+    check_webhook(req.webhook_url)
+    info = owned_file(req.input_file_id)
+    if info.purpose != "batch":
+        raise OpenAIError(400, f"file {info.id} has purpose {info.purpose!r}; a batch reads a 'batch' file",
+                          param="input_file_id", code="invalid_value")
+    who = auth.principal()
+    batch = batches.create(resources().redis, who.name, who.limit_key, req.endpoint, info.id, req.metadata,
+                           req.webhook_url, now_ms())
+    log.info("batch %s created for %s from %s", batch.id, who.name, info.id)
+    return jsonify(batch.to_dict())
+
+
+@bp.get("/v1/batches/<batch_id>")
+def get_batch(batch_id: str):
+    return jsonify(owned_batch(batch_id).to_dict())
+
+
+@bp.get("/v1/batches")
+def list_batches():
+    """The caller's batches, newest first; ``after`` is the id of the last one seen."""
+    try:
+        limit = int(request.args.get("limit", 20))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 100:
+        raise OpenAIError(400, "limit must be an integer from 1 to 100", param="limit", code="invalid_value")
+    found, more = batches.listing(resources().redis, auth.principal().name, limit, request.args.get("after"))
+    data = [b.to_dict() for b in found]
+    return jsonify(object="list", data=data, first_id=data[0]["id"] if data else None,
+                   last_id=data[-1]["id"] if data else None, has_more=more)
+
+
+@bp.post("/v1/batches/<batch_id>/cancel")
+def cancel_batch(batch_id: str):
+    """Cancelling: no more lines start; the running ones are cancelled; then ``cancelled``."""
+    batch = owned_batch(batch_id)
+    r = resources().redis
+    now = now_ms()
+    if batches.move(r, batch.id, ("validating", "in_progress"), "cancelling", cancelling_at=now // 1000):
+        batches.schedule(r).add(batch.id, now)
+        log.info("batch %s: cancelling", batch.id)
+    else:
+        batch = owned_batch(batch_id)
+        if batch.status not in ("cancelling", "cancelled"):
+            raise InferqError(ErrorCode.BATCH_FINISHED, f"batch {batch_id} is {batch.status}; it cannot be cancelled")
+    return jsonify(owned_batch(batch_id).to_dict())

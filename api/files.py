@@ -1,0 +1,104 @@
+"""OpenAI's Files API, for batch input: upload, look up, read, delete; each tenant sees its own.
+
+Limits (clear errors, before anything is stored): a file is at most
+``INFERQ_FILE_MAX_BYTES`` (8 MiB; 413 ``file_too_large``) and
+``INFERQ_FILE_MAX_LINES`` non-empty lines (10,000; 400), with purpose
+``batch`` (whether it is UTF-8 JSONL of requests is checked when a batch reads it); a tenant's files take at most ``INFERQ_FILES_MAX_BYTES_PER_TENANT``
+(64 MiB; 413) and expire after ``INFERQ_FILE_TTL_S`` (7 days). Where the bytes
+live and why: queue_schema/files.py.
+"""
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from api import auth
+from api.extensions import resources
+from api.openai_compat import OpenAIError, use_openai_errors
+from queue_schema import files, keys
+from queue_schema.errors import ErrorCode, InferqError
+from queue_schema.events import now_ms
+
+log = logging.getLogger(__name__)
+bp = Blueprint("files", __name__)
+use_openai_errors(bp)
+FORM_OVERHEAD = 64 << 10  # multipart boundaries and the other fields
+
+
+def owned_file(file_id: str) -> files.FileInfo:
+    """The file, if the caller's tenant owns it (else the 404 an unknown id gets)."""
+    info = files.get(resources().redis, file_id)
+    if info is None or not auth.can_see(info.tenant):
+        raise InferqError(ErrorCode.FILE_NOT_FOUND, f"no file {file_id!r}")
+    return info
+
+
+@bp.post("/v1/files")
+def upload():
+    cfg = current_app.config
+    max_bytes, max_lines = int(cfg["FILE_MAX_BYTES"]), int(cfg["FILE_MAX_LINES"])
+    if request.content_length is not None and request.content_length > max_bytes + FORM_OVERHEAD:
+        raise _too_large(max_bytes)
+    request.max_content_length = max_bytes + FORM_OVERHEAD
+    if request.mimetype != "multipart/form-data":
+        raise OpenAIError(415, "upload the file as multipart/form-data with fields 'file' and 'purpose'",
+                          code="unsupported_media_type")
+    purpose = request.form.get("purpose")
+    if purpose != "batch":
+        raise OpenAIError(400, "purpose must be 'batch' (the only kind of file inferq keeps)", param="purpose",
+                          code="invalid_value")
+    upload = request.files.get("file")
+    if upload is None:
+        raise OpenAIError(400, "the form has no 'file' part", param="file", code="invalid_value")
+    content = upload.stream.read(max_bytes + 1)
+    if len(content) > max_bytes:
+        raise _too_large(max_bytes)
+    # Bytes, as OpenAI takes them: a batch made from the file checks that it is UTF-8 JSONL, line by line.
+    lines = sum(1 for line in content.splitlines() if line.strip())
+    if lines > max_lines:
+        raise OpenAIError(400, f"the file has {lines} requests; at most {max_lines} per file", param="file",
+                          code="too_many_lines")
+    who = auth.principal()
+    try:
+        info = files.store(resources().redis, who.name, purpose, (upload.filename or "upload.jsonl")[:256], content,
+                           now_ms(), int(cfg["FILE_TTL_S"]), int(cfg["FILES_MAX_BYTES_PER_TENANT"]))
+    except files.QuotaExceeded as exc:
+        raise InferqError(ErrorCode.FILE_TOO_LARGE, f"tenant {who.name!r} already keeps {exc.used} bytes of files; "
+                          f"at most {cfg['FILES_MAX_BYTES_PER_TENANT']} in all: delete some first") from None
+    log.info("file %s: %d bytes, %d lines, for %s", info.id, info.bytes, lines, who.name)
+    return jsonify(info.to_dict())
+
+
+def _too_large(max_bytes: int) -> InferqError:
+    return InferqError(ErrorCode.FILE_TOO_LARGE, f"a file is at most {max_bytes} bytes")
+
+
+@bp.get("/v1/files")
+def list_files():
+    """The caller's 100 newest files."""
+    r = resources().redis
+    ids = [i.decode() for i in r.zrevrange(keys.tenant_files(auth.principal().name), 0, 99)]
+    found = [f for f in (files.get(r, i) for i in ids) if f is not None]
+    return jsonify(object="list", data=[f.to_dict() for f in found], has_more=False)
+
+
+@bp.get("/v1/files/<file_id>")
+def get_file(file_id: str):
+    return jsonify(owned_file(file_id).to_dict())
+
+
+@bp.get("/v1/files/<file_id>/content")
+def file_content(file_id: str):
+    info = owned_file(file_id)
+    data = files.content(resources().redis, info.id)
+    if data is None:  # expired between the two reads
+        raise InferqError(ErrorCode.FILE_NOT_FOUND, f"no file {file_id!r}")
+    return Response(data, mimetype="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{info.filename}"'})
+
+
+@bp.delete("/v1/files/<file_id>")
+def delete_file(file_id: str):
+    files.delete(resources().redis, owned_file(file_id))
+    return jsonify(id=file_id, object="file", deleted=True)

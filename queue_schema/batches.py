@@ -1,0 +1,200 @@
+"""Batches (OpenAI's Batch API): a file of requests, each run as an ordinary job at priority ``batch``.
+
+All of a batch's state is in Redis, so its progress survives any API or
+worker restart: the batch hash (status, counts, timestamps, how many lines
+were submitted), its validated lines, the line -> job map, the results
+collected so far (one per line, written once: HSETNX) and the ids of its
+jobs whose logs ended and await collection (pushed by the terminal append,
+queue_schema.eventlog). Advancing a batch — validating, submitting lines,
+collecting results, finalizing — is the work of ``api/batch_runner.py``,
+which any API process runs on the batches' schedule (queue_schema.schedule,
+exclusive claims). Each step is safe to repeat after a crash: a line is
+submitted with the idempotency key ``batch:<id>:<line>`` (admission returns
+the first job on a retry), a result is kept only if the line has none yet,
+and a status moves only from the status it was read in (compare-and-set).
+
+States: ``validating`` -> ``in_progress`` -> ``finalizing`` -> ``completed``,
+or ``failed`` (the file did not validate), ``expired`` (past its 24 h
+window: the lines not done are in the error file as ``batch_expired``),
+``cancelling`` -> ``cancelled``.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+
+import redis
+
+from queue_schema import keys, webhooks
+from queue_schema.schedule import Schedule
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+WINDOW_S = 24 * 3600
+CLAIM_MS = 60_000
+KEEP_S = 30 * 24 * 3600  # a finished batch's record, and its index entry, stay this long
+FINAL = ("completed", "failed", "expired", "cancelled")
+WEBHOOK_EVENTS = {"completed": "batch.completed", "failed": "batch.failed", "expired": "batch.expired",
+                  "cancelled": "batch.cancelled"}
+_TIMES = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
+          "cancelling_at", "cancelled_at", "expires_at")
+
+
+def schedule(client: redis.Redis) -> Schedule:
+    return Schedule(client, keys.BATCHES_DUE, keys.BATCHES_CLAIMED, CLAIM_MS)
+
+
+def new_batch_id() -> str:
+    return "batch_" + uuid.uuid4().hex[:24]
+
+
+@dataclass
+class Batch:
+    id: str
+    tenant: str
+    limit_key: str
+    endpoint: str
+    input_file_id: str
+    status: str
+    created_at: int
+    expires_at: int
+    metadata: dict | None = None
+    webhook_url: str | None = None
+    times: dict[str, int] = field(default_factory=dict)
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    submitted: int = 0  # lines handed to admission (or failed before it), in order
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors: list[dict] | None = None
+    expiring: bool = False  # past its window: winding down to ``expired``
+
+    def to_dict(self) -> dict:
+        """OpenAI's batch object."""
+        out = {"id": self.id, "object": "batch", "endpoint": self.endpoint, "errors": None,
+               "input_file_id": self.input_file_id, "completion_window": "24h", "status": self.status,
+               "output_file_id": self.output_file_id, "error_file_id": self.error_file_id}
+        for name in _TIMES:
+            out[name] = self.times.get(name)
+        out.update(created_at=self.created_at, expires_at=self.expires_at,
+                   request_counts={"total": self.total, "completed": self.completed, "failed": self.failed},
+                   metadata=self.metadata)
+        if self.errors:
+            out["errors"] = {"object": "list", "data": self.errors}
+        return out
+
+
+def _decode(raw: dict[bytes, bytes]) -> Batch | None:
+    if not raw or b"id" not in raw:
+        return None
+    f = {k.decode(): v.decode() for k, v in raw.items()}
+
+    def opt(name):
+        return f.get(name) or None
+
+    times = {name: int(f[name]) for name in _TIMES if f.get(name)}
+    return Batch(f["id"], f["tenant"], f["limit_key"], f["endpoint"], f["input_file_id"], f["status"],
+                 int(f["created_at"]), int(f["expires_at"]), json.loads(f["metadata"]) if opt("metadata") else None,
+                 opt("webhook_url"), times, int(f.get("total", 0)), int(f.get("completed", 0)),
+                 int(f.get("failed", 0)), int(f.get("submitted", 0)), opt("output_file_id"), opt("error_file_id"),
+                 json.loads(f["errors"]) if opt("errors") else None, f.get("expiring") == "1")
+
+
+def create(client: redis.Redis, tenant: str, limit_key: str, endpoint: str, input_file_id: str,
+           metadata: dict | None, webhook_url: str | None, now_ms: int) -> Batch:
+    batch_id = new_batch_id()
+    now_s = now_ms // 1000
+    fields = {"id": batch_id, "tenant": tenant, "limit_key": limit_key, "endpoint": endpoint,
+              "input_file_id": input_file_id, "status": "validating", "created_at": now_s,
+              "expires_at": now_s + WINDOW_S, "metadata": json.dumps(metadata) if metadata else "",
+              "webhook_url": webhook_url or "", "total": 0, "completed": 0, "failed": 0, "submitted": 0}
+    pipe = client.pipeline()
+    pipe.hset(keys.batch(batch_id), mapping=fields)
+    pipe.zadd(keys.tenant_batches(tenant), {batch_id: now_ms})
+    pipe.zremrangebyscore(keys.tenant_batches(tenant), "-inf", now_ms - KEEP_S * 1000)
+    schedule(client).add(batch_id, now_ms, pipe)
+    pipe.execute()
+    return get(client, batch_id)
+
+
+def get(client: redis.Redis, batch_id: str) -> Batch | None:
+    return _decode(client.hgetall(keys.batch(batch_id)))
+
+
+def listing(client: redis.Redis, tenant: str, limit: int, after: str | None) -> tuple[list[Batch], bool]:
+    """The tenant's batches, newest first, after the batch ``after`` (OpenAI's cursor: an id)."""
+    index = keys.tenant_batches(tenant)
+    high = "+inf"
+    if after:
+        score = client.zscore(index, after)
+        if score is None:
+            return [], False
+        high = f"({int(score)}"
+    ids = [i.decode() for i in client.zrevrangebyscore(index, high, "-inf", start=0, num=limit + 1)]
+    pipe = client.pipeline(transaction=False)
+    for batch_id in ids[:limit]:
+        pipe.hgetall(keys.batch(batch_id))
+    found = [b for b in map(_decode, pipe.execute()) if b is not None]
+    return found, len(ids) > limit
+
+
+# KEYS: batch. ARGV: the statuses it may move from (comma-separated), the new status, then field/value pairs.
+_MOVE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 0 end
+local allowed = false
+for s in string.gmatch(ARGV[1], '[^,]+') do if s == status then allowed = true end end
+if not allowed then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
+def move(client: redis.Redis, batch_id: str, from_statuses: tuple[str, ...], to: str, **fields) -> bool:
+    """Compare-and-set of the status: True if the batch was in one of ``from_statuses``."""
+    flat = [v for kv in fields.items() for v in kv]
+    return bool(client.eval(_MOVE, 1, keys.batch(batch_id), ",".join(from_statuses), to, *flat))
+
+
+def finish(client: redis.Redis, batch: Batch, to: str, now_ms: int, from_statuses: tuple[str, ...],
+           **fields) -> bool:
+    """Move to a final status, schedule its webhook and drop the working state, in one transaction."""
+    if not move(client, batch.id, from_statuses, to, **{f"{to}_at": now_ms // 1000}, **fields):
+        return False
+    pipe = client.pipeline()
+    pipe.delete(keys.batch_lines(batch.id), keys.batch_jobs(batch.id), keys.batch_ended(batch.id),
+                keys.batch_results(batch.id))
+    pipe.expire(keys.batch(batch.id), KEEP_S)
+    if batch.webhook_url:
+        webhooks.schedule_batch_event(pipe, batch.id, batch.webhook_url, WEBHOOK_EVENTS[to], batch.tenant, now_ms)
+    pipe.execute()
+    return True
+
+
+# KEYS: batch, its results. ARGV: then (line, result json, "completed" | "failed") triples.
+_RECORD = """
+local added = 0
+for i = 1, #ARGV, 3 do
+  if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('HINCRBY', KEYS[1], ARGV[i + 2], 1)
+    added = added + 1
+  end
+end
+return added
+"""
+
+
+def record(client: redis.Redis, batch_id: str, results: list[tuple[int, dict, bool]]) -> int:
+    """Keep each line's result unless it has one already (a repeated step); returns how many were new."""
+    if not results:
+        return 0
+    flat = []
+    for line, result, ok in results:
+        flat += [line, json.dumps(result, separators=(",", ":"), ensure_ascii=False), "completed" if ok else "failed"]
+    return int(client.eval(_RECORD, 2, keys.batch(batch_id), keys.batch_results(batch_id), *flat))
+
+
+def results(client: redis.Redis, batch_id: str) -> dict[int, dict]:
+    return {int(k): json.loads(v) for k, v in client.hgetall(keys.batch_results(batch_id)).items()}
