@@ -9,7 +9,7 @@ queue_schema.eventlog). Advancing a batch — validating, submitting lines,
 collecting results, finalizing — is the work of ``api/batch_runner.py``,
 which any API process runs on the batches' schedule (queue_schema.schedule,
 exclusive claims). Each step is safe to repeat after a crash: a line is
-submitted with the idempotency key ``batch:<id>:<line>`` (admission returns
+submitted with the idempotency key ``<batch id>.<line>`` (admission returns
 the first job on a retry), a result is kept only if the line has none yet,
 and a status moves only from the status it was read in (compare-and-set).
 
