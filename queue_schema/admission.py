@@ -65,7 +65,9 @@ _POSITION, _ETA = '"@@position@@"', '"@@eta@@"'
 #       12 limit key, 13 submits/s, 14 burst, 15 max queued, 16 max running (0: off),
 #       17 "<job id> <fingerprint>" or "", 18 its ttl (s), 19 index horizon (ms), 20 RQ's queue key prefix,
 #       21 webhook url or "", 22 batch id or "", 23 the capabilities the job needs (a JSON list),
-#       then the job hash's field/value pairs.
+#       24 the job's score in the job indexes (submit time in µs: one client's jobs sort in the
+#       order it sent them; in ms, a fifth of back-to-back submits shared one), then the job hash's
+#       field/value pairs.
 # Answers: {1, position, eta} admitted, {2, job id} replayed; refusals {-1} no such model,
 #       {-8, capability, backend} unsupported feature, {-3} offline, {-4, wait ms} rate, {-5, n} queued,
 #       {-6, n} running, {-2, bound} queue full, {-7, job id} idempotency key reused.
@@ -139,7 +141,7 @@ if per_job then
   eta = string.format('%.3f', (position + 1) * tonumber(per_job) / (serving * slots))
 end
 local fields = {}
-for i = 24, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 25, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[2], unpack(fields))
 if redis.call('RPUSH', KEYS[12], id) == 1 then
   redis.call('LREM', KEYS[13], 0, member)
@@ -155,10 +157,10 @@ if rate > 0 then
   redis.call('HSET', KEYS[16], 'tokens', tostring(tokens - 1), 'at', now)
   redis.call('PEXPIRE', KEYS[16], math.ceil(tonumber(ARGV[14]) * 1000 / rate) + 1000)
 end
-local horizon = tonumber(ARGV[19])
+local horizon, listed = tonumber(ARGV[19]), ARGV[24]
 for k = 18, 19 do
-  redis.call('ZADD', KEYS[k], now, id)
-  redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', now - horizon)
+  redis.call('ZADD', KEYS[k], listed, id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', string.format('%.0f', tonumber(listed) - horizon * 1000))
   redis.call('PEXPIRE', KEYS[k], horizon)
 end
 redis.call('HINCRBY', KEYS[20], 'submitted|' .. tenant, 1)
@@ -241,7 +243,8 @@ class Admission:
         job_id = new_job_id()
         priority = priority or op.priority
         queue = keys.queue_name(op.model, priority, tenant.queue_suffix)
-        submitted_ms = int(time.time() * 1000)
+        submitted_us = time.time_ns() // 1000
+        submitted_ms = submitted_us // 1000
         event = json.dumps({"job_id": job_id, "seq": 0, "ts": submitted_ms, "type": "queued", "position": "@",
                             "queue": queue, "eta_s": "@"}, separators=(",", ":"))
         event = event.replace('"position":"@"', f'"position":{_POSITION}').replace('"eta_s":"@"', f'"eta_s":{_ETA}')
@@ -262,7 +265,7 @@ class Admission:
                   tenant.limit_key, repr(float(limits.submits_per_s)), limits.bucket, limits.max_queued,
                   limits.max_running, f"{job_id} {idempotency.fingerprint}" if idempotency else "",
                   IDEMPOTENCY_TTL_S, 2 * self.log_ttl_s * 1000, keys.RQ_QUEUE_PREFIX,
-                  op.webhook_url or "", batch or "", json.dumps(op.needs()), *flat])
+                  op.webhook_url or "", batch or "", json.dumps(op.needs()), submitted_us, *flat])
         status = result[0]
         if status == 2:
             return Admitted(result[1].decode(), queue, 0, None, replayed=True)

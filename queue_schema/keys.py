@@ -24,7 +24,7 @@ COUNTERS = f"{PREFIX}:stats:counters"  # hash: "<counter>|<model>" -> count, for
 LEASES = f"{PREFIX}:leases"  # sorted set: job id -> when its lease was taken (ms): the running jobs
 OPEN_JOBS = f"{PREFIX}:jobs:open"  # sorted set: job id -> submitted (ms), while its log has no terminal event
 REAPER = f"{PREFIX}:reaper"  # which process reaps lost jobs now (a short-lived lock)
-JOB_INDEX = f"{PREFIX}:jobs:index"  # sorted set: job id -> submitted (ms), every tenant's (admins list it)
+JOB_INDEX = f"{PREFIX}:jobs:index"  # sorted set: job id -> submitted (µs), every tenant's (admins list it)
 TENANTS = f"{PREFIX}:tenants"  # hash: limit key -> tenant name, for /metrics
 TENANT_COUNTERS = f"{PREFIX}:stats:tenants"  # hash: "<counter>|<tenant>" -> count, for /metrics
 WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"  # sorted set: delivery id -> when it is due (ms)
@@ -130,7 +130,7 @@ def limit_bucket(limit_key: str) -> str:
 
 
 def tenant_jobs(tenant: str) -> str:
-    """Sorted set: the tenant's job ids -> submitted (ms), for GET /v1/jobs."""
+    """Sorted set: the tenant's job ids -> submitted (µs), for GET /v1/jobs."""
     return f"{PREFIX}:tenant:{tenant}:jobs"
 
 

@@ -1,12 +1,13 @@
 """Listing a tenant's jobs, newest first, from its job index (``keys.tenant_jobs``).
 
 Admission adds every job to its tenant's index (and to the index of all
-jobs, which admins list) by submit time, trims entries older than twice the
+jobs, which admins list) by submit time in microseconds (so one client's
+back-to-back submits keep their order), trims entries older than twice the
 job TTL and lets an idle index expire. A job can outlive its entry's horizon
 only by waiting longer than a TTL in its queue, and an entry can outlive its
 job (the log expired): those are dropped here when a listing meets them.
 
-The cursor is ``<submitted ms>_<job id>`` of the last job returned: stable
+The cursor is ``<submitted µs>_<job id>`` of the last job returned: stable
 while new jobs arrive (they are newer, so before it).
 """
 from __future__ import annotations
