@@ -43,6 +43,7 @@ bench: $(VENV)/.bench-installed  ## the benchmarks, then their plots (each also 
 	$(PY) -m bench.overhead --model tiny
 	$(PY) -m bench.overhead --model small --runs 5 --max-tokens 64
 	$(PY) -m bench.backends --model small
+	$(PY) -m bench.batching --model small
 	$(PY) -m bench.enqueue
 	$(PY) -m bench.scaleout
 	$(PY) -m bench.fanout

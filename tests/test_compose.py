@@ -72,6 +72,18 @@ def test_worker_reserves_a_gpu_and_can_scale():
     assert worker["command"][0] == "--model"
 
 
+def test_worker_command_parses_with_the_real_cli_and_batches():
+    """The image's entrypoint is `inferq worker`: its command must be options that CLI accepts, and it
+    decodes INFERQ_PARALLEL jobs together (default 8 on a GPU)."""
+    from inferq.cli import worker
+
+    filled = [re.sub(r"\$\{[A-Z_]+:-(?P<default>[^}]*)\}", r"\g<default>", part)
+              for part in compose()["services"]["worker"]["command"]]
+    ctx = worker.make_context("worker", filled)
+    assert ctx.params["parallel"] == 8 and ctx.params["device"] == "cuda:0"
+    assert "${INFERQ_PARALLEL:-8}" in compose()["services"]["worker"]["command"]
+
+
 def test_referenced_files_exist_and_images_install_the_package():
     for name, service in compose()["services"].items():
         build = service.get("build")
