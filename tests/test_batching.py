@@ -189,3 +189,28 @@ def test_streams_keep_flowing_while_a_long_prompt_prefills(client, worker_factor
     done.wait(60)
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     assert max(gaps) < 250, max(gaps)  # no stall the length of the whole prefill
+
+
+def test_the_health_probe_runs_in_the_slot_given_and_leaves_the_others_caches_alone(tiny_model):
+    """After a failed decode the scheduler probes the model in a free slot; a sequence in another slot
+    must go on from its cache exactly as if no probe had run."""
+    import numpy as np
+
+    from worker.backends import LoadOptions, load_backend
+    from worker.backends.base import Chunk
+
+    backend = load_backend("llama-cpp", str(tiny_model), LoadOptions(threads=1, parallel=2))
+    prompt = backend.tokenize("the data model")
+
+    def next_logits(probe: bool):
+        backend.forget(0, 0)
+        backend.decode([Chunk(0, prompt, 0, True)])
+        if probe:
+            assert backend.health(1) is True
+        row = backend.decode([Chunk(0, [prompt[-1]], len(prompt), True)])[0]
+        return np.array(backend.logits(row))
+
+    try:
+        assert np.array_equal(next_logits(False), next_logits(True))
+    finally:
+        backend.close()

@@ -268,3 +268,21 @@ def test_a_killed_stack_ends_its_streams_when_it_comes_back(tmp_path, own_redis,
         reaper.stop()
     assert last["type"] == "error" and last["code"] == "WORKER_LOST"
     assert not leases.Leases(redis.Redis.from_url(own_redis.url)).observe()
+
+
+def test_a_renewal_racing_the_terminal_append_is_not_a_lost_lease():
+    """The terminal append releases the lease; a renewal sent with the job still held then finds it
+    gone. That job is settled by the append's own result (its books closed by the worker), so the
+    renewal must not drop it; a job with no terminal event yet whose lease is gone is really lost."""
+    from worker.jobs import Jobs, Record
+    from worker.publisher import JobEmitter
+
+    sent = []
+    jobs = Jobs(runtime=None)
+    for job_id in ("ended", "running"):
+        emitter = JobEmitter(job_id, sent.append, 0)
+        emitter.emit("token", t="a", i=0)
+        jobs._records[job_id] = Record(job=None, emitter=emitter)
+    jobs._records["ended"].emitter.emit("end", text="a", tokens_out=1, decode_time_ms=1, stop_reason="eos")
+    assert jobs.really_lost(["ended", "running", "gone"]) == ["running"]
+    assert [e.type for e in sent] == ["token", "token", "end"]

@@ -82,6 +82,14 @@ class Jobs:
         with self._lock:
             return list(self._records)
 
+    def really_lost(self, job_ids) -> list[str]:
+        """Of the jobs whose leases a renewal found gone, those this worker really lost. A job whose
+        terminal event is already with the publisher released the lease itself when that event was
+        appended (a renewal racing the append sees it gone); the append's own result settles it,
+        and dropping it here would pop its record before its books are closed."""
+        with self._lock:
+            return [j for j in job_ids if j in self._records and not self._records[j].emitter.ended]
+
     def abandon(self, job_ids) -> None:
         """Stop renewing leases of jobs taken but not started (Redis failed between): the reaper
         sees them stand still and gives them back to their queues."""
@@ -277,7 +285,6 @@ class Jobs:
             return
         if end.reason == "failed":
             oom = isinstance(end.error, MemoryError)
-            rt.check_health()
             self._fail(record, ErrorCode.VRAM_OOM if oom else ErrorCode.INFERENCE_FAILED,
                        f"{'out of memory while decoding' if oom else 'the backend failed'}: {end.error}",
                        retriable=True, raise_=False)

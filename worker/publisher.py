@@ -142,6 +142,7 @@ class JobEmitter:
         self.job_id = job_id
         self.sink = sink
         self.seq = first_seq
+        self.ended = False  # a terminal event was handed on: its append releases the lease
 
     def emit(self, type_: str, **fields) -> _Event:
         cls = EVENT_TYPES[type_]
@@ -149,6 +150,7 @@ class JobEmitter:
             event = cls.model_construct(job_id=self.job_id, seq=self.seq, ts=now_ms(), **fields)
         else:
             event = cls(job_id=self.job_id, seq=self.seq, **fields)
+            self.ended = self.ended or event.terminal
         self.seq += 1
         self.sink(event)
         return event

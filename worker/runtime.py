@@ -94,7 +94,8 @@ class WorkerRuntime:
         self.info = self.backend.info
         self.backend_reason = self.backend.reason
         self.vram_bytes = self.backend.vram_bytes()
-        self.scheduler = Scheduler(self.backend, self.jobs.ended, self.publisher.put_many, self.changed)
+        self.scheduler = Scheduler(self.backend, self.jobs.ended, self.publisher.put_many, self.changed,
+                                   on_failure=self.check_health)
         seconds = time.perf_counter() - start
         self.narrate(narration.model_loaded(self.id, self.spec.name, size, self.backend.name, self.spec.device,
                                             self.backend.context_length, seconds))
@@ -138,9 +139,10 @@ class WorkerRuntime:
         if self.backend is not None:
             self.backend.close()
 
-    def check_health(self) -> bool:
-        """After a backend failure: keep serving if the model still works, else stop taking jobs."""
-        if self.backend is not None and self.backend.health():
+    def check_health(self, slot: int = 0) -> bool:
+        """After a backend failure: keep serving if the model still works, else stop taking jobs.
+        Runs on the engine thread, probing in ``slot``, which the scheduler gives it free."""
+        if self.backend is not None and self.backend.health(slot):
             return True
         log.error("worker %s: the model no longer decodes; taking no more jobs", self.id)
         self.unhealthy = True
@@ -245,6 +247,6 @@ class WorkerRuntime:
 
     def _renew_leases(self) -> None:
         held = self.jobs.held()
-        for job_id in self.leases.renew(self.id, held):
+        for job_id in self.jobs.really_lost(self.leases.renew(self.id, held)):
             log.warning("worker %s: lost the lease of job %s; stopping it", self.id, job_id)
             self.jobs.logged(job_id, Appended.FENCED, False)

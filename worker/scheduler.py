@@ -121,11 +121,13 @@ class Task:
 
 class Scheduler:
     def __init__(self, backend: Backend, on_end: Callable[[Sequence, Ended], None],
-                 publish: Callable[[list], None], on_change: Callable[[], None] = lambda: None):
+                 publish: Callable[[list], None], on_change: Callable[[], None] = lambda: None,
+                 on_failure: Callable[[int], object] = lambda slot: None):
         self.backend = backend
         self.on_end = on_end  # called on the engine thread; may emit the job's last events
         self._publish = publish  # a step's events, at once
         self._on_change = on_change  # a job started or ended: the worker's record is stale
+        self._on_failure = on_failure  # the backend failed: probe it, once, in the free slot given
         self.slots = [Slot(i) for i in range(backend.slots)]
         self._incoming: queue.SimpleQueue[Sequence | Task] = queue.SimpleQueue()
         self._tasks: list[Task] = []  # running, oldest first (engine thread only)
@@ -199,6 +201,7 @@ class Scheduler:
                 log.exception("decode failed for %d sequences", len(plan))
                 for seq in plan:
                     self._end(seq, "failed", exc)
+                self._probe()
             else:
                 self._learn(chunks, time.perf_counter() - started)
                 self._sample(plan, chunks, rows)
@@ -257,24 +260,22 @@ class Scheduler:
         with self._lock:
             dropped, self._dropped = self._dropped, set()
         now = time.monotonic()
+
+        def why(item: Sequence | Task) -> str | None:
+            if item.job_id in dropped:
+                return "dropped"
+            if self.end_all:
+                return self.end_all
+            if item.cancelled.is_set():
+                return "cancelled"
+            return "timeout" if now > item.deadline else None
+
         for seq in active:
-            if seq.job_id in dropped:
-                self._end(seq, "dropped")
-            elif self.end_all:
-                self._end(seq, self.end_all)
-            elif seq.cancelled.is_set():
-                self._end(seq, "cancelled")
-            elif now > seq.deadline:
-                self._end(seq, "timeout")
+            if reason := why(seq):
+                self._end(seq, reason)
         for task in list(self._tasks):
-            if task.job_id in dropped:
-                self._end_task(task, "dropped")
-            elif self.end_all:
-                self._end_task(task, self.end_all)
-            elif task.cancelled.is_set():
-                self._end_task(task, "cancelled")
-            elif now > task.deadline:
-                self._end_task(task, "timeout")
+            if reason := why(task):
+                self._end_task(task, reason)
 
     def _run_task(self) -> None:
         task = self._tasks[0]
@@ -283,6 +284,7 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - the job layer decides what it means
             log.exception("job %s: its task failed", task.job_id)
             self._end_task(task, "failed", exc)
+            self._probe()
             return
         if done:
             self._end_task(task, "done")
@@ -393,6 +395,14 @@ class Scheduler:
         self.on_end(seq, Ended(reason, seq.assembler.text, seq.count, int(elapsed * 1000), first, rate, error))
         self.slot_freed.set()
         self._on_change()
+
+    def _probe(self) -> None:
+        """After a failed call, one health probe, in a slot no sequence holds: the probe empties it, and
+        a slot with a running sequence or a cached prefix would be left with a cache it no longer has."""
+        free = next((s for s in self.slots if s.seq is None), None)
+        if free is not None:
+            free.cached.clear()
+            self._on_failure(free.index)
 
     def _flush(self) -> None:
         if self._out:  # emitters append to this very list: empty it, never replace it

@@ -165,14 +165,15 @@ class Backend:
 
         return gpu.process_vram_bytes(self.gpu_index)
 
-    def health(self) -> bool:
-        """Can the model still decode? Evaluates one token in slot 0 and checks the logits."""
+    def health(self, slot: int = 0) -> bool:
+        """Can the model still decode? Evaluates one token in ``slot`` (which it leaves empty: give it
+        one nothing holds) and checks the logits."""
         try:
-            self.forget(0, 0)
+            self.forget(slot, 0)
             self._direct.clear()
-            row = self.decode([Chunk(0, [self.eos_token_id], 0, True)])[0]
+            row = self.decode([Chunk(slot, [self.eos_token_id], 0, True)])[0]
             ok = bool(np.isfinite(self.logits(row)).all())
-            self.forget(0, 0)
+            self.forget(slot, 0)
             return ok
         except Exception:
             return False
