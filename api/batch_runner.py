@@ -28,6 +28,7 @@ from api.openai_models import ChatRequest, CompletionRequest, EmbeddingRequest, 
 from queue_schema import batches, files, jobs, keys
 from queue_schema.admission import Idempotency
 from queue_schema.errors import ErrorCode, InferqError
+from queue_schema.eventlog import final_state
 from queue_schema.events import now_ms, parse_event
 from queue_schema.operations import OPERATIONS
 from queue_schema.tenants import NO_LIMITS, Tenant
@@ -277,8 +278,7 @@ def _job_result(batch: batches.Batch, line: int, entry: dict, job_id: str, event
     custom_id = entry.get("custom_id", "")
     terminal = next((e for e in events if e.terminal), None)
     metrics = next((e for e in events if e.type == "metrics"), None)
-    cancelled = terminal is None or (terminal.type == "end" and terminal.stop_reason == "cancelled") or (
-        terminal.type == "error" and terminal.code == "CANCELLED")
+    cancelled = terminal is None or final_state(terminal) == "cancelled"
     if cancelled:
         code = "batch_expired" if batch.expiring else "batch_cancelled"
         why = "the batch expired before this request ran" if batch.expiring else "the batch was cancelled"

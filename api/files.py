@@ -3,15 +3,17 @@
 Limits (clear errors, before anything is stored): a file is at most
 ``INFERQ_FILE_MAX_BYTES`` (8 MiB; 413 ``file_too_large``) and
 ``INFERQ_FILE_MAX_LINES`` non-empty lines (10,000; 400), with purpose
-``batch`` (whether it is UTF-8 JSONL of requests is checked when a batch reads it); a tenant's files take at most ``INFERQ_FILES_MAX_BYTES_PER_TENANT``
+``batch`` (whether it is UTF-8 JSONL of requests is checked when a batch reads it); a
+tenant's files take at most ``INFERQ_FILES_MAX_BYTES_PER_TENANT``
 (64 MiB; 413) and expire after ``INFERQ_FILE_TTL_S`` (7 days). Where the bytes
 live and why: queue_schema/files.py.
 """
 from __future__ import annotations
 
+import io
 import logging
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify, request, send_file
 
 from api import auth
 from api.extensions import resources
@@ -94,8 +96,10 @@ def file_content(file_id: str):
     data = files.content(resources().redis, info.id)
     if data is None:  # expired between the two reads
         raise InferqError(ErrorCode.FILE_NOT_FOUND, f"no file {file_id!r}")
-    return Response(data, mimetype="application/octet-stream",
-                    headers={"Content-Disposition": f'attachment; filename="{info.filename}"'})
+    # The name is the uploader's: control characters cannot go in a header, and werkzeug quotes the rest
+    # (and writes a non-ASCII name as RFC 5987's filename*), so a quote cannot end the header's value.
+    name = "".join(c for c in info.filename if c.isprintable()) or "download.jsonl"
+    return send_file(io.BytesIO(data), mimetype="application/octet-stream", as_attachment=True, download_name=name)
 
 
 @bp.delete("/v1/files/<file_id>")

@@ -20,7 +20,7 @@ import redis
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 from pydantic import ValidationError
 
-from api import auth, lifecycle, limits, relay
+from api import auth, lifecycle, limits, relay, sse
 from api.extensions import resources
 from api.jobs import idempotency, request_cancel, submit
 from api.openai_models import ChatRequest, CompletionRequest, EmbeddingRequest, InvalidField, _Request
@@ -227,14 +227,12 @@ def _submit_all(ops, idem: Idempotency | None) -> list[Admitted]:
 
 
 def _cancel_open(job_ids: list[str]) -> None:
-    res = resources()
-    for job_id in job_ids:
-        try:
-            view = jobs.view(res.redis, res.eventlog, job_id)
+    try:
+        for job_id, view in zip(job_ids, jobs.views(resources().redis, job_ids)):  # one round trip
             if view is not None and view.terminal is None:
                 request_cancel(job_id, view.state)
-        except redis.RedisError:
-            log.warning("job %s: could not cancel it", job_id)
+    except redis.RedisError:
+        log.warning("jobs %s: could not cancel them", ", ".join(job_ids))
 
 
 def _respond(req: _Request, chat: bool):
@@ -244,12 +242,12 @@ def _respond(req: _Request, chat: bool):
     release = limits.stream_slot() if req.stream else None  # before any job exists: a 429 runs nothing
     try:
         job_ids = [a.job_id for a in _submit_all(ops, idem)]
+        # The first job's submit time, so a replayed answer is the same answer.
+        submitted = resources().redis.hget(keys.job_info(job_ids[0]), "submitted")
     except Exception:
         if release:
             release()
         raise
-    # The first job's submit time, so a replayed answer is the same answer.
-    submitted = resources().redis.hget(keys.job_info(job_ids[0]), "submitted")
     shape = _Shape(chat, job_ids[0], ops[0].model, ops[0].logprobs is not None,
                    int(submitted) // 1000 if submitted else None)
     headers = {"X-Inferq-Job-Id": ",".join(job_ids)}
@@ -291,8 +289,8 @@ def _stream(job_ids: list[str], shape: _Shape, include_usage: bool, cancel_on_di
     choices' chunks interleave as their tokens come, each with its ``index``.
     Chunks made from events that arrived together go out in one write.
     """
-    def data(obj) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    def data(obj) -> str:  # escaped as the job stream is: U+2028 and kin stay inside the line
+        return sse.frame(json.dumps(obj, ensure_ascii=False))
 
     done = False
     prompt_tokens = completion_tokens = 0
@@ -305,7 +303,7 @@ def _stream(job_ids: list[str], shape: _Shape, include_usage: bool, cancel_on_di
         try:
             for batch in relay.merged_batches(job_ids, keepalive):
                 if not batch:
-                    yield ": keep-alive\n\n"
+                    yield sse.KEEPALIVE
                 out = []
                 for index, frame in batch:
                     if frame.type == "token":

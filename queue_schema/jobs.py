@@ -15,7 +15,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from queue_schema import keys, registry, stats
-from queue_schema.eventlog import EventLog
+from queue_schema.eventlog import EventLog, final_state
 from queue_schema.events import End, _Event, now_ms, parse_event
 
 
@@ -167,10 +167,7 @@ def _view(client: redis.Redis, job_id: str, job: Job | None, last: _Event | None
     terminal = last if last is not None and last.terminal else None
     position = snap = None
     if terminal is not None:
-        if terminal.type == "end":
-            state = "cancelled" if terminal.stop_reason == "cancelled" else "finished"
-        else:
-            state = "cancelled" if terminal.code == "CANCELLED" else "failed"
+        state = final_state(terminal)
     else:
         status = job.get_status(refresh=False) if job is not None else None
         if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):

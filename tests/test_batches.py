@@ -254,6 +254,30 @@ def test_file_limits_are_clear_errors(redis_url):
     assert not_multipart.status_code == 415
 
 
+def test_a_file_comes_back_under_its_name_whatever_the_name_holds(redis_url, r):
+    """The uploader's name goes into Content-Disposition: quotes, control characters and non-ASCII
+    must neither break the header nor make the download fail."""
+    from werkzeug.http import parse_options_header
+
+    from queue_schema import files
+
+    client = create_app({"REDIS_URL": redis_url, "TESTING": True}).test_client()
+    up = client.post("/v1/files", content_type="multipart/form-data",
+                     data={"purpose": "batch", "file": (io.BytesIO(b"{}\n"), "näme 漢字; x.jsonl")})
+    assert up.status_code == 200 and up.get_json()["filename"] == "näme 漢字; x.jsonl", up.get_json()
+    ids = {up.get_json()["id"]: "näme 漢字; x.jsonl"}
+    # Names a multipart form cannot carry whole, stored as the upload path stores them.
+    for name, shown in (('we"ird".jsonl', 'we"ird".jsonl'),
+                        ("a\r\nSet-Cookie: x=1\x07.jsonl", "aSet-Cookie: x=1.jsonl")):
+        ids[files.store(r, "anonymous", "batch", name, b"{}\n", int(time.time() * 1000), 600, 10**6).id] = shown
+    for file_id, shown in ids.items():
+        got = client.get(f"/v1/files/{file_id}/content")
+        assert got.status_code == 200 and got.data == b"{}\n"
+        assert "Set-Cookie" not in got.headers
+        kind, params = parse_options_header(got.headers["Content-Disposition"])
+        assert kind == "attachment" and params["filename"] == shown, got.headers["Content-Disposition"]
+
+
 @pytest.mark.slow
 def test_a_batch_survives_its_api_and_its_worker_being_killed_mid_way(redis_url, slow_model, tmp_path):
     """SIGKILL the only API process and the only worker while the batch runs: new ones finish it, each line once."""
