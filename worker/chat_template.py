@@ -17,6 +17,7 @@ content too. See ``worker.prompt`` for how the parts become tokens.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -71,13 +72,19 @@ class Rendered:
 def render_text(messages: Sequence[dict], template: str | None, bos_token: str = "", eos_token: str = "",
                 add_generation_prompt: bool = True) -> str:
     """The prompt as one string, exactly as the template writes it."""
-    compiled = _ENV.from_string(template or FALLBACK_TEMPLATE)
-    return compiled.render(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-                           bos_token=bos_token, eos_token=eos_token)
+    return _compiled(template or FALLBACK_TEMPLATE).render(messages=[dict(m) for m in messages],
+                                                           add_generation_prompt=add_generation_prompt,
+                                                           bos_token=bos_token, eos_token=eos_token)
 
 
-# Kept for the callers that want the text only (tests, the CLI).
+# Kept for the callers that want the text only (the tests).
 render = render_text
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str):
+    """A worker renders one model's template for every chat job, up to three times each: compile it once."""
+    return _ENV.from_string(template)
 
 
 def render_parts(messages: Sequence[dict], template: str | None, bos_token: str = "", eos_token: str = "",
