@@ -2,7 +2,7 @@
 
     python -m bench.enqueue --seconds 3
 
-The model's worker is paused (SIGSTOP) so only acceptance is measured: the
+The model's worker is paused (SIGSTOP) during each row, so only acceptance is measured: the
 API validates, checks the model and the queue bound, logs the `queued`
 event and enqueues in one MULTI/EXEC. The baseline enqueues trivial
 JSON-serialized jobs with RQ directly from one client.
@@ -21,6 +21,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from bench.harness import model_file, save, stack
+from queue_schema import registry
 
 
 def rq_baseline(redis_url: str, seconds: float) -> float:
@@ -69,14 +70,20 @@ def main(argv=None):
     workers: list = []
     with stack({"bench": path}, threads=1, api_processes=args.api_processes, worker_args=("--queue-depth", "10000000"),
                env_extra={"INFERQ_MAX_QUEUE_DEPTH": "10000000"}, procs_out=workers) as (url, redis_url):
-        for w in workers:
-            w.send_signal(signal.SIGSTOP)  # measure acceptance, not decoding
-        try:
-            baseline = rq_baseline(redis_url, args.seconds)
-            rows = [(c, *api_rate(url, c, args.seconds)) for c in (1, 8, 32)]
-        finally:
+        def paused(measure):
+            """Measure with the workers stopped (acceptance, not decoding), then let them run long enough
+            to heartbeat: a worker silent past its TTL makes the model offline and the API refuses jobs."""
             for w in workers:
-                w.send_signal(signal.SIGCONT)
+                w.send_signal(signal.SIGSTOP)
+            try:
+                return measure()
+            finally:
+                for w in workers:
+                    w.send_signal(signal.SIGCONT)
+                time.sleep(registry.HEARTBEAT_INTERVAL_S + 0.5)
+
+        baseline = paused(lambda: rq_baseline(redis_url, args.seconds))
+        rows = [(c, *paused(lambda c=c: api_rate(url, c, args.seconds))) for c in (1, 8, 32)]
     print(f"enqueue: {args.seconds:.0f} s per row, {args.api_processes} API process(es) (gunicorn+gevent)")
     print(f"{'who':34}{'jobs/s':>10}{'errors':>8}")
     print(f"{'RQ Queue.enqueue, 1 client':34}{baseline:10.0f}{0:8d}")

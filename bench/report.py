@@ -130,8 +130,28 @@ def peer() -> Path | None:
     return finish(fig, "peer")
 
 
+def batching() -> Path | None:
+    data = load("batching")
+    if not data:
+        return None
+    fig, (rate, ttft) = figure(f"Continuous batching: {data['model']} model, {data['slots']} slots, "
+                               f"{data['threads']} threads", 2)
+    for name, by_clients in data["rows"].items():
+        clients = sorted(by_clients, key=int)
+        rate.plot([int(c) for c in clients], [by_clients[c]["rate"] for c in clients], marker="o", label=name)
+        ttft.plot([int(c) for c in clients], [by_clients[c]["ttft_p50"] for c in clients], marker="o", label=name)
+    for ax, ylabel in ((rate, "aggregate tokens/s"), (ttft, "TTFT p50, ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    ttft.set_yscale("log")
+    rate.legend(fontsize=8)
+    return finish(fig, "batching")
+
+
 def main() -> None:
-    for plot in (overhead, fanout, enqueue, scaleout, peer):
+    for plot in (overhead, fanout, enqueue, scaleout, peer, batching):
         path = plot()
         print(f"{plot.__name__:10} {path.relative_to(ROOT) if path else 'no figures yet (run the benchmark)'}")
 
