@@ -126,7 +126,8 @@ def main(argv=None):
         rows = [one_round(url, redis_url, workers, n, args.max_tokens, kind)
                 for kind in args.client_kinds for n in args.clients]
     print(f"fan-out: one job, model={args.model}, {args.max_tokens} tokens, 1 API process (gunicorn+gevent)")
-    print(f"{'client':>9}{'clients':>8}{'finished':>10}{'gap-free':>10}{'missed':>8}{'token events':>14}{'p50 ms':>9}{'p99 ms':>9}"
+    print(f"{'client':>9}{'clients':>8}{'finished':>10}{'gap-free':>10}{'missed':>8}{'token events':>14}"
+          f"{'p50 ms':>9}{'p99 ms':>9}"
           f"{'redis conns':>13}")
     for r in rows:
         print(f"{r['kind']:>9}{r['clients']:8d}{r['finished']:10d}{r['gapless']:10d}{r['missed']:8d}{r['events']:14d}"

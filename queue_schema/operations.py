@@ -25,6 +25,7 @@ def _integral(value: Any) -> Any:
         return int(value)
     return value
 
+
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_PROMPT_CHARS = 32768
 MAX_METADATA_BYTES = 2048

@@ -170,4 +170,5 @@ class Deliveries:
 
     def record(self, delivery_id: str) -> dict[str, str]:
         """A delivery's record as strings (for operators and tests)."""
-        return {k.decode(): v.decode(errors="replace") for k, v in self.redis.hgetall(keys.webhook(delivery_id)).items()}
+        raw = self.redis.hgetall(keys.webhook(delivery_id))
+        return {k.decode(): v.decode(errors="replace") for k, v in raw.items()}

@@ -11,7 +11,8 @@ from inferq.embedded_redis import free_port
 from tests.conftest import GUNICORN, ROOT, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="chromium is not installed (make test installs it)")
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason="chromium is not installed (make test installs it)")
 
 
 @pytest.fixture(scope="module")

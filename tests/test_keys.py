@@ -26,7 +26,8 @@ def test_key_names_are_pinned():
     assert keys.INTERACTIVE == ("high", "normal", "low")
     assert keys.queue_name("tiny", "low", "alice") == "inferq.tiny.low@alice"
     assert keys.base_queue_name("inferq.tiny.low@alice") == "inferq.tiny.low"
-    assert keys.queue_ring("inferq.tiny.low@alice") == keys.queue_ring("inferq.tiny.low") == "inferq:ring:inferq.tiny.low"
+    ring = "inferq:ring:inferq.tiny.low"
+    assert keys.queue_ring("inferq.tiny.low@alice") == keys.queue_ring("inferq.tiny.low") == ring
     assert keys.job_info("j1") == "inferq:job:j1:info"
     assert keys.limit_queued("alice") == "inferq:limit:alice:queued"
     assert keys.limit_running("token:ab") == "inferq:limit:token:ab:running"

@@ -265,7 +265,6 @@ def test_models_say_online_or_offline_and_are_dropped_after_the_grace(client, r,
     assert models["just-gone"]["last_seen"] == pytest.approx(now - registry.MODEL_TTL_S + 30)
 
 
-
 def test_a_submit_to_a_model_whose_workers_all_left_is_told_it_is_offline(client, worker_factory, tiny_model):
     w = worker_factory("gone-offline", tiny_model)
     assert events(client, submit(client, model="gone-offline", prompt="x", max_tokens=2))[-1]["type"] == "end"

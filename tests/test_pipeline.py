@@ -9,6 +9,7 @@ from inferq.client import Client
 from tests.conftest import wait_until
 from tests.helpers import events, submit, text_of
 
+
 def run(client, model, **fields):
     job = submit(client, model=model, **fields)
     return job, events(client, job)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import redis
-from rq import Queue, Worker
+from rq import Queue
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
@@ -139,7 +139,8 @@ def test_redis_restart_workers_and_api_recover(tmp_path, tiny_model):
 def test_redis_outage_mid_job_loses_no_events_and_leaves_the_worker_prompt(tmp_path, slow_model):
     with own_redis_with_worker(tmp_path, "outage", slow_model) as (server, worker, app):
         # The deadline ends the job 1 s in, whatever this machine's speed: inside the outage.
-        job = submit(app, model="outage", prompt="go", max_tokens=4000, repetition_penalty=1.0, temperature=0, timeout_s=1)
+        job = submit(app, model="outage", prompt="go", max_tokens=4000, repetition_penalty=1.0, temperature=0,
+                     timeout_s=1)
         assert events(app, job, until="token")[-1]["type"] == "token"
         server.stop()
         time.sleep(3)

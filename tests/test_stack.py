@@ -121,6 +121,7 @@ def two_workers_of_one_model(tmp_path, model_path, *extra: str):
         wait_until(lambda: proc.poll() is not None or any(line.startswith("inferq is up") for line in lines),
                    timeout=90, what="inferq up")
         assert proc.poll() is None, "".join(lines)
+
         def both_listed():
             workers = requests.get(f"http://127.0.0.1:{port}/v1/workers", timeout=5).json()["workers"]
             pids = sorted(w["pid"] for w in workers if w["model"] == "same")
