@@ -1,34 +1,16 @@
-"""inferq's HTTP API: a Flask app factory and one blueprint per area."""
+"""inferq's HTTP API: a Flask app factory (``api.app``) and one blueprint per area.
+
+Importing the package imports nothing more. gunicorn's master imports ``api.gunicorn_conf``
+before its gevent workers patch the standard library: whatever this package pulled in then
+(Flask, redis, urllib3 and their ``ssl``) would stay unpatched, and gevent says so on every
+start. ``from api import create_app`` still works (PEP 562).
+"""
 from __future__ import annotations
 
-import logging
 
-from flask import Flask
+def __getattr__(name: str):
+    if name == "create_app":
+        from api.app import create_app
 
-from api import (auth, background, batches, catalog, config, dashboard, errors, extensions, files, health, jobs,
-                 limits, metrics, openai_compat, openapi, security, stream, ui)
-
-
-def create_app(test_config: dict | None = None) -> Flask:
-    """Build the API. Settings come from ``INFERQ_``-prefixed environment variables
-    (plus ``REDIS_URL``), overridden by ``test_config``. A setting it cannot start
-    with raises ``api.config.ConfigError`` (one line)."""
-    app = Flask(__name__)
-    app.config.from_mapping(config.DEFAULTS)
-    config.load_environment(app)
-    if test_config:
-        app.config.from_mapping(test_config)
-    app.json.sort_keys = False
-    logging.getLogger(__name__).debug("inferq api starting")
-
-    extensions.init_app(app)
-    errors.init_app(app)
-    auth.init_app(app)
-    security.init_app(app)
-    limits.init_app(app)
-    background.init_app(app)
-    for bp in (health.bp, metrics.bp, jobs.bp, stream.bp, catalog.bp, openai_compat.bp, files.bp, batches.bp,
-               openapi.bp, ui.bp):
-        app.register_blueprint(bp)
-    dashboard.init_app(app)
-    return app
+        return create_app
+    raise AttributeError(f"module 'api' has no attribute {name!r}")

@@ -187,3 +187,15 @@ def _pings(client, proc) -> bool:
         return client.ping()
     except redis.ConnectionError:
         return False
+
+
+def test_gunicorns_master_imports_nothing_gevent_would_find_unpatched():
+    """gunicorn's master imports api.gunicorn_conf before its gevent workers patch the standard library;
+    Flask or redis (and their ssl) imported there stay unpatched, and gevent warns on every start."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, api.gunicorn_conf; "
+             "print(sorted(m for m in ('flask', 'redis', 'ssl', 'urllib3') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
