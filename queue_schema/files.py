@@ -85,13 +85,36 @@ def store(client: redis.Redis, tenant: str, purpose: str, filename: str, content
     return info
 
 
-def get(client: redis.Redis, file_id: str) -> FileInfo | None:
-    raw = client.hmget(keys.file(file_id), "id", "tenant", "purpose", "filename", "bytes", "created_at",
-                       "expires_at")
+_FIELDS = ("id", "tenant", "purpose", "filename", "bytes", "created_at", "expires_at")
+
+
+def _decode(raw: list[bytes | None]) -> FileInfo | None:
     if raw[0] is None:
         return None
     fid, tenant, purpose, filename, size, created, expires = (v.decode() for v in raw)
     return FileInfo(fid, tenant, purpose, filename, int(size), int(created), int(expires))
+
+
+def get(client: redis.Redis, file_id: str) -> FileInfo | None:
+    return _decode(client.hmget(keys.file(file_id), *_FIELDS))
+
+
+def listing(client: redis.Redis, tenant: str, limit: int, after: str | None) -> tuple[list[FileInfo], bool]:
+    """The tenant's files, newest first, after the file ``after`` (OpenAI's cursor: an id). By rank, not
+    by upload time: two files uploaded in the same millisecond are both listed."""
+    index = keys.tenant_files(tenant)
+    start = 0
+    if after:
+        rank = client.zrevrank(index, after)
+        if rank is None:
+            return [], False
+        start = rank + 1
+    ids = client.zrevrange(index, start, start + limit)  # one more than asked: is there more?
+    pipe = client.pipeline(transaction=False)
+    for file_id in ids[:limit]:
+        pipe.hmget(keys.file(file_id.decode()), *_FIELDS)
+    found = [f for f in map(_decode, pipe.execute()) if f is not None]
+    return found, len(ids) > limit
 
 
 def content(client: redis.Redis, file_id: str) -> bytes | None:

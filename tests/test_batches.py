@@ -254,6 +254,42 @@ def test_file_limits_are_clear_errors(redis_url):
     assert not_multipart.status_code == 415
 
 
+def test_files_list_newest_first_in_pages_with_a_cursor(redis_url):
+    """GET /v1/files pages like OpenAI's (limit, after, has_more); files uploaded in the same millisecond are
+    all listed; another tenant's files are not."""
+    tag = uuid.uuid4().hex[:6]
+    app = create_app({"REDIS_URL": redis_url, "TESTING": True,
+                      "API_TOKENS": f"dora-{tag}:tok-dora-{tag}-0123456,eve-{tag}:tok-eve-{tag}-0123456"})
+    client = app.test_client()
+    dora, eve = bearer(f"tok-dora-{tag}-0123456"), bearer(f"tok-eve-{tag}-0123456")
+
+    def upload(auth, name):
+        resp = client.post("/v1/files", headers=auth, content_type="multipart/form-data",
+                           data={"purpose": "batch", "file": (io.BytesIO(b"{}\n"), name)})
+        assert resp.status_code == 200
+        return resp.get_json()["id"]
+
+    mine = [upload(dora, f"f{i}.jsonl") for i in range(7)]
+    upload(eve, "other.jsonl")
+    seen, after, pages = [], None, 0
+    while True:
+        page = client.get("/v1/files", headers=dora, query_string={"limit": 3, **({"after": after} if after else {})})
+        assert page.status_code == 200
+        body = page.get_json()
+        seen += [f["id"] for f in body["data"]]
+        pages += 1
+        if not body["has_more"]:
+            break
+        after = body["last_id"]
+    assert sorted(seen) == sorted(mine) and len(seen) == 7 and pages == 3
+    created = [client.get(f"/v1/files/{i}", headers=dora).get_json()["created_at"] for i in seen]
+    assert created == sorted(created, reverse=True)
+    everything = client.get("/v1/files", headers=dora).get_json()
+    assert [f["id"] for f in everything["data"]] == seen and everything["has_more"] is False
+    bad = client.get("/v1/files", headers=dora, query_string={"limit": 0})
+    assert bad.status_code == 400 and bad.get_json()["error"]["param"] == "limit"
+
+
 def test_a_file_comes_back_under_its_name_whatever_the_name_holds(redis_url, r):
     """The uploader's name goes into Content-Disposition: quotes, control characters and non-ASCII
     must neither break the header nor make the download fail."""
