@@ -353,7 +353,7 @@ def _finalize(batch: batches.Batch, to: str, from_statuses: tuple[str, ...], now
             continue
         file_id = f"file-{batch.id.removeprefix('batch_')}-{name}"
         content = "".join(json.dumps(row, separators=(",", ":"), ensure_ascii=False) + "\n" for row in rows)
-        files.store(r, batch.tenant, "batch_output", f"{batch.id}_{name}.jsonl", content.encode(), now, ttl,
+        files.store(r, batch.tenant, files.OUTPUT, f"{batch.id}_{name}.jsonl", content.encode(), now, ttl,
                     file_id=file_id)
         ids["output_file_id" if name == "output" else "error_file_id"] = file_id
     if batches.finish(r, batch, to, now, from_statuses, **ids):

@@ -17,7 +17,7 @@ from api.extensions import resources
 from api.files import owned_file
 from api.jobs import check_webhook
 from api.openai_compat import OpenAIError, _parse, use_openai_errors
-from queue_schema import batches
+from queue_schema import batches, files
 from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.events import now_ms
 
@@ -32,7 +32,7 @@ class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     input_file_id: str = Field(min_length=1, max_length=64)
-    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+    endpoint: Literal[batches.ENDPOINTS]
     completion_window: Literal["24h"]
     metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
                         Field(max_length=16)] | None = None
@@ -51,7 +51,7 @@ def create_batch():
     req = _parse(BatchRequest)
     check_webhook(req.webhook_url)
     info = owned_file(req.input_file_id)
-    if info.purpose != "batch":
+    if info.purpose != files.INPUT:
         raise OpenAIError(400, f"file {info.id} has purpose {info.purpose!r}; a batch reads a 'batch' file",
                           param="input_file_id", code="invalid_value")
     who = auth.principal()

@@ -47,7 +47,7 @@ def upload():
         raise OpenAIError(415, "upload the file as multipart/form-data with fields 'file' and 'purpose'",
                           code="unsupported_media_type")
     purpose = request.form.get("purpose")
-    if purpose != "batch":
+    if purpose != files.INPUT:
         raise OpenAIError(400, "purpose must be 'batch' (the only kind of file inferq keeps)", param="purpose",
                           code="invalid_value")
     upload = request.files.get("file")

@@ -19,7 +19,7 @@ import redis
 
 from queue_schema import keys
 
-PURPOSES = ("batch", "batch_output")
+INPUT, OUTPUT = "batch", "batch_output"  # the purposes: what a client uploads, what a batch writes
 
 # KEYS: the file's hash, the tenant's file index. ARGV: file id, created (ms), ttl (s), cap (bytes; 0: none),
 # the hash prefix, then the hash's field/value pairs, "bytes" first.
