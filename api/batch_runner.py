@@ -250,20 +250,31 @@ def _collect(batch: batches.Batch) -> int:
         pipe.xrevrange(keys.job_events(job_id), count=6)
         pipe.hget(keys.job_info(job_id), "submitted")
     raw = pipe.execute()
-    done, kept = [], []
+    mapped, kept = [], []
     for i, job_id in enumerate(ended):
         line, entries, submitted = raw[3 * i: 3 * i + 3]
         if line is None:  # admitted, not yet mapped (the submit step was cut short): it maps it on retry
             kept.append(job_id)
-            continue
-        line = int(line)
-        entry = json.loads(r.lindex(keys.batch_lines(batch.id), line) or "{}")
-        op = entry.get("op") or {}
-        if op.get("operation") == "embed" or "logprobs" in op:  # one event per vector, or per token
-            entries = r.xrange(keys.job_events(job_id))
+        else:
+            mapped.append([job_id, int(line), entries, int(submitted or 0) // 1000])
+    # The lines' requests, then the whole log of those whose answer is more than the last events, each in one
+    # round trip for every job collected.
+    pipe = r.pipeline(transaction=False)
+    for _, line, _, _ in mapped:
+        pipe.lindex(keys.batch_lines(batch.id), line)
+    lines = [json.loads(raw_line or "{}") for raw_line in pipe.execute()]
+    whole = [i for i, entry in enumerate(lines)
+             if (entry.get("op") or {}).get("operation") == "embed" or "logprobs" in (entry.get("op") or {})]
+    pipe = r.pipeline(transaction=False)
+    for i in whole:  # one event per vector, or per token
+        pipe.xrange(keys.job_events(mapped[i][0]))
+    for i, entries in zip(whole, pipe.execute()):
+        mapped[i][2] = entries
+    done = []
+    for (job_id, line, entries, created), entry in zip(mapped, lines):
         raw_events = [json.loads(fields[b"e"]) for _, fields in entries]
         events = [parse_event(fields[b"e"]) for _, fields in entries]
-        done.append(_job_result(batch, line, entry, job_id, events, raw_events, int(submitted or 0) // 1000))
+        done.append(_job_result(batch, line, entry, job_id, events, raw_events, created))
     batches.record(r, batch.id, done)
     pipe = r.pipeline(transaction=False)
     for job_id in ended:
