@@ -85,6 +85,30 @@ def requeued(pipe, job: Job) -> None:
     _end_execution(pipe, job, None)
 
 
+MAX_REQUEUES = 1  # a job lost before its first token goes back once; lost again, it fails
+
+
+def may_requeue(job: Job) -> bool:
+    return job.meta.get("requeues", 0) < MAX_REQUEUES
+
+
+def count_requeue(job: Job) -> None:
+    """Counted before anything else of a requeue is written: one cut short midway is not made again."""
+    job.meta["requeues"] = job.meta.get("requeues", 0) + 1
+    job.save_meta()
+
+
+def give_back(client: redis.Redis, leases, job: Job, owner: str, queue_name: str, model: str) -> bool:
+    """Back to the front of ``queue_name`` if ``owner`` still holds its lease (``queue_schema.leases``);
+    ``count_requeue`` first."""
+    if not leases.requeue(job.id, owner, queue_name, model):
+        return False
+    pipe = client.pipeline()
+    requeued(pipe, job)
+    pipe.execute()
+    return True
+
+
 def close_from_log(pipe, job: Job, terminal: _Event, worker_name: str = "") -> None:
     """Books for a job whose log ended while nobody wrote them (its writer died first)."""
     if terminal.type == "end" and terminal.stop_reason == "cancelled" and job.get_status(refresh=False) in (

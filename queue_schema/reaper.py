@@ -40,7 +40,6 @@ LOCK_MS = 3000
 SWEEP_S = 10.0
 SWEEP_MIN_AGE_S = 5.0  # an open job younger than this is left alone (it is being admitted)
 SWEEP_BATCH = 500
-MAX_REQUEUES = 1
 
 _LOCK = """
 local holder = redis.call('GET', KEYS[1])
@@ -158,10 +157,8 @@ class Reaper:
             return "closed"
         meta = job.meta if job is not None else {}
         model, priority = meta.get("model"), meta.get("priority")
-        if job is not None and tokens == 0 and meta.get("requeues", 0) < MAX_REQUEUES \
-                and priority in keys.PRIORITIES:
-            job.meta["requeues"] = meta.get("requeues", 0) + 1
-            job.save_meta()
+        if job is not None and tokens == 0 and books.may_requeue(job) and priority in keys.PRIORITIES:
+            books.count_requeue(job)
             # Back to its tenant's queue (the model's own for jobs with none).
             queue = job.origin if keys.base_queue_name(job.origin) == keys.queue_name(model, priority) \
                 else keys.queue_name(model, priority)
@@ -170,10 +167,7 @@ class Reaper:
                                "the job goes back to the front of its queue")
             self.eventlog.append_many([Narration(job_id=job_id, seq=seq, **story),
                                        Queued(job_id=job_id, seq=seq + 1, position=0, queue=queue)], self.id)
-            if self.leases.requeue(job_id, self.id, queue, model):
-                pipe = self.redis.pipeline()
-                books.requeued(pipe, job)
-                pipe.execute()
+            books.give_back(self.redis, self.leases, job, self.id, queue, model)
             action = "requeued"
         else:
             message = (f"worker {worker} was lost (it stopped renewing its lease) after {tokens} tokens; "

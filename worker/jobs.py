@@ -268,7 +268,7 @@ class Jobs:
                 self._records.pop(seq.job_id, None)
             return
         if end.reason == "aborted":
-            if end.tokens_out == 0 and record.job.meta.get("requeues", 0) < 1:
+            if end.tokens_out == 0 and books.may_requeue(record.job):
                 record.requeue = True
                 rt.narrate(dict(actor=rt.id, action="requeue", target=seq.job_id,
                                 human=f"Worker {rt.id} stopped before the first token; the job goes back "
@@ -370,14 +370,9 @@ class Jobs:
             records = [r for r in self._records.values() if r.requeue]
         for record in records:
             job = record.job
-            meta = job.meta
-            job.meta["requeues"] = meta.get("requeues", 0) + 1
             try:
-                job.save_meta()
-                if self.rt.leases.requeue(job.id, self.rt.id, job.origin, self.rt.spec.name):
-                    pipe = self.rt.redis.pipeline()
-                    books.requeued(pipe, job)
-                    pipe.execute()
+                books.count_requeue(job)
+                books.give_back(self.rt.redis, self.rt.leases, job, self.rt.id, job.origin, self.rt.spec.name)
             except redis.RedisError as exc:  # the lease stays ours and stands still: the reaper requeues it
                 log.warning("job %s: could not give it back: %s", job.id, exc)
             with self._lock:
