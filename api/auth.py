@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from flask import Flask, current_app, g, request
 
 from api.config import ConfigError, csv_setting
+from queue_schema import keys
 from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.tenants import ANONYMOUS, SHARED, Tenant
 
@@ -131,6 +132,21 @@ def principal() -> Principal:
     """The current request's principal (anonymous, keyed by client address, while auth is off)."""
     found = g.get("inferq_principal")
     return found if found is not None else _anonymous()
+
+
+def sees_everything() -> bool:
+    return _config().tokens is None or principal().admin
+
+
+def visible_jobs(client, job_ids) -> set[str]:
+    """Of ``job_ids``, those the current request may know of (their tenants in one round trip)."""
+    ids = list(dict.fromkeys(job_ids))
+    if sees_everything() or not ids:
+        return set(ids)
+    pipe = client.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hget(keys.job_info(job_id), "tenant")
+    return {j for j, owner in zip(ids, pipe.execute()) if owner is not None and can_see(owner.decode())}
 
 
 def can_see(owner: str | None) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
+from api import auth
 from api.extensions import resources
 from queue_schema import jobs, registry
 
@@ -31,5 +32,13 @@ def list_models():
 
 @bp.get("/v1/workers")
 def list_workers():
-    workers = registry.live_workers(resources().redis)
-    return jsonify(workers=[w.model_dump() for w in sorted(workers, key=lambda w: w.id)])
+    """Live workers; of the jobs each runs, only the caller's own (admins: all)."""
+    r = resources().redis
+    workers = sorted(registry.live_workers(r), key=lambda w: w.id)
+    mine = auth.visible_jobs(r, [j for w in workers for j in w.jobs])
+    shown = []
+    for w in workers:
+        jobs_shown = [j for j in w.jobs if j in mine]
+        shown.append({**w.model_dump(), "jobs": jobs_shown,
+                      "current_job": w.current_job if w.current_job in mine else None})
+    return jsonify(workers=shown)

@@ -13,14 +13,15 @@ choices), one follower each, in the order their events arrive.
 """
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from flask import current_app
 
-from api import lifecycle, sse
+from api import auth, lifecycle, sse
 from api.extensions import resources
 from queue_schema import keys
 from queue_schema.events import TERMINAL_TYPES
@@ -127,20 +128,42 @@ def job_messages(job_id: str, after_seq: int, keepalive_s: float) -> Iterator[st
         yield "".join(f.text for f in frames) or sse.KEEPALIVE
 
 
+def _narration_filter() -> Callable[[str | None], bool]:
+    """Whether the caller may see narration about a job: workers' own narration (no job) always; a job's,
+    if the caller may know of that job (its tenant's, or an admin). One lookup per job per stream."""
+    if auth.sees_everything():
+        return lambda job_id: True
+    known: dict[str, bool] = {}
+
+    def visible(job_id: str | None) -> bool:
+        if job_id is None:
+            return True
+        if job_id not in known:
+            if len(known) > 10_000:
+                known.clear()
+            known[job_id] = job_id in auth.visible_jobs(resources().redis, [job_id])
+        return known[job_id]
+    return visible
+
+
 def narration_messages(keepalive_s: float, backlog: int, follow: bool = True) -> Iterator[str]:
-    """Every job's and worker's narration: recent ones from the log, then live (if ``follow``)."""
+    """The narration of every worker and of the jobs the caller may see: recent ones from the log, then
+    live (if ``follow``)."""
+    visible = _narration_filter()
     with resources().channels.subscribe(keys.NARRATION_CHANNEL, SUBSCRIBE_WAIT_S) as sub:
         for event in resources().eventlog.recent_narration(backlog):
-            yield sse.logged(event, with_id=False).text
+            if visible(event.job_id):
+                yield sse.logged(event, with_id=False).text
         if not follow:
             return
         quiet_since = time.monotonic()
         while not lifecycle.stopping.is_set():
             batch = sub.get_batch(timeout=min(1.0, keepalive_s))
-            if batch:
+            # Narration is relayed without ids: the feed has no seq of its own.
+            out = "".join(sse.frame(f.data, f.type) for f in batch or () if visible(json.loads(f.data).get("job_id")))
+            if out:
                 quiet_since = time.monotonic()
-                # Narration is relayed without ids: the feed has no seq of its own.
-                yield "".join(sse.frame(f.data, f.type) for f in batch)
+                yield out
             elif time.monotonic() - quiet_since >= keepalive_s:
                 quiet_since = time.monotonic()
                 yield sse.KEEPALIVE

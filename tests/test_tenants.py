@@ -7,6 +7,7 @@ import pytest
 from api import create_app
 from queue_schema import jobs as job_views, keys, tenants
 from queue_schema.eventlog import EventLog
+from queue_schema.events import Narration
 from queue_schema.leases import Leases
 from tests.helpers import bearer, serve_fake_model
 
@@ -233,3 +234,38 @@ def test_embed_jobs_go_through_the_same_admission_tenants_limits_and_capabilitie
     replays = [client.post("/v1/jobs", json=embed, headers={**bearer(T.ALICE), **key}) for _ in range(2)]
     assert [x.status_code for x in replays] == [202, 202]
     assert replays[0].get_json()["job_id"] == replays[1].get_json()["job_id"]
+
+
+def test_narration_and_workers_show_a_tenant_only_its_own_jobs(r, redis_url):
+    """The narration feed and /v1/workers name jobs: another tenant's stay out of them (admins see all)."""
+    from queue_schema import registry
+
+    client, model = make_client(redis_url), fresh_model(r)
+    alices = post(client, T.ALICE, model).get_json()["job_id"]
+    bobs = post(client, T.BOB, model).get_json()["job_id"]
+    for job in (alices, bobs):  # as a worker narrates a job: into its log and the feed
+        assert EventLog(r).append(Narration(job_id=job, seq=1, actor="w", action="start", target=job,
+                                            human=f"Worker w started job {job}")).name == "OK"
+
+    def narrated(token):
+        resp = client.get("/v1/narration?backlog=1000&follow=false", headers=bearer(token))
+        assert resp.status_code == 200
+        return resp.get_data(as_text=True)
+
+    for token, sees, hidden in ((T.ALICE, alices, bobs), (T.BOB, bobs, alices)):
+        feed = narrated(token)
+        assert sees in feed and hidden not in feed, token
+    assert alices in narrated(ADMIN) and bobs in narrated(ADMIN)
+
+    worker = registry.WorkerInfo(id=f"w-{model}", host="test", pid=0, model=model, backend="none", state="busy",
+                                 slots=2, jobs=[alices, bobs], current_job=alices)
+    registry.publish_heartbeat(r, worker, registry.ModelInfo(name=model, context_length=512, queue_depth=1000,
+                                                             backend="none", slots=2))
+
+    def shown(token):
+        listed = client.get("/v1/workers", headers=bearer(token)).get_json()["workers"]
+        return next(w for w in listed if w["id"] == worker.id)
+
+    assert shown(T.ALICE)["jobs"] == [alices] and shown(T.ALICE)["current_job"] == alices
+    assert shown(T.BOB)["jobs"] == [bobs] and shown(T.BOB)["current_job"] is None
+    assert shown(ADMIN)["jobs"] == [alices, bobs]
