@@ -96,6 +96,13 @@ class Jobs:
         with self._lock:
             for job_id in job_ids:
                 self._records.pop(job_id, None)
+        self.rt.changed()
+
+    def _forget(self, job_id: str) -> None:
+        """No longer this worker's job (its record lists the jobs held: publish it)."""
+        with self._lock:
+            self._records.pop(job_id, None)
+        self.rt.changed()
 
     # --- intake thread -------------------------------------------------------------------
     def prepare(self, taken: list[Acquired]) -> list[Sequence | Task]:
@@ -264,8 +271,7 @@ class Jobs:
         rt.cancel.unwatch(seq.job_id)
         record.tokens, record.first_token_ms = end.tokens_out, end.first_token_ms
         if end.reason == "dropped":  # the lease is someone else's: not a word more from us
-            with self._lock:
-                self._records.pop(seq.job_id, None)
+            self._forget(seq.job_id)
             return
         if end.reason == "aborted":
             if end.tokens_out == 0 and books.may_requeue(record.job):
@@ -336,8 +342,7 @@ class Jobs:
         if status != Appended.OK:
             self.rt.scheduler.drop(job_id)
             self.rt.cancel.unwatch(job_id)
-            with self._lock:
-                self._records.pop(job_id, None)
+            self._forget(job_id)
             return
         if not terminal_written:
             return
@@ -375,5 +380,4 @@ class Jobs:
                 books.give_back(self.rt.redis, self.rt.leases, job, self.rt.id, job.origin, self.rt.spec.name)
             except redis.RedisError as exc:  # the lease stays ours and stands still: the reaper requeues it
                 log.warning("job %s: could not give it back: %s", job.id, exc)
-            with self._lock:
-                self._records.pop(job.id, None)
+            self._forget(job.id)

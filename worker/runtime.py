@@ -94,7 +94,8 @@ class WorkerRuntime:
         self.info = self.backend.info
         self.backend_reason = self.backend.reason
         self.vram_bytes = self.backend.vram_bytes()
-        self.scheduler = Scheduler(self.backend, self.jobs.ended, self.publisher.put_many, self.changed,
+        # The worker's record lists the jobs it holds (Jobs), not the slots: Jobs says when that changes.
+        self.scheduler = Scheduler(self.backend, self.jobs.ended, self.publisher.put_many,
                                    on_failure=self.check_health)
         seconds = time.perf_counter() - start
         self.narrate(narration.model_loaded(self.id, self.spec.name, size, self.backend.name, self.spec.device,

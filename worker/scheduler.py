@@ -121,12 +121,10 @@ class Task:
 
 class Scheduler:
     def __init__(self, backend: Backend, on_end: Callable[[Sequence, Ended], None],
-                 publish: Callable[[list], None], on_change: Callable[[], None] = lambda: None,
-                 on_failure: Callable[[int], object] = lambda slot: None):
+                 publish: Callable[[list], None], on_failure: Callable[[int], object] = lambda slot: None):
         self.backend = backend
         self.on_end = on_end  # called on the engine thread; may emit the job's last events
         self._publish = publish  # a step's events, at once
-        self._on_change = on_change  # a job started or ended: the worker's record is stale
         self._on_failure = on_failure  # the backend failed: probe it, once, in the free slot given
         self.slots = [Slot(i) for i in range(backend.slots)]
         self._incoming: queue.SimpleQueue[Sequence | Task] = queue.SimpleQueue()
@@ -227,7 +225,6 @@ class Scheduler:
                 item.emitter.sink = self._out.append
                 with self._lock:
                     self._tasks.append(item)
-                self._on_change()
 
     def _place(self, seq: Sequence, free: list[Slot]) -> None:
         """Put ``seq`` in the free slot that saves the most prefill (copying a busy slot's prefix if longer)."""
@@ -254,7 +251,6 @@ class Scheduler:
             seq.sampler = self.backend.sampler(seq.params, seq.prompt)
         seq.emitter.sink = self._out.append
         slot.seq, slot.used_at = seq, time.monotonic()
-        self._on_change()
 
     def _end_stopped(self, active: list[Sequence]) -> None:
         with self._lock:
@@ -301,7 +297,6 @@ class Scheduler:
         self.on_end(task, Ended(reason, "", task.count, int(elapsed * 1000), None,
                                 task.count / elapsed if elapsed > 0 else 0.0, error))
         self.slot_freed.set()
-        self._on_change()
 
     def _plan(self) -> tuple[list[Chunk], list[Sequence]]:
         chunks, plan = [], []
@@ -394,7 +389,6 @@ class Scheduler:
         first = None if seq.first_at is None else int((seq.first_at - seq.admitted_at) * 1000)
         self.on_end(seq, Ended(reason, seq.assembler.text, seq.count, int(elapsed * 1000), first, rate, error))
         self.slot_freed.set()
-        self._on_change()
 
     def _probe(self) -> None:
         """After a failed call, one health probe, in a slot no sequence holds: the probe empties it, and
