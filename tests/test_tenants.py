@@ -269,3 +269,49 @@ def test_narration_and_workers_show_a_tenant_only_its_own_jobs(r, redis_url):
     assert shown(T.ALICE)["jobs"] == [alices] and shown(T.ALICE)["current_job"] == alices
     assert shown(T.BOB)["jobs"] == [bobs] and shown(T.BOB)["current_job"] is None
     assert shown(ADMIN)["jobs"] == [alices, bobs]
+
+
+def test_the_live_narration_feed_leaves_out_other_tenants_jobs(r, tenant_api):
+    """Followed live (pub/sub, through gunicorn): each tenant reads its own job's narration and a worker's,
+    never another tenant's job."""
+    import threading
+
+    import requests
+
+    from tests.conftest import TenantAPI
+
+    model = fresh_model(r)
+    ids = {}
+    for name, token in (("alice", TenantAPI.ALICE), ("bob", TenantAPI.BOB)):
+        resp = requests.post(f"{tenant_api.url}/v1/jobs", headers=bearer(token), timeout=10,
+                             json={"operation": "infer", "model": model, "prompt": "hi", "max_tokens": 2})
+        assert resp.status_code == 202, resp.text
+        ids[name] = resp.json()["job_id"]
+    sentinel = f"model {model} loaded, {uuid.uuid4().hex}"
+    read, ready = {}, threading.Barrier(3, timeout=20)
+
+    def follow(name, token):
+        with requests.get(f"{tenant_api.url}/v1/narration?backlog=0", headers=bearer(token), stream=True,
+                          timeout=(5, 20)) as resp:
+            ready.wait()
+            text = ""
+            for chunk in resp.iter_content(chunk_size=None, decode_unicode=True):
+                text += chunk
+                if sentinel in text:
+                    break
+            read[name] = text
+
+    threads = [threading.Thread(target=follow, args=a) for a in (("alice", TenantAPI.ALICE),
+                                                                  ("bob", TenantAPI.BOB))]
+    for t in threads:
+        t.start()
+    ready.wait()
+    time.sleep(0.5)  # both subscribed
+    log = EventLog(r)
+    for job in ids.values():
+        log.append(Narration(job_id=job, seq=1, actor="w", action="start", target=job, human=f"started {job}"))
+    log.append(Narration(actor="w", action="loaded", target="w", human=sentinel))
+    for t in threads:
+        t.join(25)
+    assert ids["alice"] in read["alice"] and ids["bob"] not in read["alice"]
+    assert ids["bob"] in read["bob"] and ids["alice"] not in read["bob"]
