@@ -9,14 +9,14 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Literal
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, jsonify
 from pydantic import BaseModel, ConfigDict, Field
 
 from api import auth
 from api.extensions import resources
 from api.files import owned_file
 from api.jobs import check_webhook
-from api.openai_compat import OpenAIError, _parse, use_openai_errors
+from api.openai_compat import OpenAIError, _parse, cursor_page, use_openai_errors
 from queue_schema import batches, files
 from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.events import now_ms
@@ -69,16 +69,7 @@ def get_batch(batch_id: str):
 @bp.get("/v1/batches")
 def list_batches():
     """The caller's batches, newest first; ``after`` is the id of the last one seen."""
-    try:
-        limit = int(request.args.get("limit", 20))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= 100:
-        raise OpenAIError(400, "limit must be an integer from 1 to 100", param="limit", code="invalid_value")
-    found, more = batches.listing(resources().redis, auth.principal().name, limit, request.args.get("after"))
-    data = [b.to_dict() for b in found]
-    return jsonify(object="list", data=data, first_id=data[0]["id"] if data else None,
-                   last_id=data[-1]["id"] if data else None, has_more=more)
+    return cursor_page(batches.listing, 20, 100)
 
 
 @bp.post("/v1/batches/<batch_id>/cancel")

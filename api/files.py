@@ -17,7 +17,7 @@ from flask import Blueprint, current_app, jsonify, request, send_file
 
 from api import auth
 from api.extensions import resources
-from api.openai_compat import OpenAIError, use_openai_errors
+from api.openai_compat import OpenAIError, cursor_page, use_openai_errors
 from queue_schema import files
 from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.events import now_ms
@@ -79,16 +79,7 @@ def _too_large(max_bytes: int) -> InferqError:
 @bp.get("/v1/files")
 def list_files():
     """The caller's files, newest first (OpenAI's ``limit``, default 100, and ``after``: the last id seen)."""
-    try:
-        limit = int(request.args.get("limit", 100))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= 10000:
-        raise OpenAIError(400, "limit must be an integer from 1 to 10000", param="limit", code="invalid_value")
-    found, more = files.listing(resources().redis, auth.principal().name, limit, request.args.get("after"))
-    data = [f.to_dict() for f in found]
-    return jsonify(object="list", data=data, first_id=data[0]["id"] if data else None,
-                   last_id=data[-1]["id"] if data else None, has_more=more)
+    return cursor_page(files.listing, 100, 10000)
 
 
 @bp.get("/v1/files/<file_id>")

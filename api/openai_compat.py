@@ -107,6 +107,22 @@ def _parse(model_cls):
         raise OpenAIError(400, f"{param}: {err['msg']}", param=param, code="invalid_value") from None
 
 
+def cursor_page(listing, default_limit: int, max_limit: int):
+    """OpenAI's cursor list for the caller's own things: ``limit`` and ``after`` (the last id seen) from the
+    query, ``listing(redis, tenant, limit, after)`` giving ``(items, has_more)`` newest first."""
+    try:
+        limit = int(request.args.get("limit", default_limit))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= max_limit:
+        raise OpenAIError(400, f"limit must be an integer from 1 to {max_limit}", param="limit",
+                          code="invalid_value")
+    found, more = listing(resources().redis, auth.principal().name, limit, request.args.get("after"))
+    data = [item.to_dict() for item in found]
+    return jsonify(object="list", data=data, first_id=data[0]["id"] if data else None,
+                   last_id=data[-1]["id"] if data else None, has_more=more)
+
+
 def _events(job_id: str):
     """The job's events as dicts, from its log and then live, until the terminal one."""
     keepalive = float(current_app.config["KEEPALIVE_S"])
