@@ -5,8 +5,8 @@ import logging
 
 from flask import Flask
 
-from api import (auth, background, batches, catalog, config, dashboard, errors, extensions, files, health, jobs,
-                 limits, metrics, openai_compat, openapi, security, stream, ui)
+from api import (auth, background, batches, catalog, config, dashboard, errors, extensions, files, health, hosts,
+                 jobs, limits, metrics, openai_compat, openapi, security, stream, ui)
 
 
 def create_app(test_config: dict | None = None) -> Flask:
@@ -23,6 +23,7 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     extensions.init_app(app)
     errors.init_app(app)
+    hosts.init_app(app)  # first of the request checks
     auth.init_app(app)
     security.init_app(app)
     limits.init_app(app)

@@ -7,9 +7,10 @@ constant time. ``?access_token=`` is accepted on stream routes only, because a
 browser's EventSource cannot set headers.
 
 ``INFERQ_ADMIN_TOKENS`` (same format; the name defaults to ``admin``) are
-tokens that see every tenant's jobs, files and batches; once any is set,
-rq-dashboard (which shows every tenant's jobs) takes only them. Setting only
-admin tokens also turns auth on.
+tokens that see every tenant's jobs, files and batches. rq-dashboard shows
+every tenant's jobs and can empty their queues: with more than one tenant it
+takes only admin tokens, and answers 403 ``ADMIN_ONLY`` while none is set.
+Setting only admin tokens also turns auth on.
 
 ``principal()`` names the current request's tenant and the key its limits are
 counted by (api/limits.py, and Redis-side admission). A job, file or batch
@@ -134,6 +135,11 @@ def principal() -> Principal:
     return found if found is not None else _anonymous()
 
 
+def enabled() -> bool:
+    """Is auth on (tokens set)?"""
+    return _config().tokens is not None
+
+
 def sees_everything() -> bool:
     return _config().tokens is None or principal().admin
 
@@ -168,8 +174,15 @@ def check_request() -> None:
         scheme = "Basic" if (request.blueprint or "") == "rq_dashboard" else "Bearer"
         raise InferqError(ErrorCode.UNAUTHORIZED, "missing or invalid bearer token",
                           headers={"WWW-Authenticate": f'{scheme} realm="inferq"'})
-    if request.blueprint == "rq_dashboard" and not found.admin and any(p.admin for _, p in tokens):
-        # rq-dashboard shows every tenant's jobs and their payloads: with admins configured, only for them.
+    admins = any(p.admin for _, p in tokens)
+    tenants = {p.name for _, p in tokens if not p.admin}
+    if request.blueprint == "rq_dashboard" and not found.admin and (admins or len(tenants) > 1):
+        # rq-dashboard shows every tenant's jobs and payloads, and can empty their queues: with more than
+        # one tenant (or any admin configured) it is the admins' only.
+        if not admins:
+            raise InferqError(ErrorCode.ADMIN_ONLY, "rq-dashboard shows every tenant's jobs and can empty their "
+                              "queues: it is open to admin tokens only, and none is set; set "
+                              "INFERQ_ADMIN_TOKENS to open it")
         raise InferqError(ErrorCode.UNAUTHORIZED, "rq-dashboard shows every tenant's jobs: use an admin token",
                           headers={"WWW-Authenticate": 'Basic realm="inferq"'})
     g.inferq_principal = found

@@ -69,7 +69,7 @@ def get_batch(batch_id: str):
 @bp.get("/v1/batches")
 def list_batches():
     """The caller's batches, newest first; ``after`` is the id of the last one seen."""
-    return cursor_page(batches.listing, 20, 100)
+    return cursor_page(batches.listing, 20, 100, "batch")
 
 
 @bp.post("/v1/batches/<batch_id>/cancel")

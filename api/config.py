@@ -18,6 +18,9 @@ DEFAULTS = {
     # Comma-separated origins (scheme://host[:port]) trusted for writes besides the API's own
     # (a proxy that rewrites Host, say); see api/security.py.
     "TRUSTED_ORIGINS": None,
+    # Comma-separated Host names answered while auth is off, besides loopback and the bind address
+    # ("*": any); see api/hosts.py (DNS rebinding).
+    "ALLOWED_HOSTS": None,
     "MAX_QUEUE_DEPTH": 1000,  # per model, on top of each worker's own --queue-depth
     # Per limit key (a tenant, a bare token, a client address with auth off), checked in the
     # admission script (queue_schema/tenants.py); 0 turns a limit off.
@@ -46,6 +49,9 @@ DEFAULTS = {
     "MAX_CONTENT_LENGTH": 1 << 20,
     "JOB_TTL_S": DEFAULT_TTL_S,  # a job's log, RQ hash and result live this long after it ends
     # Per API process. Streams share one pub/sub connection (api/fanout.py); other
+    # Jobs of an OpenAI request without an Idempotency-Key: a worker that reaches one after it waited this
+    # long ends it with TIMEOUT (its client, or its API process, is long gone). 0 turns the bound off.
+    "OPENAI_QUEUE_TTL_S": 300,
     # requests borrow a pooled connection per command and wait (up to
     # REDIS_POOL_TIMEOUT_S) when all are busy, instead of opening more.
     "REDIS_MAX_CONNECTIONS": 64,
@@ -54,8 +60,8 @@ DEFAULTS = {
 
 # Lists of names and secrets, taken as written: from_prefixed_env would JSON-parse them, and
 # `0`, `false`, `null` or `[]` would quietly turn auth off (`true` became the token `True`).
-RAW_SETTINGS = ("API_TOKENS", "ADMIN_TOKENS", "HIGH_PRIORITY_TENANTS", "TRUSTED_ORIGINS", "WEBHOOK_SECRET",
-                "WEBHOOK_ALLOW_HOSTS")
+RAW_SETTINGS = ("API_TOKENS", "ADMIN_TOKENS", "HIGH_PRIORITY_TENANTS", "TRUSTED_ORIGINS", "ALLOWED_HOSTS",
+                "WEBHOOK_SECRET", "WEBHOOK_SECRETS", "WEBHOOK_ALLOW_HOSTS")
 
 
 class ConfigError(ValueError):

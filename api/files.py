@@ -79,7 +79,7 @@ def _too_large(max_bytes: int) -> InferqError:
 @bp.get("/v1/files")
 def list_files():
     """The caller's files, newest first (OpenAI's ``limit``, default 100, and ``after``: the last id seen)."""
-    return cursor_page(files.listing, 100, 10000)
+    return cursor_page(files.listing, 100, 10000, "file")
 
 
 @bp.get("/v1/files/<file_id>")

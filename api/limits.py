@@ -33,7 +33,7 @@ class StreamSlots:
         with self._lock:
             if self._total >= self.per_process:
                 return f"this API process has {self.per_process} streams open"
-            if self._open[key] >= self.per_principal:
+            if key is not None and self._open[key] >= self.per_principal:
                 return f"you have {self.per_principal} streams open"
             self._open[key] += 1
             self._total += 1
@@ -58,8 +58,11 @@ class StreamSlots:
 
 
 def stream_slot() -> Callable[[], None]:
-    """Take a stream slot for the current principal, or raise 429 ``TOO_MANY_STREAMS``."""
-    slot = current_app.extensions["inferq_streams"].acquire(auth.principal().limit_key)
+    """Take a stream slot for the current principal, or raise 429 ``TOO_MANY_STREAMS``. With auth off every
+    local client shares one address, so only the process bound applies: a local agent making 200 calls at
+    once is one user, not 200."""
+    key = auth.principal().limit_key if auth.enabled() else None
+    slot = current_app.extensions["inferq_streams"].acquire(key)
     if isinstance(slot, str):
         raise InferqError(ErrorCode.TOO_MANY_STREAMS, f"too many open streams: {slot}; close one or retry later",
                           retriable=True, headers={"Retry-After": str(RETRY_AFTER_S)})

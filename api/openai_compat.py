@@ -20,7 +20,7 @@ import redis
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 from pydantic import ValidationError
 
-from api import auth, lifecycle, limits, relay, sse
+from api import auth, disconnect, lifecycle, limits, relay, sse
 from api.extensions import resources
 from api.jobs import idempotency, request_cancel, submit
 from api.openai_models import ChatRequest, CompletionRequest, EmbeddingRequest, InvalidField, _Request
@@ -107,9 +107,11 @@ def _parse(model_cls):
         raise OpenAIError(400, f"{param}: {err['msg']}", param=param, code="invalid_value") from None
 
 
-def cursor_page(listing, default_limit: int, max_limit: int):
+def cursor_page(listing, default_limit: int, max_limit: int, what: str):
     """OpenAI's cursor list for the caller's own things: ``limit`` and ``after`` (the last id seen) from the
-    query, ``listing(redis, tenant, limit, after)`` giving ``(items, has_more)`` newest first."""
+    query, ``listing(redis, tenant, limit, after)`` giving ``(items, has_more)`` newest first, or None when
+    ``after`` is not one of the caller's ``what``: a 404 that says so (``file_not_found``, ``batch_not_found``),
+    not a quietly empty page."""
     try:
         limit = int(request.args.get("limit", default_limit))
     except ValueError:
@@ -117,18 +119,47 @@ def cursor_page(listing, default_limit: int, max_limit: int):
     if not 1 <= limit <= max_limit:
         raise OpenAIError(400, f"limit must be an integer from 1 to {max_limit}", param="limit",
                           code="invalid_value")
-    found, more = listing(resources().redis, auth.principal().name, limit, request.args.get("after"))
+    after = request.args.get("after") or None
+    page = listing(resources().redis, auth.principal().name, limit, after)
+    if page is None:
+        raise OpenAIError(404, f"after: no {what} {after!r} of yours (unknown, deleted or expired); page from the "
+                          "start, or from the last_id of a page this API returned", param="after",
+                          code=f"{what}_not_found")
+    found, more = page
     data = [item.to_dict() for item in found]
     return jsonify(object="list", data=data, first_id=data[0]["id"] if data else None,
                    last_id=data[-1]["id"] if data else None, has_more=more)
 
 
-def _events(job_id: str):
-    """The job's events as dicts, from its log and then live, until the terminal one."""
+WAIT_POLL_S = 1.0  # how often a request that waits for its answer looks whether its client is still there
+
+
+class ClientGone(Exception):
+    """The client of a request that waits for its answer closed its connection."""
+
+
+def _events(job_id: str, gone=None):
+    """The job's events as dicts, from its log and then live, until the terminal one; ``gone`` (a
+    ``disconnect.watcher``) is asked at least every ``WAIT_POLL_S``, and ClientGone raised once it says so."""
     keepalive = float(current_app.config["KEEPALIVE_S"])
-    for frames in relay.job_batches(job_id, -1, keepalive):
+    looked = time.monotonic()
+    for frames in relay.job_batches(job_id, -1, keepalive, idle_s=WAIT_POLL_S if gone else None):
+        if gone is not None and time.monotonic() - looked >= WAIT_POLL_S:
+            looked = time.monotonic()
+            if gone():
+                raise ClientGone()
         for frame in frames:
             yield json.loads(frame.data)
+
+
+def _queue_bound(ops: list, idem: Idempotency | None) -> list:
+    """Jobs of a request without an Idempotency-Key are of use only to the connection that waits for them:
+    if that API process dies, nobody holds their ids. They carry a queue-wait bound (``ttl_s``), so a
+    worker that reaches them much later ends them with TIMEOUT instead of running them for nobody."""
+    ttl = int(current_app.config["OPENAI_QUEUE_TTL_S"])
+    if idem is not None or ttl <= 0:
+        return ops
+    return [op.model_copy(update={"ttl_s": ttl}) for op in ops]
 
 
 # --- logprobs in OpenAI's two shapes ---------------------------------------------------------
@@ -252,17 +283,18 @@ def _cancel_open(job_ids: list[str]) -> None:
 
 
 def _respond(req: _Request, chat: bool):
-    ops = req.operations()
     # An Idempotency-Key answers again with the first request's jobs: streamed again, or their result.
     idem = idempotency(request.path, req.model_dump_json())
-    release = limits.stream_slot() if req.stream else None  # before any job exists: a 429 runs nothing
+    ops = _queue_bound(req.operations(), idem)
+    # Streamed or waited for, the answer holds a connection until the jobs end: a slot, taken before any
+    # job exists (a 429 runs nothing).
+    release = limits.stream_slot()
     try:
         job_ids = [a.job_id for a in _submit_all(ops, idem)]
         # The first job's submit time, so a replayed answer is the same answer.
         submitted = resources().redis.hget(keys.job_info(job_ids[0]), "submitted")
     except Exception:
-        if release:
-            release()
+        release()
         raise
     shape = _Shape(chat, job_ids[0], ops[0].model, ops[0].logprobs is not None,
                    int(submitted) // 1000 if submitted else None)
@@ -275,25 +307,45 @@ def _respond(req: _Request, chat: bool):
                             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         response.call_on_close(release)
         return response
+    try:
+        return _wait(job_ids, shape, headers, gone=None if idem else disconnect.watcher())
+    finally:
+        release()
+
+
+def _wait(job_ids: list[str], shape: "_Shape", headers: dict, gone):
+    """The whole answer, once every choice's job ended; a client that leaves first has its jobs cancelled
+    (``gone`` is None when the client said it would come back: an Idempotency-Key)."""
     choices, prompt_tokens, completion_tokens = [], 0, 0
-    for index, job_id in enumerate(job_ids):
-        tokens, end = [], None
-        for event in _events(job_id):
-            if event["type"] == "token" and "logprob" in event:
-                tokens.append(event)
-            elif event["type"] == "metrics":
-                prompt_tokens = event["prompt_tokens"]
-            elif event["type"] == "error":
-                _cancel_open(job_ids[index + 1:])
-                raise _job_error(event)
-            elif event["type"] == "end":
-                end = event
-                break
-        if end is None:
-            raise _interrupted(job_id)
-        completion_tokens += end["tokens_out"]
-        choices.append(shape.choice(index, end["text"], _FINISH[end["stop_reason"]], tokens))
+    try:
+        for index, job_id in enumerate(job_ids):
+            tokens, end = [], None
+            for event in _events(job_id, gone):
+                if event["type"] == "token" and "logprob" in event:
+                    tokens.append(event)
+                elif event["type"] == "metrics":
+                    prompt_tokens = event["prompt_tokens"]
+                elif event["type"] == "error":
+                    _cancel_open(job_ids[index + 1:])
+                    raise _job_error(event)
+                elif event["type"] == "end":
+                    end = event
+                    break
+            if end is None:
+                raise _interrupted(job_id)
+            completion_tokens += end["tokens_out"]
+            choices.append(shape.choice(index, end["text"], _FINISH[end["stop_reason"]], tokens))
+    except ClientGone:
+        return _abandoned(job_ids)
     return jsonify(shape.whole(choices, _usage(prompt_tokens, completion_tokens))), 200, headers
+
+
+def _abandoned(job_ids: list[str]):
+    """Nobody waits for these jobs any more: free the workers. The answer goes nowhere (499, nginx's
+    "client closed request", for the access log)."""
+    log.info("jobs %s: their client left before the answer; cancelling them", ",".join(job_ids))
+    _cancel_open(job_ids)
+    return Response(status=499)
 
 
 def _stream(job_ids: list[str], shape: _Shape, include_usage: bool, cancel_on_disconnect: bool = True):
@@ -378,22 +430,34 @@ def embeddings():
     """An ``embed`` job; the vectors come back as floats or (``encoding_format=base64``) as the worker
     sent them: little-endian float32, base64. An Idempotency-Key answers again with the first job's."""
     req = _parse(EmbeddingRequest)
-    op = req.operation()
-    job_id = submit(op, idempotency(request.path, req.model_dump_json())).job_id
+    idem = idempotency(request.path, req.model_dump_json())
+    op, = _queue_bound([req.operation()], idem)
+    release = limits.stream_slot()
+    try:
+        job_id = submit(op, idem).job_id
+        return _embeddings_answer(job_id, req, op, None if idem else disconnect.watcher())
+    finally:
+        release()
+
+
+def _embeddings_answer(job_id: str, req: EmbeddingRequest, op, gone):
     vectors: dict[int, str] = {}
     prompt_tokens = 0
-    for event in _events(job_id):
-        if event["type"] == "embedding":
-            vectors[event["index"]] = event["embedding"]
-        elif event["type"] == "metrics":
-            prompt_tokens = event["prompt_tokens"]
-        elif event["type"] == "error":
-            raise _job_error(event)
-        elif event["type"] == "end":
-            if event["stop_reason"] == "cancelled":
-                raise OpenAIError(500, "the job was cancelled", code="cancelled", headers=_NO_RETRY)
-            return jsonify(_embedding_list(vectors, req.encoding_format, op.model, prompt_tokens)), 200, \
-                {"X-Inferq-Job-Id": job_id}
+    try:
+        for event in _events(job_id, gone):
+            if event["type"] == "embedding":
+                vectors[event["index"]] = event["embedding"]
+            elif event["type"] == "metrics":
+                prompt_tokens = event["prompt_tokens"]
+            elif event["type"] == "error":
+                raise _job_error(event)
+            elif event["type"] == "end":
+                if event["stop_reason"] == "cancelled":
+                    raise OpenAIError(500, "the job was cancelled", code="cancelled", headers=_NO_RETRY)
+                return jsonify(_embedding_list(vectors, req.encoding_format, op.model, prompt_tokens)), 200, \
+                    {"X-Inferq-Job-Id": job_id}
+    except ClientGone:
+        return _abandoned([job_id])
     raise _interrupted(job_id)
 
 

@@ -27,34 +27,43 @@ from queue_schema import keys
 from queue_schema.events import TERMINAL_TYPES
 
 SUBSCRIBE_WAIT_S = 5.0
+LOG_PAGE = 256  # events read from a log per round trip
 
 
-def job_batches(job_id: str, after_seq: int, keepalive_s: float) -> Iterator[list[sse.Frame]]:
-    """One job's events after ``after_seq``, in order, as batches (one write each); [] on silence."""
+def job_batches(job_id: str, after_seq: int, keepalive_s: float,
+                idle_s: float | None = None) -> Iterator[list[sse.Frame]]:
+    """One job's events after ``after_seq``, in order, as batches (one write each); [] after ``idle_s``
+    (default ``keepalive_s``) of silence, so a caller that waits can look around (is its client still there?)."""
     eventlog = resources().eventlog
+    idle_s = keepalive_s if idle_s is None else min(idle_s, keepalive_s)
     with resources().channels.subscribe(keys.job_channel(job_id), SUBSCRIBE_WAIT_S) as sub:
-        frames, sent, done = _frames_from_log(eventlog, job_id, after_seq)
-        if frames:
+        sent, done, any_frames = after_seq, False, False
+        for frames, sent, done in _log_pages(eventlog, job_id, after_seq):
+            any_frames = True
             yield frames
         if done:
             return
-        if not frames:  # nothing after Last-Event-ID: it may be at or past the end already
+        if not any_frames:  # nothing after Last-Event-ID: it may be at or past the end already
             last = eventlog.last(job_id)
             if last is not None and last.terminal and last.seq <= sent:
                 if last.seq < sent:  # the client saw events this log lost (a Redis failover): end it anyway
                     yield [sse.logged(last)]
                 return
-        quiet_since = time.monotonic()
+        quiet_since = checked = time.monotonic()
         while not lifecycle.stopping.is_set():
-            batch = sub.get_batch(timeout=min(1.0, keepalive_s))
+            batch = sub.get_batch(timeout=min(1.0, idle_s))
             if not batch:
-                if time.monotonic() - quiet_since >= keepalive_s:
-                    quiet_since = time.monotonic()
+                now = time.monotonic()
+                if now - checked >= keepalive_s:
+                    quiet_since = checked = now
                     # A quiet channel may also mean a message was lost: the log has the truth.
-                    frames, sent, done = _frames_from_log(eventlog, job_id, sent)
-                    yield frames
+                    for frames, sent, done in _log_pages(eventlog, job_id, sent, always=True):
+                        yield frames
                     if done:
                         return
+                elif now - quiet_since >= idle_s:
+                    quiet_since = now
+                    yield []
                 continue
             frames, done = [], False
             for frame in batch:
@@ -73,7 +82,7 @@ def job_batches(job_id: str, after_seq: int, keepalive_s: float) -> Iterator[lis
                     break
             if frames:
                 yield frames
-                quiet_since = time.monotonic()
+                quiet_since = checked = time.monotonic()
             if done:
                 return
 
@@ -172,12 +181,23 @@ def narration_messages(keepalive_s: float, backlog: int, follow: bool = True) ->
                 yield sse.KEEPALIVE
 
 
-def _frames_from_log(eventlog, job_id: str, after_seq: int) -> tuple[list[sse.Frame], int, bool]:
-    """Frames of the logged events after ``after_seq``, the last seq, and whether it ended."""
-    frames, sent = [], after_seq
-    for event in eventlog.replay(job_id, after_seq=after_seq):
-        frames.append(sse.logged(event))
-        sent = event.seq
-        if event.terminal:
-            return frames, sent, True
-    return frames, sent, False
+def _log_pages(eventlog, job_id: str, after_seq: int,
+               always: bool = False) -> Iterator[tuple[list[sse.Frame], int, bool]]:
+    """The logged events after ``after_seq`` as frames, ``LOG_PAGE`` at a time (an embed job's log can be
+    megabytes: never read whole), each page with the last seq and whether the log ended there. ``always``:
+    one (empty) page even when nothing is logged after ``after_seq``."""
+    sent = after_seq
+    while True:
+        frames = []
+        events = eventlog.replay(job_id, after_seq=sent, count=LOG_PAGE)
+        for event in events:
+            frames.append(sse.logged(event))
+            sent = event.seq
+            if event.terminal:
+                yield frames, sent, True
+                return
+        if frames or always:
+            yield frames, sent, False
+        if len(events) < LOG_PAGE:
+            return
+        always = False

@@ -122,16 +122,18 @@ def get(client: redis.Redis, batch_id: str) -> Batch | None:
     return _decode(client.hgetall(keys.batch(batch_id)))
 
 
-def listing(client: redis.Redis, tenant: str, limit: int, after: str | None) -> tuple[list[Batch], bool]:
-    """The tenant's batches, newest first, after the batch ``after`` (OpenAI's cursor: an id)."""
+def listing(client: redis.Redis, tenant: str, limit: int, after: str | None) -> tuple[list[Batch], bool] | None:
+    """The tenant's batches, newest first, after the batch ``after`` (OpenAI's cursor: an id); None when
+    ``after`` names no batch of the tenant's. By rank, not by creation time: batches created in the same
+    millisecond tie on the score, and a page ending inside a tie must not skip the rest of it."""
     index = keys.tenant_batches(tenant)
-    high = "+inf"
+    start = 0
     if after:
-        score = client.zscore(index, after)
-        if score is None:
-            return [], False
-        high = f"({int(score)}"
-    ids = [i.decode() for i in client.zrevrangebyscore(index, high, "-inf", start=0, num=limit + 1)]
+        rank = client.zrevrank(index, after)
+        if rank is None:
+            return None
+        start = rank + 1
+    ids = [i.decode() for i in client.zrevrange(index, start, start + limit)]  # one more: is there more?
     pipe = client.pipeline(transaction=False)
     for batch_id in ids[:limit]:
         pipe.hgetall(keys.batch(batch_id))

@@ -13,6 +13,8 @@ class ErrorCode(str, Enum):
     UNSUPPORTED_FEATURE = "UNSUPPORTED_FEATURE"
     UNAUTHORIZED = "UNAUTHORIZED"
     FORBIDDEN_ORIGIN = "FORBIDDEN_ORIGIN"  # a write from another site's page (CSRF)
+    HOST_NOT_ALLOWED = "HOST_NOT_ALLOWED"  # auth off and a Host that is not this machine (DNS rebinding)
+    ADMIN_ONLY = "ADMIN_ONLY"  # rq-dashboard with auth on and no admin token configured
     PRIORITY_NOT_ALLOWED = "PRIORITY_NOT_ALLOWED"
     UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
     TOO_MANY_STREAMS = "TOO_MANY_STREAMS"
@@ -55,6 +57,8 @@ HTTP_STATUS = {
     ErrorCode.PRIORITY_NOT_ALLOWED: 403,
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
     ErrorCode.TOO_MANY_STREAMS: 429,
+    ErrorCode.HOST_NOT_ALLOWED: 403,
+    ErrorCode.ADMIN_ONLY: 403,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.TOO_MANY_QUEUED: 429,
     ErrorCode.TOO_MANY_RUNNING: 429,

@@ -209,10 +209,11 @@ class EventLog:
             statuses = results[0] if per_job else []
         return {job_id: Appended(int(s)) for job_id, s in zip(per_job, statuses)}
 
-    def replay(self, job_id: str, after_seq: int = -1, until_seq: int | None = None) -> list[_Event]:
-        """Events with ``after_seq < seq`` (and ``seq <= until_seq`` if given), in order."""
+    def replay(self, job_id: str, after_seq: int = -1, until_seq: int | None = None,
+               count: int | None = None) -> list[_Event]:
+        """Events with ``after_seq < seq`` (and ``seq <= until_seq`` if given), in order; at most ``count``."""
         end = "+" if until_seq is None else _entry_id(until_seq)
-        entries = self.redis.xrange(keys.job_events(job_id), f"{after_seq + 1}-0", end)
+        entries = self.redis.xrange(keys.job_events(job_id), f"{after_seq + 1}-0", end, count=count)
         return [parse_event(fields[b"e"]) for _, fields in entries]
 
     def last(self, job_id: str) -> _Event | None:

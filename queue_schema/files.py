@@ -99,15 +99,16 @@ def get(client: redis.Redis, file_id: str) -> FileInfo | None:
     return _decode(client.hmget(keys.file(file_id), *_FIELDS))
 
 
-def listing(client: redis.Redis, tenant: str, limit: int, after: str | None) -> tuple[list[FileInfo], bool]:
-    """The tenant's files, newest first, after the file ``after`` (OpenAI's cursor: an id). By rank, not
-    by upload time: two files uploaded in the same millisecond are both listed."""
+def listing(client: redis.Redis, tenant: str, limit: int, after: str | None) -> tuple[list[FileInfo], bool] | None:
+    """The tenant's files, newest first, after the file ``after`` (OpenAI's cursor: an id); None when
+    ``after`` names no file of the tenant's. By rank, not by upload time: two files uploaded in the same
+    millisecond are both listed."""
     index = keys.tenant_files(tenant)
     start = 0
     if after:
         rank = client.zrevrank(index, after)
         if rank is None:
-            return [], False
+            return None
         start = rank + 1
     ids = client.zrevrange(index, start, start + limit)  # one more than asked: is there more?
     pipe = client.pipeline(transaction=False)

@@ -12,6 +12,7 @@ while new jobs arrive (they are newer, so before it).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import redis
@@ -38,7 +39,8 @@ def parse_cursor(cursor: str | None) -> tuple[float, str] | None:
         value = float(score)
     except ValueError:
         value = None
-    if not sep or not job_id or value is None:
+    # float() reads "nan" and "inf", which Redis refuses as a score: a 500 otherwise.
+    if not sep or not job_id or value is None or not math.isfinite(value):
         raise InferqError(ErrorCode.INVALID_REQUEST, "cursor must be a next_cursor this API returned",
                           errors=[{"field": "cursor", "constraint": "format", "message": "not a cursor"}])
     return value, job_id

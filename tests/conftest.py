@@ -178,12 +178,14 @@ def client(app):
 SHARED_SETTINGS = {"BATCH_WINDOW": 4}
 
 
-def start_api(redis_url: str, log_path: Path, workers: int = 1, **settings) -> tuple[subprocess.Popen, str]:
-    """gunicorn + gevent serving the API on a free port, with ``INFERQ_<name>`` settings; waits until it answers."""
+def start_api(redis_url: str, log_path: Path, workers: int = 1, bind: str = "127.0.0.1",
+              **settings) -> tuple[subprocess.Popen, str]:
+    """gunicorn + gevent serving the API on a free port of ``bind``, with ``INFERQ_<name>`` settings; waits until
+    it answers (at 127.0.0.1)."""
     port = free_port()
     env = {**os.environ, "REDIS_URL": redis_url, "INFERQ_KEEPALIVE_S": "1",
            **{f"INFERQ_{k}": str(v) for k, v in {**SHARED_SETTINGS, **settings}.items()}}
-    proc = subprocess.Popen([*GUNICORN, "--workers", str(workers), "--bind", f"127.0.0.1:{port}", "api.wsgi:app"],
+    proc = subprocess.Popen([*GUNICORN, "--workers", str(workers), "--bind", f"{bind}:{port}", "api.wsgi:app"],
                             cwd=ROOT, env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 

@@ -288,6 +288,37 @@ def test_files_list_newest_first_in_pages_with_a_cursor(redis_url):
     assert [f["id"] for f in everything["data"]] == seen and everything["has_more"] is False
     bad = client.get("/v1/files", headers=dora, query_string={"limit": 0})
     assert bad.status_code == 400 and bad.get_json()["error"]["param"] == "limit"
+    # An `after` that names no file of the caller's (another tenant's, or none) says so.
+    theirs = client.get("/v1/files", headers=eve).get_json()["data"][0]["id"]
+    for after in (theirs, "file-nope"):
+        bad = client.get("/v1/files", headers=dora, query_string={"after": after})
+        err = bad.get_json()["error"]
+        assert bad.status_code == 404 and err["param"] == "after" and err["code"] == "file_not_found", after
+
+
+def test_batches_list_in_pages_that_skip_none_of_a_tie(redis_url, r):
+    """Batches created in the same millisecond tie on their index score: a page boundary inside the tie
+    must not skip the rest of it (paging by an exclusive score did)."""
+    tag = uuid.uuid4().hex[:6]
+    tenant = f"fay-{tag}"
+    client = create_app({"REDIS_URL": redis_url, "TESTING": True,
+                         "API_TOKENS": f"{tenant}:tok-fay-{tag}-0123456"}).test_client()
+    auth = bearer(f"tok-fay-{tag}-0123456")
+    from queue_schema import batches as batch_store
+
+    made = [batch_store.create(r, tenant, tenant, "/v1/completions", "file-x", None, None, 1_700_000_000_000).id
+            for _ in range(5)]
+    seen, after = [], None
+    while True:
+        body = client.get("/v1/batches", headers=auth,
+                          query_string={"limit": 2, **({"after": after} if after else {})}).get_json()
+        seen += [b["id"] for b in body["data"]]
+        if not body["has_more"]:
+            break
+        after = body["last_id"]
+    assert sorted(seen) == sorted(made) and len(seen) == 5
+    bad = client.get("/v1/batches", headers=auth, query_string={"after": "batch_nope"})
+    assert bad.status_code == 404 and bad.get_json()["error"]["code"] == "batch_not_found"
 
 
 def test_a_file_comes_back_under_its_name_whatever_the_name_holds(redis_url, r):

@@ -134,6 +134,70 @@ def test_disconnecting_a_stream_cancels_its_job(oai, client, slow_worker):
     assert nxt.usage.completion_tokens == 3 and time.monotonic() - t0 < 10
 
 
+def _newest_jobs(client, model: str, since_ms: int, n: int) -> list[dict]:
+    page = client.get("/v1/jobs", query_string={"model": model, "limit": 20}).get_json()["data"]
+    return [j for j in page if j["submitted_ms"] >= since_ms][:n]
+
+
+def _wait_cancelled(client, job_ids, timeout=15.0):
+    wait_until(lambda: all(client.get(f"/v1/jobs/{j}").get_json()["state"] == "cancelled" for j in job_ids),
+               timeout=timeout, what=f"jobs {job_ids} cancelled")
+
+
+def test_a_non_streamed_request_whose_client_left_is_cancelled(oai, client, slow_worker):
+    """The client times out and closes its connection: the worker stops instead of running the job for nobody.
+    Before, such a job ran to its end (1,100 of them kept a worker busy for 12 minutes)."""
+    since = int(time.time() * 1000)
+    impatient = oai.with_options(timeout=1.5)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(model="slow", messages=[{"role": "user", "content": "go on"}],
+                                          max_tokens=3500, temperature=0)
+    job, = _newest_jobs(client, "slow", since, 1)
+    _wait_cancelled(client, [job["job_id"]])
+    end = events(client, job["job_id"])[-1]
+    assert end["type"] == "end" and end["stop_reason"] == "cancelled" and end["tokens_out"] < 3500
+    # n > 1: every choice (the second waits in the queue behind the first: one slot) is cancelled.
+    since = int(time.time() * 1000)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model="slow", prompt="go on", max_tokens=3500, temperature=0, n=2)
+    jobs = _newest_jobs(client, "slow", since, 2)
+    assert len(jobs) == 2
+    _wait_cancelled(client, [j["job_id"] for j in jobs])
+
+
+def test_an_idempotent_request_outlives_its_client_and_embeddings_do_not(oai, client, slow_worker):
+    """With an Idempotency-Key the client said it would come back: its job goes on. /v1/embeddings without
+    one is cancelled like a completion (here while it waits behind the long job)."""
+    since = int(time.time() * 1000)
+    impatient = oai.with_options(timeout=1.5)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model="slow", prompt="go on", max_tokens=3000, temperature=0,
+                                     extra_headers={"Idempotency-Key": f"keep-{since}"})
+    kept, = _newest_jobs(client, "slow", since, 1)
+    since = int(time.time() * 1000)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.embeddings.create(model="slow", input=["one", "two"])
+    embed, = _newest_jobs(client, "slow", since, 1)
+    _wait_cancelled(client, [embed["job_id"]])
+    state = client.get(f"/v1/jobs/{kept['job_id']}").get_json()["state"]
+    assert state == "running", state
+    assert client.delete(f"/v1/jobs/{kept['job_id']}").status_code == 202
+    _wait_cancelled(client, [kept["job_id"]])
+
+
+def test_openai_jobs_carry_a_queue_wait_bound_unless_idempotent(oai, client, r):
+    """A job made for a connection that may die (its API process with it) carries ttl_s: a worker that
+    reaches it much later ends it with TIMEOUT, instead of running 78 jobs nobody can collect."""
+    from queue_schema import books
+
+    resp = oai.completions.create(model="tiny", prompt="x", max_tokens=2, temperature=0)
+    job = books.fetch(r, resp.id.removeprefix("cmpl-"))
+    assert job.kwargs["payload"]["ttl_s"] == 300
+    keyed = oai.completions.create(model="tiny", prompt="x", max_tokens=2, temperature=0,
+                                   extra_headers={"Idempotency-Key": f"k-{time.time()}"})
+    assert "ttl_s" not in books.fetch(r, keyed.id.removeprefix("cmpl-")).kwargs["payload"]
+
+
 def test_chat_uses_the_models_own_template(oai, worker_factory, model_dir, tiny_model):
     from worker import chat_template
     from worker.backends import LoadOptions, load_backend

@@ -299,3 +299,27 @@ def test_a_client_ahead_of_the_log_still_gets_its_end(client, tiny):
     resumed = events(client, job, last_event_id=evts[-1]["seq"] + 5)
     assert resumed == [evts[-1]]
     assert events(client, job, last_event_id=evts[-1]["seq"]) == []
+
+
+def test_a_long_log_is_replayed_in_pages(client, r):
+    """An embed job's log can be ~11 MB: a stream connecting to it reads the log a page at a time (it read
+    it whole, once per connect)."""
+    import uuid
+
+    from api import relay
+    from api.relay import LOG_PAGE
+    from queue_schema import keys
+    from queue_schema.eventlog import EventLog
+    from queue_schema.events import End, Queued, Token
+
+    job = uuid.uuid4().hex
+    log = EventLog(r)
+    n = 3 * LOG_PAGE + 10
+    log.append_many([Queued(job_id=job, seq=0, position=0, queue="q")] +
+                    [Token(job_id=job, seq=i, t="x", i=i - 1) for i in range(1, n)] +
+                    [End(job_id=job, seq=n, tokens_out=n - 1, decode_time_ms=1, stop_reason="eos", text="")])
+    r.hset(keys.job_info(job), "tenant", "anonymous")
+    assert [e["seq"] for e in events(client, job)] == list(range(n + 1))
+    pages = list(relay._log_pages(log, job, -1))
+    assert [len(frames) for frames, _, _ in pages] == [LOG_PAGE, LOG_PAGE, LOG_PAGE, 11]
+    assert [done for _, _, done in pages] == [False, False, False, True]
