@@ -16,7 +16,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from api.extensions import resources
-from queue_schema import jobs, keys, registry, stats, tenants
+from queue_schema import clock, jobs, keys, registry, stats, tenants
 
 bp = Blueprint("metrics", __name__)
 _HELP = {
@@ -120,7 +120,7 @@ def _oldest_age(r: redis.Redis, queue_name: str) -> float:
     except Exception:  # expired or foreign entry: no age to report
         return 0.0
     submitted = job.meta.get("submitted_ms")
-    return max(0.0, time.time() - submitted / 1000) if submitted else 0.0
+    return max(0.0, clock.now_s(r) - submitted / 1000) if submitted else 0.0
 
 
 @bp.get("/metrics")

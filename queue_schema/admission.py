@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -39,7 +38,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
-from queue_schema import keys, registry, stats
+from queue_schema import clock, keys, registry, stats
 from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.eventlog import DEFAULT_TTL_S
 from queue_schema.operations import Operation
@@ -243,7 +242,7 @@ class Admission:
         job_id = new_job_id()
         priority = priority or op.priority
         queue = keys.queue_name(op.model, priority, tenant.queue_suffix)
-        submitted_us = time.time_ns() // 1000
+        submitted_us = clock.of(self.redis).now_us()  # the fleet's clock: workers compare it with theirs
         submitted_ms = submitted_us // 1000
         event = json.dumps({"job_id": job_id, "seq": 0, "ts": submitted_ms, "type": "queued", "position": "@",
                             "queue": queue, "eta_s": "@"}, separators=(",", ":"))

@@ -5,7 +5,6 @@ they are doing now: queued (at which position, with an ETA), running, ended.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import redis
@@ -14,9 +13,9 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from queue_schema import keys, registry, stats
+from queue_schema import clock, keys, registry, stats
 from queue_schema.eventlog import EventLog, final_state
-from queue_schema.events import End, _Event, now_ms, parse_event
+from queue_schema.events import End, _Event, parse_event
 
 
 def queue(client: redis.Redis, model: str, priority: str) -> Queue:
@@ -70,7 +69,7 @@ class QueueSnapshot:
 
 
 def snapshot(client: redis.Redis, model: str) -> QueueSnapshot:
-    now = time.time()
+    now = clock.now_s(client)
     pipe = client.pipeline(transaction=False)
     pipe.get(keys.model(model))
     for p in keys.PRIORITIES:
@@ -176,7 +175,7 @@ def _view(client: redis.Redis, job_id: str, job: Job | None, last: _Event | None
                 snap = snapshot(client, meta["model"])
                 position = _position(client, job, snap)
             expires = meta.get("expires_ms")
-            if expires and now_ms() > expires:
+            if expires and clock.now_ms(client) > expires:
                 state = "expired"  # the worker that takes it will end it with TIMEOUT
         elif status == JobStatus.CANCELED:
             state = "cancelled"

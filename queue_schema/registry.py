@@ -7,13 +7,12 @@ turn submits into 404s; meanwhile they are ``offline``, not served.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import redis
 from pydantic import BaseModel, ConfigDict
 
-from queue_schema import keys
+from queue_schema import clock, keys
 
 HEARTBEAT_INTERVAL_S = 2.0
 WORKER_TTL_S = 10  # a worker silent this long is considered lost
@@ -64,7 +63,9 @@ class ModelInfo(BaseModel):
 
 
 def publish_heartbeat(client: redis.Redis, worker: WorkerInfo, model: ModelInfo) -> None:
-    now = time.time()
+    # The fleet's clock: a worker whose own clock runs ahead would otherwise evict its peers below
+    # (their scores look stale), and one behind would look dead to admission.
+    now = clock.now_s(client)
     worker = worker.model_copy(update={"heartbeat_at": now})
     model = model.model_copy(update={"last_seen": now})
     pipe = client.pipeline(transaction=False)
@@ -91,8 +92,9 @@ def remove_worker(client: redis.Redis, worker_id: str, model: str) -> None:
 
 
 def live_workers(client: redis.Redis) -> list[WorkerInfo]:
-    ids = [i.decode() for i in client.zrangebyscore(keys.WORKERS, time.time() - WORKER_TTL_S, "+inf")]
-    client.zremrangebyscore(keys.WORKERS, "-inf", time.time() - 3600)
+    now = clock.now_s(client)
+    ids = [i.decode() for i in client.zrangebyscore(keys.WORKERS, now - WORKER_TTL_S, "+inf")]
+    client.zremrangebyscore(keys.WORKERS, "-inf", now - 3600)
     if not ids:
         return []
     blobs = client.mget([keys.worker(i) for i in ids])
@@ -101,7 +103,7 @@ def live_workers(client: redis.Redis) -> list[WorkerInfo]:
 
 def known_models(client: redis.Redis) -> list[ModelInfo]:
     """Models some worker served within the grace period, online or not."""
-    now = time.time()
+    now = clock.now_s(client)
     names = [n.decode() for n in client.zrangebyscore(keys.MODELS, now - MODEL_TTL_S, "+inf")]
     # Names past the grace would otherwise pile up in the index for ever.
     client.zremrangebyscore(keys.MODELS, "-inf", now - MODEL_TTL_S)

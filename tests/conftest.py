@@ -83,9 +83,11 @@ class WorkerProcess:
         return self.proc.wait(timeout)
 
 
-def start_worker(redis_url: str, model: str, path: Path, tmp: Path, *extra: str, wait: bool = True) -> WorkerProcess:
+def start_worker(redis_url: str, model: str, path: Path, tmp: Path, *extra: str, wait: bool = True,
+                 prefix: tuple[str, ...] = ()) -> WorkerProcess:
+    """A worker process; ``prefix`` runs it under another command (``faketime``, say)."""
     log_path = tmp / f"worker-{model}-{uuid.uuid4().hex[:6]}.log"
-    cmd = [sys.executable, "-m", "inferq", "worker", "--model", f"{model}={path}", "--threads", "1",
+    cmd = [*prefix, sys.executable, "-m", "inferq", "worker", "--model", f"{model}={path}", "--threads", "1",
            "--redis-url", redis_url, *extra]
     proc = subprocess.Popen(cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
     worker = WorkerProcess(proc, model, log_path)

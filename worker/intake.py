@@ -16,8 +16,7 @@ import time
 import redis
 from rq.utils import now, utcformat
 
-from queue_schema import keys
-from queue_schema.events import now_ms
+from queue_schema import clock, keys
 from queue_schema.redis_errors import unavailable
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,8 @@ class Intake:
                 scheduler.slot_freed.wait(0.5)
                 continue
             try:
-                taken = rt.leases.acquire(rt.id, rt.id, self.queue_names, want, now_ms(), utcformat(now()))
+                taken = rt.leases.acquire(rt.id, rt.id, self.queue_names, want, clock.now_ms(rt.redis),
+                                           utcformat(now()))
                 if not taken:
                     if self.burst:
                         rt.stop_admitting = True

@@ -29,7 +29,7 @@ from rq.job import Job
 
 from jinja2.exceptions import TemplateError
 
-from queue_schema import books, log_context, stats
+from queue_schema import books, clock, log_context, stats
 from queue_schema.admission import EMBED_FUNC, INFER_FUNC
 from queue_schema.errors import ErrorCode
 from queue_schema.eventlog import Appended
@@ -151,8 +151,10 @@ class Jobs:
                        f"the job's payload is not a valid {_NAMES[job.func_name]} operation "
                        f"({exc.__class__.__name__})")
         record.op = op
-        submitted = job.meta.get("submitted_ms") or now_ms()
-        record.wait_ms = wait_ms = max(0, now_ms() - int(submitted))
+        # Both on the fleet's clock (queue_schema.clock): this host's own may be far from the API's.
+        now = clock.now_ms(rt.redis)
+        submitted = job.meta.get("submitted_ms") or now
+        record.wait_ms = wait_ms = max(0, now - int(submitted))
         emitter.emit("started", model=rt.spec.name, worker=rt.id, queue_wait_ms=wait_ms)
         if op.ttl_s is not None and wait_ms > op.ttl_s * 1000:
             self._fail(record, ErrorCode.TIMEOUT, f"the job waited {wait_ms / 1000:.1f} s in the queue, "
