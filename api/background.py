@@ -6,9 +6,16 @@ leaves its claim to lapse and another picks the item up, so nothing depends
 on one process staying up. ``api/wsgi.py`` starts the loop in each process,
 beside the reaper; tests call ``tick`` directly.
 
-Webhooks are POSTed with ``requests``: no redirects followed, short
-timeouts, and the host checked against ``INFERQ_WEBHOOK_ALLOW_HOSTS`` again
-before each attempt.
+A tick never waits on a delivery: attempts run on a pool of sender threads
+(``api/webhook_sender.py``: a total deadline each, the address checked as it
+is connected), and the tick claims only as many deliveries as there are idle
+senders, so a slow receiver never delays batches, and never makes a claim
+lapse into a duplicate.
+
+Signing keys: ``INFERQ_WEBHOOK_SECRETS`` (``tenant:whsec_...`` entries) gives
+a tenant its own key, so no tenant can forge deliveries to another's
+receiver; ``INFERQ_WEBHOOK_SECRET`` signs for every other tenant. A process
+without the key a delivery needs gives it back for a process that has it.
 """
 from __future__ import annotations
 
@@ -18,26 +25,46 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import redis
-import requests
 from flask import Flask
 
+from api import webhook_sender
 from api.config import ConfigError, csv_setting
-from queue_schema import jobs, webhooks
-from queue_schema.events import now_ms
+from queue_schema import clock, jobs, webhooks
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
 SENDERS = 8
+NO_KEY_RETRY_MS = 10_000  # a delivery this process cannot sign: back to the schedule, for one that can
 
 
 def init_app(app: Flask) -> None:
     raw = app.config.get("WEBHOOK_SECRET")
     try:
         app.extensions["inferq_webhook_key"] = webhooks.parse_secret(raw) if raw else None
+        app.extensions["inferq_webhook_keys"] = _tenant_keys(app.config.get("WEBHOOK_SECRETS"))
     except webhooks.WebhookConfigError as exc:
         raise ConfigError(str(exc)) from None
     app.extensions["inferq_webhook_hosts"] = frozenset(
         h.lower() for h in csv_setting(app.config.get("WEBHOOK_ALLOW_HOSTS")) or ())
+
+
+def _tenant_keys(raw) -> dict[str, bytes]:
+    out = {}
+    for entry in csv_setting(raw) or ():
+        tenant, sep, secret = entry.partition(":")
+        if not sep or not tenant.strip():
+            raise webhooks.WebhookConfigError("INFERQ_WEBHOOK_SECRETS: entries are tenant:whsec_<base64>")
+        out[tenant.strip()] = webhooks.parse_secret(secret.strip())
+    return out
+
+
+def signing_key(app: Flask, tenant: str) -> bytes | None:
+    """The key a delivery of ``tenant`` is signed with here: its own, else the global one (None: neither)."""
+    return app.extensions["inferq_webhook_keys"].get(tenant) or app.extensions["inferq_webhook_key"]
+
+
+def can_sign(app: Flask) -> bool:
+    return app.extensions["inferq_webhook_key"] is not None or bool(app.extensions["inferq_webhook_keys"])
 
 
 class Background:
@@ -45,8 +72,8 @@ class Background:
         self.app, self.id = app, identity
         self._stop = threading.Event()
         self._senders = ThreadPoolExecutor(SENDERS, thread_name_prefix="inferq-webhook")
-        self._session = requests.Session()
-        self._session.trust_env = False  # never through a proxy from the environment
+        self._in_flight = 0
+        self._lock = threading.Lock()
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="inferq-background", daemon=True)
@@ -72,17 +99,28 @@ class Background:
 
             batch_runner.advance_due(self.id)
 
+    def idle(self) -> bool:
+        """No delivery attempt in flight (tests wait for this)."""
+        with self._lock:
+            return self._in_flight == 0
+
     # --- webhooks ------------------------------------------------------------------------
     def deliver_webhooks(self) -> int:
-        if self.app.extensions["inferq_webhook_key"] is None:
-            # It could only abandon them: leave deliveries to the processes that can sign them.
+        """Claim as many due deliveries as there are idle senders and hand them over; never waits for one."""
+        if not can_sign(self.app):
+            # It could only give them back: leave deliveries to the processes that can sign them.
+            return 0
+        with self._lock:
+            free = SENDERS - self._in_flight
+        if free <= 0:
             return 0
         res = self.app.extensions["inferq"]
         deliveries = webhooks.Deliveries(res.redis, float(self.app.config["WEBHOOK_RETRY_BASE_S"]))
-        claimed = deliveries.claim(now_ms())
-        if not claimed:
-            return 0
-        list(self._senders.map(lambda item: self._deliver_one(deliveries, *item), claimed))
+        claimed = deliveries.claim(clock.now_ms(deliveries.redis), free)
+        for claim, delivery in claimed:
+            with self._lock:
+                self._in_flight += 1
+            self._senders.submit(self._deliver_one, deliveries, claim, delivery)
         return len(claimed)
 
     def _deliver_one(self, deliveries: webhooks.Deliveries, claim, delivery: webhooks.Delivery) -> None:
@@ -90,32 +128,36 @@ class Background:
             self._deliver(deliveries, claim, delivery)
         except Exception as exc:  # Redis gone mid-way, or a bug: the claim lapses and it is tried again
             log.warning("webhook %s for %s: %s", delivery.id, delivery.target, exc)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
 
     def _deliver(self, deliveries: webhooks.Deliveries, claim, delivery: webhooks.Delivery) -> None:
-        key = self.app.extensions["inferq_webhook_key"]
+        now = clock.now_ms(deliveries.redis)
+        key = signing_key(self.app, delivery.tenant)
+        if key is None:  # another process may hold this tenant's key
+            deliveries.schedule.reschedule(claim, now + NO_KEY_RETRY_MS)
+            return
         hosts = self.app.extensions["inferq_webhook_hosts"]
         problem = webhooks.url_problem(delivery.url, hosts)
-        if key is None or problem is not None:
-            why = "INFERQ_WEBHOOK_SECRET is unset" if key is None else f"webhook_url {problem}"
-            deliveries.failed(claim, delivery, why, now_ms(), retry=False)
-            log.warning("webhook %s for %s abandoned: %s", delivery.id, delivery.target, why)
+        if problem is not None:
+            deliveries.failed(claim, delivery, f"webhook_url {problem}", now, retry=False)
+            log.warning("webhook %s for %s abandoned: webhook_url %s", delivery.id, delivery.target, problem)
             return
         body = delivery.body or deliveries.keep_body(delivery, self._body(delivery))
         try:
-            resp = self._session.post(delivery.url, data=body, headers=webhooks.headers(key, delivery.msg_id, body),
-                                      timeout=(2.0, float(self.app.config["WEBHOOK_TIMEOUT_S"])),
-                                      allow_redirects=False)
-            status, ok = resp.status_code, 200 <= resp.status_code < 300
-            resp.close()
-            reason = f"HTTP {status}"
-        except requests.RequestException as exc:
-            status, ok, reason = 0, False, exc.__class__.__name__
+            status = webhook_sender.post(delivery.url, body, webhooks.headers(key, delivery.msg_id, body),
+                                         float(self.app.config["WEBHOOK_TIMEOUT_S"]), hosts)
+            ok, reason = 200 <= status < 300, f"HTTP {status}"
+        except webhook_sender.SendError as exc:
+            status, ok, reason = 0, False, str(exc)
+        now = clock.now_ms(deliveries.redis)
         if ok:
-            deliveries.delivered(claim, delivery, status, now_ms())
+            deliveries.delivered(claim, delivery, status, now)
             log.info("webhook %s for %s delivered (attempt %d)", delivery.id, delivery.target,
                      delivery.attempts + 1)
         else:
-            what = deliveries.failed(claim, delivery, reason, now_ms())
+            what = deliveries.failed(claim, delivery, reason, now)
             log.info("webhook %s for %s: %s; %s", delivery.id, delivery.target, reason, what)
 
     def _body(self, delivery: webhooks.Delivery) -> dict:

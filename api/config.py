@@ -30,8 +30,10 @@ DEFAULTS = {
     "MAX_RUNNING_PER_TENANT": 0,
     # Webhooks (queue_schema/webhooks.py): "whsec_" + base64 key, and the hosts a webhook_url may name.
     "WEBHOOK_SECRET": None,
+    # Per-tenant keys, "tenant:whsec_...,..." (a tenant's deliveries are signed with its own, if given).
+    "WEBHOOK_SECRETS": None,
     "WEBHOOK_ALLOW_HOSTS": None,
-    "WEBHOOK_TIMEOUT_S": 5.0,
+    "WEBHOOK_TIMEOUT_S": 5.0,  # the whole attempt: connect, send, the status line and headers
     "WEBHOOK_RETRY_BASE_S": 5.0,  # first retry after this; then doubling, up to an hour, for 24 h
     # Files and batches (queue_schema/files.py, queue_schema/batches.py); file bytes live in Redis.
     "FILE_MAX_BYTES": 8 << 20,

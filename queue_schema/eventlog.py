@@ -40,8 +40,8 @@ from enum import IntEnum
 
 import redis
 
-from queue_schema import keys
-from queue_schema.events import Narration, _Event, now_ms, parse_event
+from queue_schema import clock, keys, webhooks
+from queue_schema.events import Narration, _Event, parse_event
 
 # How long a job's log (and RQ's job hash and result) lives after it ends: replay, late watchers.
 DEFAULT_TTL_S = int(os.environ.get("INFERQ_JOB_TTL_S", 24 * 3600))
@@ -61,8 +61,8 @@ class Appended(IntEnum):
 # KEYS: leases index, open-jobs index, tenant counters, webhooks due, batches due, batches claimed,
 #       then (stream, channel, lease) per job.
 # ARGV: writer, ttl, now (ms), the affixes of job info, queued and running sets, a batch's ended list
-#       and a webhook delivery, then per job: its id, n, then (seq, event json, published message,
-#       final state or "") n times.
+#       and a webhook delivery, a delivery record's ttl (s), then per job: its id, n, then (seq, event json,
+#       published message, final state or "") n times.
 _APPEND = """
 local writer, ttl, now = ARGV[1], ARGV[2], ARGV[3]
 local function ended(job, state)
@@ -75,8 +75,10 @@ local function ended(job, state)
   if meta[1] then redis.call('HINCRBY', KEYS[3], state .. '|' .. meta[1], 1) end
   if meta[3] then
     local delivery = 'job_' .. job
-    redis.call('HSET', ARGV[12] .. delivery .. ARGV[13], 'url', meta[3], 'type', 'job.' .. state,
+    local record = ARGV[12] .. delivery .. ARGV[13]
+    redis.call('HSET', record, 'url', meta[3], 'type', 'job.' .. state,
                'target', job, 'state', state, 'tenant', meta[1] or '', 'created', now)
+    redis.call('EXPIRE', record, ARGV[14])
     redis.call('ZADD', KEYS[4], now, delivery)
   end
   if meta[4] then
@@ -86,7 +88,7 @@ local function ended(job, state)
   if meta[1] then redis.call('EXPIRE', info, ttl) end
 end
 local out = {}
-local a = 14
+local a = 15
 for k = 7, #KEYS, 3 do
   local stream, channel, lease = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   local job, n = ARGV[a], tonumber(ARGV[a + 1])
@@ -192,7 +194,7 @@ class EventLog:
                 narration.append(data)
         keys_ = [keys.LEASES, keys.OPEN_JOBS, keys.TENANT_COUNTERS, keys.WEBHOOKS_DUE, keys.BATCHES_DUE,
                  keys.BATCHES_CLAIMED]
-        args = [writer, self.ttl_s, now_ms(), *_ENDING_AFFIXES]
+        args = [writer, self.ttl_s, clock.now_ms(self.redis), *_ENDING_AFFIXES, webhooks.RECORD_TTL_S]
         for job_id, fields in per_job.items():
             keys_ += [keys.job_events(job_id), keys.job_channel(job_id), keys.job_lease(job_id)]
             args += [job_id, len(fields) // 4, *fields]

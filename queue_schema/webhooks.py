@@ -39,6 +39,8 @@ GIVE_UP_S = 24 * 3600
 BACKOFF_BASE_S = 5.0
 BACKOFF_MAX_S = 3600.0
 DELIVERED_TTL_S = 24 * 3600  # a delivery's record stays this long after it ended, for operators
+# Every record expires, sent or not: with no API process holding the key, nobody would ever end it.
+RECORD_TTL_S = GIVE_UP_S + DELIVERED_TTL_S
 CLAIM_MS = 60_000
 MAX_URL = 2048
 
@@ -96,7 +98,13 @@ def schedule_batch_event(pipe, batch_id: str, url: str, event_type: str, tenant:
     pipe.hset(keys.webhook(delivery), mapping={"url": url, "type": event_type, "target": batch_id,
                                                "state": event_type.partition(".")[2], "tenant": tenant,
                                                "created": now_ms})
+    pipe.expire(keys.webhook(delivery), RECORD_TTL_S)
     pipe.zadd(keys.WEBHOOKS_DUE, {delivery: now_ms})
+
+
+def forget_stale(client: redis.Redis, now_ms: int) -> int:
+    """Drop schedule entries due so long ago that their records have expired (nobody could sign them)."""
+    return int(client.zremrangebyscore(keys.WEBHOOKS_DUE, "-inf", now_ms - RECORD_TTL_S * 1000))
 
 
 @dataclass

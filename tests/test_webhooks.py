@@ -149,3 +149,102 @@ def test_a_webhook_to_a_host_not_allowed_is_refused_at_submit(tenant_api):
         assert resp.status_code == 422, url
         err = resp.json()["error"]
         assert err["code"] == "INVALID_REQUEST" and err["errors"][0]["field"] == "webhook_url"
+
+
+class Trickler:
+    """A receiver on loopback that answers one byte every ``every`` seconds, for ever (until closed)."""
+
+    def __init__(self, every: float = 3.0):
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.every, self.accepted, self._open = every, 0, True
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while self._open:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn):
+        try:
+            for byte in b"HTTP/1.1 200 OK\r\n" * 1000:
+                conn.send(bytes([byte]))
+                time.sleep(self.every)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self._open = False
+        self.sock.close()
+
+
+def test_one_attempt_never_outlives_its_deadline_however_slowly_the_receiver_answers():
+    from api import webhook_sender
+
+    slow = Trickler(every=0.5)
+    try:
+        began = time.monotonic()
+        with pytest.raises(webhook_sender.SendError, match="no answer within 1.5 s"):
+            webhook_sender.post(slow.url + "/hook", b"{}", {"Content-Type": "application/json"}, 1.5,
+                                frozenset({"127.0.0.1"}))
+        assert time.monotonic() - began < 2.5  # requests' per-read timeout let it run for ever
+    finally:
+        slow.close()
+
+
+def test_a_name_that_resolves_to_a_private_address_is_refused_at_send_time(receiver):
+    from api import webhook_sender
+
+    hook = receiver({"/hook": [200]})
+    port = hook.server.server_port
+    # "localhost" is on the list, but what it resolves to (loopback) is not named: refused as it is sent.
+    with pytest.raises(webhook_sender.SendError, match="private or local address"):
+        webhook_sender.post(f"http://localhost:{port}/hook", b"{}", {}, 2.0, frozenset({"localhost"}))
+    assert hook.seen == []
+    # The list naming the address itself lets it through; so does the literal address.
+    assert webhook_sender.post(f"http://localhost:{port}/hook", b"{}", {}, 2.0,
+                               frozenset({"localhost", "127.0.0.1"})) == 200
+    assert webhook_sender.post(f"http://127.0.0.1:{port}/hook", b"{}", {}, 2.0, frozenset({"127.0.0.1"})) == 200
+
+
+def test_each_tenant_signs_with_its_own_secret(tmp_path, receiver):
+    """With INFERQ_WEBHOOK_SECRETS a tenant's deliveries are signed with its own key: another tenant cannot
+    forge them (one key for all let any tenant sign for another's receiver). Others use the global key."""
+    from api import create_app
+    from api.background import Background
+    from inferq.embedded_redis import EmbeddedRedis
+
+    alice_secret = "whsec_" + base64.b64encode(b"alice-only-webhook-key-32-bytes!").decode()
+    server = EmbeddedRedis(tmp_path / "redis", appendonly=False).start()
+    try:
+        app = create_app({"REDIS_URL": server.url, "TESTING": True, "API_TOKENS": "alice:tok-a-0123456789abcd,"
+                          "bob:tok-b-0123456789abcd", "WEBHOOK_SECRET": TenantAPI.WEBHOOK_SECRET,
+                          "WEBHOOK_SECRETS": f"alice:{alice_secret}", "WEBHOOK_ALLOW_HOSTS": "127.0.0.1"})
+        client = app.test_client()
+        import redis as redis_py
+
+        serve_fake_model(redis_py.Redis.from_url(server.url), "hooked")
+        hook = receiver({"/hook": [200]})
+        for token in ("tok-a-0123456789abcd", "tok-b-0123456789abcd"):
+            job = client.post("/v1/jobs", headers=bearer(token), json={
+                "operation": "infer", "model": "hooked", "prompt": "x", "webhook_url": hook.url + "/hook"})
+            assert client.delete(f"/v1/jobs/{job.get_json()['job_id']}", headers=bearer(token)).status_code == 200
+        worker = Background(app, "test")
+        worker.tick()
+        wait_until(lambda: len(hook.seen) == 2 and worker.idle(), timeout=10, what="both deliveries")
+        by_tenant = {json.loads(body)["data"]["id"]: (headers, body) for _, headers, body in hook.seen}
+        signed = sorted(((verify(alice_secret, h, b), verify(TenantAPI.WEBHOOK_SECRET, h, b))
+                         for h, b in by_tenant.values()))
+        assert signed == [(False, True), (True, False)]  # bob's with the global key, alice's with her own only
+    finally:
+        server.stop()
