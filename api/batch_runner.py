@@ -14,22 +14,26 @@ so a tenant's batch never makes its interactive requests wait or fail.
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import time
 
 from flask import current_app
 from pydantic import ValidationError
 
-from api.extensions import resources
+from api import memory
+from api.extensions import now_ms, resources
 from api.jobs import request_cancel
 # The OpenAI routes' own request models and answer shapes: a batch line is answered exactly as the route would.
-from api.openai_compat import _FINISH, _JOB_STATUS, OpenAIError, _embedding_list, _error_body, _Shape, _usage
+from api.openai_compat import (_FINISH, _JOB_STATUS, OpenAIError, _embedding_list, _error_body, _floats, _Shape,
+                               _usage)
 from api.openai_models import ChatRequest, CompletionRequest, EmbeddingRequest, InvalidField
 from queue_schema import batches, files, jobs, keys
 from queue_schema.admission import Idempotency
 from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.eventlog import final_state
-from queue_schema.events import now_ms, parse_event
+from queue_schema.events import parse_event
 from queue_schema.operations import OPERATIONS
 from queue_schema.tenants import NO_LIMITS, Tenant
 
@@ -40,9 +44,14 @@ EMBEDDINGS = "/v1/embeddings"
 MAX_ERRORS = 100  # validation errors reported for one file
 MAX_CUSTOM_ID = 512
 COLLECT = 200
+# Jobs whose whole log is read to answer them (embeddings: megabytes each), per pass: the rest wait for the
+# next pass, so one pass never holds hundreds of logs at once.
+WHOLE_LOGS = 4
+FINAL_PAGE = 256  # results read per round trip while the output is written
+FLOAT_BYTES = 25  # the most one float32 takes in an output line, as JSON: "-1.2345678901234567e-05, "
 POLL_MS = 2000  # a batch with jobs out comes back this often (a job's end also wakes it)
 BLOCKED_MS = 1000
-WAITING = (ErrorCode.MODEL_OFFLINE, ErrorCode.QUEUE_FULL, ErrorCode.REDIS_UNAVAILABLE)
+WAITING = (ErrorCode.MODEL_OFFLINE, ErrorCode.QUEUE_FULL, ErrorCode.REDIS_UNAVAILABLE, ErrorCode.STORAGE_FULL)
 
 
 def advance_due(identity: str, count: int = 10) -> int:
@@ -114,13 +123,16 @@ def _validate(batch: batches.Batch, now: int) -> int | None:
                        "param": "input_file_id", "line": None})
     else:
         try:
-            text = raw.decode("utf-8")
+            raw.decode("utf-8")
+            # Split as the upload counted its lines (bytes.splitlines: \n, \r\n, \r), never at U+2028,
+            # U+2029 or U+0085 as str.splitlines would: JSON strings may hold those raw.
+            rows = [line.decode("utf-8") for line in raw.splitlines()]
         except UnicodeDecodeError:
-            text = None
+            rows = []
             errors.append({"code": "invalid_file", "message": "the input file is not UTF-8", "param": None,
                            "line": None})
         seen: set[str] = set()
-        for number, line in enumerate((text or "").splitlines(), 1):
+        for number, line in enumerate(rows, 1):
             if not line.strip():
                 continue
             parsed = _line(batch, number, line, seen, errors)
@@ -213,11 +225,12 @@ def _submit(batch: batches.Batch) -> bool:
         line = submitted
         entry = json.loads(raw)
         if "op" not in entry:
-            batches.record(r, batch.id, [(line, _http_result(entry["custom_id"], None, entry["status"],
-                                                             entry["body"]), False)])
+            _record(batch, [_result(line, _http_result(entry["custom_id"], None, entry["status"], entry["body"]),
+                                    False)])
         else:
             op = OPERATIONS[entry["op"]["operation"]].model_validate(entry["op"])
             try:
+                memory.check()  # a full Redis: the lines wait, as they do for a full queue
                 # Priority batch is outside the queue bound (the window bounds it), hence bound 0.
                 admitted = res.admission.admit(op, 0, tenant, NO_LIMITS, Idempotency(f"{batch.id}.{line}", "batch"),
                                                priority="batch", batch=batch.id)
@@ -227,8 +240,8 @@ def _submit(batch: batches.Batch) -> bool:
                     break
                 status = exc.status if exc.status < 500 else 500
                 code = "model_not_found" if exc.code == ErrorCode.MODEL_NOT_FOUND else exc.code.value.lower()
-                batches.record(r, batch.id, [(line, _http_result(entry["custom_id"], None, status,
-                                                                 _error_body(status, exc.message, code)), False)])
+                _record(batch, [_result(line, _http_result(entry["custom_id"], None, status,
+                                                           _error_body(status, exc.message, code)), False)])
             else:
                 r.hset(keys.batch_jobs(batch.id), mapping={str(line): admitted.job_id,
                                                             f"j:{admitted.job_id}": line})
@@ -265,6 +278,12 @@ def _collect(batch: batches.Batch) -> int:
     lines = [json.loads(raw_line or "{}") for raw_line in pipe.execute()]
     whole = [i for i, entry in enumerate(lines)
              if (entry.get("op") or {}).get("operation") == "embed" or "logprobs" in (entry.get("op") or {})]
+    for i in whole[WHOLE_LOGS:]:  # left on the ended list for the next pass
+        kept.append(mapped[i][0])
+    keep = set(whole[WHOLE_LOGS:])
+    mapped = [m for i, m in enumerate(mapped) if i not in keep]
+    lines = [x for i, x in enumerate(lines) if i not in keep]
+    whole = whole[:WHOLE_LOGS]
     pipe = r.pipeline(transaction=False)
     for i in whole:  # one event per vector, or per token
         pipe.xrange(keys.job_events(mapped[i][0]))
@@ -275,7 +294,7 @@ def _collect(batch: batches.Batch) -> int:
         raw_events = [json.loads(fields[b"e"]) for _, fields in entries]
         events = [parse_event(fields[b"e"]) for _, fields in entries]
         done.append(_job_result(batch, line, entry, job_id, events, raw_events, created))
-    batches.record(r, batch.id, done)
+    _record(batch, done)
     pipe = r.pipeline(transaction=False)
     for job_id in ended:
         if job_id not in kept:
@@ -284,8 +303,22 @@ def _collect(batch: batches.Batch) -> int:
     return len(done)
 
 
+def _record(batch: batches.Batch, results: list[batches.Result]) -> int:
+    return batches.record(resources().redis, batch, results, int(current_app.config["BATCH_BYTES_PER_TENANT"]))
+
+
+def _result(line: int, row: dict, ok: bool, floats: int = 0) -> batches.Result:
+    """A line's result, with the bytes its output line will take (``floats`` kept as base64 are written out
+    as JSON numbers) and the small error kept instead when the tenant's results are at their bound."""
+    size = len(json.dumps(row, separators=(",", ":"), ensure_ascii=False).encode()) + 1 + floats * FLOAT_BYTES
+    fallback = _plain_error(row["custom_id"], row["id"].removeprefix("batch_req_"), "quota_exceeded",
+                            "the tenant's batch results and outputs reached INFERQ_BATCH_BYTES_PER_TENANT: this "
+                            "line's result was not kept; run it again once outputs are deleted or expired")
+    return batches.Result(line, row, ok, size, fallback)
+
+
 def _job_result(batch: batches.Batch, line: int, entry: dict, job_id: str, events: list, raw_events: list[dict],
-                created: int) -> tuple[int, dict, bool]:
+                created: int) -> batches.Result:
     custom_id = entry.get("custom_id", "")
     terminal = next((e for e in events if e.terminal), None)
     metrics = next((e for e in events if e.type == "metrics"), None)
@@ -293,24 +326,30 @@ def _job_result(batch: batches.Batch, line: int, entry: dict, job_id: str, event
     if cancelled:
         code = "batch_expired" if batch.expiring else "batch_cancelled"
         why = "the batch expired before this request ran" if batch.expiring else "the batch was cancelled"
-        return line, _plain_error(custom_id, job_id, code, why), False
+        return _result(line, _plain_error(custom_id, job_id, code, why), False)
     if terminal.type == "error":
         status = _JOB_STATUS.get(terminal.code, 500)
-        return line, _http_result(custom_id, job_id, status, _error_body(status, terminal.message,
-                                                                        terminal.code.lower())), False
+        return _result(line, _http_result(custom_id, job_id, status, _error_body(status, terminal.message,
+                                                                                terminal.code.lower())), False)
     op = entry.get("op") or {}
     prompt_tokens = metrics.prompt_tokens if metrics else 0
     if op.get("operation") == "embed":
         vectors = {e["index"]: e["embedding"] for e in raw_events if e["type"] == "embedding"}
-        body = _embedding_list(vectors, entry.get("encoding_format", "float"), op.get("model", ""), prompt_tokens)
-        return line, _http_result(custom_id, job_id, 200, body), True
+        # Kept as the worker sent them (base64: a third of JSON numbers' size); written out as floats at the end.
+        body = _embedding_list(vectors, "base64", op.get("model", ""), prompt_tokens)
+        row = _http_result(custom_id, job_id, 200, body)
+        floats = 0
+        if entry.get("encoding_format", "float") == "float":
+            row["_floats"] = True
+            floats = sum(len(base64.b64decode(v)) // 4 for v in vectors.values())
+        return _result(line, row, True, floats)
     logprobs = "logprobs" in op
     shape = _Shape(bool(entry.get("chat")), job_id, op.get("model", ""), logprobs, created)
     tokens = sorted((e for e in raw_events if e["type"] == "token" and "logprob" in e), key=lambda e: e["i"]) \
         if logprobs else []
     choice = shape.choice(0, terminal.text, _FINISH[terminal.stop_reason], tokens)
     body = shape.whole([choice], _usage(prompt_tokens, terminal.tokens_out))
-    return line, _http_result(custom_id, job_id, 200, body), True
+    return _result(line, _http_result(custom_id, job_id, 200, body), True)
 
 
 def _http_result(custom_id: str, job_id: str | None, status: int, body: dict) -> dict:
@@ -344,28 +383,40 @@ def _expire_rest(batch: batches.Batch) -> None:
     r = resources().redis
     rest = []
     for line, raw in enumerate(r.lrange(keys.batch_lines(batch.id), batch.submitted, -1), batch.submitted):
-        rest.append((line, _plain_error(json.loads(raw)["custom_id"], None, "batch_expired",
-                                        "the batch expired before this request ran"), False))
-    batches.record(r, batch.id, rest)
+        rest.append(_result(line, _plain_error(json.loads(raw)["custom_id"], None, "batch_expired",
+                                               "the batch expired before this request ran"), False))
+    _record(batch, rest)
 
 
 def _finalize(batch: batches.Batch, to: str, from_statuses: tuple[str, ...], now: int) -> None:
-    """Write the output and error files (in input order), then the final status, once."""
+    """Write the output and error files (each in input order, a piece at a time: results are read a page at a
+    time and never all held), then the final status, once."""
     r = resources().redis
-    results = batches.results(r, batch.id)
-    ok = [results[i] for i in sorted(results) if results[i]["error"] is None
-          and results[i]["response"]["status_code"] == 200]
-    bad = [results[i] for i in sorted(results) if not (results[i]["error"] is None
-                                                        and results[i]["response"]["status_code"] == 200)]
     ttl = int(current_app.config["FILE_TTL_S"])
+    stem = batch.id.removeprefix("batch_")
+    writers = {"output": files.Writer(r, f"file-{stem}-output"), "errors": files.Writer(r, f"file-{stem}-errors")}
+    counts = {"output": 0, "errors": 0}
+    lines = batches.result_lines(r, batch.id)
+    for start in range(0, len(lines), FINAL_PAGE):
+        for row in batches.results(r, batch.id, lines[start:start + FINAL_PAGE]):
+            if row is None:
+                continue
+            name = "output" if row["error"] is None and row["response"]["status_code"] == 200 else "errors"
+            writers[name].write((json.dumps(_written(row), separators=(",", ":"), ensure_ascii=False) + "\n").encode())
+            counts[name] += 1
+        time.sleep(0)  # expanding floats is CPU work: under gevent, let the process's streams go on meanwhile
     ids = {}
-    for name, rows in (("output", ok), ("errors", bad)):
-        if not rows:
-            continue
-        file_id = f"file-{batch.id.removeprefix('batch_')}-{name}"
-        content = "".join(json.dumps(row, separators=(",", ":"), ensure_ascii=False) + "\n" for row in rows)
-        files.store(r, batch.tenant, files.OUTPUT, f"{batch.id}_{name}.jsonl", content.encode(), now, ttl,
-                    file_id=file_id)
-        ids["output_file_id" if name == "output" else "error_file_id"] = file_id
+    for name, writer in writers.items():
+        if counts[name]:
+            writer.close(batch.tenant, files.OUTPUT, f"{batch.id}_{name}.jsonl", now, ttl)
+            ids["output_file_id" if name == "output" else "error_file_id"] = writer.file_id
     if batches.finish(r, batch, to, now, from_statuses, **ids):
-        log.info("batch %s %s: %d ok, %d failed", batch.id, to, len(ok), len(bad))
+        log.info("batch %s %s: %d ok, %d failed", batch.id, to, counts["output"], counts["errors"])
+
+
+def _written(row: dict) -> dict:
+    """A kept result as its output line: embeddings asked for as floats are written out as floats here."""
+    if row.pop("_floats", False):
+        for item in row["response"]["body"]["data"]:
+            item["embedding"] = _floats(item["embedding"])
+    return row

@@ -9,20 +9,20 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Literal
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, current_app, jsonify
 from pydantic import BaseModel, ConfigDict, Field
 
-from api import auth
-from api.extensions import resources
+from api import auth, memory
+from api.extensions import now_ms, resources
 from api.files import owned_file
 from api.jobs import check_webhook
 from api.openai_compat import OpenAIError, _parse, cursor_page, use_openai_errors
 from queue_schema import batches, files
 from queue_schema.errors import ErrorCode, InferqError
-from queue_schema.events import now_ms
 
 log = logging.getLogger(__name__)
 bp = Blueprint("batches", __name__)
+RETRY_AFTER_S = 60
 use_openai_errors(bp)
 
 
@@ -55,8 +55,21 @@ def create_batch():
         raise OpenAIError(400, f"file {info.id} has purpose {info.purpose!r}; a batch reads a 'batch' file",
                           param="input_file_id", code="invalid_value")
     who = auth.principal()
-    batch = batches.create(resources().redis, who.name, who.limit_key, req.endpoint, info.id, req.metadata,
-                           req.webhook_url, now_ms())
+    memory.check()
+    cfg = current_app.config
+    try:
+        batch = batches.create(resources().redis, who.name, who.limit_key, req.endpoint, info.id, req.metadata,
+                               req.webhook_url, now_ms(), int(cfg["MAX_BATCHES_PER_TENANT"]),
+                               int(cfg["BATCH_BYTES_PER_TENANT"]))
+    except batches.QuotaExceeded as exc:
+        if exc.what == "batches":
+            raise InferqError(ErrorCode.TOO_MANY_BATCHES, f"tenant {who.name!r} has {exc.used} batches in flight, "
+                              f"its limit (INFERQ_MAX_BATCHES_PER_TENANT); retry when one has ended", retriable=True,
+                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        raise InferqError(ErrorCode.BATCH_QUOTA_EXCEEDED, f"tenant {who.name!r} keeps {exc.used} bytes of batch "
+                          f"results and outputs, its limit is {exc.limit} (INFERQ_BATCH_BYTES_PER_TENANT): delete "
+                          "output files, or wait for running batches to end", retriable=True,
+                          headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     log.info("batch %s created for %s from %s", batch.id, who.name, info.id)
     return jsonify(batch.to_dict())
 

@@ -41,23 +41,30 @@ DEFAULTS = {
     "FILES_MAX_BYTES_PER_TENANT": 64 << 20,
     "FILE_TTL_S": 7 * 24 * 3600,
     "BATCH_WINDOW": 16,  # lines of one batch queued or running at once
+    # Per tenant (queue_schema/batches.py): batches not yet ended, and the bytes of their results and of its
+    # batch output files in Redis; past either, 429 (results past the bytes bound become quota errors).
+    "MAX_BATCHES_PER_TENANT": 16,
+    "BATCH_BYTES_PER_TENANT": 256 << 20,
     # Open SSE streams, per principal and per API process (api/limits.py). The process bound
     # stays below gunicorn's worker_connections (api/gunicorn_conf.py) so /health and
     # ordinary requests always find a free connection.
     "MAX_STREAMS_PER_TOKEN": 100,
+    # Jobs of an OpenAI request without an Idempotency-Key: a worker that reaches one after it waited this
+    # long ends it with TIMEOUT (its client, or its API process, is long gone). 0 turns the bound off.
+    "OPENAI_QUEUE_TTL_S": 300,
     "MAX_STREAMS": 900,
     "KEEPALIVE_S": 15.0,  # SSE comment sent after this much silence
     "SSE_RETRY_MS": 2000,  # reconnect delay suggested to EventSource clients
     "MAX_CONTENT_LENGTH": 1 << 20,
     "JOB_TTL_S": DEFAULT_TTL_S,  # a job's log, RQ hash and result live this long after it ends
     # Per API process. Streams share one pub/sub connection (api/fanout.py); other
-    # Jobs of an OpenAI request without an Idempotency-Key: a worker that reaches one after it waited this
-    # long ends it with TIMEOUT (its client, or its API process, is long gone). 0 turns the bound off.
-    "OPENAI_QUEUE_TTL_S": 300,
     # requests borrow a pooled connection per command and wait (up to
     # REDIS_POOL_TIMEOUT_S) when all are busy, instead of opening more.
     "REDIS_MAX_CONNECTIONS": 64,
     "REDIS_POOL_TIMEOUT_S": 5.0,
+    # With a maxmemory set on Redis: new work is refused (503 STORAGE_FULL) once used memory is within
+    # this fraction of it, so that running jobs keep room to finish (api/memory.py).
+    "REDIS_HEADROOM": 0.1,
 }
 
 # Lists of names and secrets, taken as written: from_prefixed_env would JSON-parse them, and

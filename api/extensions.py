@@ -9,7 +9,8 @@ from flask import Flask, current_app
 from api import sse
 from api.config import ConfigError
 from api.fanout import ChannelHub
-from queue_schema import connection
+from api.memory import MemoryGuard
+from queue_schema import clock, connection
 from queue_schema.admission import Admission
 from queue_schema.eventlog import EventLog
 
@@ -38,7 +39,13 @@ def init_app(app: Flask) -> None:
     ttl = int(app.config["JOB_TTL_S"])
     app.extensions["inferq"] = Resources(client, EventLog(client, ttl_s=ttl), ChannelHub(client, decode=sse.relayed),
                                          Admission(client, log_ttl_s=ttl))
+    app.extensions["inferq_memory"] = MemoryGuard(client, float(app.config["REDIS_HEADROOM"]))
 
 
 def resources() -> Resources:
     return current_app.extensions["inferq"]
+
+
+def now_ms() -> int:
+    """The fleet's time (queue_schema.clock): what every stored time that another process compares is in."""
+    return clock.now_ms(resources().redis)

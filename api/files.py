@@ -15,12 +15,11 @@ import logging
 
 from flask import Blueprint, current_app, jsonify, request, send_file
 
-from api import auth
-from api.extensions import resources
+from api import auth, memory
+from api.extensions import now_ms, resources
 from api.openai_compat import OpenAIError, cursor_page, use_openai_errors
 from queue_schema import files
 from queue_schema.errors import ErrorCode, InferqError
-from queue_schema.events import now_ms
 
 log = logging.getLogger(__name__)
 bp = Blueprint("files", __name__)
@@ -62,6 +61,7 @@ def upload():
         raise OpenAIError(400, f"the file has {lines} requests; at most {max_lines} per file", param="file",
                           code="too_many_lines")
     who = auth.principal()
+    memory.check()
     try:
         info = files.store(resources().redis, who.name, purpose, (upload.filename or "upload.jsonl")[:256], content,
                            now_ms(), int(cfg["FILE_TTL_S"]), int(cfg["FILES_MAX_BYTES_PER_TENANT"]))
@@ -87,16 +87,39 @@ def get_file(file_id: str):
     return jsonify(owned_file(file_id).to_dict())
 
 
+class _Pieces(io.RawIOBase):
+    """A file's pieces read from Redis one at a time, as send_file reads blocks: a download never holds
+    the whole file."""
+
+    def __init__(self, pieces):
+        self._pieces, self._left = pieces, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._left:
+            self._left = next(self._pieces, None)
+            if self._left is None:
+                self._left = b""
+                return 0
+        n = min(len(buffer), len(self._left))
+        buffer[:n], self._left = self._left[:n], self._left[n:]
+        return n
+
+
 @bp.get("/v1/files/<file_id>/content")
 def file_content(file_id: str):
     info = owned_file(file_id)
-    data = files.content(resources().redis, info.id)
-    if data is None:  # expired between the two reads
-        raise InferqError(ErrorCode.FILE_NOT_FOUND, f"no file {file_id!r}")
+    r = resources().redis
     # The name is the uploader's: control characters cannot go in a header, and werkzeug quotes the rest
     # (and writes a non-ASCII name as RFC 5987's filename*), so a quote cannot end the header's value.
     name = "".join(c for c in info.filename if c.isprintable()) or "download.jsonl"
-    return send_file(io.BytesIO(data), mimetype="application/octet-stream", as_attachment=True, download_name=name)
+    response = send_file(io.BufferedReader(_Pieces(files.pieces(r, info.id)), files.PIECE_BYTES),
+                         mimetype="application/octet-stream", as_attachment=True, download_name=name,
+                         conditional=False)
+    response.content_length = info.bytes
+    return response
 
 
 @bp.delete("/v1/files/<file_id>")

@@ -5,7 +5,7 @@ import logging
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from api import auth
+from api import auth, background, memory
 from api.extensions import resources
 from queue_schema import books, jobs, keys, leases, listing, stats, tenants, webhooks
 from queue_schema.admission import Admitted, Idempotency
@@ -45,8 +45,9 @@ def check_webhook(url: str | None) -> None:
     if url is None:
         return
     problem = webhooks.url_problem(url, current_app.extensions["inferq_webhook_hosts"])
-    if current_app.extensions["inferq_webhook_key"] is None:
-        problem = "cannot be called: webhooks are off (INFERQ_WEBHOOK_SECRET is unset)"
+    if background.signing_key(current_app, auth.principal().name) is None:
+        problem = ("cannot be called: webhooks are off for this tenant (neither INFERQ_WEBHOOK_SECRET nor an "
+                   "entry of INFERQ_WEBHOOK_SECRETS signs its deliveries)")
     if problem is not None:
         raise InferqError(ErrorCode.INVALID_REQUEST, f"invalid request: webhook_url {problem}", errors=[
             {"field": "webhook_url", "constraint": "allowed_host", "message": f"webhook_url {problem}"}])
@@ -58,6 +59,7 @@ def submit(op: Operation, idem: Idempotency | None = None) -> Admitted:
     Shared with the OpenAI routes."""
     auth.check_priority(op.priority)
     check_webhook(op.webhook_url)
+    memory.check()
     res = resources()
     admitted = res.admission.admit(op, int(current_app.config["MAX_QUEUE_DEPTH"]), auth.principal().tenant,
                                    tenant_limits(), idem)

@@ -6,8 +6,6 @@ every gunicorn process answers the same, with no multiprocess directory.
 """
 from __future__ import annotations
 
-import time
-
 import redis
 from flask import Blueprint, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -23,7 +21,9 @@ _HELP = {
     "submitted": "Jobs accepted by the API", "finished": "Jobs that ended normally",
     "failed": "Jobs that ended with an error event", "cancelled": "Jobs cancelled by a client",
     "tokens": "Tokens generated",
+    "stuck_steps": "Decode steps that ran past the worker's bound (their jobs were handed on)",
 }
+_NAMES = {"tokens": "inferq_tokens_generated", "stuck_steps": "inferq_worker_stuck_steps"}
 
 
 class RedisCollector:
@@ -34,7 +34,7 @@ class RedisCollector:
         r = self.redis
         counters = stats.read_counters(r)
         for name in stats.COUNTERS:
-            metric = "inferq_tokens_generated" if name == "tokens" else f"inferq_jobs_{name}"
+            metric = _NAMES.get(name, f"inferq_jobs_{name}")
             family = CounterMetricFamily(metric, _HELP[name], labels=["model"])
             for model, value in sorted(counters.get(name, {}).items()):
                 family.add_metric([model], value)

@@ -77,7 +77,9 @@ def _demo_model() -> tuple[str, str]:
               help="Use this Redis; unset: start an embedded redis-server (env REDIS_URL).")
 @click.option("--stop-timeout", default=60.0, show_default=True,
               help="Seconds the API, then the workers, get to stop on Ctrl-C before they are killed.")
-def up(models, host, port, backend, gpu_layers, threads, gpus, redis_url, stop_timeout):
+@click.option("--redis-maxmemory", default="1gb", show_default=True, envvar="INFERQ_REDIS_MAXMEMORY",
+              help="The embedded Redis's memory bound (noeviction); the API refuses new work 10% before it.")
+def up(models, host, port, backend, gpu_layers, threads, gpus, redis_url, stop_timeout, redis_maxmemory):
     """Run the whole stack on this machine until Ctrl-C.
 
     \b
@@ -92,7 +94,7 @@ def up(models, host, port, backend, gpu_layers, threads, gpus, redis_url, stop_t
     share = threads or max(1, ((os.cpu_count() or 2) - 1) // len(models))
     devices = _gpu_devices(gpus) if gpus else ["cpu"]
     stack = Stack([WorkerArgs(n, p, backend, gpu_layers, share, device) for n, p in models for device in devices],
-                  host, port, DATA_DIR, redis_url, stop_timeout=stop_timeout)
+                  host, port, DATA_DIR, redis_url, stop_timeout=stop_timeout, redis_maxmemory=redis_maxmemory)
 
     def ready(stack):
         from inferq.embedded_redis import masked
@@ -190,8 +192,13 @@ def _check_model_path(path: str) -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
 @click.option("--queue-depth", default=1000, show_default=True, help="Queued jobs past which the API answers 503.")
 @click.option("--burst", is_flag=True, help="Quit when the queues are empty.")
+@click.option("--grammar-limit", default=1.0, show_default=True, envvar="INFERQ_GRAMMAR_LIMIT_S",
+              help="Seconds one grammar sample may take; a slower grammar ends its job alone.")
+@click.option("--stuck-step-limit", default=60.0, show_default=True, envvar="INFERQ_STUCK_STEP_S",
+              help="Seconds a decode step may run before its jobs are handed on and the worker reports unhealthy.")
 @click.option("--redis-url", envvar="REDIS_URL", default="redis://127.0.0.1:6379/0", show_default=True)
-def worker(model, backend, gpu_layers, threads, ctx_size, parallel, device, queue_depth, burst, redis_url):
+def worker(model, backend, gpu_layers, threads, ctx_size, parallel, device, queue_depth, burst, grammar_limit,
+           stuck_step_limit, redis_url):
     """Load one model and run its jobs until SIGTERM/Ctrl-C (the running job finishes first).
 
     \b
@@ -205,7 +212,7 @@ def worker(model, backend, gpu_layers, threads, ctx_size, parallel, device, queu
     _check_model_path(path)
     spec = ModelSpec(name, path, backend, LoadOptions(threads=threads, gpu_layers=gpu_layers, ctx_size=ctx_size,
                                                       parallel=parallel),
-                     device, queue_depth)
+                     device, queue_depth, grammar_limit, stuck_step_limit)
     progress = _LoadProgress(name, path)
     try:
         run_worker(redis_url, spec, burst=burst, on_loaded=progress.done)

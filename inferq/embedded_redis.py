@@ -46,10 +46,14 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, data_dir: str | Path, port: int | None = None, appendonly: bool = True):
+    def __init__(self, data_dir: str | Path, port: int | None = None, appendonly: bool = True,
+                 maxmemory: str | int | None = None):
+        """``maxmemory`` (bytes, or Redis's own "1gb"): Redis refuses writes past it (``noeviction``: a queue
+        must never drop jobs to make room), and the API refuses new work a headroom before (api/memory.py)."""
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.maxmemory = maxmemory
         # URL-safe, so it goes into the URL as is; kept across stop()/start() of this object.
         self.password = secrets.token_urlsafe(24)
         self.process: subprocess.Popen | None = None
@@ -65,6 +69,8 @@ class EmbeddedRedis:
         with os.fdopen(fd, "w") as f:
             os.fchmod(f.fileno(), 0o600)  # an older file may have had wider permissions
             f.write(f"requirepass {self.password}\n")
+            if self.maxmemory:
+                f.write(f"maxmemory {self.maxmemory}\nmaxmemory-policy noeviction\n")
         return path
 
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":

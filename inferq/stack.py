@@ -24,6 +24,7 @@ import requests
 from inferq.embedded_redis import EmbeddedRedis, masked
 
 log = logging.getLogger(__name__)
+DEFAULT_MAXMEMORY = "1gb"  # the embedded Redis's; INFERQ_REDIS_MAXMEMORY or --redis-maxmemory change it
 
 
 @dataclass(frozen=True)
@@ -77,13 +78,14 @@ def _interrupt(signum, frame):
 class Stack:
     def __init__(self, workers: list[WorkerArgs], host: str = "127.0.0.1", port: int = 8000,
                  data_dir: str | Path = ".inferq", redis_url: str | None = None, api_processes: int = 1,
-                 stop_timeout: float = 60.0):
+                 stop_timeout: float = 60.0, redis_maxmemory: str = DEFAULT_MAXMEMORY):
         self.workers = workers
         self.host, self.port = host, port
         self.data_dir = Path(data_dir)
         self.redis_url = redis_url
         self.api_processes = api_processes
         self.stop_timeout = stop_timeout
+        self.redis_maxmemory = redis_maxmemory
         self.redis: EmbeddedRedis | None = None
         self.children: list[Child] = []  # in start order; every process started, until stopped
 
@@ -98,7 +100,7 @@ class Stack:
 
     def start(self, ready_timeout: float = 120.0) -> None:
         if not self.redis_url:
-            self.redis = EmbeddedRedis(self.data_dir / "redis").start()
+            self.redis = EmbeddedRedis(self.data_dir / "redis", maxmemory=self.redis_maxmemory).start()
             self.redis_url = self.redis.url
             log.info("started redis-server on %s (data in %s)", masked(self.redis_url), self.redis.data_dir)
         for w, label in zip(self.workers, worker_labels(self.workers)):

@@ -101,20 +101,72 @@ def _decode(raw: dict[bytes, bytes]) -> Batch | None:
                  json.loads(f["errors"]) if opt("errors") else None, f.get("expiring") == "1")
 
 
+class QuotaExceeded(Exception):
+    """A tenant's batches are at their bound: ``what`` is which (``batches`` in flight, or ``bytes``)."""
+
+    def __init__(self, what: str, used: int, limit: int):
+        super().__init__(f"{what}: {used} of {limit}")
+        self.what, self.used, self.limit = what, used, limit
+
+
+# The tenant's open batches and the bytes of their results and its batch outputs, then the new batch.
+# Members of the open set whose batch ended (or expired) are dropped first: the set holds at most the
+# bound, so a batch lost to a Redis that lost writes cannot block its tenant for good.
+# KEYS: open set, the tenant's files index, the batch hash, the tenant's batch index, batches due.
+# ARGV: max open batches, max bytes, batch key prefix, file key prefix, final states (comma-separated),
+#       batch id, now (ms), keep horizon (ms), then the hash's field/value pairs.
+_CREATE = """
+local final = {}
+for s in string.gmatch(ARGV[5], '[^,]+') do final[s] = true end
+local held, open = 0, 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local b = redis.call('HMGET', ARGV[3] .. id, 'status', 'result_bytes')
+  if not b[1] or final[b[1]] then
+    redis.call('SREM', KEYS[1], id)
+  else
+    open = open + 1
+    held = held + (tonumber(b[2]) or 0)
+  end
+end
+local max_open, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
+if max_open > 0 and open >= max_open then return {0, open, max_open} end
+for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local f = redis.call('HMGET', ARGV[4] .. id, 'purpose', 'bytes')
+  if f[1] == 'batch_output' then held = held + (tonumber(f[2]) or 0) end
+end
+if max_bytes > 0 and held >= max_bytes then return {-1, held, max_bytes} end
+local fields = {}
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[3], unpack(fields))
+redis.call('SADD', KEYS[1], ARGV[6])
+redis.call('ZADD', KEYS[4], ARGV[7], ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(ARGV[7]) - tonumber(ARGV[8]))
+redis.call('ZADD', KEYS[5], ARGV[7], ARGV[6])
+return {1}
+"""
+
+
 def create(client: redis.Redis, tenant: str, limit_key: str, endpoint: str, input_file_id: str,
-           metadata: dict | None, webhook_url: str | None, now_ms: int) -> Batch:
+           metadata: dict | None, webhook_url: str | None, now_ms: int, max_open: int = 0,
+           max_bytes: int = 0) -> Batch:
+    """A new batch, ``validating``; QuotaExceeded if the tenant has ``max_open`` batches in flight, or
+    ``max_bytes`` of batch results and outputs in Redis (0: no bound)."""
     batch_id = new_batch_id()
     now_s = now_ms // 1000
     fields = {"id": batch_id, "tenant": tenant, "limit_key": limit_key, "endpoint": endpoint,
               "input_file_id": input_file_id, "status": "validating", "created_at": now_s,
               "expires_at": now_s + WINDOW_S, "metadata": json.dumps(metadata) if metadata else "",
-              "webhook_url": webhook_url or "", "total": 0, "completed": 0, "failed": 0, "submitted": 0}
-    pipe = client.pipeline()
-    pipe.hset(keys.batch(batch_id), mapping=fields)
-    pipe.zadd(keys.tenant_batches(tenant), {batch_id: now_ms})
-    pipe.zremrangebyscore(keys.tenant_batches(tenant), "-inf", now_ms - KEEP_S * 1000)
-    schedule(client).add(batch_id, now_ms, pipe)
-    pipe.execute()
+              "webhook_url": webhook_url or "", "total": 0, "completed": 0, "failed": 0, "submitted": 0,
+              "result_bytes": 0}
+    flat = [v for kv in fields.items() for v in kv]
+    status, *rest = client.eval(_CREATE, 5, keys.tenant_open_batches(tenant), keys.tenant_files(tenant),
+                                keys.batch(batch_id), keys.tenant_batches(tenant), keys.BATCHES_DUE, max_open,
+                                max_bytes, keys.batch(""), keys.file(""), ",".join(FINAL), batch_id, now_ms,
+                                KEEP_S * 1000, *flat)
+    if status == 0:
+        raise QuotaExceeded("batches", int(rest[0]), int(rest[1]))
+    if status == -1:
+        raise QuotaExceeded("bytes", int(rest[0]), int(rest[1]))
     return get(client, batch_id)
 
 
@@ -168,6 +220,7 @@ def finish(client: redis.Redis, batch: Batch, to: str, now_ms: int, from_statuse
     pipe = client.pipeline()
     pipe.delete(keys.batch_lines(batch.id), keys.batch_jobs(batch.id), keys.batch_ended(batch.id),
                 keys.batch_results(batch.id))
+    pipe.srem(keys.tenant_open_batches(batch.tenant), batch.id)  # its results are gone: they count no more
     pipe.expire(keys.batch(batch.id), KEEP_S)
     if batch.webhook_url:
         webhooks.schedule_batch_event(pipe, batch.id, batch.webhook_url, WEBHOOK_EVENTS[to], batch.tenant, now_ms)
@@ -175,12 +228,29 @@ def finish(client: redis.Redis, batch: Batch, to: str, now_ms: int, from_statuse
     return True
 
 
-# KEYS: batch, its results. ARGV: then (line, result json, "completed" | "failed") triples.
+# Results are kept once each (HSETNX), counted, and their bytes added to the batch's ``result_bytes``,
+# unless the tenant's open batches already hold ``max bytes`` of results: then the line's small
+# fallback (a quota error) is kept instead, so one tenant's batch cannot fill Redis.
+# KEYS: batch, its results, the tenant's open batches. ARGV: max bytes (0: none), batch key prefix, then
+# (line, result json, "completed" | "failed", the bytes its output line will take, fallback json) per line.
 _RECORD = """
+local max_bytes = tonumber(ARGV[1])
+local held = 0
+if max_bytes > 0 then
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+    held = held + (tonumber(redis.call('HGET', ARGV[2] .. id, 'result_bytes')) or 0)
+  end
+end
 local added = 0
-for i = 1, #ARGV, 3 do
-  if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
-    redis.call('HINCRBY', KEYS[1], ARGV[i + 2], 1)
+for i = 3, #ARGV, 5 do
+  local result, status, size = ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  if max_bytes > 0 and held + size > max_bytes then
+    result, status, size = ARGV[i + 4], 'failed', #ARGV[i + 4]
+  end
+  if redis.call('HSETNX', KEYS[2], ARGV[i], result) == 1 then
+    redis.call('HINCRBY', KEYS[1], status, 1)
+    redis.call('HINCRBY', KEYS[1], 'result_bytes', size)
+    held = held + size
     added = added + 1
   end
 end
@@ -188,15 +258,42 @@ return added
 """
 
 
-def record(client: redis.Redis, batch_id: str, results: list[tuple[int, dict, bool]]) -> int:
+@dataclass(frozen=True)
+class Result:
+    """One line's outcome as kept until the output is written: ``body`` is stored as is; ``size`` is what
+    its output line will take (more than the stored bytes for embeddings kept as base64 and written out
+    as floats); ``fallback`` is kept instead when the tenant's results are at their bound."""
+
+    line: int
+    body: dict
+    ok: bool
+    size: int
+    fallback: dict
+
+
+def record(client: redis.Redis, batch: Batch, results: list[Result], max_bytes: int = 0) -> int:
     """Keep each line's result unless it has one already (a repeated step); returns how many were new."""
     if not results:
         return 0
     flat = []
-    for line, result, ok in results:
-        flat += [line, json.dumps(result, separators=(",", ":"), ensure_ascii=False), "completed" if ok else "failed"]
-    return int(client.eval(_RECORD, 2, keys.batch(batch_id), keys.batch_results(batch_id), *flat))
+    for r in results:
+        flat += [r.line, _json(r.body), "completed" if r.ok else "failed", r.size, _json(r.fallback)]
+    return int(client.eval(_RECORD, 3, keys.batch(batch.id), keys.batch_results(batch.id),
+                           keys.tenant_open_batches(batch.tenant), max_bytes, keys.batch(""), *flat))
 
 
-def results(client: redis.Redis, batch_id: str) -> dict[int, dict]:
-    return {int(k): json.loads(v) for k, v in client.hgetall(keys.batch_results(batch_id)).items()}
+def _json(value: dict) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def results(client: redis.Redis, batch_id: str, lines: list[int]) -> list[dict | None]:
+    """The results of ``lines`` (None for a line with none yet), in one read."""
+    if not lines:
+        return []
+    raw = client.hmget(keys.batch_results(batch_id), [str(i) for i in lines])
+    return [json.loads(v) if v is not None else None for v in raw]
+
+
+def result_lines(client: redis.Redis, batch_id: str) -> list[int]:
+    """The lines that have a result, in order."""
+    return sorted(int(k) for k in client.hkeys(keys.batch_results(batch_id)))

@@ -27,6 +27,8 @@ class ErrorCode(str, Enum):
     FILE_TOO_LARGE = "FILE_TOO_LARGE"
     BATCH_NOT_FOUND = "BATCH_NOT_FOUND"
     BATCH_FINISHED = "BATCH_FINISHED"
+    TOO_MANY_BATCHES = "TOO_MANY_BATCHES"  # a tenant's batches in flight at their bound
+    BATCH_QUOTA_EXCEEDED = "BATCH_QUOTA_EXCEEDED"  # a tenant's batch results and outputs at their bound
     NOT_FOUND = "NOT_FOUND"
     JOB_NOT_FOUND = "JOB_NOT_FOUND"
     JOB_FINISHED = "JOB_FINISHED"
@@ -36,6 +38,7 @@ class ErrorCode(str, Enum):
     # Known (served within registry.MODEL_TTL_S) but no live worker takes jobs now; sent with Retry-After.
     MODEL_OFFLINE = "MODEL_OFFLINE"
     REDIS_UNAVAILABLE = "REDIS_UNAVAILABLE"
+    STORAGE_FULL = "STORAGE_FULL"  # Redis near its maxmemory: new work waits, running jobs finish
     INTERNAL = "INTERNAL"
     # Job errors, carried by `error` events (and also some API answers).
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
@@ -54,11 +57,11 @@ HTTP_STATUS = {
     ErrorCode.UNSUPPORTED_FEATURE: 400,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN_ORIGIN: 403,
+    ErrorCode.HOST_NOT_ALLOWED: 403,
+    ErrorCode.ADMIN_ONLY: 403,
     ErrorCode.PRIORITY_NOT_ALLOWED: 403,
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
     ErrorCode.TOO_MANY_STREAMS: 429,
-    ErrorCode.HOST_NOT_ALLOWED: 403,
-    ErrorCode.ADMIN_ONLY: 403,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.TOO_MANY_QUEUED: 429,
     ErrorCode.TOO_MANY_RUNNING: 429,
@@ -67,6 +70,8 @@ HTTP_STATUS = {
     ErrorCode.FILE_TOO_LARGE: 413,
     ErrorCode.BATCH_NOT_FOUND: 404,
     ErrorCode.BATCH_FINISHED: 409,
+    ErrorCode.TOO_MANY_BATCHES: 429,
+    ErrorCode.BATCH_QUOTA_EXCEEDED: 429,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.JOB_NOT_FOUND: 404,
     ErrorCode.MODEL_NOT_FOUND: 404,
@@ -77,6 +82,7 @@ HTTP_STATUS = {
     ErrorCode.QUEUE_FULL: 503,
     ErrorCode.MODEL_OFFLINE: 503,
     ErrorCode.REDIS_UNAVAILABLE: 503,
+    ErrorCode.STORAGE_FULL: 503,
 }
 
 

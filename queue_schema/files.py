@@ -1,18 +1,23 @@
 """Files for OpenAI's Files API: batch inputs uploaded by tenants, and batch outputs.
 
-The bytes live in Redis, beside the file's metadata in one hash per file,
-with a TTL (``INFERQ_FILE_TTL_S``, 7 days by default) and size caps (per
-file, and per tenant in all). Redis because it is the one store every API
-host shares: with several API hosts behind a load balancer, a file uploaded
-through one must be readable through any, and a batch is advanced by
-whichever process claims it. A directory would need a shared filesystem.
-The cost is Redis memory, which the caps and the TTL bound; a batch's
-output counts towards its tenant's bytes but is never refused for them (the
-work is done).
+The bytes live in Redis, in pieces (``keys.file_content``, a list of pieces of
+at most ``PIECE_BYTES``) beside the file's metadata (``keys.file``), with a TTL
+(``INFERQ_FILE_TTL_S``, 7 days by default) and size caps (per file, and per
+tenant in all). Redis because it is the one store every API host shares: with
+several API hosts behind a load balancer, a file uploaded through one must be
+readable through any, and a batch is advanced by whichever process claims it.
+A directory would need a shared filesystem. The cost is Redis memory, which the
+caps and the TTL bound. Pieces because a batch's output is written as its
+results are turned into lines, and a download is sent as it is read: neither
+holds a whole file in one string, nor sends one 8 MiB command to Redis. A batch's
+output counts towards its tenant's bytes but is never refused for them (the work
+is done); batch results and outputs have a bound of their own
+(queue_schema.batches).
 """
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import redis
@@ -20,23 +25,28 @@ import redis
 from queue_schema import keys
 
 INPUT, OUTPUT = "batch", "batch_output"  # the purposes: what a client uploads, what a batch writes
+PIECE_BYTES = 1 << 20
 
-# KEYS: the file's hash, the tenant's file index. ARGV: file id, created (ms), ttl (s), cap (bytes; 0: none),
-# the hash prefix, then the hash's field/value pairs, "bytes" first.
+# KEYS: the file's hash, the tenant's file index, the file's pieces. ARGV: file id, created (ms), ttl (s),
+# cap (bytes; 0: none), the hash prefix, the number of hash fields' values, then the hash's field/value
+# pairs ("bytes" first), then the pieces (none: a Writer pushed them already).
 _STORE = """
 local used = 0
 for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   local size = redis.call('HGET', ARGV[5] .. id, 'bytes')
   if size then used = used + tonumber(size) else redis.call('ZREM', KEYS[2], id) end
 end
-local size = tonumber(ARGV[7])
+local size = tonumber(ARGV[8])
 local cap = tonumber(ARGV[4])
 if cap > 0 and used + size > cap then return {0, used} end
+local last = 6 + tonumber(ARGV[6])
 local fields = {}
-for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 7, last do fields[#fields + 1] = ARGV[i] end
 redis.call('DEL', KEYS[1])
+if #ARGV > last then redis.call('DEL', KEYS[3]) end
 redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+for i = last + 1, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+for _, key in ipairs({KEYS[1], KEYS[3]}) do redis.call('EXPIRE', key, ARGV[3]) end
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 return {1, used + size}
@@ -73,16 +83,58 @@ def new_file_id() -> str:
 def store(client: redis.Redis, tenant: str, purpose: str, filename: str, content: bytes, now_ms: int,
           ttl_s: int, tenant_cap: int = 0, file_id: str | None = None) -> FileInfo:
     """Keep ``content``; QuotaExceeded if the tenant's files would pass ``tenant_cap`` bytes."""
-    file_id = file_id or new_file_id()
-    info = FileInfo(file_id, tenant, purpose, filename, len(content), now_ms // 1000, now_ms // 1000 + ttl_s)
+    pieces = [content[i:i + PIECE_BYTES] for i in range(0, len(content), PIECE_BYTES)] or [b""]
+    return _commit(client, tenant, purpose, filename, pieces, len(content), now_ms, ttl_s, tenant_cap,
+                   file_id or new_file_id())
+
+
+def _commit(client, tenant, purpose, filename, pieces, size, now_ms, ttl_s, tenant_cap, file_id) -> FileInfo:
+    info = FileInfo(file_id, tenant, purpose, filename, size, now_ms // 1000, now_ms // 1000 + ttl_s)
     fields = {"bytes": info.bytes, "id": file_id, "tenant": tenant, "purpose": purpose, "filename": filename,
-              "created_at": info.created_at, "expires_at": info.expires_at, "content": content}
+              "created_at": info.created_at, "expires_at": info.expires_at}
     flat = [v for kv in fields.items() for v in kv]
-    ok, used = client.eval(_STORE, 2, keys.file(file_id), keys.tenant_files(tenant), file_id, now_ms, ttl_s,
-                           tenant_cap, keys.file(""), *flat)
+    ok, used = client.eval(_STORE, 3, keys.file(file_id), keys.tenant_files(tenant), keys.file_content(file_id),
+                           file_id, now_ms, ttl_s, tenant_cap, keys.file(""), len(flat), *flat, *pieces)
     if not ok:
         raise QuotaExceeded(int(used))
     return info
+
+
+class Writer:
+    """A file written a piece at a time (a batch's output), made visible at ``close`` (never refused)."""
+
+    def __init__(self, client: redis.Redis, file_id: str):
+        self.redis, self.file_id = client, file_id
+        self.size = 0
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._started = False
+
+    def write(self, data: bytes) -> None:
+        self._buffer.append(data)
+        self._buffered += len(data)
+        self.size += len(data)
+        if self._buffered >= PIECE_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        piece = b"".join(self._buffer)
+        self._buffer, self._buffered = [], 0
+        pipe = self.redis.pipeline(transaction=False)
+        if not self._started:  # written again after a crash: start over
+            pipe.delete(keys.file_content(self.file_id))
+            self._started = True
+        pipe.rpush(keys.file_content(self.file_id), piece)
+        pipe.execute()
+
+    def close(self, tenant: str, purpose: str, filename: str, now_ms: int, ttl_s: int) -> FileInfo:
+        """The last piece goes with the file's metadata, in one script."""
+        if not self._started:  # small enough for one piece: nothing written yet
+            return store(self.redis, tenant, purpose, filename, b"".join(self._buffer), now_ms, ttl_s,
+                         file_id=self.file_id)
+        if self._buffer:
+            self._flush()
+        return _commit(self.redis, tenant, purpose, filename, [], self.size, now_ms, ttl_s, 0, self.file_id)
 
 
 _FIELDS = ("id", "tenant", "purpose", "filename", "bytes", "created_at", "expires_at")
@@ -118,12 +170,27 @@ def listing(client: redis.Redis, tenant: str, limit: int, after: str | None) -> 
     return found, len(ids) > limit
 
 
+def pieces(client: redis.Redis, file_id: str) -> Iterator[bytes]:
+    """The file's bytes, a piece at a time (one read each)."""
+    for index in range(client.llen(keys.file_content(file_id))):
+        piece = client.lindex(keys.file_content(file_id), index)
+        if piece is None:  # expired or deleted while it was read
+            return
+        yield piece
+    legacy = client.hget(keys.file(file_id), "content")  # a file stored whole, before pieces
+    if legacy is not None:
+        yield legacy
+
+
 def content(client: redis.Redis, file_id: str) -> bytes | None:
-    return client.hget(keys.file(file_id), "content")
+    """The whole file (a batch's input: at most the upload cap), or None if it is gone."""
+    if not client.exists(keys.file(file_id)):
+        return None
+    return b"".join(pieces(client, file_id))
 
 
 def delete(client: redis.Redis, info: FileInfo) -> None:
     pipe = client.pipeline()
-    pipe.delete(keys.file(info.id))
+    pipe.delete(keys.file(info.id), keys.file_content(info.id))
     pipe.zrem(keys.tenant_files(info.tenant), info.id)
     pipe.execute()

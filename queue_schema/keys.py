@@ -144,6 +144,11 @@ def tenant_batches(tenant: str) -> str:
     return f"{PREFIX}:tenant:{tenant}:batches"
 
 
+def tenant_open_batches(tenant: str) -> str:
+    """Set of the tenant's batches not yet in a final state (bounded per tenant)."""
+    return f"{PREFIX}:tenant:{tenant}:batches:open"
+
+
 def idempotency(tenant: str, key_digest: str) -> str:
     """The job id (and request fingerprint) an Idempotency-Key of the tenant gave."""
     return f"{PREFIX}:tenant:{tenant}:idem:{key_digest}"
@@ -155,8 +160,13 @@ def webhook(delivery_id: str) -> str:
 
 
 def file(file_id: str) -> str:
-    """Hash of one uploaded (or batch output) file: its metadata and its bytes."""
+    """Hash of one uploaded (or batch output) file: its metadata (and, written before 2026-12, its bytes)."""
     return f"{PREFIX}:file:{file_id}"
+
+
+def file_content(file_id: str) -> str:
+    """List of a file's bytes in pieces, in order (written and read a piece at a time)."""
+    return f"{PREFIX}:file:{file_id}:content"
 
 
 def batch(batch_id: str) -> str:

@@ -114,6 +114,12 @@ return 1
 """
 # KEYS: lease, leases index, queue, RQ job hash, wake list, the queue's ring, job info.
 # ARGV: owner, job id, queue name, then the affixes of the limit sets.
+# KEYS: lease. ARGV: owner, new owner.
+_TAKE_OVER = """
+if (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'renewals', 0)
+return 1
+"""
 _REQUEUE = """
 if (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
@@ -168,6 +174,7 @@ class Leases:
         self._renew = client.register_script(_RENEW)
         self._observe = client.register_script(_OBSERVE)
         self._claim = client.register_script(_CLAIM)
+        self._take_over = client.register_script(_TAKE_OVER)
         self._requeue = client.register_script(_REQUEUE)
         self._release = client.register_script(_RELEASE)
         self._affixes = [keys.RQ_JOB_PREFIX, *keys.split(keys.job_events), *keys.split(keys.job_lease),
@@ -201,6 +208,11 @@ class Leases:
     def claim(self, seen: LeaseView, new_owner: str) -> bool:
         """Take the lease over if it still stands exactly as ``seen``."""
         return bool(self._claim(keys=[keys.job_lease(seen.job_id)], args=[seen.owner, seen.renewals, new_owner]))
+
+    def take_over(self, job_id: str, owner: str, new_owner: str) -> bool:
+        """Move ``owner``'s lease to ``new_owner`` (a worker handing its own job to its reaper: its engine
+        thread's later writes are then fenced)."""
+        return bool(self._take_over(keys=[keys.job_lease(job_id)], args=[owner, new_owner]))
 
     def requeue(self, job_id: str, owner: str, queue_name: str, model: str) -> bool:
         """Give the job back, to the front of its queue (and its queue to the front of the ring),

@@ -36,6 +36,9 @@ MAX_SCHEMA_BYTES = 16384
 MAX_SCHEMA_DEPTH = 32
 # JSON Schema counts (minItems, maxLength...) become repetitions in the grammar, written out one by one.
 MAX_SCHEMA_COUNT = 1000
+# A raw grammar's repetitions ({m,n}) are written out by llama.cpp's parser too: each copies the element
+# before it, so their counts and what they copy are bounded, as the schema's are, and so is nesting.
+MAX_GRAMMAR_EXPANSION = 100_000  # grammar symbols the repetitions may write out, in all
 MAX_LOGIT_BIAS = 1024
 MAX_EMBED_INPUTS = 2048
 MAX_EMBED_TOKENS_PER_INPUT = 8192
@@ -129,6 +132,12 @@ class InferOperation(BaseModel):
         _check_schema(schema, 0)
         return schema
 
+    @field_validator("grammar")
+    @classmethod
+    def _grammar_bounds(cls, grammar: str) -> str:
+        _check_grammar(grammar)
+        return grammar
+
     @field_validator("stop")
     @classmethod
     def _stop_sizes(cls, stop: list[str]) -> list[str]:
@@ -188,6 +197,52 @@ def _check_schema(node: Any, depth: int) -> None:
     elif isinstance(node, list):
         for value in node:
             _check_schema(value, depth + 1)
+
+
+def _check_grammar(text: str) -> None:
+    """Nesting and repetitions of a GBNF text, read as llama.cpp's parser reads them (comments, string
+    literals and character classes skipped); what a repetition copies is the element just before it."""
+    depth, expansion, i, n = 0, 0, 0, len(text)
+    last = 1  # source length of the element before the current position (a group or rule: one reference)
+    while i < n:
+        c = text[i]
+        if c == "#":  # a comment, to the end of the line
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        if c in "\"[":
+            close = '"' if c == '"' else "]"
+            j = i + 1
+            while j < n and text[j] != close:
+                j += 2 if text[j] == "\\" else 1
+            last, i = j + 1 - i, j + 1
+            continue
+        if c == "(":
+            depth += 1
+            if depth > MAX_SCHEMA_DEPTH:
+                raise ValueError(f"grammar nests groups more than {MAX_SCHEMA_DEPTH} levels")
+        elif c == ")":
+            depth -= 1
+            last = 1
+        elif c == "{":
+            match = _QUANTIFIER.match(text, i)
+            if match:
+                low, high = int(match.group(1)), match.group(2)
+                count = max(low, int(high) if high else 0)
+                if count > MAX_SCHEMA_COUNT:
+                    raise ValueError(f"grammar repetitions are at most {MAX_SCHEMA_COUNT}")
+                expansion += count * last
+                if expansion > MAX_GRAMMAR_EXPANSION:
+                    raise ValueError(f"grammar repetitions write out more than {MAX_GRAMMAR_EXPANSION} symbols")
+                i = match.end()
+                continue
+        elif c.isalnum() or c in "-_":
+            j = i
+            while j < n and (text[j].isalnum() or text[j] in "-_"):
+                j += 1
+            last, i = 1, j
+            continue
+        i += 1
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]],

@@ -27,10 +27,12 @@ import time
 
 import redis
 from rq.job import JobStatus
+from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry
+from rq.serializers import JSONSerializer
 
-from queue_schema import books, jobs, keys, leases, stats, tenants
+from queue_schema import books, clock, jobs, keys, leases, stats, tenants, webhooks
 from queue_schema.eventlog import EventLog
-from queue_schema.events import Error, Narration, Queued, now_ms
+from queue_schema.events import Error, Narration, Queued
 
 log = logging.getLogger(__name__)
 STALE_S = 8.0  # a lease that stands still this long is lost (owners renew every second)
@@ -40,6 +42,7 @@ LOCK_MS = 3000
 SWEEP_S = 10.0
 SWEEP_MIN_AGE_S = 5.0  # an open job younger than this is left alone (it is being admitted)
 SWEEP_BATCH = 500
+REGISTRY_SWEEP_S = 60.0  # RQ's finished, failed and cancelled registries: expired entries dropped this often
 
 _LOCK = """
 local holder = redis.call('GET', KEYS[1])
@@ -85,6 +88,7 @@ class Reaper:
         self._seen: dict[str, tuple[leases.LeaseView, float]] = {}
         self._last_look: float | None = None
         self._next_sweep = 0.0
+        self._next_registry_sweep = 0.0
         self._stop = threading.Event()
 
     # --- the loop ----------------------------------------------------------------------
@@ -145,8 +149,9 @@ class Reaper:
         return done
 
     # --- lost jobs -----------------------------------------------------------------------
-    def handle_lost(self, job_id: str, owner: str) -> str:
-        """The job's lease is ours now: requeue it once if it streamed nothing, else WORKER_LOST."""
+    def handle_lost(self, job_id: str, owner: str, code: str = "WORKER_LOST", message: str | None = None) -> str:
+        """The job's lease is ours now: requeue it once if it streamed nothing, else end it with ``code``
+        (retriable) and ``message`` (by default: its worker stopped renewing its lease)."""
         job = books.fetch(self.redis, job_id)
         history = self.eventlog.replay(job_id)
         tokens = sum(1 for e in history if e.type in ("token", "embedding"))  # what a client may have seen
@@ -170,13 +175,13 @@ class Reaper:
             books.give_back(self.redis, self.leases, job, self.id, queue, model)
             action = "requeued"
         else:
-            message = (f"worker {worker} was lost (it stopped renewing its lease) after {tokens} tokens; "
-                       "the job can be submitted again")
-            self.eventlog.append(Error(job_id=job_id, seq=seq, code="WORKER_LOST", message=message,
-                                       retriable=True), self.id)
+            message = (message or f"worker {worker} was lost (it stopped renewing its lease)") + \
+                f" after {tokens} tokens; the job can be submitted again"
+            self.eventlog.append(Error(job_id=job_id, seq=seq, code=code, message=message, retriable=True),
+                                 self.id)
             if job is not None:
                 pipe = self.redis.pipeline()
-                books.fail(pipe, job, f"WORKER_LOST: {message}")
+                books.fail(pipe, job, f"{code}: {message}")
                 stats.count(pipe, "failed", model or "unknown")
                 pipe.execute()
             action = "failed"
@@ -190,7 +195,27 @@ class Reaper:
         done += self._sweep_rings()
         if tenants.tidy(self.redis):
             log.warning("reaper %s: dropped tenant counts of jobs that had ended (Redis lost writes?)", self.id)
+        now = clock.now_ms(self.redis)
+        if webhooks.forget_stale(self.redis, now):
+            log.warning("reaper %s: dropped webhook deliveries no API process could sign in time", self.id)
+        if now >= self._next_registry_sweep:
+            self._next_registry_sweep = now + REGISTRY_SWEEP_S * 1000
+            self._sweep_registries()
         return done
+
+    def _sweep_registries(self) -> None:
+        """Expired entries of RQ's ended-job registries. RQ's own worker cleans them as it runs, and
+        inferq does not run RQ's loop: without this they would go only when rq-dashboard counts them.
+        RQ's cleanup is used where it has one; its cancelled registry has none, and gets the same."""
+        pipe = self.redis.pipeline(transaction=False)
+        for name in self.redis.smembers(keys.RQ_QUEUES):
+            queue = name.decode()[len(keys.RQ_QUEUE_PREFIX):]
+            if not queue.startswith(keys.QUEUE_PREFIX):
+                continue
+            for registry in (FinishedJobRegistry, FailedJobRegistry):
+                registry(queue, connection=self.redis, serializer=JSONSerializer).cleanup()
+            pipe.zremrangebyscore(CanceledJobRegistry(queue, connection=self.redis).key, 0, time.time())
+        pipe.execute()
 
     def _sweep_rings(self) -> list[tuple[str, str]]:
         """Tenant queues with jobs but in no ring (a job requeued in rq-dashboard, RQ's own enqueue):
@@ -212,20 +237,14 @@ class Reaper:
         return done
 
     def _sweep_open_logs(self) -> list[tuple[str, str]]:
-        cutoff = now_ms() - int(SWEEP_MIN_AGE_S * 1000)
-        done, start = [], "-inf"
-        while True:
-            ids = self.redis.zrangebyscore(keys.OPEN_JOBS, start, cutoff, start=0, num=SWEEP_BATCH, withscores=True)
-            if not ids:
-                return done
-            for job_id, status in self._orphans(
-                    args=[*keys.split(keys.job_lease), keys.RQ_JOB_PREFIX, *(i for i, _ in ids)]):
+        cutoff = clock.now_ms(self.redis) - int(SWEEP_MIN_AGE_S * 1000)
+        done = []
+        for ids in _pages(self.redis, keys.OPEN_JOBS, cutoff, SWEEP_BATCH):
+            for job_id, status in self._orphans(args=[*keys.split(keys.job_lease), keys.RQ_JOB_PREFIX, *ids]):
                 action = self._orphan(job_id.decode(), status.decode())
                 if action:
                     done.append((job_id.decode(), action))
-            if len(ids) < SWEEP_BATCH:
-                return done
-            start = f"({ids[-1][1]}"
+        return done
 
     def _orphan(self, job_id: str, status: str) -> str | None:
         last = self.eventlog.last(job_id)
@@ -242,7 +261,7 @@ class Reaper:
             action = "cancelled"
         elif status in (JobStatus.STARTED.value, JobStatus.FINISHED.value, JobStatus.FAILED.value):
             # Shown as running (or ended by RQ itself) with no lease and an open log: nobody will end it.
-            if not leases.adopt(self.redis, job_id, self.id, now_ms()):
+            if not leases.adopt(self.redis, job_id, self.id, clock.now_ms(self.redis)):
                 return None
             return self.handle_lost(job_id, "")
         else:
@@ -281,3 +300,26 @@ class Reaper:
                 pipe.execute()
                 done.append((job_id, "books closed"))
         return done
+
+
+def _pages(client: redis.Redis, key: str, high: float, size: int):
+    """The members of a sorted set scored up to ``high``, in pages in (score, member) order, which is
+    Redis's own. Paging by an exclusive score would skip the members that tie with a page's last one
+    (jobs admitted in the same millisecond); the cursor is the pair, so none is skipped, and members
+    removed meanwhile (ended jobs) move nothing."""
+    last: tuple[float, bytes] | None = None
+    while True:
+        if last is None:
+            rows = client.zrangebyscore(key, "-inf", high, start=0, num=size, withscores=True)
+        else:
+            score, member = last
+            # The rest of the tie first (few: jobs of one millisecond), then what scores above it.
+            ties = [(m, score) for m in client.zrangebyscore(key, score, score) if m > member]
+            rows = ties[:size] if len(ties) >= size else ties + client.zrangebyscore(
+                key, f"({score!r}", high, start=0, num=size - len(ties), withscores=True)
+        if not rows:
+            return
+        yield [m.decode() for m, _ in rows]
+        if len(rows) < size:
+            return
+        last = (rows[-1][1], rows[-1][0])

@@ -13,7 +13,7 @@ import redis
 
 from queue_schema import keys
 
-COUNTERS = ("submitted", "finished", "failed", "cancelled", "tokens")
+COUNTERS = ("submitted", "finished", "failed", "cancelled", "tokens", "stuck_steps")
 BUCKETS = {
     "ttft_seconds": (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     "queue_wait_seconds": (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800),

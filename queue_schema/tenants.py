@@ -91,7 +91,10 @@ def read_counters(client: redis.Redis) -> dict[str, dict[str, int]]:
 
 
 # Members of a limit key's sets whose job is gone or ended: only a Redis that lost writes leaves
-# any (every script that ends or moves a job keeps them). ARGV: the affixes of the events and lease keys.
+# any (every script that ends or moves a job keeps them). Then the limit key itself leaves the tenants
+# hash once nothing of it is left (no job, no bucket): with auth off there is one per client address,
+# and the hash would grow for ever; admission writes it again at the key's next submit.
+# KEYS: queued, running, bucket, tenants hash. ARGV: the affixes of the events and lease keys, the limit key.
 _TIDY = """
 local dropped = 0
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -107,6 +110,7 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
     dropped = dropped + 1
   end
 end
+if redis.call('EXISTS', KEYS[1], KEYS[2], KEYS[3]) == 0 then redis.call('HDEL', KEYS[4], ARGV[5]) end
 return dropped
 """
 
@@ -117,6 +121,7 @@ def tidy(client: redis.Redis) -> int:
     script = client.register_script(_TIDY)
     for limit_key in client.hkeys(keys.TENANTS):
         limit_key = limit_key.decode()
-        dropped += int(script(keys=[keys.limit_queued(limit_key), keys.limit_running(limit_key)],
-                              args=[*keys.split(keys.job_events), *keys.split(keys.job_lease)]))
+        dropped += int(script(keys=[keys.limit_queued(limit_key), keys.limit_running(limit_key),
+                                    keys.limit_bucket(limit_key), keys.TENANTS],
+                              args=[*keys.split(keys.job_events), *keys.split(keys.job_lease), limit_key]))
     return dropped

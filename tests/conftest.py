@@ -60,6 +60,12 @@ def slow_model(model_dir) -> Path:
     return make_llama_gguf(model_dir / "slow.gguf", "slow", seed=1)
 
 
+@pytest.fixture(scope="session")
+def small_model(model_dir) -> Path:
+    """Tens of millions of parameters: decode steps of several ms on 2 cores, prefills of seconds."""
+    return make_llama_gguf(model_dir / "small.gguf", "small", seed=0)
+
+
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -177,6 +177,21 @@ def test_a_file_that_breaks_the_format_fails_the_batch_with_line_numbers(tenant_
         oai.batches.create(input_file_id="file-nope", endpoint="/v1/completions", completion_window="24h")
 
 
+@pytest.mark.usefixtures("tiny_worker")
+def test_line_separators_inside_json_strings_do_not_split_a_line(tenant_api):
+    """U+2028, U+2029 and U+0085 are legal raw inside JSON strings: the file is split where the upload counted
+    its lines (\\n, \\r\\n), never there (str.splitlines cut such a line in two and failed the batch)."""
+    oai = client_for(tenant_api.url, tenant_api.ALICE)
+    row = {"custom_id": "sep", "method": "POST", "url": "/v1/completions",
+           "body": {"model": "tiny", "prompt": "a\u2028b\u2029c\u0085d", "max_tokens": 2}}
+    data = (json.dumps(row, ensure_ascii=False) + "\r\n").encode()
+    assert "\u2028".encode() in data
+    f = oai.files.create(file=("seps.jsonl", data), purpose="batch")
+    batch = oai.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    done = wait_status(oai, batch.id, {"failed", "completed"})
+    assert done.status == "completed" and done.request_counts.completed == 1, done.errors
+
+
 def test_a_cancelled_batch_stops_its_jobs_and_reports_what_ran(tenant_api, slow_worker):
     oai = client_for(tenant_api.url, tenant_api.ALICE)
     rows = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",

@@ -137,3 +137,35 @@ def test_a_backend_that_cannot_constrain_is_refused_at_submit(ct_worker, oai, cl
     assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "UNSUPPORTED_FEATURE"
     queued = {m["id"]: m["queued"] for m in before["data"]}["structured-ct"]
     assert {m["id"]: m["queued"] for m in client.get("/v1/models").get_json()["data"]}["structured-ct"] == queued
+
+
+def test_a_raw_grammar_is_bounded_like_a_schema(client):
+    """Repetitions are written out by llama.cpp's grammar parser: their counts, what they copy and the
+    nesting of groups are bounded at submit, as json_schema's counts are (nothing was, before)."""
+    for grammar in ('root ::= "a"{5000}', 'root ::= ' + "(" * 40 + '"a"' + ")" * 40,
+                    'root ::= "' + "x" * 500 + '"{999}'):
+        resp = client.post("/v1/jobs", json={"operation": "infer", "model": "structured", "prompt": "x",
+                                             "grammar": grammar})
+        assert resp.status_code == 422, grammar[:40]
+        assert resp.get_json()["error"]["errors"][0]["field"] == "grammar"
+    # Braces and parentheses inside strings, classes and comments are text, not syntax.
+    fine = 'root ::= "{5000}" [(((] "a"{3,5}  # {99999} ((((((((((((((((((((((((((((((((((\n'
+    resp = client.post("/v1/jobs", json={"operation": "infer", "model": "no-such-model", "prompt": "x",
+                                         "grammar": fine})
+    assert resp.get_json()["error"]["code"] == "MODEL_NOT_FOUND"
+
+
+def test_a_grammar_too_slow_to_sample_ends_its_job_alone(worker_factory, tiny_model, client):
+    """A grammar sample past the worker's bound ends that job; a plain job decoded in the same steps
+    finishes. The bound is set low here so that an ordinary grammar passes it."""
+    from worker.backends.selection import installed
+
+    if "llama-cpp" not in installed():
+        pytest.skip("llama-cpp is not installed (make test installs it)")
+    worker_factory("slow-grammar", tiny_model, "--backend", "llama-cpp", "--parallel", "2", "--grammar-limit",
+                   "0.000001")
+    plain = submit(client, model="slow-grammar", prompt="go", max_tokens=40, temperature=0)
+    ruled = submit(client, model="slow-grammar", prompt="go", max_tokens=40, grammar='root ::= [a-z ]+')
+    last = events(client, ruled)[-1]
+    assert last["type"] == "error" and last["code"] == "INVALID_REQUEST" and "sample one token" in last["message"]
+    assert events(client, plain)[-1]["type"] == "end"

@@ -39,7 +39,7 @@ class Intake:
         delay = 0.1
         while not rt.stop_admitting:
             scheduler.slot_freed.clear()
-            want = scheduler.capacity()
+            want = 0 if rt.watchdog.stuck else scheduler.capacity()
             if want <= 0:
                 scheduler.slot_freed.wait(0.5)
                 continue

@@ -33,7 +33,6 @@ from queue_schema import books, clock, log_context, stats
 from queue_schema.admission import EMBED_FUNC, INFER_FUNC
 from queue_schema.errors import ErrorCode
 from queue_schema.eventlog import Appended
-from queue_schema.events import now_ms
 from queue_schema.leases import Acquired
 from queue_schema.operations import EmbedOperation, InferOperation, Operation
 from worker import embedding, grammar, narration
@@ -300,6 +299,10 @@ class Jobs:
         if end.reason == "timeout":
             self._fail(record, ErrorCode.TIMEOUT, f"the job ran past timeout_s={record.op.timeout_s} after "
                        f"{end.tokens_out} {'embeddings' if isinstance(seq, Task) else 'tokens'}", raise_=False)
+            return
+        if end.reason == "grammar_slow":  # its grammar is too costly to sample: the others go on
+            self._fail(record, ErrorCode.INVALID_REQUEST, f"{end.error} (after {end.tokens_out} tokens)",
+                       raise_=False)
             return
         if end.reason == "rejected":  # its grammar allowed no token: the request cannot be met
             self._fail(record, ErrorCode.INVALID_REQUEST, f"{end.error} (after {end.tokens_out} tokens)",

@@ -36,6 +36,7 @@ from worker.gguf_meta import GGUFInfo
 from worker.jobs import Jobs
 from worker.publisher import EventPublisher
 from worker.scheduler import Scheduler
+from worker.watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
 LEASE_RENEW_S = 1.0
@@ -50,6 +51,8 @@ class ModelSpec:
     options: LoadOptions = field(default_factory=LoadOptions)
     device: str = "cpu"
     queue_depth: int = 1000
+    grammar_limit_s: float = 1.0  # one grammar sample slower than this ends its job (worker.scheduler)
+    stuck_step_s: float = 60.0  # a decode step running longer hands its jobs on (worker.watchdog)
 
 
 class WorkerRuntime:
@@ -65,6 +68,7 @@ class WorkerRuntime:
         self.publisher = EventPublisher(self.eventlog, writer=self.id, on_result=self.jobs.logged)
         self.cancel = CancelWatcher(listen_client or client)
         self.reaper = Reaper(client, f"{self.id}/reaper", self.eventlog)
+        self.watchdog = StepWatchdog(self, spec.stuck_step_s)
         self.state = "loading"
         self.last_tokens_per_sec: float | None = None
         self.backend: Backend | None = None
@@ -96,12 +100,13 @@ class WorkerRuntime:
         self.vram_bytes = self.backend.vram_bytes()
         # The worker's record lists the jobs it holds (Jobs), not the slots: Jobs says when that changes.
         self.scheduler = Scheduler(self.backend, self.jobs.ended, self.publisher.put_many,
-                                   on_failure=self.check_health)
+                                   on_failure=self.check_health, grammar_limit_s=self.spec.grammar_limit_s)
         seconds = time.perf_counter() - start
         self.narrate(narration.model_loaded(self.id, self.spec.name, size, self.backend.name, self.spec.device,
                                             self.backend.context_length, seconds))
         self._register_with_rq()
         self.reaper.start()
+        self.watchdog.start()
         self.set_state("idle")
 
     def serve(self) -> None:
@@ -125,6 +130,7 @@ class WorkerRuntime:
 
     def shutdown(self) -> None:
         self.reaper.stop()
+        self.watchdog.stop()
         self.publisher.flush(10)
         self.jobs.requeue_aborted()
         self._stop.set()

@@ -45,6 +45,7 @@ from worker.text_assembler import TextAssembler
 log = logging.getLogger(__name__)
 STEP_TARGET_S = 0.05
 MIN_PREFILL_CHUNK = 16
+GRAMMAR_LIMIT_S = 1.0
 
 
 @dataclass
@@ -84,8 +85,9 @@ class Ended:
     """How a sequence ended, for the job layer to tell as events."""
 
     # max_tokens | eos | stop_sequence | cancelled | timeout | done (a task): it ran; failed: a decode call
-    # raised; rejected: its grammar allowed no token; dropped: the worker lost its lease; aborted: the
-    # worker is stopping now; overflow: Redis away too long
+    # raised; rejected: its grammar allowed no token; grammar_slow: its grammar took too long to sample a
+    # token; dropped: the worker lost its lease; aborted: the worker is stopping now; overflow: Redis away
+    # too long
     reason: str
     text: str
     tokens_out: int
@@ -93,6 +95,12 @@ class Ended:
     first_token_ms: int | None
     tokens_per_sec: float
     error: BaseException | None = None
+
+
+class GrammarTooSlow(Exception):
+    def __init__(self, seconds: float, limit_s: float):
+        super().__init__(f"the grammar took {seconds:.3f} s to sample one token, more than the worker's "
+                         f"{limit_s:g} s; simplify it (fewer alternatives that match the same text)")
 
 
 @dataclass
@@ -121,7 +129,8 @@ class Task:
 
 class Scheduler:
     def __init__(self, backend: Backend, on_end: Callable[[Sequence, Ended], None],
-                 publish: Callable[[list], None], on_failure: Callable[[int], object] = lambda slot: None):
+                 publish: Callable[[list], None], on_failure: Callable[[int], object] = lambda slot: None,
+                 grammar_limit_s: float = GRAMMAR_LIMIT_S):
         self.backend = backend
         self.on_end = on_end  # called on the engine thread; may emit the job's last events
         self._publish = publish  # a step's events, at once
@@ -140,6 +149,10 @@ class Scheduler:
         self.last_step_at = time.monotonic()
         self.batch_sizes: list[int] = []  # sequences per decode call, last few hundred steps
         self.end_all: str | None = None  # end every running job now, for this reason ("aborted", "overflow")
+        # A grammar can be costly to apply to every token of the vocabulary; one sample that takes longer
+        # than this ends that job alone (the others in the step are sampled as usual).
+        self.grammar_limit_s = grammar_limit_s
+        self.decoding_since: float | None = None  # monotonic start of the decode call running now, if any
 
     # --- other threads -----------------------------------------------------------------
     def submit(self, item: Sequence | Task) -> None:
@@ -193,6 +206,7 @@ class Scheduler:
         chunks, plan = self._plan()
         if chunks:
             started = time.perf_counter()
+            self.decoding_since = time.monotonic()  # the watchdog's: a call stuck in C cannot be interrupted
             try:
                 rows = self.backend.decode(chunks)
             except Exception as exc:  # noqa: BLE001 - the job layer decides what it means
@@ -203,6 +217,8 @@ class Scheduler:
             else:
                 self._learn(chunks, time.perf_counter() - started)
                 self._sample(plan, chunks, rows)
+            finally:
+                self.decoding_since = None
         self._flush()
         self.steps += 1
         return True
@@ -342,6 +358,7 @@ class Scheduler:
                 seq.at += len(chunk.tokens)
             if row is None:
                 continue
+            began = time.perf_counter()
             try:
                 token = seq.sampler.sample(row)
             except NoTokenAllowed as exc:
@@ -349,6 +366,9 @@ class Scheduler:
                 self._end(seq, "eos" if backend.eos_token_id < 0 else "rejected", exc)
                 continue
             now = time.perf_counter()
+            if seq.params.grammar is not None and now - began > self.grammar_limit_s:
+                self._end(seq, "grammar_slow", GrammarTooSlow(now - began, self.grammar_limit_s))
+                continue
             seq.first_at = seq.first_at or now
             seq.last_at = now
             if backend.is_eog(token):
