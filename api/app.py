@@ -5,8 +5,27 @@ import logging
 
 from flask import Flask
 
-from api import (auth, background, batches, catalog, config, dashboard, errors, extensions, files, health, hosts,
-                 jobs, limits, metrics, openai_compat, openapi, security, stream, ui)
+from api import (
+    auth,
+    background,
+    batches,
+    catalog,
+    config,
+    dashboard,
+    errors,
+    extensions,
+    files,
+    health,
+    hosts,
+    jobs,
+    limits,
+    metrics,
+    openai_compat,
+    openapi,
+    security,
+    stream,
+    ui,
+)
 
 
 def create_app(test_config: dict | None = None) -> Flask:

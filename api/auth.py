@@ -30,7 +30,7 @@ from flask import Flask, current_app, g, request
 from api.config import ConfigError, csv_setting
 from queue_schema import keys
 from queue_schema.errors import ErrorCode, InferqError
-from queue_schema.tenants import ANONYMOUS, SHARED, Tenant
+from queue_schema.lifecycle.tenants import ANONYMOUS, SHARED, Tenant
 
 log = logging.getLogger(__name__)
 

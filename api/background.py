@@ -1,6 +1,6 @@
 """The work every API process does besides answering requests: webhook deliveries and batches.
 
-Both live on durable schedules in Redis (queue_schema.schedule): whichever
+Both live on durable schedules in Redis (queue_schema.lifecycle.schedule): whichever
 API process claims an item first handles it, a process that dies mid-way
 leaves its claim to lapse and another picks the item up, so nothing depends
 on one process staying up. ``api/wsgi.py`` starts the loop in each process,
@@ -27,9 +27,10 @@ from datetime import datetime, timezone
 import redis
 from flask import Flask
 
-from api import webhook_sender
+from api import webhook_sender, webhooks
 from api.config import ConfigError, csv_setting
-from queue_schema import clock, jobs, webhooks
+from queue_schema.lifecycle import clock
+from queue_schema.lifecycle import views as jobs
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
@@ -95,7 +96,9 @@ class Background:
     def tick(self) -> None:
         with self.app.app_context():
             self.deliver_webhooks()
-            from api import batch_runner  # late: it imports the OpenAI routes' request models
+            from api import (
+                batch_runner,  # late: it imports the OpenAI routes' request models
+            )
 
             batch_runner.advance_due(self.id)
 
@@ -163,7 +166,7 @@ class Background:
     def _body(self, delivery: webhooks.Delivery) -> dict:
         res = self.app.extensions["inferq"]
         if delivery.type.startswith("batch."):
-            from queue_schema import batches
+            from api import batch_store as batches
 
             found = batches.get(res.redis, delivery.target)
             data = found.to_dict() if found is not None else {"id": delivery.target, "object": "batch",

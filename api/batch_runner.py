@@ -3,7 +3,7 @@
 Run by every API process (``api/background.py``) on the batches' schedule:
 a process claims a batch, takes it one step further and gives it back due
 again (or finishes it). Every step can be repeated after a crash without
-running a line twice or counting a result twice (see queue_schema.batches).
+running a line twice or counting a result twice (see api.batch_store).
 
 Lines run as ordinary jobs (``infer`` for the completion routes, ``embed``
 for ``/v1/embeddings``) at priority ``batch``, which workers take
@@ -22,20 +22,37 @@ import time
 from flask import current_app
 from pydantic import ValidationError
 
+from api import batch_store as batches
+from api import file_store as files
 from api import memory
 from api.extensions import now_ms, resources
 from api.jobs import request_cancel
+
 # The OpenAI routes' own request models and answer shapes: a batch line is answered exactly as the route would.
-from api.openai_compat import (_FINISH, _JOB_STATUS, OpenAIError, _embedding_list, _error_body, _floats, _Shape,
-                               _usage)
-from api.openai_models import ChatRequest, CompletionRequest, EmbeddingRequest, InvalidField
-from queue_schema import batches, files, jobs, keys
-from queue_schema.admission import Idempotency
+from api.openai_compat import (
+    _FINISH,
+    _JOB_STATUS,
+    OpenAIError,
+    _embedding_list,
+    _error_body,
+    _floats,
+    _Shape,
+    _usage,
+)
+from api.openai_models import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    InvalidField,
+)
+from queue_schema import keys
 from queue_schema.errors import ErrorCode, InferqError
-from queue_schema.eventlog import final_state
 from queue_schema.events import parse_event
+from queue_schema.lifecycle import views as jobs
+from queue_schema.lifecycle.admission import Idempotency
+from queue_schema.lifecycle.eventlog import final_state
+from queue_schema.lifecycle.tenants import NO_LIMITS, Tenant
 from queue_schema.operations import OPERATIONS
-from queue_schema.tenants import NO_LIMITS, Tenant
 
 log = logging.getLogger(__name__)
 REQUESTS = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest,

@@ -1,7 +1,7 @@
 """OpenAI's Batch API: create, look up, list and cancel batches; each tenant sees its own.
 
 A batch's progress lives in Redis and is advanced by whichever API process
-claims it (api/batch_runner.py, queue_schema/batches.py), so any API process
+claims it (api/batch_runner.py, api/batch_store.py), so any API process
 answers for any batch, and restarts lose nothing.
 """
 from __future__ import annotations
@@ -13,11 +13,12 @@ from flask import Blueprint, current_app, jsonify
 from pydantic import BaseModel, ConfigDict, Field
 
 from api import auth, memory
+from api import batch_store as batches
+from api import file_store as files
 from api.extensions import now_ms, resources
 from api.files import owned_file
 from api.jobs import check_webhook
 from api.openai_compat import OpenAIError, _parse, cursor_page, use_openai_errors
-from queue_schema import batches, files
 from queue_schema.errors import ErrorCode, InferqError
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,8 @@ from flask import Blueprint, jsonify
 
 from api import auth
 from api.extensions import resources
-from queue_schema import jobs, registry
+from queue_schema.lifecycle import registry
+from queue_schema.lifecycle import views as jobs
 
 bp = Blueprint("catalog", __name__)
 

@@ -5,7 +5,7 @@ import os
 
 from flask import Flask
 
-from queue_schema.eventlog import DEFAULT_TTL_S
+from queue_schema.lifecycle.eventlog import DEFAULT_TTL_S
 
 DEFAULTS = {
     "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
@@ -23,25 +23,25 @@ DEFAULTS = {
     "ALLOWED_HOSTS": None,
     "MAX_QUEUE_DEPTH": 1000,  # per model, on top of each worker's own --queue-depth
     # Per limit key (a tenant, a bare token, a client address with auth off), checked in the
-    # admission script (queue_schema/tenants.py); 0 turns a limit off.
+    # admission script (queue_schema/lifecycle/tenants.py); 0 turns a limit off.
     "SUBMITS_PER_S": 0,
     "SUBMIT_BURST": 0,  # the token bucket's size; 0: twice the rate
     "MAX_QUEUED_PER_TENANT": 0,
     "MAX_RUNNING_PER_TENANT": 0,
-    # Webhooks (queue_schema/webhooks.py): "whsec_" + base64 key, and the hosts a webhook_url may name.
+    # Webhooks (api/webhooks.py): "whsec_" + base64 key, and the hosts a webhook_url may name.
     "WEBHOOK_SECRET": None,
     # Per-tenant keys, "tenant:whsec_...,..." (a tenant's deliveries are signed with its own, if given).
     "WEBHOOK_SECRETS": None,
     "WEBHOOK_ALLOW_HOSTS": None,
     "WEBHOOK_TIMEOUT_S": 5.0,  # the whole attempt: connect, send, the status line and headers
     "WEBHOOK_RETRY_BASE_S": 5.0,  # first retry after this; then doubling, up to an hour, for 24 h
-    # Files and batches (queue_schema/files.py, queue_schema/batches.py); file bytes live in Redis.
+    # Files and batches (api/file_store.py, api/batch_store.py); file bytes live in Redis.
     "FILE_MAX_BYTES": 8 << 20,
     "FILE_MAX_LINES": 10_000,
     "FILES_MAX_BYTES_PER_TENANT": 64 << 20,
     "FILE_TTL_S": 7 * 24 * 3600,
     "BATCH_WINDOW": 16,  # lines of one batch queued or running at once
-    # Per tenant (queue_schema/batches.py): batches not yet ended, and the bytes of their results and of its
+    # Per tenant (api/batch_store.py): batches not yet ended, and the bytes of their results and of its
     # batch output files in Redis; past either, 429 (results past the bytes bound become quota errors).
     "MAX_BATCHES_PER_TENANT": 16,
     "BATCH_BYTES_PER_TENANT": 256 << 20,

@@ -30,8 +30,8 @@ from rq.serializers import JSONSerializer
 from rq_dashboard.web import setup_rq_connection
 
 from api.errors import error_response
-from queue_schema import connection
 from queue_schema.errors import ErrorCode, InferqError
+from queue_schema.lifecycle import connection
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Every error leaves the API as JSON: ``{"error": {"code", "message", ...}}``.
 
 Redis being down, read-only, loading, full or failing to persist (what
-``queue_schema.redis_errors.unavailable`` says) is a 503 ``REDIS_UNAVAILABLE``
+``queue_schema.lifecycle.redis_errors.unavailable`` says) is a 503 ``REDIS_UNAVAILABLE``
 with ``Retry-After``; any other Redis error, like any surprise, is a 500
 ``INTERNAL`` whose traceback goes to the log, never to the client.
 """
@@ -14,7 +14,7 @@ from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
 from queue_schema.errors import ErrorCode, InferqError
-from queue_schema.redis_errors import unavailable
+from queue_schema.lifecycle.redis_errors import unavailable
 
 log = logging.getLogger(__name__)
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED, 413: ErrorCode.INVALID_REQUEST,

@@ -10,9 +10,9 @@ from api import sse
 from api.config import ConfigError
 from api.fanout import ChannelHub
 from api.memory import MemoryGuard
-from queue_schema import clock, connection
-from queue_schema.admission import Admission
-from queue_schema.eventlog import EventLog
+from queue_schema.lifecycle import clock, connection
+from queue_schema.lifecycle.admission import Admission
+from queue_schema.lifecycle.eventlog import EventLog
 
 
 @dataclass
@@ -47,5 +47,5 @@ def resources() -> Resources:
 
 
 def now_ms() -> int:
-    """The fleet's time (queue_schema.clock): what every stored time that another process compares is in."""
+    """The fleet's time (queue_schema.lifecycle.clock): what every stored time that another process compares is in."""
     return clock.now_ms(resources().redis)

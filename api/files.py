@@ -6,7 +6,7 @@ Limits (clear errors, before anything is stored): a file is at most
 ``batch`` (whether it is UTF-8 JSONL of requests is checked when a batch reads it); a
 tenant's files take at most ``INFERQ_FILES_MAX_BYTES_PER_TENANT``
 (64 MiB; 413) and expire after ``INFERQ_FILE_TTL_S`` (7 days). Where the bytes
-live and why: queue_schema/files.py.
+live and why: api/file_store.py.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import logging
 from flask import Blueprint, current_app, jsonify, request, send_file
 
 from api import auth, memory
+from api import file_store as files
 from api.extensions import now_ms, resources
 from api.openai_compat import OpenAIError, cursor_page, use_openai_errors
-from queue_schema import files
 from queue_schema.errors import ErrorCode, InferqError
 
 log = logging.getLogger(__name__)

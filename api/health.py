@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify
 
 from api.extensions import resources
-from queue_schema import registry
+from queue_schema.lifecycle import registry
 
 bp = Blueprint("health", __name__)
 

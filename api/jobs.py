@@ -5,14 +5,17 @@ import logging
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from api import auth, background, memory
+from api import auth, background, memory, webhooks
+from api import job_listing as listing
 from api.extensions import resources
-from queue_schema import books, jobs, keys, leases, listing, stats, tenants, webhooks
-from queue_schema.admission import Admitted, Idempotency
+from queue_schema import keys
 from queue_schema.errors import ErrorCode, InferqError
-from queue_schema.eventlog import Appended
+from queue_schema.lifecycle import books, leases, stats, tenants
+from queue_schema.lifecycle import views as jobs
+from queue_schema.lifecycle.admission import Admitted, Idempotency
+from queue_schema.lifecycle.eventlog import Appended
+from queue_schema.lifecycle.tenants import Limits
 from queue_schema.operations import JobAccepted, Operation, parse_operation
-from queue_schema.tenants import Limits
 
 log = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__)

@@ -1,7 +1,7 @@
 """``GET /metrics``: Prometheus text, collected from Redis at scrape time.
 
 Workers and API processes write counters and histogram buckets to Redis
-(``queue_schema.stats``); queue depths and worker states are read live. So
+(``queue_schema.lifecycle.stats``); queue depths and worker states are read live. So
 every gunicorn process answers the same, with no multiprocess directory.
 """
 from __future__ import annotations
@@ -9,12 +9,18 @@ from __future__ import annotations
 import redis
 from flask import Blueprint, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from api.extensions import resources
-from queue_schema import clock, jobs, keys, registry, stats, tenants
+from queue_schema import keys
+from queue_schema.lifecycle import clock, registry, stats, tenants
+from queue_schema.lifecycle import views as jobs
 
 bp = Blueprint("metrics", __name__)
 _HELP = {
@@ -94,7 +100,7 @@ class RedisCollector:
 
 def _tenant_families(r: redis.Redis):
     """Jobs by tenant: counted by the admission and terminal-append scripts; queued and running
-    are the sizes of the sets those scripts keep (queue_schema.tenants)."""
+    are the sizes of the sets those scripts keep (queue_schema.lifecycle.tenants)."""
     counters = tenants.read_counters(r)
     for name in ("submitted", "finished", "failed", "cancelled"):
         family = CounterMetricFamily(f"inferq_tenant_jobs_{name}", f"{_HELP[name]}, by tenant", labels=["tenant"])

@@ -17,16 +17,30 @@ import struct
 import time
 
 import redis
-from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    jsonify,
+    request,
+    stream_with_context,
+)
 from pydantic import ValidationError
 
 from api import auth, disconnect, lifecycle, limits, relay, sse
 from api.extensions import resources
 from api.jobs import idempotency, request_cancel, submit
-from api.openai_models import ChatRequest, CompletionRequest, EmbeddingRequest, InvalidField, _Request
-from queue_schema import jobs, keys
-from queue_schema.admission import Admitted, Idempotency
+from api.openai_models import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    InvalidField,
+    _Request,
+)
+from queue_schema import keys
 from queue_schema.errors import ErrorCode, InferqError
+from queue_schema.lifecycle import views as jobs
+from queue_schema.lifecycle.admission import Admitted, Idempotency
 
 log = logging.getLogger(__name__)
 bp = Blueprint("openai", __name__)
@@ -72,7 +86,7 @@ def _inferq_error(exc: InferqError):
 def _redis_error(exc):
     # Imported here to keep this change to this handler; the same test and Retry-After as api/errors.py.
     from api.errors import RETRY_AFTER_S
-    from queue_schema.redis_errors import unavailable
+    from queue_schema.lifecycle.redis_errors import unavailable
 
     if not unavailable(exc):  # a Redis error that is a bug (a bad command, a script error): not a 503
         log.exception("unhandled Redis error")

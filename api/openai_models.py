@@ -12,8 +12,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from queue_schema.operations import (MAX_EMBED_INPUTS, MAX_EMBED_TOKENS_PER_INPUT, MAX_LOGIT_BIAS, MAX_PROMPT_CHARS,
-                                     EmbedOperation, InferOperation)
+from queue_schema.operations import (
+    MAX_EMBED_INPUTS,
+    MAX_EMBED_TOKENS_PER_INPUT,
+    MAX_LOGIT_BIAS,
+    MAX_PROMPT_CHARS,
+    EmbedOperation,
+    InferOperation,
+)
 
 MODEL = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_CHOICES = 4

@@ -44,7 +44,7 @@ class Frame(NamedTuple):
 
 
 def relayed(published: bytes) -> Frame:
-    """The frame of a message published on a channel (see ``queue_schema.eventlog.published``)."""
+    """The frame of a message published on a channel (see ``queue_schema.lifecycle.eventlog.published``)."""
     seq, event_type, data = published.decode("utf-8").split(" ", 2)
     seq_n = None if seq == "-" else int(seq)
     return Frame(seq_n, event_type, data, frame(data, event_type, seq_n))

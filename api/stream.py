@@ -13,8 +13,8 @@ from flask import Blueprint, current_app, request, stream_with_context
 
 from api import auth, limits, relay, sse
 from api.extensions import resources
-from queue_schema import tenants
 from queue_schema.errors import ErrorCode, InferqError
+from queue_schema.lifecycle import tenants
 
 log = logging.getLogger(__name__)
 bp = Blueprint("stream", __name__)

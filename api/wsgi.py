@@ -1,7 +1,7 @@
 """WSGI entry point: ``gunicorn -k gevent api.wsgi:app``.
 
 Each API process also reaps: a model's only worker dying is noticed here
-(``queue_schema.reaper``), not only by other workers of that model; and it
+(``queue_schema.lifecycle.reaper``), not only by other workers of that model; and it
 delivers webhooks and advances batches (``api/background.py``).
 """
 import os
@@ -10,7 +10,7 @@ import socket
 from api import create_app, lifecycle
 from api.background import Background
 from api.extensions import resources
-from queue_schema.reaper import Reaper
+from queue_schema.lifecycle.reaper import Reaper
 
 app = create_app()
 lifecycle.end_streams_on_shutdown()

@@ -21,7 +21,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from bench.harness import model_file, save, stack
-from queue_schema import registry
+from queue_schema.lifecycle import registry
 
 
 def rq_baseline(redis_url: str, seconds: float) -> float:

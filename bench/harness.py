@@ -14,7 +14,7 @@ import requests
 
 from inferq.client import chunk_lines, parse_sse
 from inferq.embedded_redis import EmbeddedRedis, free_port
-from queue_schema import connection, registry
+from queue_schema.lifecycle import connection, registry
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"

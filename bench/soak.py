@@ -37,7 +37,7 @@ import requests
 from bench.harness import OUT, ROOT, model_file, save
 from inferq.client import chunk_lines, parse_sse
 from inferq.embedded_redis import EmbeddedRedis, free_port
-from queue_schema import registry
+from queue_schema.lifecycle import registry
 
 REDIS_FREEZE_S = registry.WORKER_TTL_S + 2
 

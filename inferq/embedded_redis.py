@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from queue_schema.connection import masked  # noqa: F401 - re-exported for callers of this module
+from queue_schema.lifecycle.connection import masked  # noqa: F401 - re-exported for callers of this module
 
 
 class RedisStartError(Exception):

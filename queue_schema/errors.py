@@ -18,7 +18,7 @@ class ErrorCode(str, Enum):
     PRIORITY_NOT_ALLOWED = "PRIORITY_NOT_ALLOWED"
     UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
     TOO_MANY_STREAMS = "TOO_MANY_STREAMS"
-    # A tenant's limits (queue_schema.tenants), sent with Retry-After.
+    # A tenant's limits (queue_schema.lifecycle.tenants), sent with Retry-After.
     RATE_LIMITED = "RATE_LIMITED"
     TOO_MANY_QUEUED = "TOO_MANY_QUEUED"
     TOO_MANY_RUNNING = "TOO_MANY_RUNNING"

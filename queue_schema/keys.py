@@ -8,7 +8,7 @@ PREFIX = "inferq"
 
 # RQ adds its own "rq:queue:" prefix to queue names.
 QUEUE_PREFIX = f"{PREFIX}."
-# Interactive priorities first; "batch" (OpenAI batch lines, queue_schema.batches) is taken only
+# Interactive priorities first; "batch" (OpenAI batch lines, api.batch_store) is taken only
 # when nothing interactive waits, and is outside the admission bound.
 PRIORITIES = ("high", "normal", "low", "batch")
 INTERACTIVE = PRIORITIES[:3]

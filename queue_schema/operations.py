@@ -2,7 +2,7 @@
 
 An operation is tagged by the field ``operation``: ``infer`` (generate text)
 or ``embed`` (one vector per input). Adding one means adding a model to
-``OPERATIONS`` (and a job function name in ``queue_schema.admission``).
+``OPERATIONS`` (and a job function name in ``queue_schema.lifecycle.admission``).
 """
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ import math
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from queue_schema.errors import ErrorCode, InferqError
 
@@ -103,7 +110,7 @@ class InferOperation(BaseModel):
                                                                                           "boolean", "null"],
                                                                                  "maxLength": MAX_METADATA_STRING}})
 
-    # Called when the job ends (queue_schema/webhooks.py); the API allows only
+    # Called when the job ends (api/webhooks.py); the API allows only
     # the hosts in INFERQ_WEBHOOK_ALLOW_HOSTS.
     webhook_url: str = Field(None, min_length=1, max_length=2048,  # type: ignore[assignment]
                              description="POSTed a signed job.finished / job.failed / job.cancelled event.")
@@ -172,7 +179,7 @@ class InferOperation(BaseModel):
         return self
 
     def needs(self) -> list[str]:
-        """The worker capabilities this job needs (registry.ModelInfo.capabilities), checked at submit."""
+        """The worker capabilities this job needs (records.ModelInfo.capabilities), checked at submit."""
         out = []
         if self.json_schema is not None or self.grammar is not None:
             out.append("grammar")

@@ -19,7 +19,7 @@ import requests
 
 from inferq.embedded_redis import EmbeddedRedis, free_port
 from inferq.testmodel import make_llama_gguf
-from queue_schema import connection, registry
+from queue_schema.lifecycle import connection, registry
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every API the tests start runs with the settings production uses.

@@ -62,11 +62,12 @@ def serve_fake_model(client: redis.Redis, model: str, queue_depth: int = 1000, s
                      capabilities: tuple[str, ...] = ()) -> None:
     """A model that admission takes jobs for, with no worker that would run them: a heartbeat only
     (good for 10 s; call again to keep it). Jobs stay queued until a test takes them."""
-    from queue_schema import registry
+    from queue_schema import records
+    from queue_schema.lifecycle import registry
 
-    worker = registry.WorkerInfo(id=f"fake-{model}", host="test", pid=0, model=model, backend="none", state="idle",
+    worker = records.WorkerInfo(id=f"fake-{model}", host="test", pid=0, model=model, backend="none", state="idle",
                                  slots=slots)
-    registry.publish_heartbeat(client, worker, registry.ModelInfo(name=model, context_length=512,
+    registry.publish_heartbeat(client, worker, records.ModelInfo(name=model, context_length=512,
                                                                   queue_depth=queue_depth, backend="none",
                                                                   slots=slots, capabilities=list(capabilities)))
 

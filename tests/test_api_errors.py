@@ -173,8 +173,8 @@ def test_a_chat_content_part_must_have_text_as_a_string(client):
 
 
 def test_huge_or_odd_last_event_ids_are_422(client, r):
-    from queue_schema.eventlog import EventLog
     from queue_schema.events import End, Queued
+    from queue_schema.lifecycle.eventlog import EventLog
 
     job = f"lei-{free_port()}"
     EventLog(r).append_many([Queued(job_id=job, seq=0, position=0, queue="inferq.lei.normal"),

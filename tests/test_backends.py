@@ -7,9 +7,9 @@ import pytest
 from inferq.testmodel import make_llama_gguf
 from tests.conftest import ROOT
 from worker.backends import LoadOptions, ModelLoadError, load_backend
+from worker.backends.base import SamplingParams
 from worker.backends.selection import choose, ctransformers_refusal, installed
 from worker.gguf_meta import GGUFInfo, read_info
-from worker.backends.base import SamplingParams
 
 needs_llama = pytest.mark.skipif("llama-cpp" not in installed(), reason="llama-cpp is not installed")
 

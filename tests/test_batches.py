@@ -319,7 +319,7 @@ def test_batches_list_in_pages_that_skip_none_of_a_tie(redis_url, r):
     client = create_app({"REDIS_URL": redis_url, "TESTING": True,
                          "API_TOKENS": f"{tenant}:tok-fay-{tag}-0123456"}).test_client()
     auth = bearer(f"tok-fay-{tag}-0123456")
-    from queue_schema import batches as batch_store
+    from api import batch_store
 
     made = [batch_store.create(r, tenant, tenant, "/v1/completions", "file-x", None, None, 1_700_000_000_000).id
             for _ in range(5)]
@@ -341,7 +341,7 @@ def test_a_file_comes_back_under_its_name_whatever_the_name_holds(redis_url, r):
     must neither break the header nor make the download fail."""
     from werkzeug.http import parse_options_header
 
-    from queue_schema import files
+    from api import file_store as files
 
     client = create_app({"REDIS_URL": redis_url, "TESTING": True}).test_client()
     up = client.post("/v1/files", content_type="multipart/form-data",

@@ -10,7 +10,9 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from inferq.testmodel import make_llama_gguf
-from queue_schema import jobs as job_views, keys, registry, stats
+from queue_schema import keys
+from queue_schema.lifecycle import registry, stats
+from queue_schema.lifecycle import views as job_views
 from tests.conftest import ROOT, wait_until
 from tests.helpers import events, submit, text_of
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from queue_schema import keys, registry
+from queue_schema import keys
+from queue_schema.lifecycle import registry
 from tests.conftest import start_worker, wait_until
 from tests.helpers import events, submit
 

@@ -118,7 +118,7 @@ def sentinel_override():
 
 
 def test_the_sentinel_variant_adds_a_replica_and_sentinels_and_points_every_client_at_them():
-    from queue_schema.connection import parse_sentinel
+    from queue_schema.lifecycle.connection import parse_sentinel
 
     services = sentinel_override()["services"]
     assert set(services) == {"redis", "redis-replica", "sentinel", "api", "worker"}

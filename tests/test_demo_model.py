@@ -13,8 +13,8 @@ import pytest
 from inferq import demo_model
 from tests.conftest import ROOT
 from worker.backends import LoadOptions, load_backend
-from worker.backends.selection import installed
 from worker.backends.base import SamplingParams
+from worker.backends.selection import installed
 
 REFERENCE = json.loads((ROOT / "models" / "demo-reference.json").read_text())
 BACKENDS = ["ctransformers", "llama-cpp"]

@@ -9,11 +9,12 @@ import time
 
 import pytest
 
-from queue_schema import jobs, keys
-from queue_schema.admission import Admission
-from queue_schema.eventlog import EventLog
+from queue_schema import keys
+from queue_schema.lifecycle import views as jobs
+from queue_schema.lifecycle.admission import Admission
+from queue_schema.lifecycle.eventlog import EventLog
+from queue_schema.lifecycle.tenants import Tenant
 from queue_schema.operations import InferOperation
-from queue_schema.tenants import Tenant
 from tests.conftest import wait_until
 
 FLOOD = 10_000

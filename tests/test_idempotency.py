@@ -7,8 +7,9 @@ import openai
 import pytest
 import requests
 
-from queue_schema import keys, tenants
 from inferq.client import Client
+from queue_schema import keys
+from queue_schema.lifecycle import tenants
 from tests.helpers import bearer
 
 pytestmark = pytest.mark.usefixtures("tiny_worker")
@@ -123,7 +124,7 @@ def test_n_choices_under_one_key_replay_every_choice(tenant_api, r):
 def test_a_refused_choice_cancels_the_others_and_frees_their_keys(client, r):
     """Choice 2 of 3 finds the queue full: the two admitted are cancelled and their keys forgotten,
     so the same key later makes three new jobs (a refusal keeps nothing, as with one job)."""
-    from queue_schema.admission import Idempotency
+    from queue_schema.lifecycle.admission import Idempotency
     from tests.helpers import serve_fake_model
 
     model = "fake-" + uuid.uuid4().hex[:8]

@@ -14,10 +14,12 @@ from rq.serializers import JSONSerializer
 from api import create_app
 from inferq.client import Client
 from inferq.embedded_redis import EmbeddedRedis
-from queue_schema import keys, leases, reaper as reaper_mod, registry
-from queue_schema.eventlog import Appended, EventLog
+from queue_schema import keys
 from queue_schema.events import Queued, Token
-from queue_schema.reaper import Reaper
+from queue_schema.lifecycle import leases, registry
+from queue_schema.lifecycle import reaper as reaper_mod
+from queue_schema.lifecycle.eventlog import Appended, EventLog
+from queue_schema.lifecycle.reaper import Reaper
 from tests.conftest import start_worker, wait_until
 from tests.helpers import events, submit, text_of
 

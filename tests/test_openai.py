@@ -188,7 +188,7 @@ def test_an_idempotent_request_outlives_its_client_and_embeddings_do_not(oai, cl
 def test_openai_jobs_carry_a_queue_wait_bound_unless_idempotent(oai, client, r):
     """A job made for a connection that may die (its API process with it) carries ttl_s: a worker that
     reaches it much later ends it with TIMEOUT, instead of running 78 jobs nobody can collect."""
-    from queue_schema import books
+    from queue_schema.lifecycle import books
 
     resp = oai.completions.create(model="tiny", prompt="x", max_tokens=2, temperature=0)
     job = books.fetch(r, resp.id.removeprefix("cmpl-"))

@@ -196,7 +196,7 @@ def test_queued_job_reports_an_eta_once_throughput_is_known(client, r, worker_fa
         events(client, submit(client, model="tiny", prompt="warm", max_tokens=3))
     w = worker_factory("eta", tiny_model)
     events(client, submit(client, model="eta", prompt="warm", max_tokens=3))
-    from queue_schema import stats
+    from queue_schema.lifecycle import stats
 
     wait_until(lambda: stats.job_seconds(r, "eta") is not None, what="the worker to file its job time")
     w.proc.send_signal(signal.SIGSTOP)
@@ -214,7 +214,7 @@ def test_queued_job_reports_an_eta_once_throughput_is_known(client, r, worker_fa
 def test_job_time_average_is_updated_atomically_by_concurrent_workers(r):
     """The ETA's moving average: each update weighs 0.2, and updates racing from many
     workers are all applied (a read-then-write from Python would lose some)."""
-    from queue_schema import stats
+    from queue_schema.lifecycle import stats
 
     model = f"ewma-{os.getpid()}-{time.monotonic_ns()}"
     stats.update_job_seconds(r, model, 10.0)
@@ -238,7 +238,8 @@ def test_job_time_average_is_updated_atomically_by_concurrent_workers(r):
 
 
 def test_models_say_online_or_offline_and_are_dropped_after_the_grace(client, r, worker_factory, tiny_model):
-    from queue_schema import keys, registry
+    from queue_schema import keys, records
+    from queue_schema.lifecycle import registry
 
     def listed():
         return {m["id"]: m for m in client.get("/v1/models").get_json()["data"]}
@@ -255,7 +256,7 @@ def test_models_say_online_or_offline_and_are_dropped_after_the_grace(client, r,
     # what a worker's heartbeat writes, backdated.
     now = time.time()
     for name, age in (("long-gone", registry.MODEL_TTL_S + 5), ("just-gone", registry.MODEL_TTL_S - 30)):
-        info = registry.ModelInfo(name=name, context_length=512, queue_depth=10, backend="llama-cpp",
+        info = records.ModelInfo(name=name, context_length=512, queue_depth=10, backend="llama-cpp",
                                   last_seen=now - age)
         r.set(keys.model(name), info.model_dump_json(), ex=registry.MODEL_TTL_S)
         r.zadd(keys.MODELS, {name: now - age})

@@ -246,8 +246,9 @@ def test_keep_alive_comments_while_a_job_waits(live_api, worker_factory, tiny_mo
 
 def test_a_job_the_worker_cannot_read_still_ends_its_stream(client, r, tiny):
     """Enqueued past the API (an old client, a hand-made job): the worker answers with an error event."""
-    from queue_schema import admission, jobs as job_contract
     from queue_schema.events import Queued
+    from queue_schema.lifecycle import admission
+    from queue_schema.lifecycle import views as job_contract
 
     job_id = admission.new_job_id()
     queue = job_contract.queue(r, tiny, "normal")
@@ -309,8 +310,8 @@ def test_a_long_log_is_replayed_in_pages(client, r):
     from api import relay
     from api.relay import LOG_PAGE
     from queue_schema import keys
-    from queue_schema.eventlog import EventLog
     from queue_schema.events import End, Queued, Token
+    from queue_schema.lifecycle.eventlog import EventLog
 
     job = uuid.uuid4().hex
     log = EventLog(r)

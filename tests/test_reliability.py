@@ -1,9 +1,9 @@
 """Break things for real: kill workers, restart Redis, overrun deadlines, feed bad files."""
 import signal
-from contextlib import contextmanager
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 import redis
@@ -14,7 +14,8 @@ from rq.serializers import JSONSerializer
 from api import create_app
 from inferq.embedded_redis import EmbeddedRedis
 from inferq.testmodel import make_llama_gguf
-from queue_schema import keys, registry
+from queue_schema import keys
+from queue_schema.lifecycle import registry
 from tests.conftest import GUNICORN, ROOT, start_worker, wait_until
 from tests.helpers import events, submit, text_of
 
@@ -174,7 +175,7 @@ def test_workers_run_only_inferq_jobs(tmp_path, r, redis_url, tiny_worker, func)
     assert "inferq's own jobs" in job.latest_result().exc_string and func in job.latest_result().exc_string
     assert r.ttl(job.key) > 0  # failed jobs expire like finished ones
     assert not marker.exists() and r.ping()
-    last = __import__("queue_schema.eventlog", fromlist=["EventLog"]).EventLog(r).last(job.id)
+    last = __import__("queue_schema.lifecycle.eventlog", fromlist=["EventLog"]).EventLog(r).last(job.id)
     assert last.type == "error" and last.code == "INVALID_REQUEST"
 
 
@@ -213,7 +214,7 @@ def test_api_sigterm_ends_open_streams_cleanly(redis_url, slow_worker, tiny_work
         if api.poll() is None:
             api.kill()
     # The job itself was not touched by the API going away: it runs to its normal end.
-    from queue_schema.eventlog import EventLog
+    from queue_schema.lifecycle.eventlog import EventLog
 
     log = EventLog(redis.Redis.from_url(redis_url))
     last = wait_until(lambda: (lambda e: e if e is not None and e.terminal else None)(log.last(job)),

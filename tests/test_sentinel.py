@@ -22,9 +22,9 @@ import requests
 
 from inferq.client import Client
 from inferq.embedded_redis import free_port, redis_server_binary
-from queue_schema import connection, registry
-from queue_schema.connection import RedisURLError, masked, parse_sentinel
-from queue_schema.eventlog import EventLog
+from queue_schema.lifecycle import connection, registry
+from queue_schema.lifecycle.connection import RedisURLError, masked, parse_sentinel
+from queue_schema.lifecycle.eventlog import EventLog
 from tests.conftest import GUNICORN, ROOT, start_worker, wait_until
 
 SERVICE = "inferq"

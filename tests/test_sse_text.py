@@ -11,10 +11,11 @@ import uuid
 
 import pytest
 import redis
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from inferq.client import Client
-from queue_schema.eventlog import EventLog
+from queue_schema.lifecycle.eventlog import EventLog
 from tests.test_browser import CHROMIUM, browser  # noqa: F401 - the fixture
 from worker.publisher import EventPublisher, JobEmitter
 

@@ -15,8 +15,8 @@ import requests
 from inferq.client import Client
 from inferq.embedded_redis import free_port
 from tests.conftest import ROOT, wait_until
-from tests.test_demo_model import reference_text
 from tests.helpers import events, submit
+from tests.test_demo_model import reference_text
 
 
 @pytest.mark.slow

@@ -4,9 +4,10 @@ import uuid
 
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry
 
-from api import create_app
-from queue_schema import keys, reaper as reaper_module, webhooks
-from queue_schema.reaper import Reaper
+from api import create_app, webhooks
+from queue_schema import keys
+from queue_schema.lifecycle import reaper as reaper_module
+from queue_schema.lifecycle.reaper import Reaper
 from tests.helpers import serve_fake_model
 
 
@@ -54,7 +55,7 @@ def test_webhook_records_expire_even_when_no_process_can_send_them(r, redis_url)
     assert 0 < r.ttl(keys.webhook(f"job_{job}")) <= webhooks.RECORD_TTL_S
     # And schedule entries due long before any record could still exist are dropped.
     r.zadd(keys.WEBHOOKS_DUE, {"job_ancient": 1})
-    assert webhooks.forget_stale(r, int(time.time() * 1000)) >= 1
+    assert reaper_module.forget_stale_webhooks(r, int(time.time() * 1000)) >= 1
     assert r.zscore(keys.WEBHOOKS_DUE, "job_ancient") is None
 
 

@@ -5,10 +5,12 @@ import uuid
 import pytest
 
 from api import create_app
-from queue_schema import jobs as job_views, keys, tenants
-from queue_schema.eventlog import EventLog
+from queue_schema import keys
 from queue_schema.events import Narration
-from queue_schema.leases import Leases
+from queue_schema.lifecycle import tenants
+from queue_schema.lifecycle import views as job_views
+from queue_schema.lifecycle.eventlog import EventLog
+from queue_schema.lifecycle.leases import Leases
 from tests.helpers import bearer, serve_fake_model
 
 ADMIN = "tok-admin-0123456789"
@@ -249,7 +251,7 @@ def test_embed_jobs_go_through_the_same_admission_tenants_limits_and_capabilitie
 
 def test_narration_and_workers_show_a_tenant_only_its_own_jobs(r, redis_url):
     """The narration feed and /v1/workers name jobs: another tenant's stay out of them (admins see all)."""
-    from queue_schema import registry
+    from queue_schema.lifecycle import registry
 
     client, model = make_client(redis_url), fresh_model(r)
     alices = post(client, T.ALICE, model).get_json()["job_id"]

@@ -5,7 +5,7 @@ a real worker, that ran past the bound; what a hung GPU call would look like to 
 """
 import requests
 
-from queue_schema import registry
+from queue_schema.lifecycle import registry
 from tests.conftest import wait_until
 from tests.helpers import events, submit
 

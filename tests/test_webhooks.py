@@ -11,8 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
+from api import webhooks
 from inferq.client import Client
-from queue_schema import keys, webhooks
+from queue_schema import keys
 from tests.conftest import TenantAPI, wait_until
 from tests.helpers import bearer, serve_fake_model
 

@@ -1,4 +1,4 @@
-"""The names inferq jobs carry (``queue_schema.admission``), and what they do under plain RQ.
+"""The names inferq jobs carry (``queue_schema.lifecycle.admission``), and what they do under plain RQ.
 
 inferq workers never call them: they read the job's payload and run it with
 the scheduler. RQ's own ``rq worker`` pointed at an inferq queue would import

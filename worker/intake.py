@@ -1,7 +1,7 @@
 """The intake thread: takes jobs from the model's queues while the scheduler has free slots.
 
 It takes as many jobs as there are free slots in one lease call (highest
-priority first; ``queue_schema.leases``), prepares them (``worker.jobs``) and
+priority first; ``queue_schema.lifecycle.leases``), prepares them (``worker.jobs``) and
 hands them to the scheduler, which admits them between two decode steps.
 With nothing queued it blocks on the model's wake list, which every submit
 pushes to, so an idle worker wakes at once without polling; a job enqueued
@@ -16,8 +16,9 @@ import time
 import redis
 from rq.utils import now, utcformat
 
-from queue_schema import clock, keys
-from queue_schema.redis_errors import unavailable
+from queue_schema import keys
+from queue_schema.lifecycle import clock
+from queue_schema.lifecycle.redis_errors import unavailable
 
 log = logging.getLogger(__name__)
 WAKE_WAIT_S = 1

@@ -23,17 +23,17 @@ import time
 from dataclasses import dataclass, field
 
 import redis
+from jinja2.exceptions import TemplateError
 from pydantic import ValidationError
 from rq.executions import Execution
 from rq.job import Job
 
-from jinja2.exceptions import TemplateError
-
-from queue_schema import books, clock, log_context, stats
-from queue_schema.admission import EMBED_FUNC, INFER_FUNC
+from queue_schema import log_context
 from queue_schema.errors import ErrorCode
-from queue_schema.eventlog import Appended
-from queue_schema.leases import Acquired
+from queue_schema.lifecycle import books, clock, stats
+from queue_schema.lifecycle.admission import EMBED_FUNC, INFER_FUNC
+from queue_schema.lifecycle.eventlog import Appended
+from queue_schema.lifecycle.leases import Acquired
 from queue_schema.operations import EmbedOperation, InferOperation, Operation
 from worker import embedding, grammar, narration
 from worker.backends.base import SamplingParams
@@ -150,7 +150,7 @@ class Jobs:
                        f"the job's payload is not a valid {_NAMES[job.func_name]} operation "
                        f"({exc.__class__.__name__})")
         record.op = op
-        # Both on the fleet's clock (queue_schema.clock): this host's own may be far from the API's.
+        # Both on the fleet's clock (queue_schema.lifecycle.clock): this host's own may be far from the API's.
         now = clock.now_ms(rt.redis)
         submitted = job.meta.get("submitted_ms") or now
         record.wait_ms = wait_ms = max(0, now - int(submitted))

@@ -12,9 +12,9 @@ from dataclasses import replace
 
 import redis
 
-from queue_schema import connection
-from queue_schema.connection import masked
 from queue_schema.errors import InferqError
+from queue_schema.lifecycle import connection
+from queue_schema.lifecycle.connection import masked
 from worker import gpu
 from worker.intake import Intake
 from worker.runtime import ModelSpec, WorkerRuntime
@@ -37,7 +37,7 @@ def run_worker(redis_url: str, spec: ModelSpec, burst: bool = False, on_loaded=N
         spec = replace(spec, options=replace(spec.options, gpu_layers=999))  # a GPU worker offloads everything
     # Commands get a short socket timeout, so a dead link shows within seconds; the
     # connections that block (the wake list's BLPOP, the cancel channel) get their own.
-    # With a Sentinel URL both follow the master through a failover (queue_schema.connection).
+    # With a Sentinel URL both follow the master through a failover (queue_schema.lifecycle.connection).
     try:
         client = connection.client(redis_url, socket_connect_timeout=2, socket_timeout=SOCKET_TIMEOUT_S,
                                    health_check_interval=30)

@@ -2,7 +2,7 @@
 
 The scheduler hands over a decode step's events at once and moves on; the
 thread drains whatever is pending into one fenced append (one Lua call for
-every job in it, ``queue_schema.eventlog``). While Redis cannot take writes
+every job in it, ``queue_schema.lifecycle.eventlog``). While Redis cannot take writes
 (down, loading, read-only after a failover, out of memory) it keeps the batch
 and retries with backoff: events are delayed, never dropped or reordered. The
 buffer is bounded: past ``MAX_PENDING`` events the runtime ends its jobs with
@@ -20,9 +20,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from queue_schema.eventlog import Appended, EventLog
 from queue_schema.events import EVENT_TYPES, _Event, now_ms
-from queue_schema.redis_errors import unavailable
+from queue_schema.lifecycle.eventlog import Appended, EventLog
+from queue_schema.lifecycle.redis_errors import unavailable
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 1024

@@ -6,8 +6,8 @@ One process holds one model for its whole life. Threads:
 - intake: takes jobs while slots are free (``worker.intake``);
 - publisher: writes events to Redis (``worker.publisher``);
 - heartbeat: renews the leases of the jobs it holds every second and
-  re-publishes the worker's record every two (``queue_schema.registry``);
-- reaper: looks for jobs other processes lost (``queue_schema.reaper``);
+  re-publishes the worker's record every two (``queue_schema.lifecycle.registry``);
+- reaper: looks for jobs other processes lost (``queue_schema.lifecycle.reaper``);
 - cancel: listens for cancels (``worker.cancel_watcher``).
 """
 from __future__ import annotations
@@ -24,11 +24,13 @@ import redis
 from rq import Worker
 from rq.serializers import JSONSerializer
 
-from queue_schema import jobs as job_views, log_context, registry
-from queue_schema.eventlog import Appended, EventLog
+from queue_schema import log_context, records
 from queue_schema.events import Narration
-from queue_schema.leases import Leases
-from queue_schema.reaper import Reaper
+from queue_schema.lifecycle import registry
+from queue_schema.lifecycle import views as job_views
+from queue_schema.lifecycle.eventlog import Appended, EventLog
+from queue_schema.lifecycle.leases import Leases
+from queue_schema.lifecycle.reaper import Reaper
 from worker import gpu, narration
 from worker.backends import Backend, LoadOptions, load_backend
 from worker.cancel_watcher import CancelWatcher
@@ -191,14 +193,14 @@ class WorkerRuntime:
         pipe.execute()
 
     # --- heartbeat -------------------------------------------------------------------
-    def worker_info(self) -> registry.WorkerInfo:
+    def worker_info(self) -> records.WorkerInfo:
         b, s = self.backend, self.scheduler
         running = self.jobs.held()  # taken and not yet ended in the log
         sizes = s.batch_sizes[-64:] if s else []
         state = self.state
         if state in ("idle", "busy"):
             state = "busy" if running else "idle"
-        return registry.WorkerInfo(
+        return records.WorkerInfo(
             id=self.id, host=socket.gethostname(), pid=os.getpid(), model=self.spec.name,
             backend=b.name if b else self.spec.backend, backend_reason=self.backend_reason,
             device=self.spec.device, state=state, slots=b.slots if b else 1, jobs=running,
@@ -208,11 +210,11 @@ class WorkerRuntime:
             context_length=b.context_length if b else 0, capabilities=sorted(b.capabilities) if b else [],
             started_at=self.started_at)
 
-    def model_info(self) -> registry.ModelInfo:
+    def model_info(self) -> records.ModelInfo:
         """The model's record; its ``capabilities`` are what admission checks jobs against."""
         b = self.backend
         capabilities = sorted(b.capabilities) if b else []
-        return registry.ModelInfo(name=self.spec.name, context_length=b.context_length if b else 0,
+        return records.ModelInfo(name=self.spec.name, context_length=b.context_length if b else 0,
                                   queue_depth=self.spec.queue_depth, backend=b.name if b else self.spec.backend,
                                   slots=b.slots if b else 1, capabilities=capabilities,
                                   embedding_length=b.embedding_length if "embeddings" in capabilities else 0)
@@ -246,7 +248,7 @@ class WorkerRuntime:
             except Exception:  # never let a surprise stop the heartbeats
                 log.exception("worker %s: heartbeat failed", self.id)
 
-    def publish_record(self) -> registry.WorkerInfo:
+    def publish_record(self) -> records.WorkerInfo:
         """Write the worker's record (state, the jobs it holds) now."""
         info = self.worker_info()
         registry.publish_heartbeat(self.redis, info, self.model_info())

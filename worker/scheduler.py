@@ -34,11 +34,18 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 from worker import logprobs
-from worker.backends.base import Backend, Chunk, NoTokenAllowed, SamplingParams, TokenSampler
+from worker.backends.base import (
+    Backend,
+    Chunk,
+    NoTokenAllowed,
+    SamplingParams,
+    TokenSampler,
+)
 from worker.publisher import JobEmitter
 from worker.text_assembler import TextAssembler
 

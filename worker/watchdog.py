@@ -21,7 +21,7 @@ import time
 
 import redis
 
-from queue_schema import stats
+from queue_schema.lifecycle import stats
 
 log = logging.getLogger(__name__)
 

@@ -28,15 +28,22 @@ vendors (``setup.cfg`` pins the range we test against).
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import os
-import logging
 from collections.abc import Sequence
 
 import numpy as np
 
-from worker.backends.base import (Backend, Chunk, LoadOptions, ModelLoadError, NoTokenAllowed, SamplingParams,
-                                  TokenSampler)
+from worker.backends.base import (
+    Backend,
+    Chunk,
+    LoadOptions,
+    ModelLoadError,
+    NoTokenAllowed,
+    SamplingParams,
+    TokenSampler,
+)
 
 log = logging.getLogger(__name__)
 REPETITION_WINDOW = 64  # the numpy sampler's window: both backends penalize alike

@@ -2,12 +2,12 @@
 
 A delivery is scheduled in the step that ends its job: the event log's
 terminal append writes ``keys.webhook("job_<id>")`` and makes it due
-(queue_schema.eventlog), so no path that ends a job can miss it, and a job
+(queue_schema.lifecycle.eventlog), so no path that ends a job can miss it, and a job
 ends once, so it is scheduled once. Batches schedule theirs in the step that
-moves them to a final state (queue_schema.batches).
+moves them to a final state (api.batch_store).
 
 Any process runs the delivery loop (``api/background.py`` in every API
-process): it claims due deliveries from the schedule (queue_schema.schedule,
+process): it claims due deliveries from the schedule (queue_schema.lifecycle.schedule,
 so two processes never send one at the same time), builds the body once
 (kept in the delivery, so a retry sends the same bytes), signs it as
 Standard Webhooks specifies (``webhook-id``, ``webhook-timestamp``,
@@ -32,15 +32,16 @@ from urllib.parse import urlsplit
 import redis
 
 from queue_schema import keys
-from queue_schema.schedule import Claim, Schedule
+from queue_schema.lifecycle.eventlog import WEBHOOK_RECORD_TTL_S
+from queue_schema.lifecycle.schedule import Claim, Schedule
 
 SECRET_PREFIX = "whsec_"
 GIVE_UP_S = 24 * 3600
 BACKOFF_BASE_S = 5.0
 BACKOFF_MAX_S = 3600.0
 DELIVERED_TTL_S = 24 * 3600  # a delivery's record stays this long after it ended, for operators
-# Every record expires, sent or not: with no API process holding the key, nobody would ever end it.
-RECORD_TTL_S = GIVE_UP_S + DELIVERED_TTL_S
+# Every record expires, sent or not (queue_schema.lifecycle.eventlog writes them with this TTL).
+RECORD_TTL_S = WEBHOOK_RECORD_TTL_S
 CLAIM_MS = 60_000
 MAX_URL = 2048
 
@@ -100,11 +101,6 @@ def schedule_batch_event(pipe, batch_id: str, url: str, event_type: str, tenant:
                                                "created": now_ms})
     pipe.expire(keys.webhook(delivery), RECORD_TTL_S)
     pipe.zadd(keys.WEBHOOKS_DUE, {delivery: now_ms})
-
-
-def forget_stale(client: redis.Redis, now_ms: int) -> int:
-    """Drop schedule entries due so long ago that their records have expired (nobody could sign them)."""
-    return int(client.zremrangebyscore(keys.WEBHOOKS_DUE, "-inf", now_ms - RECORD_TTL_S * 1000))
 
 
 @dataclass

@@ -6,7 +6,7 @@ worker decoding eight sequences writes a decode step's events with one
 command, and a rejected write is never published.
 
 Every write is fenced. A job being run has a lease naming its one owner
-(``queue_schema.leases``); the script compares the writer with the owner in
+(``queue_schema.lifecycle.leases``); the script compares the writer with the owner in
 the same call and refuses the write if they differ, so a worker that lost its
 job (it froze, or was cut off from Redis while another process took the job
 over) can never interleave events with the new owner's. A job without a lease
@@ -24,9 +24,9 @@ exactly one ``end`` or ``error``.
 The terminal write is also the one place every ending passes through (a
 worker's, the reaper's, a cancel's), so the same step settles what hangs on
 a job's end: it leaves its tenant's queued and running sets
-(queue_schema.tenants) and is counted by tenant; a job with a webhook gets
-its delivery scheduled (queue_schema.webhooks); a batch line is handed to
-its batch (queue_schema.batches). No path that ends a job can miss them.
+(queue_schema.lifecycle.tenants) and is counted by tenant; a job with a webhook gets
+its delivery scheduled (api.webhooks); a batch line is handed to
+its batch (api.batch_store). No path that ends a job can miss them.
 
 The published message is ``"<seq> <type> <json>"`` (``-`` for no seq): the
 API's relay learns an event's seq and type without parsing its JSON, and the
@@ -40,12 +40,16 @@ from enum import IntEnum
 
 import redis
 
-from queue_schema import clock, keys, webhooks
+from queue_schema import keys
 from queue_schema.events import Narration, _Event, parse_event
+from queue_schema.lifecycle import clock
 
 # How long a job's log (and RQ's job hash and result) lives after it ends: replay, late watchers.
 DEFAULT_TTL_S = int(os.environ.get("INFERQ_JOB_TTL_S", 24 * 3600))
 NARRATION_LOG_MAXLEN = 10_000
+# A webhook delivery's record expires this long after the terminal write made it, sent or not: with no API
+# process able to sign it, nothing else would end it (api/webhooks.py delivers within GIVE_UP_S, 24 h).
+WEBHOOK_RECORD_TTL_S = 48 * 3600
 UNOWNED = ""  # the writer that may write jobs nobody holds a lease on
 
 
@@ -194,7 +198,7 @@ class EventLog:
                 narration.append(data)
         keys_ = [keys.LEASES, keys.OPEN_JOBS, keys.TENANT_COUNTERS, keys.WEBHOOKS_DUE, keys.BATCHES_DUE,
                  keys.BATCHES_CLAIMED]
-        args = [writer, self.ttl_s, clock.now_ms(self.redis), *_ENDING_AFFIXES, webhooks.RECORD_TTL_S]
+        args = [writer, self.ttl_s, clock.now_ms(self.redis), *_ENDING_AFFIXES, WEBHOOK_RECORD_TTL_S]
         for job_id, fields in per_job.items():
             keys_ += [keys.job_events(job_id), keys.job_channel(job_id), keys.job_lease(job_id)]
             args += [job_id, len(fields) // 4, *fields]

@@ -1,6 +1,6 @@
 """RQ's books for inferq jobs: started, finished, failed and cancelled, as RQ itself writes them.
 
-inferq takes jobs with its own lease script (``queue_schema.leases``) and runs
+inferq takes jobs with its own lease script (``queue_schema.lifecycle.leases``) and runs
 many at once, so RQ's worker loop is not what runs them; these functions call
 RQ's own job and registry methods, so rq-dashboard, RQ's registries and its
 results read inferq's jobs exactly as they read RQ's. Every ended job — failed
@@ -23,8 +23,8 @@ from rq.registry import CanceledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
-from queue_schema.eventlog import DEFAULT_TTL_S
 from queue_schema.events import _Event
+from queue_schema.lifecycle.eventlog import DEFAULT_TTL_S
 
 
 def restore(client: redis.Redis, job_id: str, fields: dict[bytes, bytes]) -> Job:
@@ -99,7 +99,7 @@ def count_requeue(job: Job) -> None:
 
 
 def give_back(client: redis.Redis, leases, job: Job, owner: str, queue_name: str, model: str) -> bool:
-    """Back to the front of ``queue_name`` if ``owner`` still holds its lease (``queue_schema.leases``);
+    """Back to the front of ``queue_name`` if ``owner`` still holds its lease (``queue_schema.lifecycle.leases``);
     ``count_requeue`` first."""
     if not leases.requeue(job.id, owner, queue_name, model):
         return False

@@ -30,9 +30,11 @@ from rq.job import JobStatus
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
-from queue_schema import books, clock, jobs, keys, leases, stats, tenants, webhooks
-from queue_schema.eventlog import EventLog
+from queue_schema import keys
 from queue_schema.events import Error, Narration, Queued
+from queue_schema.lifecycle import books, clock, leases, stats, tenants
+from queue_schema.lifecycle import views as jobs
+from queue_schema.lifecycle.eventlog import WEBHOOK_RECORD_TTL_S, EventLog
 
 log = logging.getLogger(__name__)
 STALE_S = 8.0  # a lease that stands still this long is lost (owners renew every second)
@@ -196,7 +198,7 @@ class Reaper:
         if tenants.tidy(self.redis):
             log.warning("reaper %s: dropped tenant counts of jobs that had ended (Redis lost writes?)", self.id)
         now = clock.now_ms(self.redis)
-        if webhooks.forget_stale(self.redis, now):
+        if forget_stale_webhooks(self.redis, now):
             log.warning("reaper %s: dropped webhook deliveries no API process could sign in time", self.id)
         if now >= self._next_registry_sweep:
             self._next_registry_sweep = now + REGISTRY_SWEEP_S * 1000
@@ -323,3 +325,8 @@ def _pages(client: redis.Redis, key: str, high: float, size: int):
         if len(rows) < size:
             return
         last = (rows[-1][1], rows[-1][0])
+
+
+def forget_stale_webhooks(client: redis.Redis, now_ms: int) -> int:
+    """Drop schedule entries due so long ago that their records have expired (nobody could sign them)."""
+    return int(client.zremrangebyscore(keys.WEBHOOKS_DUE, "-inf", now_ms - WEBHOOK_RECORD_TTL_S * 1000))

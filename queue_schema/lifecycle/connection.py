@@ -9,7 +9,7 @@ Sentinel URL::
 A Sentinel client asks the sentinels where the master of ``service_name`` is
 whenever it (re)connects, so after a failover it follows the promoted replica;
 until one is promoted its commands fail with ``redis.ConnectionError``, which
-callers already treat as "Redis is unavailable" (``queue_schema.redis_errors``).
+callers already treat as "Redis is unavailable" (``queue_schema.lifecycle.redis_errors``).
 The URL is parsed by ``redis_sentinel_url``, the parser rq-dashboard uses, so the
 dashboard the API embeds reads the same URL the same way.
 """

@@ -5,9 +5,9 @@ worker restart: the batch hash (status, counts, timestamps, how many lines
 were submitted), its validated lines, the line -> job map, the results
 collected so far (one per line, written once: HSETNX) and the ids of its
 jobs whose logs ended and await collection (pushed by the terminal append,
-queue_schema.eventlog). Advancing a batch — validating, submitting lines,
+queue_schema.lifecycle.eventlog). Advancing a batch — validating, submitting lines,
 collecting results, finalizing — is the work of ``api/batch_runner.py``,
-which any API process runs on the batches' schedule (queue_schema.schedule,
+which any API process runs on the batches' schedule (queue_schema.lifecycle.schedule,
 exclusive claims). Each step is safe to repeat after a crash: a line is
 submitted with the idempotency key ``<batch id>.<line>`` (admission returns
 the first job on a retry), a result is kept only if the line has none yet,
@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 
 import redis
 
-from queue_schema import keys, webhooks
-from queue_schema.schedule import Schedule
+from api import webhooks
+from queue_schema import keys
+from queue_schema.lifecycle.schedule import Schedule
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 WINDOW_S = 24 * 3600

@@ -5,7 +5,7 @@ in priority order and, in the same call, writes each job's lease (owner =
 the worker's id), adds it to the leases index and marks RQ's job hash
 started. There is no instant at which a job is in no queue and under no
 lease, so ``kill -9`` at any point loses nothing: a lease whose owner stops
-renewing it is found by the reaper (``queue_schema.reaper``), whichever
+renewing it is found by the reaper (``queue_schema.lifecycle.reaper``), whichever
 inferq process runs it.
 
 A lease has no Redis expiry. The owner bumps ``renewals`` every second; the
@@ -15,7 +15,7 @@ stops the owner and the watcher alike and expires nothing (a TTL would have
 lapsed during the freeze and handed a live job to someone else), while a
 dead or cut-off owner loses its jobs. Taking a lease over is a
 compare-and-set on (owner, renewals), and every event write checks the owner
-(``queue_schema.eventlog``), so a worker that comes back after losing its
+(``queue_schema.lifecycle.eventlog``), so a worker that comes back after losing its
 lease is refused and stops the job.
 
 Fair share: within a priority, each tenant's jobs wait on the tenant's own
@@ -23,7 +23,7 @@ RQ queue, and the model queue's ring lists the queues that have jobs; each
 job taken moves the ring's head to its tail (LMOVE, O(1)), so tenants take
 turns whatever their backlog, and a queue that runs empty leaves the ring
 (LREM of the tail just moved, O(1)). In the same step the job moves from its
-limit key's queued set to its running set (queue_schema.tenants).
+limit key's queued set to its running set (queue_schema.lifecycle.tenants).
 """
 from __future__ import annotations
 

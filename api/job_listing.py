@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import redis
 
-from queue_schema import jobs
 from queue_schema.errors import ErrorCode, InferqError
+from queue_schema.lifecycle import views as jobs
 
 CHUNK = 100
 SCAN_MAX = 2000  # entries looked at per call when filters skip most: the client follows next_cursor

@@ -12,7 +12,7 @@ results are turned into lines, and a download is sent as it is read: neither
 holds a whole file in one string, nor sends one 8 MiB command to Redis. A batch's
 output counts towards its tenant's bytes but is never refused for them (the work
 is done); batch results and outputs have a bound of their own
-(queue_schema.batches).
+(api.batch_store).
 """
 from __future__ import annotations
 

@@ -7,9 +7,9 @@ a bare token, or a client address while auth is off).
 
 The counts the limits read are never counters that could drift: they are the
 sizes of two sets per limit key that the scripts moving a job keep exactly —
-admission adds the job to ``queued``; the lease script (queue_schema.leases)
+admission adds the job to ``queued``; the lease script (queue_schema.lifecycle.leases)
 moves it to ``running`` in the step that takes it off its queue; a requeue
-moves it back; the terminal append (queue_schema.eventlog) takes it out of
+moves it back; the terminal append (queue_schema.lifecycle.eventlog) takes it out of
 both. Every path that ends a job writes its terminal event through that one
 script, so none can leave a job counted. The reaper's sweep also drops
 members whose job is gone, in case Redis itself lost writes.

@@ -1,6 +1,6 @@
 """A job's state, read back from its event log (the truth) and RQ's books.
 
-Admission (``queue_schema.admission``) makes jobs; this module answers what
+Admission (``queue_schema.lifecycle.admission``) makes jobs; this module answers what
 they are doing now: queued (at which position, with an ETA), running, ended.
 """
 from __future__ import annotations
@@ -13,9 +13,10 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from queue_schema import clock, keys, registry, stats
-from queue_schema.eventlog import EventLog, final_state
+from queue_schema import keys, records
 from queue_schema.events import End, _Event, parse_event
+from queue_schema.lifecycle import clock, registry, stats
+from queue_schema.lifecycle.eventlog import EventLog, final_state
 
 
 def queue(client: redis.Redis, model: str, priority: str) -> Queue:
@@ -45,7 +46,7 @@ def cancelled_end(job_id: str, seq: int) -> End:
 class QueueSnapshot:
     """What a submit needs to know, read in two round trips."""
 
-    model: registry.ModelInfo | None
+    model: records.ModelInfo | None
     lengths: dict[str, int]  # priority -> waiting jobs (every tenant's)
     job_seconds: float | None
     serving_workers: int
@@ -87,7 +88,7 @@ def snapshot(client: redis.Redis, model: str) -> QueueSnapshot:
     counts = iter(pipe.execute())
     queues = {p: {name: next(counts) for name in sorted(names[p])} for p in keys.PRIORITIES}
     lengths = {p: sum(queues[p].values()) for p in keys.PRIORITIES}
-    model_info = registry.ModelInfo.model_validate_json(blob) if blob else None
+    model_info = records.ModelInfo.model_validate_json(blob) if blob else None
     return QueueSnapshot(model_info, lengths, float(per_job) if per_job is not None else None, int(serving),
                          model_info.slots if model_info else 1, queues)
 

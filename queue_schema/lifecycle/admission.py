@@ -22,7 +22,7 @@ batch) is in a small hash beside it (``keys.job_info``).
 Fair share: each tenant has its own RQ queue under the model's queue for a
 priority (``inferq.<model>.<priority>@<tenant>``), and a ring lists the
 queues with jobs waiting; the lease script takes from them in turn
-(queue_schema.leases). So the position in the ``queued`` event is an
+(queue_schema.lifecycle.leases). So the position in the ``queued`` event is an
 estimate: jobs of higher priorities, the jobs ahead in the tenant's own
 queue, and as many of each other tenant's as the ring will take before it.
 """
@@ -38,11 +38,12 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
-from queue_schema import clock, keys, registry, stats
+from queue_schema import keys
 from queue_schema.errors import ErrorCode, InferqError
-from queue_schema.eventlog import DEFAULT_TTL_S
+from queue_schema.lifecycle import clock, registry, stats
+from queue_schema.lifecycle.eventlog import DEFAULT_TTL_S
+from queue_schema.lifecycle.tenants import NO_LIMITS, NOBODY, Limits, Tenant
 from queue_schema.operations import Operation
-from queue_schema.tenants import NO_LIMITS, NOBODY, Limits, Tenant
 
 # The workers' entry points, named by string: the API never imports worker code,
 # and workers run only the functions they know (see worker.jobs).

@@ -1,0 +1,47 @@
+"""What workers publish about themselves and the models they serve (their heartbeat records).
+
+Workers write these (queue_schema.lifecycle.registry); the API, admission and
+rq-dashboard's neighbours read them.
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class WorkerInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    host: str
+    pid: int
+    model: str
+    backend: str
+    backend_reason: str = ""
+    device: str = "cpu"
+    state: str = "loading"  # loading | idle | busy | unhealthy | stopping
+    slots: int = 1  # jobs it decodes at once
+    jobs: list[str] = []  # the ids running now
+    current_job: str | None = None  # the first of ``jobs`` (kept for older readers)
+    batch_size: float = 0.0  # sequences per decode call, averaged over recent steps
+    last_tokens_per_sec: float | None = None
+    vram_bytes: int = 0
+    context_length: int = 0
+    capabilities: list[str] = []  # what its backend can do beyond plain generation (see ModelInfo)
+    started_at: float = 0.0
+    heartbeat_at: float = 0.0
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    context_length: int
+    queue_depth: int  # the bound past which the API answers 503
+    backend: str
+    slots: int = 1  # jobs one of its workers decodes at once
+    # What its workers can do beyond plain generation: chat_template (renders the file's template with
+    # its control tokens), grammar (structured output), logprobs, embeddings. Admission refuses a job
+    # that needs one the record lacks (UNSUPPORTED_FEATURE).
+    capabilities: list[str] = []
+    embedding_length: int = 0  # dimensions of its embeddings (0: it cannot embed)
+    last_seen: float = 0.0
