@@ -96,9 +96,7 @@ class Background:
     def tick(self) -> None:
         with self.app.app_context():
             self.deliver_webhooks()
-            from api import (
-                batch_runner,  # late: it imports the OpenAI routes' request models
-            )
+            from api import batch_runner  # late: it imports the OpenAI routes' request models
 
             batch_runner.advance_due(self.id)
 

@@ -29,22 +29,8 @@ from api.extensions import now_ms, resources
 from api.jobs import request_cancel
 
 # The OpenAI routes' own request models and answer shapes: a batch line is answered exactly as the route would.
-from api.openai_compat import (
-    _FINISH,
-    _JOB_STATUS,
-    OpenAIError,
-    _embedding_list,
-    _error_body,
-    _floats,
-    _Shape,
-    _usage,
-)
-from api.openai_models import (
-    ChatRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-    InvalidField,
-)
+from api.openai_compat import _FINISH, _JOB_STATUS, OpenAIError, _embedding_list, _error_body, _floats, _Shape, _usage
+from api.openai_models import ChatRequest, CompletionRequest, EmbeddingRequest, InvalidField
 from queue_schema import keys
 from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.events import parse_event

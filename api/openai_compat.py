@@ -17,26 +17,13 @@ import struct
 import time
 
 import redis
-from flask import (
-    Blueprint,
-    Response,
-    current_app,
-    jsonify,
-    request,
-    stream_with_context,
-)
+from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 from pydantic import ValidationError
 
 from api import auth, disconnect, lifecycle, limits, relay, sse
 from api.extensions import resources
 from api.jobs import idempotency, request_cancel, submit
-from api.openai_models import (
-    ChatRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-    InvalidField,
-    _Request,
-)
+from api.openai_models import ChatRequest, CompletionRequest, EmbeddingRequest, InvalidField, _Request
 from queue_schema import keys
 from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.lifecycle import views as jobs

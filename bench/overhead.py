@@ -17,15 +17,7 @@ import time
 
 import requests
 
-from bench.harness import (
-    greedy_stamps,
-    model_file,
-    save,
-    stack,
-    stamped_frames,
-    summary,
-    ttft_and_rate,
-)
+from bench.harness import greedy_stamps, model_file, save, stack, stamped_frames, summary, ttft_and_rate
 from worker.backends import LoadOptions, load_backend
 
 PROMPT = "def fibonacci(n): return the data model of the queue worker"

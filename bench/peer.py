@@ -22,15 +22,7 @@ from contextlib import contextmanager
 
 import requests
 
-from bench.harness import (
-    OUT,
-    model_file,
-    save,
-    stack,
-    stamped_frames,
-    summary,
-    ttft_and_rate,
-)
+from bench.harness import OUT, model_file, save, stack, stamped_frames, summary, ttft_and_rate
 from inferq.embedded_redis import free_port
 
 PROMPT = "def fibonacci(n): return the data model of the queue worker"

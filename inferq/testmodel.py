@@ -17,14 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inferq.gguf_llama import (
-    BYTE,
-    CONTROL,
-    NORMAL,
-    UNKNOWN,
-    Vocabulary,
-    write_llama_gguf,
-)
+from inferq.gguf_llama import BYTE, CONTROL, NORMAL, UNKNOWN, Vocabulary, write_llama_gguf
 
 _WORDS = (
     "the of and to in is that for it as with was on be by this are from at or an "

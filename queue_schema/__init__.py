@@ -6,12 +6,7 @@ and never each other.
 """
 from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.events import Event, parse_event
-from queue_schema.operations import (
-           EmbedOperation,
-           InferOperation,
-           Operation,
-           parse_operation,
-)
+from queue_schema.operations import EmbedOperation, InferOperation, Operation, parse_operation
 
 __all__ = ["ErrorCode", "InferqError", "Event", "parse_event", "InferOperation", "EmbedOperation", "Operation",
            "parse_operation"]

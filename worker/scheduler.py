@@ -39,13 +39,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 from worker import logprobs
-from worker.backends.base import (
-    Backend,
-    Chunk,
-    NoTokenAllowed,
-    SamplingParams,
-    TokenSampler,
-)
+from worker.backends.base import Backend, Chunk, NoTokenAllowed, SamplingParams, TokenSampler
 from worker.publisher import JobEmitter
 from worker.text_assembler import TextAssembler
 

@@ -19,14 +19,7 @@ from ctypes import c_int
 
 import numpy as np
 
-from worker.backends.base import (
-    Backend,
-    Chunk,
-    LoadOptions,
-    ModelLoadError,
-    SamplingParams,
-    TokenSampler,
-)
+from worker.backends.base import Backend, Chunk, LoadOptions, ModelLoadError, SamplingParams, TokenSampler
 from worker.sampling import Sampler
 
 
