@@ -20,12 +20,12 @@ from api import (
     jobs,
     limits,
     metrics,
-    openai_compat,
     openapi,
     security,
     stream,
     ui,
 )
+from api.openai import routes as openai_routes
 
 
 def create_app(test_config: dict | None = None) -> Flask:
@@ -47,7 +47,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     security.init_app(app)
     limits.init_app(app)
     background.init_app(app)
-    for bp in (health.bp, metrics.bp, jobs.bp, stream.bp, catalog.bp, openai_compat.bp, files.bp, batches.bp,
+    for bp in (health.bp, metrics.bp, jobs.bp, stream.bp, catalog.bp, openai_routes.bp, files.bp, batches.bp,
                openapi.bp, ui.bp):
         app.register_blueprint(bp)
     dashboard.init_app(app)

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 
 from flask import Flask, current_app, g, request
 
-from api.config import ConfigError, csv_setting
+from api.config import csv_setting
+from api.errors import HTTPError
 from queue_schema import keys
-from queue_schema.errors import ErrorCode, InferqError
+from queue_schema.errors import ConfigError, ErrorCode, InferqError
 from queue_schema.lifecycle.tenants import ANONYMOUS, SHARED, Tenant
 
 log = logging.getLogger(__name__)
@@ -172,8 +173,8 @@ def check_request() -> None:
     if found is None:
         # Browsers answer a Basic challenge with a login box: offer it on the dashboard.
         scheme = "Basic" if (request.blueprint or "") == "rq_dashboard" else "Bearer"
-        raise InferqError(ErrorCode.UNAUTHORIZED, "missing or invalid bearer token",
-                          headers={"WWW-Authenticate": f'{scheme} realm="inferq"'})
+        raise HTTPError(ErrorCode.UNAUTHORIZED, "missing or invalid bearer token",
+                        {"WWW-Authenticate": f'{scheme} realm="inferq"'})
     admins = any(p.admin for _, p in tokens)
     tenants = {p.name for _, p in tokens if not p.admin}
     if request.blueprint == "rq_dashboard" and not found.admin and (admins or len(tenants) > 1):
@@ -183,8 +184,8 @@ def check_request() -> None:
             raise InferqError(ErrorCode.ADMIN_ONLY, "rq-dashboard shows every tenant's jobs and can empty their "
                               "queues: it is open to admin tokens only, and none is set; set "
                               "INFERQ_ADMIN_TOKENS to open it")
-        raise InferqError(ErrorCode.UNAUTHORIZED, "rq-dashboard shows every tenant's jobs: use an admin token",
-                          headers={"WWW-Authenticate": 'Basic realm="inferq"'})
+        raise HTTPError(ErrorCode.UNAUTHORIZED, "rq-dashboard shows every tenant's jobs: use an admin token",
+                        {"WWW-Authenticate": 'Basic realm="inferq"'})
     g.inferq_principal = found
 
 

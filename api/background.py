@@ -28,7 +28,8 @@ import redis
 from flask import Flask
 
 from api import webhook_sender, webhooks
-from api.config import ConfigError, csv_setting
+from api.config import csv_setting
+from queue_schema.errors import ConfigError
 from queue_schema.lifecycle import clock
 from queue_schema.lifecycle import views as jobs
 

@@ -28,15 +28,14 @@ from api import memory
 from api.extensions import now_ms, resources
 from api.jobs import request_cancel
 
-# The OpenAI routes' own request models and answer shapes: a batch line is answered exactly as the route would.
-from api.openai_compat import _FINISH, _JOB_STATUS, OpenAIError, _embedding_list, _error_body, _floats, _Shape, _usage
-from api.openai_models import ChatRequest, CompletionRequest, EmbeddingRequest, InvalidField
+# The OpenAI routes' own request models, answers and errors: a batch line is answered exactly as the route would.
+from api.openai import answers
+from api.openai import errors as openai_errors
+from api.openai.requests import ChatRequest, CompletionRequest, EmbeddingRequest
 from queue_schema import keys
 from queue_schema.errors import ErrorCode, InferqError
-from queue_schema.events import parse_event
 from queue_schema.lifecycle import views as jobs
 from queue_schema.lifecycle.admission import Idempotency
-from queue_schema.lifecycle.eventlog import final_state
 from queue_schema.lifecycle.tenants import NO_LIMITS, Tenant
 from queue_schema.operations import OPERATIONS
 
@@ -187,24 +186,21 @@ def _line(batch: batches.Batch, number: int, line: str, seen: set[str], errors: 
     if not isinstance(body, dict):
         return bad("missing_body", f"line {number}: body must be a JSON object", "body")
     try:
-        request = REQUESTS[batch.endpoint].model_validate({**body, "stream": False})
+        try:
+            request = REQUESTS[batch.endpoint].model_validate({**body, "stream": False})
+        except ValidationError as exc:
+            err = exc.errors(include_input=False, include_url=False)[0]
+            param = ".".join(str(p) for p in err["loc"])
+            raise openai_errors.invalid(param, f"{param}: {err['msg']}") from None
         if batch.endpoint == EMBEDDINGS:
             op = request.operation()
         else:
             if request.n != 1:  # a line is one job; n choices would be n
-                raise InvalidField("n", "n must be 1 in a batch: give each choice its own line")
+                raise openai_errors.invalid("n", "n must be 1 in a batch: give each choice its own line")
             op, = request.operations()
-    except ValidationError as exc:
-        err = exc.errors(include_input=False, include_url=False)[0]
-        param = ".".join(str(p) for p in err["loc"])
-        return {"custom_id": custom_id, "status": 400,
-                "body": _error_body(400, f"{param}: {err['msg']}", "invalid_value", param)}
-    except InvalidField as exc:
-        return {"custom_id": custom_id, "status": 400,
-                "body": _error_body(400, exc.message, "invalid_value", exc.param)}
-    except OpenAIError as exc:
-        return {"custom_id": custom_id, "status": exc.status,
-                "body": _error_body(exc.status, exc.message, exc.code, exc.param)}
+    except InferqError as exc:  # answered in the error file as the route would answer the request
+        status, payload, _ = openai_errors.answer(exc)
+        return {"custom_id": custom_id, "status": status, "body": payload}
     entry = {"custom_id": custom_id, "op": op.model_dump(mode="json", exclude_none=True),
              "chat": batch.endpoint == "/v1/chat/completions"}
     if batch.endpoint == EMBEDDINGS:
@@ -241,10 +237,10 @@ def _submit(batch: batches.Batch) -> bool:
                 if exc.code in WAITING:
                     blocked = True
                     break
-                status = exc.status if exc.status < 500 else 500
-                code = "model_not_found" if exc.code == ErrorCode.MODEL_NOT_FOUND else exc.code.value.lower()
-                _record(batch, [_result(line, _http_result(entry["custom_id"], None, status,
-                                                           _error_body(status, exc.message, code)), False)])
+                status, payload, _ = openai_errors.answer(exc)
+                status = min(status, 500)
+                payload["error"]["param"] = None
+                _record(batch, [_result(line, _http_result(entry["custom_id"], None, status, payload), False)])
             else:
                 r.hset(keys.batch_jobs(batch.id), mapping={str(line): admitted.job_id,
                                                             f"j:{admitted.job_id}": line})
@@ -295,8 +291,7 @@ def _collect(batch: batches.Batch) -> int:
     done = []
     for (job_id, line, entries, created), entry in zip(mapped, lines):
         raw_events = [json.loads(fields[b"e"]) for _, fields in entries]
-        events = [parse_event(fields[b"e"]) for _, fields in entries]
-        done.append(_job_result(batch, line, entry, job_id, events, raw_events, created))
+        done.append(_job_result(batch, line, entry, job_id, raw_events, created))
     _record(batch, done)
     pipe = r.pipeline(transaction=False)
     for job_id in ended:
@@ -320,39 +315,36 @@ def _result(line: int, row: dict, ok: bool, floats: int = 0) -> batches.Result:
     return batches.Result(line, row, ok, size, fallback)
 
 
-def _job_result(batch: batches.Batch, line: int, entry: dict, job_id: str, events: list, raw_events: list[dict],
+def _job_result(batch: batches.Batch, line: int, entry: dict, job_id: str, raw_events: list[dict],
                 created: int) -> batches.Result:
+    """A line's result from its job's events (its whole log for embeddings and logprobs, else its last few),
+    built as the route builds its answer."""
     custom_id = entry.get("custom_id", "")
-    terminal = next((e for e in events if e.terminal), None)
-    metrics = next((e for e in events if e.type == "metrics"), None)
-    cancelled = terminal is None or final_state(terminal) == "cancelled"
-    if cancelled:
+    result = answers.JobResult()
+    for event in sorted(raw_events, key=lambda e: e["seq"]):
+        result.feed(event)
+    cancelled = (result.end is not None and result.end["stop_reason"] == "cancelled") or \
+        (result.error is not None and result.error["code"] == "CANCELLED")
+    if cancelled or (result.end is None and result.error is None):
         code = "batch_expired" if batch.expiring else "batch_cancelled"
         why = "the batch expired before this request ran" if batch.expiring else "the batch was cancelled"
         return _result(line, _plain_error(custom_id, job_id, code, why), False)
-    if terminal.type == "error":
-        status = _JOB_STATUS.get(terminal.code, 500)
-        return _result(line, _http_result(custom_id, job_id, status, _error_body(status, terminal.message,
-                                                                                terminal.code.lower())), False)
+    if result.error is not None:
+        status, payload, _ = openai_errors.answer(openai_errors.job_failed(result.error))
+        return _result(line, _http_result(custom_id, job_id, status, payload), False)
     op = entry.get("op") or {}
-    prompt_tokens = metrics.prompt_tokens if metrics else 0
     if op.get("operation") == "embed":
-        vectors = {e["index"]: e["embedding"] for e in raw_events if e["type"] == "embedding"}
+        vectors = answers.embedding_vectors(raw_events)
         # Kept as the worker sent them (base64: a third of JSON numbers' size); written out as floats at the end.
-        body = _embedding_list(vectors, "base64", op.get("model", ""), prompt_tokens)
-        row = _http_result(custom_id, job_id, 200, body)
+        row = _http_result(custom_id, job_id, 200,
+                           answers.embeddings(vectors, "base64", op.get("model", ""), result.prompt_tokens))
         floats = 0
         if entry.get("encoding_format", "float") == "float":
             row["_floats"] = True
             floats = sum(len(base64.b64decode(v)) // 4 for v in vectors.values())
         return _result(line, row, True, floats)
-    logprobs = "logprobs" in op
-    shape = _Shape(bool(entry.get("chat")), job_id, op.get("model", ""), logprobs, created)
-    tokens = sorted((e for e in raw_events if e["type"] == "token" and "logprob" in e), key=lambda e: e["i"]) \
-        if logprobs else []
-    choice = shape.choice(0, terminal.text, _FINISH[terminal.stop_reason], tokens)
-    body = shape.whole([choice], _usage(prompt_tokens, terminal.tokens_out))
-    return _result(line, _http_result(custom_id, job_id, 200, body), True)
+    answer = answers.Completions(bool(entry.get("chat")), job_id, op.get("model", ""), "logprobs" in op, created)
+    return _result(line, _http_result(custom_id, job_id, 200, answer.whole([result])), True)
 
 
 def _http_result(custom_id: str, job_id: str | None, status: int, body: dict) -> dict:
@@ -421,5 +413,5 @@ def _written(row: dict) -> dict:
     """A kept result as its output line: embeddings asked for as floats are written out as floats here."""
     if row.pop("_floats", False):
         for item in row["response"]["body"]["data"]:
-            item["embedding"] = _floats(item["embedding"])
+            item["embedding"] = answers.floats(item["embedding"])
     return row

@@ -28,6 +28,7 @@ import redis
 
 from api import webhooks
 from queue_schema import keys
+from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.lifecycle.schedule import Schedule
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -102,11 +103,12 @@ def _decode(raw: dict[bytes, bytes]) -> Batch | None:
                  json.loads(f["errors"]) if opt("errors") else None, f.get("expiring") == "1")
 
 
-class QuotaExceeded(Exception):
+class QuotaExceeded(InferqError):
     """A tenant's batches are at their bound: ``what`` is which (``batches`` in flight, or ``bytes``)."""
 
     def __init__(self, what: str, used: int, limit: int):
-        super().__init__(f"{what}: {used} of {limit}")
+        code = ErrorCode.TOO_MANY_BATCHES if what == "batches" else ErrorCode.BATCH_QUOTA_EXCEEDED
+        super().__init__(code, f"{what}: {used} of {limit}", retriable=True)
         self.what, self.used, self.limit = what, used, limit
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Literal
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field
 
 from api import auth, memory
@@ -18,13 +18,14 @@ from api import file_store as files
 from api.extensions import now_ms, resources
 from api.files import owned_file
 from api.jobs import check_webhook
-from api.openai_compat import OpenAIError, _parse, cursor_page, use_openai_errors
+from api.openai import errors
+from api.openai.requests import parse
+from api.pages import cursor_page
 from queue_schema.errors import ErrorCode, InferqError
 
 log = logging.getLogger(__name__)
 bp = Blueprint("batches", __name__)
-RETRY_AFTER_S = 60
-use_openai_errors(bp)
+errors.install(bp)
 
 
 class BatchRequest(BaseModel):
@@ -49,12 +50,12 @@ def owned_batch(batch_id: str) -> batches.Batch:
 
 @bp.post("/v1/batches")
 def create_batch():
-    req = _parse(BatchRequest)
+    req = parse(BatchRequest, request.get_data())
     check_webhook(req.webhook_url)
     info = owned_file(req.input_file_id)
     if info.purpose != files.INPUT:
-        raise OpenAIError(400, f"file {info.id} has purpose {info.purpose!r}; a batch reads a 'batch' file",
-                          param="input_file_id", code="invalid_value")
+        raise errors.invalid("input_file_id", f"file {info.id} has purpose {info.purpose!r}; a batch reads a "
+                             "'batch' file")
     who = auth.principal()
     memory.check()
     cfg = current_app.config
@@ -63,14 +64,15 @@ def create_batch():
                                req.webhook_url, now_ms(), int(cfg["MAX_BATCHES_PER_TENANT"]),
                                int(cfg["BATCH_BYTES_PER_TENANT"]))
     except batches.QuotaExceeded as exc:
+        wait_s = resources().settings.retry_after.batches_s
         if exc.what == "batches":
             raise InferqError(ErrorCode.TOO_MANY_BATCHES, f"tenant {who.name!r} has {exc.used} batches in flight, "
                               f"its limit (INFERQ_MAX_BATCHES_PER_TENANT); retry when one has ended", retriable=True,
-                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+                              retry_after_s=wait_s) from None
         raise InferqError(ErrorCode.BATCH_QUOTA_EXCEEDED, f"tenant {who.name!r} keeps {exc.used} bytes of batch "
                           f"results and outputs, its limit is {exc.limit} (INFERQ_BATCH_BYTES_PER_TENANT): delete "
                           "output files, or wait for running batches to end", retriable=True,
-                          headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+                          retry_after_s=wait_s) from None
     log.info("batch %s created for %s from %s", batch.id, who.name, info.id)
     return jsonify(batch.to_dict())
 
@@ -83,7 +85,7 @@ def get_batch(batch_id: str):
 @bp.get("/v1/batches")
 def list_batches():
     """The caller's batches, newest first; ``after`` is the id of the last one seen."""
-    return cursor_page(batches.listing, 20, 100, "batch")
+    return cursor_page(batches.listing, 20, 100, "batch", ErrorCode.BATCH_NOT_FOUND)
 
 
 @bp.post("/v1/batches/<batch_id>/cancel")

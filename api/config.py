@@ -5,7 +5,7 @@ import os
 
 from flask import Flask
 
-from queue_schema.lifecycle.eventlog import DEFAULT_TTL_S
+from queue_schema.settings import DAY_S, RetryAfter, Settings
 
 DEFAULTS = {
     "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
@@ -56,7 +56,7 @@ DEFAULTS = {
     "KEEPALIVE_S": 15.0,  # SSE comment sent after this much silence
     "SSE_RETRY_MS": 2000,  # reconnect delay suggested to EventSource clients
     "MAX_CONTENT_LENGTH": 1 << 20,
-    "JOB_TTL_S": DEFAULT_TTL_S,  # a job's log, RQ hash and result live this long after it ends
+    "JOB_TTL_S": DAY_S,  # a job's log, RQ hash and result live this long after it ends
     # Per API process. Streams share one pub/sub connection (api/fanout.py); other
     # requests borrow a pooled connection per command and wait (up to
     # REDIS_POOL_TIMEOUT_S) when all are busy, instead of opening more.
@@ -71,10 +71,6 @@ DEFAULTS = {
 # `0`, `false`, `null` or `[]` would quietly turn auth off (`true` became the token `True`).
 RAW_SETTINGS = ("API_TOKENS", "ADMIN_TOKENS", "HIGH_PRIORITY_TENANTS", "TRUSTED_ORIGINS", "ALLOWED_HOSTS",
                 "WEBHOOK_SECRET", "WEBHOOK_SECRETS", "WEBHOOK_ALLOW_HOSTS")
-
-
-class ConfigError(ValueError):
-    """A setting the API cannot start with; the message is one line naming it."""
 
 
 def load_environment(app: Flask) -> None:
@@ -92,3 +88,8 @@ def csv_setting(value) -> list[str] | None:
         return None
     items = value if isinstance(value, (list, tuple, set, frozenset)) else str(value).split(",")
     return [str(item).strip() for item in items if str(item).strip()]
+
+
+def settings(app: Flask) -> Settings:
+    """The settings the API shares with the workers, from its config (read once, at the app's start)."""
+    return Settings(job_ttl_s=int(app.config["JOB_TTL_S"]), retry_after=RetryAfter())

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 import redis
 from flask import Flask, current_app
 
-from api import sse
-from api.config import ConfigError
+from api import config, sse
 from api.fanout import ChannelHub
 from api.memory import MemoryGuard
+from queue_schema.errors import ConfigError
 from queue_schema.lifecycle import clock, connection
 from queue_schema.lifecycle.admission import Admission
 from queue_schema.lifecycle.eventlog import EventLog
+from queue_schema.settings import Settings
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Resources:
     eventlog: EventLog
     channels: ChannelHub  # the process's one pub/sub connection, for every stream
     admission: Admission
+    settings: Settings  # what the API shares with the workers (TTL, Retry-After values), read once
 
 
 def init_app(app: Flask) -> None:
@@ -34,12 +36,13 @@ def init_app(app: Flask) -> None:
             app.config["REDIS_URL"], max_connections=int(app.config["REDIS_MAX_CONNECTIONS"]),
             timeout=float(app.config["REDIS_POOL_TIMEOUT_S"]), socket_connect_timeout=2, socket_timeout=10,
             health_check_interval=30, retry_on_timeout=False)
-    except ValueError as exc:  # redis-py's and ours: an unknown scheme, a Sentinel URL without a service...
+    except (ValueError, ConfigError) as exc:  # redis-py's (an unknown scheme) and ours (a Sentinel URL...)
         raise ConfigError(f"REDIS_URL: {exc}") from None
-    ttl = int(app.config["JOB_TTL_S"])
-    app.extensions["inferq"] = Resources(client, EventLog(client, ttl_s=ttl), ChannelHub(client, decode=sse.relayed),
-                                         Admission(client, log_ttl_s=ttl))
-    app.extensions["inferq_memory"] = MemoryGuard(client, float(app.config["REDIS_HEADROOM"]))
+    settings = config.settings(app)
+    app.extensions["inferq"] = Resources(client, EventLog(client, ttl_s=settings.job_ttl_s),
+                                         ChannelHub(client, decode=sse.relayed), Admission(client, settings), settings)
+    app.extensions["inferq_memory"] = MemoryGuard(client, float(app.config["REDIS_HEADROOM"]),
+                                                  settings.retry_after.busy_s)
 
 
 def resources() -> Resources:
@@ -47,5 +50,5 @@ def resources() -> Resources:
 
 
 def now_ms() -> int:
-    """The fleet's time (queue_schema.lifecycle.clock): what every stored time that another process compares is in."""
+    """The fleet's time (queue_schema.lifecycle.clock): every stored time another process compares is in it."""
     return clock.now_ms(resources().redis)

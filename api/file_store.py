@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import redis
 
 from queue_schema import keys
+from queue_schema.errors import ErrorCode, InferqError
 
 INPUT, OUTPUT = "batch", "batch_output"  # the purposes: what a client uploads, what a batch writes
 PIECE_BYTES = 1 << 20
@@ -70,9 +71,9 @@ class FileInfo:
                 "expires_at": self.expires_at, "status_details": None}
 
 
-class QuotaExceeded(Exception):
+class QuotaExceeded(InferqError):
     def __init__(self, used: int):
-        super().__init__(f"{used} bytes in use")
+        super().__init__(ErrorCode.FILE_TOO_LARGE, f"{used} bytes in use")
         self.used = used
 
 

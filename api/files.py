@@ -18,12 +18,13 @@ from flask import Blueprint, current_app, jsonify, request, send_file
 from api import auth, memory
 from api import file_store as files
 from api.extensions import now_ms, resources
-from api.openai_compat import OpenAIError, cursor_page, use_openai_errors
+from api.openai import errors
+from api.pages import cursor_page
 from queue_schema.errors import ErrorCode, InferqError
 
 log = logging.getLogger(__name__)
 bp = Blueprint("files", __name__)
-use_openai_errors(bp)
+errors.install(bp)
 FORM_OVERHEAD = 64 << 10  # multipart boundaries and the other fields
 
 
@@ -43,23 +44,22 @@ def upload():
         raise _too_large(max_bytes)
     request.max_content_length = max_bytes + FORM_OVERHEAD
     if request.mimetype != "multipart/form-data":
-        raise OpenAIError(415, "upload the file as multipart/form-data with fields 'file' and 'purpose'",
-                          code="unsupported_media_type")
+        raise InferqError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "upload the file as multipart/form-data with fields "
+                          "'file' and 'purpose'")
     purpose = request.form.get("purpose")
     if purpose != files.INPUT:
-        raise OpenAIError(400, "purpose must be 'batch' (the only kind of file inferq keeps)", param="purpose",
-                          code="invalid_value")
+        raise errors.invalid("purpose", "purpose must be 'batch' (the only kind of file inferq keeps)")
     upload = request.files.get("file")
     if upload is None:
-        raise OpenAIError(400, "the form has no 'file' part", param="file", code="invalid_value")
+        raise errors.invalid("file", "the form has no 'file' part")
     content = upload.stream.read(max_bytes + 1)
     if len(content) > max_bytes:
         raise _too_large(max_bytes)
     # Bytes, as OpenAI takes them: a batch made from the file checks that it is UTF-8 JSONL, line by line.
     lines = sum(1 for line in content.splitlines() if line.strip())
     if lines > max_lines:
-        raise OpenAIError(400, f"the file has {lines} requests; at most {max_lines} per file", param="file",
-                          code="too_many_lines")
+        raise errors.invalid("file", f"the file has {lines} requests; at most {max_lines} per file",
+                             "too_many_lines")
     who = auth.principal()
     memory.check()
     try:
@@ -79,7 +79,7 @@ def _too_large(max_bytes: int) -> InferqError:
 @bp.get("/v1/files")
 def list_files():
     """The caller's files, newest first (OpenAI's ``limit``, default 100, and ``after``: the last id seen)."""
-    return cursor_page(files.listing, 100, 10000, "file")
+    return cursor_page(files.listing, 100, 10000, "file", ErrorCode.FILE_NOT_FOUND)
 
 
 @bp.get("/v1/files/<file_id>")

@@ -16,9 +16,8 @@ from typing import Callable
 from flask import Flask, current_app
 
 from api import auth
+from api.extensions import resources
 from queue_schema.errors import ErrorCode, InferqError
-
-RETRY_AFTER_S = 5
 
 
 class StreamSlots:
@@ -65,7 +64,7 @@ def stream_slot() -> Callable[[], None]:
     slot = current_app.extensions["inferq_streams"].acquire(key)
     if isinstance(slot, str):
         raise InferqError(ErrorCode.TOO_MANY_STREAMS, f"too many open streams: {slot}; close one or retry later",
-                          retriable=True, headers={"Retry-After": str(RETRY_AFTER_S)})
+                          retriable=True, retry_after_s=resources().settings.retry_after.busy_s)
     return slot
 
 

@@ -24,12 +24,11 @@ from flask import current_app
 from queue_schema.errors import ErrorCode, InferqError
 
 READ_EVERY_S = 1.0
-RETRY_AFTER_S = 5
 
 
 class MemoryGuard:
-    def __init__(self, client: redis.Redis, headroom: float):
-        self.redis, self.headroom = client, headroom
+    def __init__(self, client: redis.Redis, headroom: float, retry_after_s: float):
+        self.redis, self.headroom, self.retry_after_s = client, headroom, retry_after_s
         self._lock = threading.Lock()
         self._read_at = -READ_EVERY_S
         self._state: tuple[int, int] = (0, 0)  # used, maxmemory
@@ -50,8 +49,7 @@ class MemoryGuard:
         if limit and self.headroom > 0 and used >= limit * (1 - self.headroom):
             raise InferqError(ErrorCode.STORAGE_FULL, f"Redis holds {used} of its {limit} bytes (maxmemory): new "
                               "work waits until ended jobs' logs expire, so that running jobs can finish; retry "
-                              "later, or give Redis more memory", retriable=True,
-                              headers={"Retry-After": str(RETRY_AFTER_S)})
+                              "later, or give Redis more memory", retriable=True, retry_after_s=self.retry_after_s)
 
 
 def check() -> None:

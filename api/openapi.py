@@ -38,7 +38,7 @@ def _errors(*statuses: int) -> dict:
 def _schemas() -> dict:
     schemas = {"Error": _ERROR}
     from api.batches import BatchRequest
-    from api.openai_models import ChatRequest, CompletionRequest, EmbeddingRequest
+    from api.openai.requests import ChatRequest, CompletionRequest, EmbeddingRequest
 
     for name, model in (("InferOperation", InferOperation), ("EmbedOperation", EmbedOperation),
                         ("JobAccepted", JobAccepted), ("CompletionRequest", CompletionRequest),

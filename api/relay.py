@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 
 from flask import current_app
 
-from api import auth, lifecycle, sse
+from api import auth, shutdown, sse
 from api.extensions import resources
 from queue_schema import keys
 from queue_schema.events import TERMINAL_TYPES
@@ -50,7 +50,7 @@ def job_batches(job_id: str, after_seq: int, keepalive_s: float,
                     yield [sse.logged(last)]
                 return
         quiet_since = checked = time.monotonic()
-        while not lifecycle.stopping.is_set():
+        while not shutdown.stopping.is_set():
             batch = sub.get_batch(timeout=min(1.0, idle_s))
             if not batch:
                 now = time.monotonic()
@@ -167,7 +167,7 @@ def narration_messages(keepalive_s: float, backlog: int, follow: bool = True) ->
         if not follow:
             return
         quiet_since = time.monotonic()
-        while not lifecycle.stopping.is_set():
+        while not shutdown.stopping.is_set():
             batch = sub.get_batch(timeout=min(1.0, keepalive_s)) or ()
             if visible is not None:
                 batch = [f for f in batch if visible(json.loads(f.data).get("job_id"))]

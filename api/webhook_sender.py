@@ -25,10 +25,12 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+from queue_schema.errors import CodedError
+
 CONNECT_S = 2.0
 
 
-class SendError(Exception):
+class SendError(CodedError):
     """The attempt failed before a status came back; the message says why in a few words."""
 
 

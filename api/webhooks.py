@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import redis
 
 from queue_schema import keys
+from queue_schema.errors import ConfigError
 from queue_schema.lifecycle.eventlog import WEBHOOK_RECORD_TTL_S
 from queue_schema.lifecycle.schedule import Claim, Schedule
 
@@ -46,7 +47,7 @@ CLAIM_MS = 60_000
 MAX_URL = 2048
 
 
-class WebhookConfigError(ValueError):
+class WebhookConfigError(ConfigError):
     pass
 
 

@@ -7,13 +7,13 @@ delivers webhooks and advances batches (``api/background.py``).
 import os
 import socket
 
-from api import create_app, lifecycle
+from api import create_app, shutdown
 from api.background import Background
 from api.extensions import resources
 from queue_schema.lifecycle.reaper import Reaper
 
 app = create_app()
-lifecycle.end_streams_on_shutdown()
+shutdown.end_streams_on_shutdown()
 identity = f"api-{socket.gethostname()}-{os.getpid()}"
 with app.app_context():
     reaper = Reaper(resources().redis, identity, resources().eventlog)

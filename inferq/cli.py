@@ -38,7 +38,7 @@ class _Group(click.Group):
         except ApiUnreachable as exc:
             _fail(f"{exc} (is `inferq up` or `inferq api` running? set INFERQ_API_URL)")
         except ApiError as exc:
-            _fail(f"API error {exc.status} {exc.code}: {exc.message}")
+            _fail(f"API error {exc.status} {exc.api_code}: {exc.message}")
 
 
 @click.group(cls=_Group)
@@ -178,7 +178,7 @@ def _check_model_path(path: str) -> None:
     try:
         check_model_file(path)
     except ModelLoadError as exc:
-        _fail(exc.message)
+        _fail(f"{exc.code.value}: {exc.message}")
 
 
 @main.command()

@@ -8,17 +8,25 @@ from collections.abc import Iterator
 
 import requests
 
+from queue_schema.errors import ErrorCode, InferqError, StartError
+
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 
 
-class ApiError(Exception):
+class ApiError(InferqError):
+    """The API answered an error: ``status``, and its ``code`` (an ErrorCode, or INTERNAL for one unknown here)."""
+
     def __init__(self, status: int, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.status, self.code, self.message = status, code, message
+        known = code in ErrorCode._value2member_map_
+        super().__init__(ErrorCode(code) if known else ErrorCode.INTERNAL, message)
+        self.status, self.api_code = status, code
+
+    def __str__(self) -> str:
+        return f"{self.api_code}: {self.message}"
 
 
-class ApiUnreachable(Exception):
-    pass
+class ApiUnreachable(StartError):
+    """The API did not answer (not running, wrong address)."""
 
 
 class Client:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import redis
 
+from queue_schema.errors import StartError
 from queue_schema.lifecycle.connection import masked  # noqa: F401 - re-exported for callers of this module
 
 
-class RedisStartError(Exception):
-    pass
+class RedisStartError(StartError):
+    """The embedded redis-server could not start."""
 
 
 def redis_server_binary() -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 import requests
 
 from inferq.embedded_redis import EmbeddedRedis, masked
+from queue_schema.errors import CodedError, StartError
 
 log = logging.getLogger(__name__)
 DEFAULT_MAXMEMORY = "1gb"  # the embedded Redis's; INFERQ_REDIS_MAXMEMORY or --redis-maxmemory change it
@@ -37,8 +38,8 @@ class WorkerArgs:
     device: str = "cpu"
 
 
-class StackError(Exception):
-    pass
+class StackError(StartError):
+    """A part of the stack could not start, or stopped."""
 
 
 @dataclass
@@ -67,7 +68,7 @@ def _exit_text(code: int) -> str:
     return f"exited with code {code}"
 
 
-class Interrupted(Exception):
+class Interrupted(CodedError):
     """SIGINT/SIGTERM reached ``inferq up``: time to stop the stack."""
 
 

@@ -40,6 +40,11 @@ class ErrorCode(str, Enum):
     REDIS_UNAVAILABLE = "REDIS_UNAVAILABLE"
     STORAGE_FULL = "STORAGE_FULL"  # Redis near its maxmemory: new work waits, running jobs finish
     INTERNAL = "INTERNAL"
+    CONFIG_INVALID = "CONFIG_INVALID"  # a setting a process cannot start with
+    START_FAILED = "START_FAILED"  # a process cannot start: a device, a file, Redis
+    # A worker could not load its model file (damaged, unknown architecture, out of memory). Reported as
+    # MODEL_NOT_FOUND until 2026-12, which sent operators looking for a missing file.
+    MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
     # Job errors, carried by `error` events (and also some API answers).
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
     CONTEXT_LENGTH_EXCEEDED = "CONTEXT_LENGTH_EXCEEDED"
@@ -50,63 +55,43 @@ class ErrorCode(str, Enum):
     CANCELLED = "CANCELLED"
 
 
-HTTP_STATUS = {
-    ErrorCode.INVALID_JSON: 400,
-    ErrorCode.INVALID_REQUEST: 422,
-    ErrorCode.UNSUPPORTED_OPERATION: 400,
-    ErrorCode.UNSUPPORTED_FEATURE: 400,
-    ErrorCode.UNAUTHORIZED: 401,
-    ErrorCode.FORBIDDEN_ORIGIN: 403,
-    ErrorCode.HOST_NOT_ALLOWED: 403,
-    ErrorCode.ADMIN_ONLY: 403,
-    ErrorCode.PRIORITY_NOT_ALLOWED: 403,
-    ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
-    ErrorCode.TOO_MANY_STREAMS: 429,
-    ErrorCode.RATE_LIMITED: 429,
-    ErrorCode.TOO_MANY_QUEUED: 429,
-    ErrorCode.TOO_MANY_RUNNING: 429,
-    ErrorCode.IDEMPOTENCY_KEY_REUSED: 422,
-    ErrorCode.FILE_NOT_FOUND: 404,
-    ErrorCode.FILE_TOO_LARGE: 413,
-    ErrorCode.BATCH_NOT_FOUND: 404,
-    ErrorCode.BATCH_FINISHED: 409,
-    ErrorCode.TOO_MANY_BATCHES: 429,
-    ErrorCode.BATCH_QUOTA_EXCEEDED: 429,
-    ErrorCode.NOT_FOUND: 404,
-    ErrorCode.JOB_NOT_FOUND: 404,
-    ErrorCode.MODEL_NOT_FOUND: 404,
-    ErrorCode.METHOD_NOT_ALLOWED: 405,
-    ErrorCode.JOB_FINISHED: 409,
-    ErrorCode.JOB_UNREADABLE: 409,
-    ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400,
-    ErrorCode.QUEUE_FULL: 503,
-    ErrorCode.MODEL_OFFLINE: 503,
-    ErrorCode.REDIS_UNAVAILABLE: 503,
-    ErrorCode.STORAGE_FULL: 503,
-}
-
-
 class InferqError(Exception):
-    """Root of every error inferq raises on purpose; ``code`` says which."""
+    """Root of every error inferq raises on purpose; ``code`` says which.
 
-    def __init__(self, code: ErrorCode, message: str, *, retriable: bool = False,
-                 errors: list[dict] | None = None, headers: dict[str, str] | None = None):
+    The contract carries facts, not HTTP: ``retriable`` (the same request may
+    succeed later) and ``retry_after_s`` (when), ``errors`` (per field, for
+    validation). The API maps codes to statuses and headers (api/errors.py).
+    """
+
+    code_default: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, code: ErrorCode | None = None, message: str = "", *, retriable: bool = False,
+                 errors: list[dict] | None = None, retry_after_s: float | None = None):
         super().__init__(message)
-        self.code = ErrorCode(code)
+        self.code = ErrorCode(code or self.code_default)
         self.message = message
         self.retriable = retriable
         self.errors = errors
-        self.headers = headers or {}
+        self.retry_after_s = retry_after_s
 
-    @property
-    def status(self) -> int:
-        return HTTP_STATUS.get(self.code, 500)
 
-    def to_dict(self) -> dict:
-        body: dict = {"code": self.code.value, "message": self.message}
-        if self.errors is not None:
-            body["errors"] = self.errors
-        return {"error": body}
+class CodedError(InferqError):
+    """An error whose class fixes its code: raised with its message only (``raise ConfigError("...")``)."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(None, message)
+
+
+class ConfigError(CodedError):
+    """A setting a process cannot start with; the message is one line naming it."""
+
+    code_default = ErrorCode.CONFIG_INVALID
+
+
+class StartError(CodedError):
+    """A process cannot start (a device, a model file, Redis, a port); the message is one line for the operator."""
+
+    code_default = ErrorCode.START_FAILED
 
 
 class EventDecodeError(InferqError):

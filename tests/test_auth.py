@@ -60,7 +60,7 @@ def test_tokens_are_read_as_written_never_as_json(monkeypatch, redis_url, raw):
     ("alice:same-token-0123456789,bob:same-token-0123456789", "two tenants"),
 ])
 def test_a_set_variable_without_a_usable_token_stops_the_api(monkeypatch, redis_url, raw, needle):
-    from api.config import ConfigError
+    from queue_schema.errors import ConfigError
 
     monkeypatch.setenv("INFERQ_API_TOKENS", raw)
     with pytest.raises(ConfigError) as info:

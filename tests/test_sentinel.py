@@ -164,7 +164,7 @@ def test_sentinel_urls_are_read_as_rq_dashboard_reads_them():
 
 def test_the_api_refuses_a_sentinel_url_it_cannot_use_in_one_line():
     from api import create_app
-    from api.config import ConfigError
+    from queue_schema.errors import ConfigError
 
     with pytest.raises(ConfigError, match="REDIS_URL: .*names no service"):
         create_app({"REDIS_URL": "redis+sentinel://127.0.0.1:1", "TESTING": True})

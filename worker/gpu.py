@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 import re
 
+from queue_schema.errors import StartError
+
 _DEVICE = re.compile(r"^(cpu|cuda:(\d+))$")
 
 
-class GPUError(Exception):
+class GPUError(StartError):
     """The requested device cannot be used; the message is one line for the operator."""
 
 

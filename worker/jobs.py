@@ -29,7 +29,7 @@ from rq.executions import Execution
 from rq.job import Job
 
 from queue_schema import log_context
-from queue_schema.errors import ErrorCode
+from queue_schema.errors import CodedError, ErrorCode
 from queue_schema.lifecycle import books, clock, stats
 from queue_schema.lifecycle.admission import EMBED_FUNC, INFER_FUNC
 from queue_schema.lifecycle.eventlog import Appended
@@ -65,7 +65,7 @@ class Record:
     requeue: bool = False  # given back on an abort, once its last events are written
 
 
-class JobFailed(Exception):
+class JobFailed(CodedError):
     """Raised in ``prepare`` after the job's ``error`` event was emitted."""
 
 

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import redis
 
-from queue_schema.errors import InferqError
+from queue_schema.errors import ConfigError, InferqError, StartError
 from queue_schema.lifecycle import connection
 from queue_schema.lifecycle.connection import masked
 from worker import gpu
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 SOCKET_TIMEOUT_S = 10
 
 
-class WorkerStartError(Exception):
+class WorkerStartError(StartError):
     """The worker cannot start; the message is the one line to show the operator."""
 
 
@@ -43,7 +43,7 @@ def run_worker(redis_url: str, spec: ModelSpec, burst: bool = False, on_loaded=N
                                    health_check_interval=30)
         blocking = connection.client(redis_url, socket_connect_timeout=2, socket_timeout=None,
                                      socket_keepalive=True, health_check_interval=30)
-    except ValueError as exc:  # an unknown scheme, a Sentinel URL without a service...
+    except (ValueError, ConfigError) as exc:  # an unknown scheme, a Sentinel URL without a service...
         raise WorkerStartError(f"bad Redis URL: {exc}") from None
     try:
         client.ping()
@@ -54,7 +54,7 @@ def run_worker(redis_url: str, spec: ModelSpec, burst: bool = False, on_loaded=N
         runtime.load()
     except InferqError as exc:
         runtime.shutdown()
-        raise WorkerStartError(exc.message) from None
+        raise WorkerStartError(f"{exc.code.value}: {exc.message}") from None
     if on_loaded:
         on_loaded(runtime)
 

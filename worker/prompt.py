@@ -23,6 +23,7 @@ import math
 import re
 from collections.abc import Sequence
 
+from queue_schema.errors import ErrorCode, InferqError
 from worker import chat_template
 from worker.backends.base import Backend
 
@@ -31,11 +32,11 @@ CUT_SLACK = 8
 FIRST_PREFIX_BYTES_PER_TOKEN = 4
 
 
-class PromptTooLong(Exception):
+class PromptTooLong(InferqError):
     """The prompt needs more tokens than the budget; ``tokens`` is a count or a lower bound."""
 
     def __init__(self, tokens: int, exact: bool):
-        super().__init__(f"{'' if exact else 'at least '}{tokens} tokens")
+        super().__init__(ErrorCode.CONTEXT_LENGTH_EXCEEDED, f"{'' if exact else 'at least '}{tokens} tokens")
         self.tokens, self.exact = tokens, exact
 
 

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
+from queue_schema.errors import ErrorCode, InferqError
 from worker import logprobs
 from worker.backends.base import Backend, Chunk, NoTokenAllowed, SamplingParams, TokenSampler
 from worker.publisher import JobEmitter
@@ -98,10 +99,10 @@ class Ended:
     error: BaseException | None = None
 
 
-class GrammarTooSlow(Exception):
+class GrammarTooSlow(InferqError):
     def __init__(self, seconds: float, limit_s: float):
-        super().__init__(f"the grammar took {seconds:.3f} s to sample one token, more than the worker's "
-                         f"{limit_s:g} s; simplify it (fewer alternatives that match the same text)")
+        super().__init__(ErrorCode.INVALID_REQUEST, f"the grammar took {seconds:.3f} s to sample one token, more "
+                         f"than the worker's {limit_s:g} s; simplify it (fewer alternatives that match the same text)")
 
 
 @dataclass

@@ -41,9 +41,9 @@ from rq.utils import now
 from queue_schema import keys
 from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.lifecycle import clock, registry, stats
-from queue_schema.lifecycle.eventlog import DEFAULT_TTL_S
 from queue_schema.lifecycle.tenants import NO_LIMITS, NOBODY, Limits, Tenant
 from queue_schema.operations import Operation
+from queue_schema.settings import DEFAULTS, Settings
 
 # The workers' entry points, named by string: the API never imports worker code,
 # and workers run only the functions they know (see worker.jobs).
@@ -221,9 +221,10 @@ class Admitted:
 
 
 class Admission:
-    def __init__(self, client: redis.Redis, log_ttl_s: int = DEFAULT_TTL_S):
+    def __init__(self, client: redis.Redis, settings: Settings = DEFAULTS):
         self.redis = client
-        self.log_ttl_s = log_ttl_s
+        self.settings = settings
+        self.log_ttl_s = settings.job_ttl_s
         self._admit = client.register_script(_ADMIT)
         self._forget = client.register_script(_FORGET)
 
@@ -272,7 +273,7 @@ class Admission:
         if status == 1:
             eta = result[2].decode() if isinstance(result[2], bytes) else result[2]
             return Admitted(job_id, queue, int(result[1]), None if eta == "null" else float(eta))
-        raise _refusal(op, tenant, status, result[1:])
+        raise _refusal(op, tenant, status, result[1:], self.settings.retry_after.busy_s)
 
     def forget(self, tenant: Tenant, idempotency: Idempotency, job_id: str) -> bool:
         """Drop the key if it still names ``job_id`` (a request that made several jobs and then had
@@ -284,7 +285,7 @@ _FEATURES = {"grammar": "structured output (response_format, json_schema, gramma
              "embeddings": "embeddings"}
 
 
-def _refusal(op: Operation, tenant: Tenant, status: int, rest: list) -> InferqError:
+def _refusal(op: Operation, tenant: Tenant, status: int, rest: list, busy_s: float) -> InferqError:
     detail = rest[0] if rest else None
     if status == -1:
         return InferqError(ErrorCode.MODEL_NOT_FOUND, f"no worker serves a model named {op.model!r}; "
@@ -296,20 +297,20 @@ def _refusal(op: Operation, tenant: Tenant, status: int, rest: list) -> InferqEr
                            "capabilities in GET /v1/models")
     if status == -3:
         return InferqError(ErrorCode.MODEL_OFFLINE, f"no live worker serves {op.model!r} now (one did recently, "
-                           "and may come back); retry later", retriable=True, headers={"Retry-After": "5"})
+                           "and may come back); retry later", retriable=True, retry_after_s=busy_s)
     if status == -2:
         return InferqError(ErrorCode.QUEUE_FULL, f"the queue for {op.model} is full ({detail} jobs); "
-                           "retry later", retriable=True, headers={"Retry-After": "5"})
+                           "retry later", retriable=True, retry_after_s=busy_s)
     if status == -4:
         wait_s = max(1, -(-int(detail) // 1000))
         return InferqError(ErrorCode.RATE_LIMITED, f"tenant {tenant.name!r} submits faster than its limit; "
-                           f"retry in {wait_s} s", retriable=True, headers={"Retry-After": str(wait_s)})
+                           f"retry in {wait_s} s", retriable=True, retry_after_s=wait_s)
     if status == -5:
         return InferqError(ErrorCode.TOO_MANY_QUEUED, f"tenant {tenant.name!r} has {detail} jobs queued, its "
-                           "limit; retry when some have started", retriable=True, headers={"Retry-After": "5"})
+                           "limit; retry when some have started", retriable=True, retry_after_s=busy_s)
     if status == -6:
         return InferqError(ErrorCode.TOO_MANY_RUNNING, f"tenant {tenant.name!r} has {detail} jobs running, its "
-                           "limit; retry when some have ended", retriable=True, headers={"Retry-After": "5"})
+                           "limit; retry when some have ended", retriable=True, retry_after_s=busy_s)
     if status == -7:
         return InferqError(ErrorCode.IDEMPOTENCY_KEY_REUSED, f"this Idempotency-Key was used within 24 h for a "
                            f"different request (job {detail.decode()}); use a new key for a new request")

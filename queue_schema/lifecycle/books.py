@@ -24,7 +24,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 
 from queue_schema.events import _Event
-from queue_schema.lifecycle.eventlog import DEFAULT_TTL_S
+from queue_schema.settings import DEFAULTS
 
 
 def restore(client: redis.Redis, job_id: str, fields: dict[bytes, bytes]) -> Job:
@@ -50,7 +50,7 @@ def start(pipe, job: Job, worker_name: str) -> Execution:
 def finish(pipe, job: Job, summary: dict, worker_name: str = "", execution: Execution | None = None) -> None:
     job.ended_at = now()
     job._result = summary
-    ttl = job.result_ttl if job.result_ttl is not None else DEFAULT_TTL_S
+    ttl = job.result_ttl if job.result_ttl is not None else DEFAULTS.job_ttl_s
     job._handle_success(ttl, pipeline=pipe, worker_name=worker_name,
                         execution_id=execution.id if execution else None,
                         execution_started_at=execution.created_at if execution else None,
@@ -63,7 +63,7 @@ def fail(pipe, job: Job, reason: str, worker_name: str = "", execution: Executio
     """Failed, in RQ's failed registry, expiring like a finished job."""
     job.ended_at = now()
     if job.failure_ttl is None:
-        job.failure_ttl = DEFAULT_TTL_S
+        job.failure_ttl = DEFAULTS.job_ttl_s
     job.set_status(JobStatus.FAILED, pipeline=pipe)
     job._handle_failure(reason, pipeline=pipe, worker_name=worker_name,
                         execution_id=execution.id if execution else None,
@@ -74,7 +74,7 @@ def fail(pipe, job: Job, reason: str, worker_name: str = "", execution: Executio
 
 def cancelled(pipe, job: Job) -> None:
     """A job cancelled before it ran: RQ's cancelled registry, expiring like the others."""
-    ttl = job.result_ttl if job.result_ttl is not None else DEFAULT_TTL_S
+    ttl = job.result_ttl if job.result_ttl is not None else DEFAULTS.job_ttl_s
     job.set_status(JobStatus.CANCELED, pipeline=pipe)
     CanceledJobRegistry(job.origin, connection=job.connection, serializer=JSONSerializer).add(job, ttl, pipe)
     pipe.expire(job.key, ttl)

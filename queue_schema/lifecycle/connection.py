@@ -23,6 +23,8 @@ import redis
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis_sentinel_url import parse_sentinel_url
 
+from queue_schema.errors import ConfigError
+
 SENTINEL_SCHEME = "redis+sentinel"
 # A sentinel answers one small command per (re)connect. Its connections get their own
 # timeouts: a data client may have none (a worker's BLPOP connection), and a sentinel
@@ -31,7 +33,7 @@ SENTINEL_TIMEOUT_S = 2.0
 _SECRETS = re.compile(r"(^|&)((?:sentinel_)?password)=[^&]*")
 
 
-class RedisURLError(ValueError):
+class RedisURLError(ConfigError):
     """``REDIS_URL`` cannot be used; the message says why in one line, without the password."""
 
 

@@ -34,7 +34,6 @@ SSE wire format stays the API's business (api/sse.py).
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from enum import IntEnum
 
@@ -43,9 +42,8 @@ import redis
 from queue_schema import keys
 from queue_schema.events import Narration, _Event, parse_event
 from queue_schema.lifecycle import clock
+from queue_schema.settings import DEFAULTS
 
-# How long a job's log (and RQ's job hash and result) lives after it ends: replay, late watchers.
-DEFAULT_TTL_S = int(os.environ.get("INFERQ_JOB_TTL_S", 24 * 3600))
 NARRATION_LOG_MAXLEN = 10_000
 # A webhook delivery's record expires this long after the terminal write made it, sent or not: with no API
 # process able to sign it, nothing else would end it (api/webhooks.py delivers within GIVE_UP_S, 24 h).
@@ -168,7 +166,8 @@ def published(event_json: str, event_type: str, seq: int | None) -> str:
 class EventLog:
     """Append and replay job events. Safe to share between threads."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int = DEFAULT_TTL_S):
+    def __init__(self, client: redis.Redis, ttl_s: int = DEFAULTS.job_ttl_s):
+        """``ttl_s``: how long a job's log lives after its last write (the process's Settings.job_ttl_s)."""
         self.redis = client
         self.ttl_s = ttl_s
         self._append = client.register_script(_APPEND)

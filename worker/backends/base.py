@@ -16,14 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from queue_schema.errors import ErrorCode, InferqError
+from queue_schema.errors import CodedError, ErrorCode
 
 
-class ModelLoadError(InferqError):
+class ModelLoadError(CodedError):
     """The model file cannot be served: missing, not GGUF, unsupported."""
 
-    def __init__(self, message: str):
-        super().__init__(ErrorCode.MODEL_NOT_FOUND, message)
+    code_default = ErrorCode.MODEL_LOAD_FAILED
 
 
 @dataclass(frozen=True)
@@ -77,8 +76,10 @@ class Chunk:
     logits: bool  # keep the logits after the last token (to sample the next one)
 
 
-class NoTokenAllowed(Exception):
+class NoTokenAllowed(CodedError):
     """The sequence's grammar allows no token here (it cannot be completed with this vocabulary)."""
+
+    code_default = ErrorCode.INVALID_REQUEST
 
 
 class TokenSampler:

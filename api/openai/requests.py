@@ -8,10 +8,12 @@ prompt (seeds ``seed``, ``seed + 1``... when a seed is given).
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from api.openai import errors
 from queue_schema.operations import (
     MAX_EMBED_INPUTS,
     MAX_EMBED_TOKENS_PER_INPUT,
@@ -29,14 +31,6 @@ Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 # Token id (as a string) -> -100..100; the document says what the contract enforces.
 LogitBias = Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]],
                       Field(json_schema_extra={"additionalProperties": False, "maxProperties": MAX_LOGIT_BIAS})]
-
-
-class InvalidField(Exception):
-    """A request OpenAI would refuse: 400 ``invalid_value`` naming ``param``."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param, self.message = param, message
 
 
 class StreamOptions(BaseModel):
@@ -201,8 +195,27 @@ def _infer(**fields) -> InferOperation:
 _PARAMS = {"json_schema": "response_format"}  # the operation's field -> the OpenAI request's
 
 
-def _invalid(exc: ValidationError) -> InvalidField:
+def _invalid(exc: ValidationError) -> errors.OpenAIError:
+    """The contract refused the operation a request became: OpenAI's 400 naming the request's field."""
     err = exc.errors(include_input=False, include_url=False)[0]
     loc = [str(p) for p in err["loc"]]
     param = _PARAMS.get(loc[0], loc[0]) if loc else "body"
-    return InvalidField(param, f"{'.'.join(loc) or 'body'}: {err['msg']}")
+    return errors.invalid(param, f"{'.'.join(loc) or 'body'}: {err['msg']}")
+
+
+def parse(model_cls, raw: bytes):
+    """The request body as ``model_cls``, or OpenAI's 400 naming the first field it gets wrong."""
+    try:
+        body = json.loads(raw or b"null")
+    except ValueError:
+        raise errors.invalid(None, "request body is not valid JSON", "invalid_json") from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise errors.invalid(None, "request body is nested too deeply", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise errors.invalid(None, "request body must be a JSON object", "invalid_request")
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors(include_input=False, include_url=False)[0]
+        param = ".".join(str(p) for p in err["loc"])
+        raise errors.invalid(param, f"{param}: {err['msg']}") from None

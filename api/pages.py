@@ -1,0 +1,31 @@
+"""OpenAI's cursor pages for a caller's own things (files, batches): ``limit``, ``after``, ``has_more``."""
+from __future__ import annotations
+
+from flask import jsonify, request
+
+from api import auth
+from api.extensions import resources
+from api.openai import errors
+from queue_schema.errors import ErrorCode
+
+
+def cursor_page(listing, default_limit: int, max_limit: int, what: str, not_found: ErrorCode):
+    """``limit`` and ``after`` (the last id seen) from the query, ``listing(redis, tenant, limit, after)``
+    giving ``(items, has_more)`` newest first, or None when ``after`` is not one of the caller's ``what``:
+    a 404 that says so (``not_found``), not a quietly empty page."""
+    try:
+        limit = int(request.args.get("limit", default_limit))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= max_limit:
+        raise errors.invalid("limit", f"limit must be an integer from 1 to {max_limit}")
+    after = request.args.get("after") or None
+    page = listing(resources().redis, auth.principal().name, limit, after)
+    if page is None:
+        raise errors.OpenAIError(not_found, f"after: no {what} {after!r} of yours (unknown, deleted or expired); "
+                                 "page from the start, or from the last_id of a page this API returned", 404,
+                                 "after")
+    found, more = page
+    data = [item.to_dict() for item in found]
+    return jsonify(object="list", data=data, first_id=data[0]["id"] if data else None,
+                   last_id=data[-1]["id"] if data else None, has_more=more)
