@@ -29,6 +29,7 @@ import redis
 from api import webhooks
 from queue_schema import keys
 from queue_schema.errors import ErrorCode, InferqError
+from queue_schema.lifecycle import scripts
 from queue_schema.lifecycle.schedule import Schedule
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -40,6 +41,9 @@ WEBHOOK_EVENTS = {"completed": "batch.completed", "failed": "batch.failed", "exp
                   "cancelled": "batch.cancelled"}
 _TIMES = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
           "cancelling_at", "cancelled_at", "expires_at")
+
+
+_CREATE, _MOVE, _RECORD = scripts.load("batch_create"), scripts.load("batch_move"), scripts.load("batch_record")
 
 
 def schedule(client: redis.Redis) -> Schedule:
@@ -112,41 +116,7 @@ class QuotaExceeded(InferqError):
         self.what, self.used, self.limit = what, used, limit
 
 
-# The tenant's open batches and the bytes of their results and its batch outputs, then the new batch.
-# Members of the open set whose batch ended (or expired) are dropped first: the set holds at most the
-# bound, so a batch lost to a Redis that lost writes cannot block its tenant for good.
-# KEYS: open set, the tenant's files index, the batch hash, the tenant's batch index, batches due.
-# ARGV: max open batches, max bytes, batch key prefix, file key prefix, final states (comma-separated),
-#       batch id, now (ms), keep horizon (ms), then the hash's field/value pairs.
-_CREATE = """
-local final = {}
-for s in string.gmatch(ARGV[5], '[^,]+') do final[s] = true end
-local held, open = 0, 0
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local b = redis.call('HMGET', ARGV[3] .. id, 'status', 'result_bytes')
-  if not b[1] or final[b[1]] then
-    redis.call('SREM', KEYS[1], id)
-  else
-    open = open + 1
-    held = held + (tonumber(b[2]) or 0)
-  end
-end
-local max_open, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
-if max_open > 0 and open >= max_open then return {0, open, max_open} end
-for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  local f = redis.call('HMGET', ARGV[4] .. id, 'purpose', 'bytes')
-  if f[1] == 'batch_output' then held = held + (tonumber(f[2]) or 0) end
-end
-if max_bytes > 0 and held >= max_bytes then return {-1, held, max_bytes} end
-local fields = {}
-for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[3], unpack(fields))
-redis.call('SADD', KEYS[1], ARGV[6])
-redis.call('ZADD', KEYS[4], ARGV[7], ARGV[6])
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(ARGV[7]) - tonumber(ARGV[8]))
-redis.call('ZADD', KEYS[5], ARGV[7], ARGV[6])
-return {1}
-"""
+
 
 
 def create(client: redis.Redis, tenant: str, limit_key: str, endpoint: str, input_file_id: str,
@@ -162,10 +132,11 @@ def create(client: redis.Redis, tenant: str, limit_key: str, endpoint: str, inpu
               "webhook_url": webhook_url or "", "total": 0, "completed": 0, "failed": 0, "submitted": 0,
               "result_bytes": 0}
     flat = [v for kv in fields.items() for v in kv]
-    status, *rest = client.eval(_CREATE, 5, keys.tenant_open_batches(tenant), keys.tenant_files(tenant),
-                                keys.batch(batch_id), keys.tenant_batches(tenant), keys.BATCHES_DUE, max_open,
-                                max_bytes, keys.batch(""), keys.file(""), ",".join(FINAL), batch_id, now_ms,
-                                KEEP_S * 1000, *flat)
+    status, *rest = _CREATE(client, {"open": keys.tenant_open_batches(tenant), "files": keys.tenant_files(tenant),
+                                     "batch": keys.batch(batch_id), "index": keys.tenant_batches(tenant),
+                                     "due": keys.BATCHES_DUE},
+                            {"max_open": max_open, "max_bytes": max_bytes, "final": ",".join(FINAL), "id": batch_id,
+                             "now": now_ms, "keep_ms": KEEP_S * 1000}, more_args=flat)
     if status == 0:
         raise QuotaExceeded("batches", int(rest[0]), int(rest[1]))
     if status == -1:
@@ -196,23 +167,14 @@ def listing(client: redis.Redis, tenant: str, limit: int, after: str | None) -> 
     return found, len(ids) > limit
 
 
-# KEYS: batch. ARGV: the statuses it may move from (comma-separated), the new status, then field/value pairs.
-_MOVE = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 0 end
-local allowed = false
-for s in string.gmatch(ARGV[1], '[^,]+') do if s == status then allowed = true end end
-if not allowed then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2])
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-return 1
-"""
+
 
 
 def move(client: redis.Redis, batch_id: str, from_statuses: tuple[str, ...], to: str, **fields) -> bool:
     """Compare-and-set of the status: True if the batch was in one of ``from_statuses``."""
     flat = [v for kv in fields.items() for v in kv]
-    return bool(client.eval(_MOVE, 1, keys.batch(batch_id), ",".join(from_statuses), to, *flat))
+    return bool(_MOVE(client, {"batch": keys.batch(batch_id)}, {"from": ",".join(from_statuses), "to": to},
+                      more_args=flat))
 
 
 def finish(client: redis.Redis, batch: Batch, to: str, now_ms: int, from_statuses: tuple[str, ...],
@@ -231,34 +193,7 @@ def finish(client: redis.Redis, batch: Batch, to: str, now_ms: int, from_statuse
     return True
 
 
-# Results are kept once each (HSETNX), counted, and their bytes added to the batch's ``result_bytes``,
-# unless the tenant's open batches already hold ``max bytes`` of results: then the line's small
-# fallback (a quota error) is kept instead, so one tenant's batch cannot fill Redis.
-# KEYS: batch, its results, the tenant's open batches. ARGV: max bytes (0: none), batch key prefix, then
-# (line, result json, "completed" | "failed", the bytes its output line will take, fallback json) per line.
-_RECORD = """
-local max_bytes = tonumber(ARGV[1])
-local held = 0
-if max_bytes > 0 then
-  for _, id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-    held = held + (tonumber(redis.call('HGET', ARGV[2] .. id, 'result_bytes')) or 0)
-  end
-end
-local added = 0
-for i = 3, #ARGV, 5 do
-  local result, status, size = ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-  if max_bytes > 0 and held + size > max_bytes then
-    result, status, size = ARGV[i + 4], 'failed', #ARGV[i + 4]
-  end
-  if redis.call('HSETNX', KEYS[2], ARGV[i], result) == 1 then
-    redis.call('HINCRBY', KEYS[1], status, 1)
-    redis.call('HINCRBY', KEYS[1], 'result_bytes', size)
-    held = held + size
-    added = added + 1
-  end
-end
-return added
-"""
+
 
 
 @dataclass(frozen=True)
@@ -281,8 +216,9 @@ def record(client: redis.Redis, batch: Batch, results: list[Result], max_bytes: 
     flat = []
     for r in results:
         flat += [r.line, _json(r.body), "completed" if r.ok else "failed", r.size, _json(r.fallback)]
-    return int(client.eval(_RECORD, 3, keys.batch(batch.id), keys.batch_results(batch.id),
-                           keys.tenant_open_batches(batch.tenant), max_bytes, keys.batch(""), *flat))
+    return int(_RECORD(client, {"batch": keys.batch(batch.id), "results": keys.batch_results(batch.id),
+                                "open": keys.tenant_open_batches(batch.tenant)}, {"max_bytes": max_bytes},
+                       more_args=flat))
 
 
 def _json(value: dict) -> str:

@@ -57,6 +57,7 @@ DEFAULTS = {
     "SSE_RETRY_MS": 2000,  # reconnect delay suggested to EventSource clients
     "MAX_CONTENT_LENGTH": 1 << 20,
     "JOB_TTL_S": DAY_S,  # a job's log, RQ hash and result live this long after it ends
+    "LEASE_STALE_S": 8.0,  # a lease standing still this long is lost (queue_schema/settings.py)
     # Per API process. Streams share one pub/sub connection (api/fanout.py); other
     # requests borrow a pooled connection per command and wait (up to
     # REDIS_POOL_TIMEOUT_S) when all are busy, instead of opening more.
@@ -92,4 +93,5 @@ def csv_setting(value) -> list[str] | None:
 
 def settings(app: Flask) -> Settings:
     """The settings the API shares with the workers, from its config (read once, at the app's start)."""
-    return Settings(job_ttl_s=int(app.config["JOB_TTL_S"]), retry_after=RetryAfter())
+    return Settings(job_ttl_s=int(app.config["JOB_TTL_S"]), lease_stale_s=float(app.config["LEASE_STALE_S"]),
+                    retry_after=RetryAfter())

@@ -12,6 +12,7 @@ from api.memory import MemoryGuard
 from queue_schema.errors import ConfigError
 from queue_schema.lifecycle import clock, connection
 from queue_schema.lifecycle.admission import Admission
+from queue_schema.lifecycle.ending import Ending
 from queue_schema.lifecycle.eventlog import EventLog
 from queue_schema.settings import Settings
 
@@ -23,6 +24,7 @@ class Resources:
     channels: ChannelHub  # the process's one pub/sub connection, for every stream
     admission: Admission
     settings: Settings  # what the API shares with the workers (TTL, Retry-After values), read once
+    ending: Ending  # the one way a job ends (a cancel of a queued job, here)
 
 
 def init_app(app: Flask) -> None:
@@ -39,8 +41,9 @@ def init_app(app: Flask) -> None:
     except (ValueError, ConfigError) as exc:  # redis-py's (an unknown scheme) and ours (a Sentinel URL...)
         raise ConfigError(f"REDIS_URL: {exc}") from None
     settings = config.settings(app)
-    app.extensions["inferq"] = Resources(client, EventLog(client, ttl_s=settings.job_ttl_s),
-                                         ChannelHub(client, decode=sse.relayed), Admission(client, settings), settings)
+    eventlog = EventLog(client, ttl_s=settings.job_ttl_s)
+    app.extensions["inferq"] = Resources(client, eventlog, ChannelHub(client, decode=sse.relayed),
+                                         Admission(client, settings), settings, Ending(client, eventlog))
     app.extensions["inferq_memory"] = MemoryGuard(client, float(app.config["REDIS_HEADROOM"]),
                                                   settings.retry_after.busy_s)
 

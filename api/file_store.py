@@ -24,34 +24,12 @@ import redis
 
 from queue_schema import keys
 from queue_schema.errors import ErrorCode, InferqError
+from queue_schema.lifecycle import scripts
 
 INPUT, OUTPUT = "batch", "batch_output"  # the purposes: what a client uploads, what a batch writes
 PIECE_BYTES = 1 << 20
 
-# KEYS: the file's hash, the tenant's file index, the file's pieces. ARGV: file id, created (ms), ttl (s),
-# cap (bytes; 0: none), the hash prefix, the number of hash fields' values, then the hash's field/value
-# pairs ("bytes" first), then the pieces (none: a Writer pushed them already).
-_STORE = """
-local used = 0
-for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  local size = redis.call('HGET', ARGV[5] .. id, 'bytes')
-  if size then used = used + tonumber(size) else redis.call('ZREM', KEYS[2], id) end
-end
-local size = tonumber(ARGV[8])
-local cap = tonumber(ARGV[4])
-if cap > 0 and used + size > cap then return {0, used} end
-local last = 6 + tonumber(ARGV[6])
-local fields = {}
-for i = 7, last do fields[#fields + 1] = ARGV[i] end
-redis.call('DEL', KEYS[1])
-if #ARGV > last then redis.call('DEL', KEYS[3]) end
-redis.call('HSET', KEYS[1], unpack(fields))
-for i = last + 1, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
-for _, key in ipairs({KEYS[1], KEYS[3]}) do redis.call('EXPIRE', key, ARGV[3]) end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-return {1, used + size}
-"""
+_STORE = scripts.load("file_store")
 
 
 @dataclass(frozen=True)
@@ -94,8 +72,10 @@ def _commit(client, tenant, purpose, filename, pieces, size, now_ms, ttl_s, tena
     fields = {"bytes": info.bytes, "id": file_id, "tenant": tenant, "purpose": purpose, "filename": filename,
               "created_at": info.created_at, "expires_at": info.expires_at}
     flat = [v for kv in fields.items() for v in kv]
-    ok, used = client.eval(_STORE, 3, keys.file(file_id), keys.tenant_files(tenant), keys.file_content(file_id),
-                           file_id, now_ms, ttl_s, tenant_cap, keys.file(""), len(flat), *flat, *pieces)
+    ok, used = _STORE(client, {"file": keys.file(file_id), "files": keys.tenant_files(tenant),
+                               "pieces": keys.file_content(file_id)},
+                      {"id": file_id, "created": now_ms, "ttl": ttl_s, "cap": tenant_cap, "size": size,
+                       "nfields": len(flat)}, more_args=[*flat, *pieces])
     if not ok:
         raise QuotaExceeded(int(used))
     return info

@@ -10,7 +10,7 @@ from api import job_listing as listing
 from api.extensions import resources
 from queue_schema import keys
 from queue_schema.errors import ErrorCode, InferqError
-from queue_schema.lifecycle import books, leases, stats, tenants
+from queue_schema.lifecycle import books, leases, tenants
 from queue_schema.lifecycle import views as jobs
 from queue_schema.lifecycle.admission import Admitted, Idempotency
 from queue_schema.lifecycle.eventlog import Appended
@@ -175,10 +175,4 @@ def _cancel_queued(job_id: str) -> bool:
     job = books.fetch(res.redis, job_id)
     if job is None or leases.cancel_queued(res.redis, job_id, job.origin) != 1:
         return False
-    ended = res.eventlog.append(jobs.cancelled_end(job_id, res.eventlog.next_seq(job_id))) == Appended.OK
-    pipe = res.redis.pipeline(transaction=False)
-    books.cancelled(pipe, job)
-    if ended:
-        stats.count(pipe, "cancelled", job.meta.get("model") or "unknown")
-    pipe.execute()
-    return ended
+    return res.ending.end(jobs.cancelled_end(job_id, res.eventlog.next_seq(job_id))) == Appended.OK

@@ -33,7 +33,7 @@ import redis
 
 from queue_schema import keys
 from queue_schema.errors import ConfigError
-from queue_schema.lifecycle.eventlog import WEBHOOK_RECORD_TTL_S
+from queue_schema.lifecycle.ending import WEBHOOK_RECORD_TTL_S
 from queue_schema.lifecycle.schedule import Claim, Schedule
 
 SECRET_PREFIX = "whsec_"

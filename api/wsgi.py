@@ -16,7 +16,7 @@ app = create_app()
 shutdown.end_streams_on_shutdown()
 identity = f"api-{socket.gethostname()}-{os.getpid()}"
 with app.app_context():
-    reaper = Reaper(resources().redis, identity, resources().eventlog)
+    reaper = Reaper(resources().redis, identity, resources().eventlog, resources().settings)
 reaper.start()
 background = Background(app, identity)
 background.start()

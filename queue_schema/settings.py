@@ -26,12 +26,16 @@ class RetryAfter:
 @dataclass(frozen=True)
 class Settings:
     job_ttl_s: int = DAY_S  # a job's log, RQ hash and result live this long after it ends (INFERQ_JOB_TTL_S)
+    # A lease that stands still this long (owners renew every second) is lost (INFERQ_LEASE_STALE_S). Every
+    # process that reaps must agree: whichever holds the reaper's role decides. Tests shorten it.
+    lease_stale_s: float = 8.0
     retry_after: RetryAfter = field(default_factory=RetryAfter)
 
     @classmethod
     def from_env(cls, env=None) -> "Settings":
         env = os.environ if env is None else env
-        return cls(job_ttl_s=int(env.get("INFERQ_JOB_TTL_S", DAY_S)))
+        return cls(job_ttl_s=int(env.get("INFERQ_JOB_TTL_S", DAY_S)),
+                   lease_stale_s=float(env.get("INFERQ_LEASE_STALE_S", cls.lease_stale_s)))
 
 
 DEFAULTS = Settings()

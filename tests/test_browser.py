@@ -108,7 +108,9 @@ def pair_worker(worker_factory, slow_model):
 def test_job_and_worker_states_follow_the_events(page, live_api, pair_worker):
     open_page(page, live_api, "pair")
     page.wait_for_selector("#workers tr[data-model='pair']")
-    submit(page, "a long story", 4000)  # ~5 s at temperature 0: it runs to max_tokens
+    # ~8 s at temperature 0 on 2 cores (a token costs more as the context fills): it runs to max_tokens, and
+    # outlives the second job, which ends at 600.
+    submit(page, "a long story", 2000)
     page.wait_for_function("() => document.querySelector('#output').textContent.length > 0", timeout=30000)
     first = shown_job(page)
     # The `started` event was handled before the first token (in order); the page's 2 s poll has

@@ -14,6 +14,7 @@ def test_key_names_are_pinned():
     assert keys.rq_job("j1") == "rq:job:j1"
     assert keys.LEASES == "inferq:leases"
     assert keys.OPEN_JOBS == "inferq:jobs:open"
+    assert keys.SETTLING == "inferq:jobs:settling"
     assert keys.REAPER == "inferq:reaper"
     assert keys.model("tiny") == "inferq:model:tiny"
     assert keys.model_workers("tiny") == "inferq:model:tiny:workers"

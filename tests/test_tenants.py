@@ -127,11 +127,12 @@ def test_queued_and_running_limits_follow_the_jobs_own_moves(r, redis_url):
     assert r.smembers(keys.limit_queued(T.alice)) == {c.encode()}
     busy = post(client, T.ALICE, model)
     assert busy.status_code == 429 and busy.get_json()["error"]["code"] == "TOO_MANY_RUNNING"
-    # Its end (written by the lease owner) leaves the running set.
+    # Its end (written by the lease owner, then settled) leaves the running set.
     from queue_schema.events import End
+    from queue_schema.lifecycle.ending import Ending
 
-    assert EventLog(r).append(End(job_id=a, seq=1, tokens_out=0, decode_time_ms=0, stop_reason="eos", text=""),
-                              "w-test") == 1
+    assert Ending(r, EventLog(r)).end(End(job_id=a, seq=1, tokens_out=0, decode_time_ms=0, stop_reason="eos",
+                                          text=""), "w-test") == 1
     assert not r.exists(keys.job_lease(a))
     assert not r.smembers(keys.limit_running(T.alice))
     assert post(client, T.ALICE, model).status_code == 202
@@ -194,10 +195,12 @@ def end_all(r, job_ids, owner):
     """End jobs a test leased, as their owner: no lease is left for a reaper to find."""
     from queue_schema.events import End
 
+    from queue_schema.lifecycle.ending import Ending
+
     log = EventLog(r)
     for job_id in job_ids:
-        log.append(End(job_id=job_id, seq=log.next_seq(job_id), tokens_out=0, decode_time_ms=0, stop_reason="eos",
-                       text=""), owner)
+        Ending(r, log).end(End(job_id=job_id, seq=log.next_seq(job_id), tokens_out=0, decode_time_ms=0,
+                               stop_reason="eos", text=""), owner)
 
 
 def test_with_tenants_rq_dashboard_is_for_admins_only(redis_url):

@@ -259,12 +259,8 @@ class Jobs:
             raise JobFailed()
 
     def _close_ended(self, job: Job) -> None:
-        """A job taken whose log had already ended (it was cancelled as it was taken): books only."""
-        last = self.rt.eventlog.last(job.id)
-        if last is not None and last.terminal:
-            pipe = self.rt.redis.pipeline()
-            books.close_from_log(pipe, job, last, self.rt.id)
-            pipe.execute()
+        """A job taken whose log had already ended (it was cancelled as it was taken): settled, if nobody has."""
+        self.rt.ending.settle(job.id, worker_name=self.rt.id)
 
     # --- engine thread -------------------------------------------------------------------
     def ended(self, seq: Sequence | Task, end: Ended) -> None:
@@ -354,25 +350,25 @@ class Jobs:
         with self._lock:
             record = self._records.pop(job_id, None)
         if record is not None:
-            self._close_books(record)
+            self._settle(record)
             self.rt.changed()
 
-    def _close_books(self, record: Record) -> None:
+    def _settle(self, record: Record) -> None:
+        """The job's terminal event is in its log: settle its end (queue_schema.lifecycle.ending), then add what
+        only this worker knows of the run (tokens, timings)."""
         rt, job = self.rt, record.job
         try:
-            pipe = rt.redis.pipeline()
-            if record.outcome == "failed":
-                books.fail(pipe, job, record.reason, rt.id, record.execution)
-            else:
-                books.finish(pipe, job, record.summary, rt.id, record.execution)
-            pipe.execute()
+            failed = record.outcome == "failed"
+            if not rt.ending.settle(job.id, record.emitter.terminal, summary=None if failed else record.summary,
+                                    reason=record.reason if failed else None, worker_name=rt.id,
+                                    execution=record.execution):
+                return
             ttft = record.first_token_ms
-            stats.record_job(rt.redis, rt.spec.name, record.outcome, record.tokens,
-                             None if ttft is None else ttft / 1000,
+            stats.record_run(rt.redis, rt.spec.name, record.tokens, None if ttft is None else ttft / 1000,
                              None if record.wait_ms is None else record.wait_ms / 1000,
                              time.monotonic() - record.started if record.outcome == "finished" else None)
-        except redis.RedisError as exc:  # the reaper closes books a dead writer left open
-            log.warning("job %s: could not close RQ's books: %s", job.id, exc)
+        except redis.RedisError as exc:  # the reaper settles what a writer left unsettled
+            log.warning("job %s: could not settle its end: %s", job.id, exc)
 
     def requeue_aborted(self) -> None:
         """After an abort's events are written: give back the jobs that streamed nothing."""

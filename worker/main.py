@@ -15,6 +15,7 @@ import redis
 from queue_schema.errors import ConfigError, InferqError, StartError
 from queue_schema.lifecycle import connection
 from queue_schema.lifecycle.connection import masked
+from queue_schema.settings import Settings
 from worker import gpu
 from worker.intake import Intake
 from worker.runtime import ModelSpec, WorkerRuntime
@@ -27,7 +28,8 @@ class WorkerStartError(StartError):
     """The worker cannot start; the message is the one line to show the operator."""
 
 
-def run_worker(redis_url: str, spec: ModelSpec, burst: bool = False, on_loaded=None) -> None:
+def run_worker(redis_url: str, spec: ModelSpec, burst: bool = False, on_loaded=None,
+               settings: Settings | None = None) -> None:
     """Load ``spec`` and serve its queues until SIGTERM/Ctrl-C (or, with ``burst``, empty queues)."""
     try:
         gpu_index = gpu.pin(spec.device)  # before any CUDA library loads
@@ -49,7 +51,7 @@ def run_worker(redis_url: str, spec: ModelSpec, burst: bool = False, on_loaded=N
         client.ping()
     except redis.RedisError as exc:
         raise WorkerStartError(f"cannot reach Redis at {masked(redis_url)}: {exc}") from None
-    runtime = WorkerRuntime(client, spec, listen_client=blocking)
+    runtime = WorkerRuntime(client, spec, listen_client=blocking, settings=settings or Settings.from_env())
     try:
         runtime.load()
     except InferqError as exc:

@@ -142,7 +142,8 @@ class JobEmitter:
         self.job_id = job_id
         self.sink = sink
         self.seq = first_seq
-        self.ended = False  # a terminal event was handed on: its append releases the lease
+        self.ended = False  # a terminal event was handed on: its append closes the log
+        self.terminal: _Event | None = None  # that event
 
     def emit(self, type_: str, **fields) -> _Event:
         cls = EVENT_TYPES[type_]
@@ -150,7 +151,8 @@ class JobEmitter:
             event = cls.model_construct(job_id=self.job_id, seq=self.seq, ts=now_ms(), **fields)
         else:
             event = cls(job_id=self.job_id, seq=self.seq, **fields)
-            self.ended = self.ended or event.terminal
+            if event.terminal:
+                self.ended, self.terminal = True, event
         self.seq += 1
         self.sink(event)
         return event

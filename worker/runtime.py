@@ -28,9 +28,11 @@ from queue_schema import log_context, records
 from queue_schema.events import Narration
 from queue_schema.lifecycle import registry
 from queue_schema.lifecycle import views as job_views
+from queue_schema.lifecycle.ending import Ending
 from queue_schema.lifecycle.eventlog import Appended, EventLog
 from queue_schema.lifecycle.leases import Leases
 from queue_schema.lifecycle.reaper import Reaper
+from queue_schema.settings import DEFAULTS, Settings
 from worker import gpu, narration
 from worker.backends import Backend, LoadOptions, load_backend
 from worker.cancel_watcher import CancelWatcher
@@ -59,17 +61,19 @@ class ModelSpec:
 
 class WorkerRuntime:
     def __init__(self, client: redis.Redis, spec: ModelSpec, worker_id: str | None = None,
-                 listen_client: redis.Redis | None = None):
+                 listen_client: redis.Redis | None = None, settings: Settings = DEFAULTS):
         """``listen_client`` serves the connections that block (cancel pub/sub); it needs no socket timeout."""
         self.redis = client
         self.spec = spec
         self.id = worker_id or f"{spec.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
-        self.eventlog = EventLog(client)
+        self.settings = settings
+        self.eventlog = EventLog(client, ttl_s=settings.job_ttl_s)
         self.leases = Leases(client)
         self.jobs = Jobs(self)
         self.publisher = EventPublisher(self.eventlog, writer=self.id, on_result=self.jobs.logged)
         self.cancel = CancelWatcher(listen_client or client)
-        self.reaper = Reaper(client, f"{self.id}/reaper", self.eventlog)
+        self.ending = Ending(client, self.eventlog)
+        self.reaper = Reaper(client, f"{self.id}/reaper", self.eventlog, settings)
         self.watchdog = StepWatchdog(self, spec.stuck_step_s)
         self.state = "loading"
         self.last_tokens_per_sec: float | None = None

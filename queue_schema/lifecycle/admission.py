@@ -40,7 +40,7 @@ from rq.utils import now
 
 from queue_schema import keys
 from queue_schema.errors import ErrorCode, InferqError
-from queue_schema.lifecycle import clock, registry, stats
+from queue_schema.lifecycle import clock, registry, scripts, stats
 from queue_schema.lifecycle.tenants import NO_LIMITS, NOBODY, Limits, Tenant
 from queue_schema.operations import Operation
 from queue_schema.settings import DEFAULTS, Settings
@@ -55,134 +55,7 @@ RQ_TIMEOUT_GRACE_S = 60
 IDEMPOTENCY_TTL_S = 24 * 3600
 _POSITION, _ETA = '"@@position@@"', '"@@eta@@"'
 
-# KEYS: 1 model, 2 job hash, 3 events, 4 channel, 5 open-jobs index, 6 RQ's queues set, 7 counters,
-#       8 wake list, 9 the model's serving workers, 10 the ETA average, 11 job info, 12 the job's queue,
-#       13 its queue's ring, 14-15 the limit key's queued and running sets, 16 its bucket,
-#       17 the idempotency key, 18 the tenant's job index, 19 every tenant's, 20 tenant counters,
-#       21 tenants, then the rings of the interactive priorities in order.
-# ARGV: 1 now (ms), 2 bound, 3 priority (1-based in keys.PRIORITIES), 4 job id, 5 log ttl, 6 event json,
-#       7 published prefix, 8 worker ttl (s), 9 counter field, 10 the job's queue name, 11 tenant,
-#       12 limit key, 13 submits/s, 14 burst, 15 max queued, 16 max running (0: off),
-#       17 "<job id> <fingerprint>" or "", 18 its ttl (s), 19 index horizon (ms), 20 RQ's queue key prefix,
-#       21 webhook url or "", 22 batch id or "", 23 the capabilities the job needs (a JSON list),
-#       24 the job's score in the job indexes (submit time in µs: one client's jobs sort in the
-#       order it sent them; in ms, a fifth of back-to-back submits shared one), then the job hash's
-#       field/value pairs.
-# Answers: {1, position, eta} admitted, {2, job id} replayed; refusals {-1} no such model,
-#       {-8, capability, backend} unsupported feature, {-3} offline, {-4, wait ms} rate, {-5, n} queued,
-#       {-6, n} running, {-2, bound} queue full, {-7, job id} idempotency key reused.
-_ADMIT = """
-local now, id, idem = tonumber(ARGV[1]), ARGV[4], ARGV[17]
-if idem ~= '' then
-  local prior = redis.call('GET', KEYS[17])
-  if prior then
-    local cut = string.find(prior, ' ', 1, true)
-    local mine = string.sub(idem, string.find(idem, ' ', 1, true) + 1)
-    if string.sub(prior, cut + 1) ~= mine then return {-7, string.sub(prior, 1, cut - 1)} end
-    return {2, string.sub(prior, 1, cut - 1)}
-  end
-end
-local model = redis.call('GET', KEYS[1])
-if not model then return {-1} end
-local info = cjson.decode(model)
-local needs = cjson.decode(ARGV[23])
-if #needs > 0 then
-  local have = {}
-  if type(info['capabilities']) == 'table' then
-    for _, c in ipairs(info['capabilities']) do have[c] = true end
-  end
-  for _, c in ipairs(needs) do
-    if not have[c] then return {-8, c, info['backend'] or ''} end
-  end
-end
-local serving = redis.call('ZCOUNT', KEYS[9], now / 1000 - tonumber(ARGV[8]), '+inf')
-if serving == 0 then return {-3} end
-local rate, tokens = tonumber(ARGV[13]), 0
-if rate > 0 then
-  local burst = tonumber(ARGV[14])
-  local bucket = redis.call('HMGET', KEYS[16], 'tokens', 'at')
-  tokens = tonumber(bucket[1]) or burst
-  tokens = math.min(burst, tokens + math.max(0, now - (tonumber(bucket[2]) or now)) * rate / 1000)
-  if tokens < 1 then return {-4, math.ceil((1 - tokens) * 1000 / rate)} end
-end
-local max_queued, max_running = tonumber(ARGV[15]), tonumber(ARGV[16])
-if max_queued > 0 and redis.call('SCARD', KEYS[14]) >= max_queued then return {-5, max_queued} end
-if max_running > 0 and redis.call('SCARD', KEYS[15]) >= max_running then return {-6, max_running} end
-local prio, member, prefix = tonumber(ARGV[3]), ARGV[10], ARGV[20]
-local own = redis.call('LLEN', KEYS[12])
--- Waiting jobs per interactive priority, and of the other tenants' queues in the job's own ring.
-local depth, ahead, others = 0, 0, 0
-local function ring(key, mine)
-  local total = 0
-  for _, m in ipairs(redis.call('LRANGE', key, 0, -1)) do
-    local n = redis.call('LLEN', prefix .. m)
-    total = total + n
-    if mine and m ~= member then others = others + math.min(n, own + 1) end
-  end
-  return total
-end
-for q = 22, #KEYS do
-  local n = ring(KEYS[q], q - 21 == prio)
-  depth = depth + n
-  if q - 21 < prio then ahead = ahead + n end
-end
-if prio > #KEYS - 21 then
-  ahead = depth
-  ring(KEYS[13], true)
-else
-  local bound = math.min(tonumber(info['queue_depth']), tonumber(ARGV[2]))
-  if depth >= bound then return {-2, bound} end
-end
-local position = ahead + own + others
-local eta = 'null'
-local per_job = redis.call('HGET', KEYS[10], 'value')
-if per_job then
-  local slots = tonumber(info['slots'] or 1)
-  eta = string.format('%.3f', (position + 1) * tonumber(per_job) / (serving * slots))
-end
-local fields = {}
-for i = 25, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[2], unpack(fields))
-if redis.call('RPUSH', KEYS[12], id) == 1 then
-  redis.call('LREM', KEYS[13], 0, member)
-  redis.call('RPUSH', KEYS[13], member)
-end
-redis.call('SADD', KEYS[6], KEYS[12])
-local tenant, limit_key = ARGV[11], ARGV[12]
-redis.call('HSET', KEYS[11], 'tenant', tenant, 'limit', limit_key, 'submitted', now)
-if ARGV[21] ~= '' then redis.call('HSET', KEYS[11], 'webhook', ARGV[21]) end
-if ARGV[22] ~= '' then redis.call('HSET', KEYS[11], 'batch', ARGV[22]) end
-redis.call('SADD', KEYS[14], id)
-if rate > 0 then
-  redis.call('HSET', KEYS[16], 'tokens', tostring(tokens - 1), 'at', now)
-  redis.call('PEXPIRE', KEYS[16], math.ceil(tonumber(ARGV[14]) * 1000 / rate) + 1000)
-end
-local horizon, listed = tonumber(ARGV[19]), ARGV[24]
-for k = 18, 19 do
-  redis.call('ZADD', KEYS[k], listed, id)
-  redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', string.format('%.0f', tonumber(listed) - horizon * 1000))
-  redis.call('PEXPIRE', KEYS[k], horizon)
-end
-redis.call('HINCRBY', KEYS[20], 'submitted|' .. tenant, 1)
-redis.call('HSET', KEYS[21], limit_key, tenant)
-if idem ~= '' then redis.call('SET', KEYS[17], idem, 'EX', ARGV[18]) end
-local event = string.gsub((string.gsub(ARGV[6], '"@@position@@"', position)), '"@@eta@@"', eta)
-redis.call('XADD', KEYS[3], '0-1', 'e', event)
-redis.call('EXPIRE', KEYS[3], ARGV[5])
-redis.call('PUBLISH', KEYS[4], ARGV[7] .. event)
-redis.call('ZADD', KEYS[5], now, id)
-redis.call('HINCRBY', KEYS[7], ARGV[9], 1)
-redis.call('RPUSH', KEYS[8], 1)
-redis.call('LTRIM', KEYS[8], -64, -1)
-return {1, position, eta}
-"""
-
-# KEYS: the idempotency key. ARGV: the job id it must still name.
-_FORGET = """
-local prior = redis.call('GET', KEYS[1])
-if prior and string.sub(prior, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+_ADMIT, _FORGET = scripts.load("admit"), scripts.load("forget")
 
 
 def new_job_id() -> str:
@@ -225,8 +98,6 @@ class Admission:
         self.redis = client
         self.settings = settings
         self.log_ttl_s = settings.job_ttl_s
-        self._admit = client.register_script(_ADMIT)
-        self._forget = client.register_script(_FORGET)
 
     def admit(self, op: Operation, bound: int, tenant: Tenant = NOBODY, limits: Limits = NO_LIMITS,
               idempotency: Idempotency | None = None, priority: str | None = None,
@@ -253,20 +124,25 @@ class Admission:
         flat = [v for kv in fields.items() for v in kv]
         idem_key = keys.idempotency(tenant.name, idempotency.digest) if idempotency else keys.idempotency(
             tenant.name, "-")
-        result = self._admit(
-            keys=[keys.model(op.model), keys.rq_job(job_id), keys.job_events(job_id), keys.job_channel(job_id),
-                  keys.OPEN_JOBS, keys.RQ_QUEUES, keys.COUNTERS, keys.model_wake(op.model),
-                  keys.model_workers(op.model), keys.histogram(stats.RATE_KEY, op.model), keys.job_info(job_id),
-                  keys.rq_queue(queue), keys.queue_ring(queue), keys.limit_queued(tenant.limit_key),
-                  keys.limit_running(tenant.limit_key), keys.limit_bucket(tenant.limit_key), idem_key,
-                  keys.tenant_jobs(tenant.name), keys.JOB_INDEX, keys.TENANT_COUNTERS, keys.TENANTS,
-                  *(keys.queue_ring(keys.queue_name(op.model, p)) for p in keys.INTERACTIVE)],
-            args=[submitted_ms, bound, keys.PRIORITIES.index(priority) + 1, job_id, self.log_ttl_s, event,
-                  "0 queued ", registry.WORKER_TTL_S, f"submitted|{op.model}", queue, tenant.name,
-                  tenant.limit_key, repr(float(limits.submits_per_s)), limits.bucket, limits.max_queued,
-                  limits.max_running, f"{job_id} {idempotency.fingerprint}" if idempotency else "",
-                  IDEMPOTENCY_TTL_S, 2 * self.log_ttl_s * 1000, keys.RQ_QUEUE_PREFIX,
-                  op.webhook_url or "", batch or "", json.dumps(op.needs()), submitted_us, *flat])
+        result = _ADMIT(self.redis, {
+            "model": keys.model(op.model), "job": keys.rq_job(job_id), "events": keys.job_events(job_id),
+            "channel": keys.job_channel(job_id), "open_jobs": keys.OPEN_JOBS, "rq_queues": keys.RQ_QUEUES,
+            "counters": keys.COUNTERS, "wake": keys.model_wake(op.model), "serving": keys.model_workers(op.model),
+            "eta": keys.histogram(stats.RATE_KEY, op.model), "info": keys.job_info(job_id),
+            "queue": keys.rq_queue(queue), "ring": keys.queue_ring(queue), "queued": keys.limit_queued(tenant.limit_key),
+            "running": keys.limit_running(tenant.limit_key), "bucket": keys.limit_bucket(tenant.limit_key),
+            "idem": idem_key, "tenant_jobs": keys.tenant_jobs(tenant.name), "all_jobs": keys.JOB_INDEX,
+            "tenant_counters": keys.TENANT_COUNTERS, "tenants": keys.TENANTS,
+        }, {
+            "now": submitted_ms, "bound": bound, "priority": keys.PRIORITIES.index(priority) + 1, "id": job_id,
+            "ttl": self.log_ttl_s, "event": event, "worker_ttl": registry.WORKER_TTL_S, "model": op.model,
+            "queue_name": queue, "tenant": tenant.name, "limit_key": tenant.limit_key,
+            "rate": repr(float(limits.submits_per_s)), "burst": limits.bucket, "max_queued": limits.max_queued,
+            "max_running": limits.max_running,
+            "idem": f"{job_id} {idempotency.fingerprint}" if idempotency else "", "idem_ttl": IDEMPOTENCY_TTL_S,
+            "horizon": 2 * self.log_ttl_s * 1000, "webhook": op.webhook_url or "", "batch": batch or "",
+            "needs": json.dumps(op.needs()), "listed": submitted_us,
+        }, [keys.queue_ring(keys.queue_name(op.model, p)) for p in keys.INTERACTIVE], flat)
         status = result[0]
         if status == 2:
             return Admitted(result[1].decode(), queue, 0, None, replayed=True)
@@ -278,7 +154,7 @@ class Admission:
     def forget(self, tenant: Tenant, idempotency: Idempotency, job_id: str) -> bool:
         """Drop the key if it still names ``job_id`` (a request that made several jobs and then had
         one refused cancels the others: a retry with its key must make new ones)."""
-        return bool(self._forget(keys=[keys.idempotency(tenant.name, idempotency.digest)], args=[job_id]))
+        return bool(_FORGET(self.redis, {"idem": keys.idempotency(tenant.name, idempotency.digest)}, {"job": job_id}))
 
 
 _FEATURES = {"grammar": "structured output (response_format, json_schema, grammar)", "logprobs": "logprobs",

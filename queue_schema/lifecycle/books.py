@@ -109,15 +109,26 @@ def give_back(client: redis.Redis, leases, job: Job, owner: str, queue_name: str
     return True
 
 
-def close_from_log(pipe, job: Job, terminal: _Event, worker_name: str = "") -> None:
-    """Books for a job whose log ended while nobody wrote them (its writer died first)."""
-    if terminal.type == "end" and terminal.stop_reason == "cancelled" and job.get_status(refresh=False) in (
-            JobStatus.QUEUED, JobStatus.CANCELED):
+ENDED = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED)
+
+
+def close(pipe, job: Job, terminal: _Event, summary_: dict | None = None, reason: str | None = None,
+          worker_name: str = "", execution: Execution | None = None) -> bool:
+    """RQ's books for a job whose log ended with ``terminal``: finished (with ``summary_``, by default the
+    terminal event's), failed (``reason``), or cancelled before it ran (written again, it is the same). Nothing
+    if RQ already shows it finished or failed (a settle done again: those books are written once). True if it
+    wrote them."""
+    status = job.get_status(refresh=False)
+    if status in ENDED:
+        return False
+    if terminal.type == "end" and terminal.stop_reason == "cancelled" and \
+            status in (JobStatus.QUEUED, JobStatus.CANCELED, None):
         cancelled(pipe, job)
     elif terminal.type == "end":
-        finish(pipe, job, summary(terminal), worker_name)
+        finish(pipe, job, summary_ or summary(terminal), worker_name, execution)
     else:
-        fail(pipe, job, f"{terminal.code}: {terminal.message}", worker_name)
+        fail(pipe, job, reason or f"{terminal.code}: {terminal.message}", worker_name, execution)
+    return True
 
 
 def summary(end: _Event) -> dict:

@@ -1,23 +1,25 @@
-"""Jobs nobody is running any more: lost leases, and open logs whose job went away.
+"""Jobs nobody is running any more: lost leases, open logs whose job went away, ends not settled.
 
 Any inferq process can reap — every worker and every API process runs a
 ``Reaper`` — so a model's only worker dying is noticed by the API. One
 process reaps at a time (a short lock in Redis); it watches every lease's
-renewal count, and a lease that stands still for ``STALE_S`` on its own
-clock, while Redis answered every look, is lost: the reaper takes the lease
-over (compare-and-set) and either gives the job back to the front of its
-queue, once, if it had streamed no token, or ends it with ``WORKER_LOST``.
-If Redis itself stalls (a look takes longer than ``STALL_S``, or fails),
-everything seen so far is forgotten: the owners could not renew either.
+renewal count, and a lease that stands still for ``stale_s`` (8 s) on its
+own clock, while Redis answered every look, is lost: the reaper takes the
+lease over (compare-and-set) and either gives the job back to the front of
+its queue, once, if it had streamed no token, or ends it with
+``WORKER_LOST``. If Redis itself stalls (a look takes longer than
+``STALL_S``, or fails), everything seen so far is forgotten: the owners
+could not renew either.
 
-Every ``SWEEP_S`` it also sweeps the open jobs (logs with no terminal event)
-for ones whose RQ job went away without a lease: deleted or emptied from a
-queue in rq-dashboard (ended with ``error`` ``CANCELLED``), cancelled in RQ
-(``end`` ``cancelled``), or shown as running with no lease at all (a Redis
-restart lost it: handled like a lost lease). And it closes RQ's books of jobs
-whose log ended but whose writer died before writing them, puts tenant queues
-that have jobs but are in no ring back in their ring (fair share), and drops
-tenant counts of jobs that are gone.
+Every ``SWEEP_S`` it also sweeps the open jobs for ones whose RQ job went
+away without a lease: deleted or emptied from a queue in rq-dashboard (ended
+with ``error`` ``CANCELLED``), cancelled in RQ (``end`` ``cancelled``), or
+shown as running with no lease at all (a Redis restart lost it: handled like
+a lost lease); settles the ends whose writer died before settling them
+(queue_schema.lifecycle.ending); puts tenant queues that have jobs but are in
+no ring back in their ring (fair share); drops tenant counts of jobs that are
+gone; and every minute cleans RQ's ended-job registries. Every ending it
+writes goes through ``Ending``, as every other writer's does.
 """
 from __future__ import annotations
 
@@ -32,61 +34,34 @@ from rq.serializers import JSONSerializer
 
 from queue_schema import keys
 from queue_schema.events import Error, Narration, Queued
-from queue_schema.lifecycle import books, clock, leases, stats, tenants
+from queue_schema.lifecycle import books, clock, leases, scripts, tenants
 from queue_schema.lifecycle import views as jobs
-from queue_schema.lifecycle.eventlog import WEBHOOK_RECORD_TTL_S, EventLog
+from queue_schema.lifecycle.ending import WEBHOOK_RECORD_TTL_S, Ending
+from queue_schema.lifecycle.eventlog import EventLog
+from queue_schema.settings import DEFAULTS, Settings
 
 log = logging.getLogger(__name__)
-STALE_S = 8.0  # a lease that stands still this long is lost (owners renew every second)
 STALL_S = 3.0  # looks further apart than this (Redis stalled, or we did) start the watch over
 TICK_S = 1.0
 LOCK_MS = 3000
 SWEEP_S = 10.0
 SWEEP_MIN_AGE_S = 5.0  # an open job younger than this is left alone (it is being admitted)
 SWEEP_BATCH = 500
+SETTLE_AFTER_S = 5.0  # an end its writer has not settled this long after it was written is the reaper's
 REGISTRY_SWEEP_S = 60.0  # RQ's finished, failed and cancelled registries: expired entries dropped this often
-
-_LOCK = """
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 1
-"""
-# For each job id: 0 nothing to do, else its RQ status (or 'missing'), when it has no lease.
-# ARGV: the lease key's affixes, RQ's job key prefix, then the ids.
-_ORPHANS = """
-local out = {}
-for i, id in ipairs(ARGV) do
-  if i > 3 and redis.call('EXISTS', ARGV[1] .. id .. ARGV[2]) == 0 then
-    local status = redis.call('HGET', ARGV[3] .. id, 'status')
-    out[#out + 1] = {id, status or 'missing'}
-  end
-end
-return out
-"""
-
-# KEYS: ring, queue. ARGV: the queue's name. Checked again inside: the lease script may have emptied it.
-_RING_ADD = """
-if redis.call('LLEN', KEYS[2]) > 0 and not redis.call('LPOS', KEYS[1], ARGV[1]) then
-  redis.call('RPUSH', KEYS[1], ARGV[1])
-end
-return 1
-"""
+_LOCK, _UNLOCK = scripts.load("reaper_lock"), scripts.load("reaper_unlock")
+_ORPHANS, _RING_ADD = scripts.load("reaper_orphans"), scripts.load("ring_add")
 
 
 class Reaper:
-    def __init__(self, client: redis.Redis, identity: str, eventlog: EventLog | None = None):
+    def __init__(self, client: redis.Redis, identity: str, eventlog: EventLog | None = None,
+                 settings: Settings = DEFAULTS):
         self.redis = client
         self.id = identity  # the lease owner it writes as, once it took a lost job over
-        self.eventlog = eventlog or EventLog(client)
+        self.eventlog = eventlog or EventLog(client, settings.job_ttl_s)
+        self.ending = Ending(client, self.eventlog)
         self.leases = leases.Leases(client)
-        self._lock = client.register_script(_LOCK)
-        self._unlock = client.register_script(_UNLOCK)
-        self._orphans = client.register_script(_ORPHANS)
+        self.stale_s = settings.lease_stale_s
         self._seen: dict[str, tuple[leases.LeaseView, float]] = {}
         self._last_look: float | None = None
         self._next_sweep = 0.0
@@ -111,7 +86,7 @@ class Reaper:
     def stop(self) -> None:
         self._stop.set()
         try:
-            self._unlock(keys=[keys.REAPER], args=[self.id])
+            _UNLOCK(self.redis, {"lock": keys.REAPER}, {"holder": self.id})
         except redis.RedisError:
             pass
 
@@ -120,7 +95,7 @@ class Reaper:
         before = time.monotonic()
         if self._last_look is None or before - self._last_look > STALL_S:
             self._seen.clear()
-        if not self._lock(keys=[keys.REAPER], args=[self.id, LOCK_MS]):
+        if not _LOCK(self.redis, {"lock": keys.REAPER}, {"holder": self.id, "ttl_ms": LOCK_MS}):
             self._seen.clear()  # another process watches; ours would be stale when the role comes back
             self._last_look = None
             return []
@@ -137,7 +112,7 @@ class Reaper:
                 current[view.job_id] = (view, looked)
             else:
                 current[view.job_id] = seen
-                if looked - seen[1] >= STALE_S:
+                if looked - seen[1] >= self.stale_s:
                     lost.append(view)
         self._seen = current
         done = []
@@ -159,9 +134,9 @@ class Reaper:
         tokens = sum(1 for e in history if e.type in ("token", "embedding"))  # what a client may have seen
         seq = history[-1].seq + 1 if history else 0
         worker = owner or "unknown"
-        if history and history[-1].terminal:  # cannot happen (a terminal event releases the lease); tidy up
-            self.leases.release(job_id, self.id)
-            return "closed"
+        if history and history[-1].terminal:  # its writer died between its end and the settle
+            self.ending.settle(job_id, history[-1])
+            return "settled"
         meta = job.meta if job is not None else {}
         model, priority = meta.get("model"), meta.get("priority")
         if job is not None and tokens == 0 and books.may_requeue(job) and priority in keys.PRIORITIES:
@@ -179,13 +154,7 @@ class Reaper:
         else:
             message = (message or f"worker {worker} was lost (it stopped renewing its lease)") + \
                 f" after {tokens} tokens; the job can be submitted again"
-            self.eventlog.append(Error(job_id=job_id, seq=seq, code=code, message=message, retriable=True),
-                                 self.id)
-            if job is not None:
-                pipe = self.redis.pipeline()
-                books.fail(pipe, job, f"{code}: {message}")
-                stats.count(pipe, "failed", model or "unknown")
-                pipe.execute()
+            self.ending.end(Error(job_id=job_id, seq=seq, code=code, message=message, retriable=True), self.id)
             action = "failed"
         log.warning("job %s: worker %s lost; %s by %s", job_id, worker, action, self.id)
         return action
@@ -193,7 +162,7 @@ class Reaper:
     # --- orphans -------------------------------------------------------------------------
     def sweep(self) -> list[tuple[str, str]]:
         done = self._sweep_open_logs()
-        done += self._sweep_started_books()
+        done += self._sweep_unsettled()
         done += self._sweep_rings()
         if tenants.tidy(self.redis):
             log.warning("reaper %s: dropped tenant counts of jobs that had ended (Redis lost writes?)", self.id)
@@ -234,7 +203,7 @@ class Reaper:
         done = []
         for i, name in enumerate(names):
             if found[2 * i] and found[2 * i + 1] is None:
-                self.redis.eval(_RING_ADD, 2, keys.queue_ring(name), keys.rq_queue(name), name)
+                _RING_ADD(self.redis, {"ring": keys.queue_ring(name), "queue": keys.rq_queue(name)}, {"name": name})
                 done.append((name, "ring repaired"))
         return done
 
@@ -242,7 +211,7 @@ class Reaper:
         cutoff = clock.now_ms(self.redis) - int(SWEEP_MIN_AGE_S * 1000)
         done = []
         for ids in _pages(self.redis, keys.OPEN_JOBS, cutoff, SWEEP_BATCH):
-            for job_id, status in self._orphans(args=[*keys.split(keys.job_lease), keys.RQ_JOB_PREFIX, *ids]):
+            for job_id, status in _ORPHANS(self.redis, more_args=ids):
                 action = self._orphan(job_id.decode(), status.decode())
                 if action:
                     done.append((job_id.decode(), action))
@@ -250,9 +219,11 @@ class Reaper:
 
     def _orphan(self, job_id: str, status: str) -> str | None:
         last = self.eventlog.last(job_id)
-        if last is None or last.terminal:  # the log expired, or ended: it is not open
+        if last is None:  # the log expired: nothing is open any more
             self.redis.zrem(keys.OPEN_JOBS, job_id)
             return None
+        if last.terminal:  # ended, and not settled (the sweep of unsettled ends gets there too)
+            return "settled" if self.ending.settle(job_id, last) else None
         seq = last.seq + 1
         if status == "missing":
             event = Error(job_id=job_id, seq=seq, code="CANCELLED", retriable=False,
@@ -268,39 +239,20 @@ class Reaper:
             return self.handle_lost(job_id, "")
         else:
             return None  # queued: it is waiting for a worker
-        if self.eventlog.append(event) != 1:
+        if self.ending.end(event) != 1:
             return None
-        job = books.fetch(self.redis, job_id)
-        if job is not None:
-            pipe = self.redis.pipeline()
-            books.cancelled(pipe, job)
-            pipe.execute()
         log.info("job %s: its RQ job was %s outside inferq; its stream is closed", job_id, action)
         return action
 
-    def _sweep_started_books(self) -> list[tuple[str, str]]:
-        """RQ's started registries: jobs whose log ended but whose books were never closed."""
+    def _sweep_unsettled(self) -> list[tuple[str, str]]:
+        """Ends whose writer died between the terminal event and the settle (queue_schema.lifecycle.ending)."""
         done = []
-        for name in self.redis.smembers(keys.RQ_QUEUES):
-            queue_key = name.decode()
-            if not queue_key.startswith(keys.rq_queue(keys.QUEUE_PREFIX)):
-                continue
-            registry = jobs.started_registry(self.redis, queue_key[len(keys.RQ_QUEUE_PREFIX):])
-            ids = registry.get_job_ids(cleanup=False)
-            if not ids:
-                continue
-            owners = self.leases.owners(ids)
-            for job_id in ids:
-                if owners[job_id]:
-                    continue
-                last = self.eventlog.last(job_id)
-                job = books.fetch(self.redis, job_id)
-                if last is None or not last.terminal or job is None:
-                    continue
-                pipe = self.redis.pipeline()
-                books.close_from_log(pipe, job, last)
-                pipe.execute()
-                done.append((job_id, "books closed"))
+        for job_id in self.ending.unsettled(int(SETTLE_AFTER_S * 1000)):
+            if self.ending.settle(job_id):
+                log.warning("job %s: its end was written but not settled (its writer died?); settled", job_id)
+                done.append((job_id, "settled"))
+            else:  # its log expired, or someone settled it meanwhile
+                self.redis.zrem(keys.SETTLING, job_id)
         return done
 
 

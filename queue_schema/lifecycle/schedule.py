@@ -17,29 +17,9 @@ from dataclasses import dataclass
 
 import redis
 
-# KEYS: due, claimed. ARGV: now (ms), claim length (ms), how many.
-_CLAIM = """
-local now = tonumber(ARGV[1])
-for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
-  redis.call('ZREM', KEYS[2], member)
-  redis.call('ZADD', KEYS[1], now, member)
-end
-local until_ms = now + tonumber(ARGV[2])
-local out = {}
-for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))) do
-  redis.call('ZREM', KEYS[1], member)
-  redis.call('ZADD', KEYS[2], until_ms, member)
-  out[#out + 1] = member
-end
-return {until_ms, out}
-"""
-# KEYS: due, claimed. ARGV: member, the claim's end (ms), next due (ms) or "" to finish.
-_SETTLE = """
-if tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or -1) ~= tonumber(ARGV[2]) then return 0 end
-redis.call('ZREM', KEYS[2], ARGV[1])
-if ARGV[3] ~= '' then redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1]) end
-return 1
-"""
+from queue_schema.lifecycle import scripts
+
+_CLAIM, _SETTLE = scripts.load("schedule_claim"), scripts.load("schedule_settle")
 
 
 @dataclass(frozen=True)
@@ -52,24 +32,23 @@ class Schedule:
     def __init__(self, client: redis.Redis, due_key: str, claimed_key: str, claim_ms: int = 60_000):
         self.redis = client
         self.due_key, self.claimed_key, self.claim_ms = due_key, claimed_key, claim_ms
-        self._claim = client.register_script(_CLAIM)
-        self._settle = client.register_script(_SETTLE)
+        self._keys = {"due": due_key, "claimed": claimed_key}
 
     def add(self, member: str, due_ms: int, pipe=None) -> None:
         """Make ``member`` due at ``due_ms`` (``pipe``: as part of a caller's transaction)."""
         (pipe or self.redis).zadd(self.due_key, {member: due_ms})
 
     def claim(self, now_ms: int, count: int = 20) -> list[Claim]:
-        until_ms, members = self._claim(keys=[self.due_key, self.claimed_key], args=[now_ms, self.claim_ms, count])
+        until_ms, members = _CLAIM(self.redis, self._keys, {"now": now_ms, "claim_ms": self.claim_ms, "count": count})
         return [Claim(m.decode(), int(until_ms)) for m in members]
 
     def reschedule(self, claim: Claim, due_ms: int) -> bool:
         """Give the claim back, due again at ``due_ms``; False if it had lapsed and was taken."""
-        return bool(self._settle(keys=[self.due_key, self.claimed_key], args=[claim.member, claim.until_ms, due_ms]))
+        return bool(_SETTLE(self.redis, self._keys, {"member": claim.member, "until_ms": claim.until_ms,
+                                                     "next_due": due_ms}))
 
     def finish(self, claim: Claim) -> bool:
         """Done with ``member`` for good; False if the claim had lapsed and was taken."""
-        return bool(self._settle(keys=[self.due_key, self.claimed_key], args=[claim.member, claim.until_ms, ""]))
+        return bool(_SETTLE(self.redis, self._keys, {"member": claim.member, "until_ms": claim.until_ms,
+                                                     "next_due": ""}))
 
-    def pending(self) -> int:
-        return int(self.redis.zcard(self.due_key)) + int(self.redis.zcard(self.claimed_key))

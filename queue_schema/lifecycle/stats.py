@@ -12,6 +12,7 @@ from collections import defaultdict
 import redis
 
 from queue_schema import keys
+from queue_schema.lifecycle import scripts
 
 COUNTERS = ("submitted", "finished", "failed", "cancelled", "tokens", "stuck_steps")
 BUCKETS = {
@@ -34,11 +35,11 @@ def observe(pipe, name: str, model: str, value: float) -> None:
     pipe.hincrbyfloat(key, "sum", value)
 
 
-def record_job(client: redis.Redis, model: str, outcome: str, tokens: int, ttft_s: float | None,
-               wait_s: float | None, duration_s: float | None) -> None:
-    """One round trip at the end of a job: its outcome, tokens, timings, and the ETA average."""
+def record_run(client: redis.Redis, model: str, tokens: int, ttft_s: float | None, wait_s: float | None,
+               duration_s: float | None) -> None:
+    """One round trip once a worker settled a job it ran: tokens, timings, and the ETA average (its outcome
+    is counted by the settle itself, whoever settles it)."""
     pipe = client.pipeline(transaction=False)
-    count(pipe, outcome, model)
     if tokens:
         count(pipe, "tokens", model, tokens)
     if ttft_s is not None:
@@ -50,19 +51,13 @@ def record_job(client: redis.Redis, model: str, outcome: str, tokens: int, ttft_
     pipe.execute()
 
 
-# Read-modify-write in Redis: one round trip, and two workers finishing at
-# once cannot both start from the same old value and lose an update.
-_EWMA = """
-local old = redis.call('HGET', KEYS[1], 'value')
-local value = tonumber(ARGV[1])
-if old then value = (1 - tonumber(ARGV[2])) * tonumber(old) + tonumber(ARGV[2]) * value end
-redis.call('HSET', KEYS[1], 'value', tostring(value), 'at', ARGV[3])
-"""
+_EWMA = scripts.load("stats_ewma")
 
 
 def update_job_seconds(client, model: str, seconds: float, weight: float = 0.2) -> None:
     """Fold ``seconds`` into the model's moving average (``client`` may be a pipeline)."""
-    client.eval(_EWMA, 1, keys.histogram(RATE_KEY, model), repr(seconds), repr(weight), repr(time.time()))
+    _EWMA(client, {"average": keys.histogram(RATE_KEY, model)},
+          {"value": repr(seconds), "weight": repr(weight), "at": repr(time.time())})
 
 
 def job_seconds(client: redis.Redis, model: str) -> float | None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import redis
 
 from queue_schema import keys
+from queue_schema.lifecycle import scripts
 
 ANONYMOUS = "anonymous"  # the one tenant while auth is off
 SHARED = "default"  # the tenant of bare tokens
@@ -90,38 +91,16 @@ def read_counters(client: redis.Redis) -> dict[str, dict[str, int]]:
     return out
 
 
-# Members of a limit key's sets whose job is gone or ended: only a Redis that lost writes leaves
-# any (every script that ends or moves a job keeps them). Then the limit key itself leaves the tenants
-# hash once nothing of it is left (no job, no bucket): with auth off there is one per client address,
-# and the hash would grow for ever; admission writes it again at the key's next submit.
-# KEYS: queued, running, bucket, tenants hash. ARGV: the affixes of the events and lease keys, the limit key.
-_TIDY = """
-local dropped = 0
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local last = redis.call('XREVRANGE', ARGV[1] .. id .. ARGV[2], '+', '-', 'COUNT', 1)[1]
-  if not last or #last[2] > 2 then
-    redis.call('SREM', KEYS[1], id)
-    dropped = dropped + 1
-  end
-end
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if redis.call('EXISTS', ARGV[3] .. id .. ARGV[4]) == 0 then
-    redis.call('SREM', KEYS[2], id)
-    dropped = dropped + 1
-  end
-end
-if redis.call('EXISTS', KEYS[1], KEYS[2], KEYS[3]) == 0 then redis.call('HDEL', KEYS[4], ARGV[5]) end
-return dropped
-"""
+_TIDY = scripts.load("tenants_tidy")
 
 
 def tidy(client: redis.Redis) -> int:
-    """Drop set members whose job ended or went away; how many were dropped."""
+    """Drop set members whose job ended or went away, and limit keys nothing is left of; how many members
+    were dropped."""
     dropped = 0
-    script = client.register_script(_TIDY)
     for limit_key in client.hkeys(keys.TENANTS):
         limit_key = limit_key.decode()
-        dropped += int(script(keys=[keys.limit_queued(limit_key), keys.limit_running(limit_key),
-                                    keys.limit_bucket(limit_key), keys.TENANTS],
-                              args=[*keys.split(keys.job_events), *keys.split(keys.job_lease), limit_key]))
+        dropped += int(_TIDY(client, {"queued": keys.limit_queued(limit_key), "running": keys.limit_running(limit_key),
+                                      "bucket": keys.limit_bucket(limit_key), "tenants": keys.TENANTS},
+                             {"limit_key": limit_key}))
     return dropped
