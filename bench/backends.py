@@ -2,7 +2,7 @@
 
     python -m bench.backends --model small --tokens 64 --runs 3
 
-Greedy decoding with the shared token loop pieces (backend.generate + our
+Greedy decoding with the shared token loop pieces (DirectDecoder + our
 sampler), so the only difference is the engine. Prints tokens/s per backend
 (min/median over runs), prompt evaluation time, and the ratio.
 """

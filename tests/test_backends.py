@@ -8,6 +8,7 @@ from inferq.testmodel import make_llama_gguf
 from tests.conftest import ROOT
 from worker.backends import LoadOptions, ModelLoadError, load_backend
 from worker.backends.base import SamplingParams
+from worker.backends.direct import DirectDecoder
 from worker.backends.selection import choose, ctransformers_refusal, installed
 from worker.gguf_meta import GGUFInfo, read_info
 
@@ -86,7 +87,7 @@ def test_both_backends_read_the_same_file_alike(tiny_model):
 
     def greedy(backend, n=12):
         out = []
-        for token in backend.generate(prompt, SamplingParams.greedy()):
+        for token in DirectDecoder(backend).generate(prompt, SamplingParams.greedy()):
             out.append(token)
             if len(out) == n:
                 break

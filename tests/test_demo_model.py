@@ -14,6 +14,7 @@ from inferq import demo_model
 from tests.conftest import ROOT
 from worker.backends import LoadOptions, load_backend
 from worker.backends.base import SamplingParams
+from worker.backends.direct import DirectDecoder
 from worker.backends.selection import installed
 
 REFERENCE = json.loads((ROOT / "models" / "demo-reference.json").read_text())
@@ -97,7 +98,7 @@ def test_greedy_continuation_matches_pytorch(backend, case):
     expected = [t for t in case["greedy_ids"][:n] if t != EOS]
     got = []
     # Plain greedy: the reference has no repetition penalty.
-    for token in backend.generate(case["prompt_ids"], SamplingParams.greedy(repetition_penalty=1.0)):
+    for token in DirectDecoder(backend).generate(case["prompt_ids"], SamplingParams.greedy(repetition_penalty=1.0)):
         if len(got) == len(expected):
             break
         got.append(token)

@@ -276,15 +276,19 @@ def test_a_renewal_racing_the_terminal_append_is_not_a_lost_lease():
     """The terminal append releases the lease; a renewal sent with the job still held then finds it
     gone. That job is settled by the append's own result (its books closed by the worker), so the
     renewal must not drop it; a job with no terminal event yet whose lease is gone is really lost."""
+    import threading
+
     from worker.jobs import Jobs, Record
     from worker.publisher import JobEmitter
 
     sent = []
-    jobs = Jobs(runtime=None)
+    jobs = object.__new__(Jobs)  # only the records matter here
+    jobs._records, jobs._lock = {}, threading.Lock()
     for job_id in ("ended", "running"):
-        emitter = JobEmitter(job_id, sent.append, 0)
-        emitter.emit("token", t="a", i=0)
+        emitter = JobEmitter(job_id, 0)
+        sent.append(emitter.make("token", t="a", i=0))
         jobs._records[job_id] = Record(job=None, emitter=emitter)
-    jobs._records["ended"].emitter.emit("end", text="a", tokens_out=1, decode_time_ms=1, stop_reason="eos")
+    sent.append(jobs._records["ended"].emitter.make("end", text="a", tokens_out=1, decode_time_ms=1,
+                                                    stop_reason="eos"))
     assert jobs.really_lost(["ended", "running", "gone"]) == ["running"]
     assert [e.type for e in sent] == ["token", "token", "end"]

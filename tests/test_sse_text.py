@@ -38,12 +38,13 @@ def emit_job(redis_url: str, pieces: list[str]) -> str:
     """Write a job's whole stream with the worker's own emitter and publisher."""
     job_id = f"sse-{uuid.uuid4().hex}"
     publisher = EventPublisher(EventLog(redis.Redis.from_url(redis_url)), writer="")  # no lease: unowned
-    emitter = JobEmitter(job_id, publisher.put, 0)
-    emitter.emit("queued", position=0, queue="inferq.sse.normal")
-    emitter.emit("started", model="sse", worker="test", queue_wait_ms=0)
+    emitter = JobEmitter(job_id, 0)
+    publisher.put(emitter.make("queued", position=0, queue="inferq.sse.normal"))
+    publisher.put(emitter.make("started", model="sse", worker="test", queue_wait_ms=0))
     for i, piece in enumerate(pieces):
-        emitter.emit("token", t=piece, i=i)
-    emitter.emit("end", tokens_out=len(pieces), decode_time_ms=1, stop_reason="max_tokens", text="".join(pieces))
+        publisher.put(emitter.make("token", t=piece, i=i))
+    publisher.put(emitter.make("end", tokens_out=len(pieces), decode_time_ms=1, stop_reason="max_tokens",
+                               text="".join(pieces)))
     assert publisher.flush(10)
     return job_id
 

@@ -194,7 +194,6 @@ def test_tenants_take_turns_within_a_priority(r, redis_url):
 def end_all(r, job_ids, owner):
     """End jobs a test leased, as their owner: no lease is left for a reaper to find."""
     from queue_schema.events import End
-
     from queue_schema.lifecycle.ending import Ending
 
     log = EventLog(r)

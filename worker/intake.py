@@ -19,6 +19,7 @@ from rq.utils import now, utcformat
 from queue_schema import keys
 from queue_schema.lifecycle import clock
 from queue_schema.lifecycle.redis_errors import unavailable
+from worker.inbox import Submit
 
 log = logging.getLogger(__name__)
 WAKE_WAIT_S = 1
@@ -50,7 +51,7 @@ class Intake:
                 if not taken:
                     if self.burst:
                         rt.stop_admitting = True
-                        scheduler.wake()
+                        rt.inbox.wake.set()
                         return
                     self.wake_client.blpop([keys.model_wake(rt.spec.name)], timeout=WAKE_WAIT_S)
                     continue
@@ -61,8 +62,8 @@ class Intake:
                     raise
                 if ready:
                     rt.publish_record()  # the record lists a job before its first token can be seen
-                for seq in ready:
-                    scheduler.submit(seq)
+                for item in ready:
+                    rt.inbox.post(Submit(item))
                 delay = 0.1
             except Exception as exc:
                 if not unavailable(exc):
@@ -72,4 +73,4 @@ class Intake:
                                 rt.id, exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        scheduler.wake()
+        rt.inbox.wake.set()

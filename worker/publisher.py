@@ -136,16 +136,16 @@ def _events(item) -> Iterable[_Event]:
 
 
 class JobEmitter:
-    """Builds a job's events with consecutive seqs and hands them to ``sink`` (by default, the publisher)."""
+    """Makes a job's events with consecutive seqs; where they go is the caller's business (the job layer hands
+    a step's events to the publisher together)."""
 
-    def __init__(self, job_id: str, sink: Callable[[_Event], None], first_seq: int):
+    def __init__(self, job_id: str, first_seq: int):
         self.job_id = job_id
-        self.sink = sink
         self.seq = first_seq
-        self.ended = False  # a terminal event was handed on: its append closes the log
+        self.ended = False  # a terminal event was made: its append closes the log
         self.terminal: _Event | None = None  # that event
 
-    def emit(self, type_: str, **fields) -> _Event:
+    def make(self, type_: str, **fields) -> _Event:
         cls = EVENT_TYPES[type_]
         if type_ == "token":  # the hot path: fields come from our own loop, skip re-validation
             event = cls.model_construct(job_id=self.job_id, seq=self.seq, ts=now_ms(), **fields)
@@ -154,5 +154,4 @@ class JobEmitter:
             if event.terminal:
                 self.ended, self.terminal = True, event
         self.seq += 1
-        self.sink(event)
         return event

@@ -1,14 +1,24 @@
-"""A worker process's state: its loaded model, its scheduler and the threads around them.
+"""A worker process's parts, and the threads around its engine.
 
 One process holds one model for its whole life. Threads:
 
-- the engine (the thread that calls ``serve``): the scheduler's decode loop;
-- intake: takes jobs while slots are free (``worker.intake``);
+- the engine (the thread that calls ``serve``): scheduler steps
+  (``worker.scheduler``), each one's outputs told as events by the job layer
+  (``worker.jobs``);
+- intake: takes jobs while slots are free and posts them to the engine's
+  inbox (``worker.intake``, ``worker.inbox``);
 - publisher: writes events to Redis (``worker.publisher``);
-- heartbeat: renews the leases of the jobs it holds every second and
-  re-publishes the worker's record every two (``queue_schema.lifecycle.registry``);
+- renewal: renews the leases of the jobs it holds, every second
+  (``worker.renewal``);
+- heartbeat: re-publishes the worker's record every two seconds
+  (``queue_schema.lifecycle.registry``) and sees the publisher overflowing;
 - reaper: looks for jobs other processes lost (``queue_schema.lifecycle.reaper``);
+- watchdog: a decode step stuck past its bound (``worker.watchdog``);
 - cancel: listens for cancels (``worker.cancel_watcher``).
+
+What other threads ask of the engine goes through its inbox: a job to run, a
+cancel, a job this worker lost, "end everything now" (a second SIGTERM, or
+Redis away too long).
 """
 from __future__ import annotations
 
@@ -29,7 +39,7 @@ from queue_schema.events import Narration
 from queue_schema.lifecycle import registry
 from queue_schema.lifecycle import views as job_views
 from queue_schema.lifecycle.ending import Ending
-from queue_schema.lifecycle.eventlog import Appended, EventLog
+from queue_schema.lifecycle.eventlog import EventLog
 from queue_schema.lifecycle.leases import Leases
 from queue_schema.lifecycle.reaper import Reaper
 from queue_schema.settings import DEFAULTS, Settings
@@ -37,13 +47,14 @@ from worker import gpu, narration
 from worker.backends import Backend, LoadOptions, load_backend
 from worker.cancel_watcher import CancelWatcher
 from worker.gguf_meta import GGUFInfo
+from worker.inbox import FinishReason, Inbox, StopAll
 from worker.jobs import Jobs
 from worker.publisher import EventPublisher
+from worker.renewal import LeaseRenewal
 from worker.scheduler import Scheduler
 from worker.watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
-LEASE_RENEW_S = 1.0
 CHANGE_COALESCE_S = 0.01
 
 
@@ -69,22 +80,24 @@ class WorkerRuntime:
         self.settings = settings
         self.eventlog = EventLog(client, ttl_s=settings.job_ttl_s)
         self.leases = Leases(client)
-        self.jobs = Jobs(self)
-        self.publisher = EventPublisher(self.eventlog, writer=self.id, on_result=self.jobs.logged)
-        self.cancel = CancelWatcher(listen_client or client)
         self.ending = Ending(client, self.eventlog)
+        self.inbox = Inbox()
+        self.publisher = EventPublisher(self.eventlog, writer=self.id, on_result=self._logged)
+        self.cancel = CancelWatcher(listen_client or client, self.inbox)
         self.reaper = Reaper(client, f"{self.id}/reaper", self.eventlog, settings)
         self.watchdog = StepWatchdog(self, spec.stuck_step_s)
-        self.state = "loading"
-        self.last_tokens_per_sec: float | None = None
-        self.backend: Backend | None = None
+        self.jobs: Jobs | None = None  # once the model is loaded
         self.scheduler: Scheduler | None = None
+        self.renewal: LeaseRenewal | None = None
+        self.state = "loading"
+        self.backend: Backend | None = None
         self.info: GGUFInfo | None = None
         self.backend_reason = ""
         self.started_at = time.time()
         self.stop_admitting = False  # SIGTERM: finish the running jobs, take no more
         self.unhealthy = False
         self.vram_bytes = 0
+        self._overflow_told = False
         self._rq_worker: Worker | None = None
         self._stop = threading.Event()
         self._changed = threading.Event()  # jobs started or ended: publish the record soon
@@ -104,20 +117,34 @@ class WorkerRuntime:
         self.info = self.backend.info
         self.backend_reason = self.backend.reason
         self.vram_bytes = self.backend.vram_bytes()
+        self.scheduler = Scheduler(self.backend, self.inbox, on_failure=self.check_health,
+                                   grammar_limit_s=self.spec.grammar_limit_s)
         # The worker's record lists the jobs it holds (Jobs), not the slots: Jobs says when that changes.
-        self.scheduler = Scheduler(self.backend, self.jobs.ended, self.publisher.put_many,
-                                   on_failure=self.check_health, grammar_limit_s=self.spec.grammar_limit_s)
+        self.jobs = Jobs(worker_id=self.id, model=self.spec.name, client=self.redis, backend=self.backend,
+                         publisher=self.publisher, inbox=self.inbox, cancel=self.cancel, ending=self.ending,
+                         leases=self.leases, changed=self.changed, vram_bytes=self.vram_bytes)
+        self.renewal = LeaseRenewal(self.id, self.leases, self.jobs)
         seconds = time.perf_counter() - start
         self.narrate(narration.model_loaded(self.id, self.spec.name, size, self.backend.name, self.spec.device,
                                             self.backend.context_length, seconds))
         self._register_with_rq()
+        self.renewal.start()
         self.reaper.start()
         self.watchdog.start()
         self.set_state("idle")
 
     def serve(self) -> None:
         """Decode until asked to stop and nothing is left running (call from the main thread)."""
-        self.scheduler.run(until=lambda: self.stop_admitting)
+        scheduler, inbox = self.scheduler, self.inbox
+        while True:
+            out = scheduler.step()
+            if out is not None:
+                self.jobs.on_step(out)
+                continue
+            if self.stop_admitting and not scheduler.busy():
+                return
+            inbox.wake.wait(0.2)
+            inbox.wake.clear()
 
     def request_stop(self) -> None:
         """First SIGTERM/Ctrl-C: take no more jobs; the running ones finish."""
@@ -125,20 +152,22 @@ class WorkerRuntime:
             log.info("worker %s: stopping after its %d running jobs", self.id, len(self.scheduler.running()))
         self.stop_admitting = True
         self.set_state("stopping")
-        self.scheduler.wake()
+        self.inbox.wake.set()
 
     def abort(self) -> None:
         """Second SIGTERM/Ctrl-C: end every running job now (given back if it streamed nothing)."""
         log.warning("worker %s: stopping now", self.id)
         self.stop_admitting = True
-        self.scheduler.end_all = "aborted"
-        self.scheduler.wake()
+        self.inbox.post(StopAll(FinishReason.ABORTED))
 
     def shutdown(self) -> None:
         self.reaper.stop()
         self.watchdog.stop()
+        if self.renewal is not None:
+            self.renewal.stop()
         self.publisher.flush(10)
-        self.jobs.requeue_aborted()
+        if self.jobs is not None:
+            self.jobs.requeue_aborted()
         self._stop.set()
         self._changed.set()
         if self._heartbeat.is_alive():
@@ -171,12 +200,14 @@ class WorkerRuntime:
         """Its jobs changed: the record is published within a few ms."""
         self._changed.set()
 
-    def narrate(self, fields: dict, job_emitter=None) -> None:
+    def narrate(self, fields: dict) -> None:
+        """The worker's own story (no job's): logged, and told on the operators' feed."""
         log.info("%s", fields["human"])  # one line per narration event: the story, never the prompt
-        if job_emitter is not None:
-            job_emitter.emit("narration", **fields)
-        else:
-            self.publisher.put(Narration(**fields))
+        self.publisher.put(Narration(**fields))
+
+    def _logged(self, job_id, status, terminal_written) -> None:
+        if self.jobs is not None:
+            self.jobs.logged(job_id, status, terminal_written)
 
     # --- RQ's view of this worker --------------------------------------------------------
     def _register_with_rq(self) -> None:
@@ -199,7 +230,7 @@ class WorkerRuntime:
     # --- heartbeat -------------------------------------------------------------------
     def worker_info(self) -> records.WorkerInfo:
         b, s = self.backend, self.scheduler
-        running = self.jobs.held()  # taken and not yet ended in the log
+        running = self.jobs.held() if self.jobs else []  # taken and not yet ended in the log
         sizes = s.batch_sizes[-64:] if s else []
         state = self.state
         if state in ("idle", "busy"):
@@ -210,7 +241,7 @@ class WorkerRuntime:
             device=self.spec.device, state=state, slots=b.slots if b else 1, jobs=running,
             current_job=running[0] if running else None,
             batch_size=round(sum(sizes) / len(sizes), 2) if sizes else 0.0,
-            last_tokens_per_sec=self.last_tokens_per_sec, vram_bytes=self.vram_bytes,
+            last_tokens_per_sec=self.jobs.last_tokens_per_sec if self.jobs else None, vram_bytes=self.vram_bytes,
             context_length=b.context_length if b else 0, capabilities=sorted(b.capabilities) if b else [],
             started_at=self.started_at)
 
@@ -219,14 +250,14 @@ class WorkerRuntime:
         b = self.backend
         capabilities = sorted(b.capabilities) if b else []
         return records.ModelInfo(name=self.spec.name, context_length=b.context_length if b else 0,
-                                  queue_depth=self.spec.queue_depth, backend=b.name if b else self.spec.backend,
-                                  slots=b.slots if b else 1, capabilities=capabilities,
-                                  embedding_length=b.embedding_length if "embeddings" in capabilities else 0)
+                                 queue_depth=self.spec.queue_depth, backend=b.name if b else self.spec.backend,
+                                 slots=b.slots if b else 1, capabilities=capabilities,
+                                 embedding_length=b.embedding_length if "embeddings" in capabilities else 0)
 
     def _beat(self) -> None:
-        next_info = next_renew = 0.0
+        next_info = 0.0
         while not self._stop.is_set():
-            self._changed.wait(max(0.0, min(next_info, next_renew) - time.monotonic()))
+            self._changed.wait(max(0.0, min(next_info, time.monotonic() + 1.0) - time.monotonic()))
             if self._stop.is_set():
                 return
             try:
@@ -234,16 +265,7 @@ class WorkerRuntime:
                     self._changed.clear()
                     next_info = 0.0  # the record changed: publish it now
                     time.sleep(CHANGE_COALESCE_S)  # one write for the jobs that change together
-                if time.monotonic() >= next_renew:
-                    next_renew = time.monotonic() + LEASE_RENEW_S
-                    self._renew_leases()
-                if self.publisher.overflowing and self.scheduler is not None and not self.scheduler.end_all:
-                    log.error("worker %s: %d events wait for Redis; ending the running jobs", self.id,
-                              self.publisher.pending)
-                    self.scheduler.end_all = "overflow"
-                elif self.scheduler is not None and self.scheduler.end_all == "overflow" \
-                        and not self.scheduler.running():
-                    self.scheduler.end_all = None
+                self._check_overflow()
                 if time.monotonic() >= next_info:
                     next_info = time.monotonic() + registry.HEARTBEAT_INTERVAL_S
                     self._rq_heartbeat(bool(self.publish_record().jobs))
@@ -252,14 +274,18 @@ class WorkerRuntime:
             except Exception:  # never let a surprise stop the heartbeats
                 log.exception("worker %s: heartbeat failed", self.id)
 
+    def _check_overflow(self) -> None:
+        """Redis away so long that the held events pass the publisher's bound: end the running jobs (their
+        errors are written once Redis is back), once per overflow."""
+        if self.publisher.overflowing and not self._overflow_told and self.scheduler is not None:
+            log.error("worker %s: %d events wait for Redis; ending the running jobs", self.id, self.publisher.pending)
+            self.inbox.post(StopAll(FinishReason.OVERFLOW))
+            self._overflow_told = True
+        elif not self.publisher.overflowing:
+            self._overflow_told = False
+
     def publish_record(self) -> records.WorkerInfo:
         """Write the worker's record (state, the jobs it holds) now."""
         info = self.worker_info()
         registry.publish_heartbeat(self.redis, info, self.model_info())
         return info
-
-    def _renew_leases(self) -> None:
-        held = self.jobs.held()
-        for job_id in self.jobs.really_lost(self.leases.renew(self.id, held)):
-            log.warning("worker %s: lost the lease of job %s; stopping it", self.id, job_id)
-            self.jobs.logged(job_id, Appended.FENCED, False)

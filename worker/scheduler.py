@@ -1,12 +1,14 @@
 """The scheduler: every running job's next token in one decode call per step (continuous batching).
 
-This is inferq's one token loop, for every backend. A backend has ``slots``
-sequences; each step the scheduler
+This is inferq's one token loop, for every backend. It knows nothing of
+events, Redis or jobs' books: a step takes what the inbox brought
+(``worker.inbox``: jobs to run, cancels, drops, stop-all), decodes, and
+returns what happened as a value, a ``StepOutput``; the job layer
+(``worker.jobs``) turns it into events. Each step:
 
-1. admits waiting jobs into free slots (new jobs join between steps: no
-   waiting for a batch to drain), reusing the longest prefix of the new
-   prompt that any slot already holds in the cache (a shared system prompt,
-   a conversation that grew by a turn);
+1. applies the inbox, and admits waiting jobs into free slots, where the
+   prefix cache (``worker.prefix_cache``) finds the longest prefix of the new
+   prompt a slot already holds;
 2. ends sequences that were cancelled, ran past their deadline, or whose
    lease this worker lost;
 3. builds one decode: the next token of every decoding sequence first, then
@@ -16,8 +18,7 @@ sequences; each step the scheduler
    step);
 4. samples each sequence's next token (in the backend, in C), turns token
    bytes into safe text (``TextAssembler``: whole UTF-8 characters, stop
-   strings held back), adds log-probabilities for the sequences that asked,
-   and hands the whole step's events to the publisher at once.
+   strings held back) and adds log-probabilities for the sequences that asked.
 
 Work that is not a token loop — an embed job (``worker.embedding``) — runs
 here too, on the engine thread that owns the model's contexts: one batch of
@@ -31,9 +32,9 @@ a grammar that allows no token ends its own sequence only.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -41,16 +42,18 @@ from dataclasses import dataclass, field
 from queue_schema.errors import ErrorCode, InferqError
 from worker import logprobs
 from worker.backends.base import Backend, Chunk, NoTokenAllowed, SamplingParams, TokenSampler
-from worker.publisher import JobEmitter
+from worker.inbox import Cancel, Drop, FinishReason, Inbox, StopAll, Submit
+from worker.prefix_cache import PrefixCache
 from worker.text_assembler import TextAssembler
 
 log = logging.getLogger(__name__)
 STEP_TARGET_S = 0.05
 MIN_PREFILL_CHUNK = 16
 GRAMMAR_LIMIT_S = 1.0
+_EARLY_CANCELS = 10_000  # cancels for jobs not submitted yet, remembered (oldest forgotten first)
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     """One job's decoding: what the scheduler needs, and what it reports when the job ends."""
 
@@ -60,18 +63,16 @@ class Sequence:
     max_tokens: int
     stops: Seq[str]
     deadline: float  # time.monotonic() past which the job ends with TIMEOUT
-    cancelled: threading.Event
-    emitter: JobEmitter
     context: object = None  # the job layer's own state, untouched here
-    logprobs: int | None = None  # top alternatives on each token event; None: no logprobs
+    logprobs: int | None = None  # top alternatives on each token; None: no logprobs
     sampler: TokenSampler | None = None  # made by the job layer (it checks the grammar), else at admission
     # --- filled in while it runs ---
+    cancelled: bool = False
     slot: int = -1
     reused: int = 0  # prompt tokens found in the cache
     at: int = 0  # next prompt token to evaluate
     pending: int | None = None  # sampled, not yet evaluated
     count: int = 0  # tokens generated
-    text: str = ""
     assembler: TextAssembler = field(default_factory=TextAssembler)
     admitted_at: float = 0.0
     first_at: float | None = None
@@ -82,21 +83,51 @@ class Sequence:
         return self.at < len(self.prompt)
 
 
-@dataclass
-class Ended:
-    """How a sequence ended, for the job layer to tell as events."""
+class Task:
+    """Work for the engine thread that is not a token loop (an embed job), done a step at a time."""
 
-    # max_tokens | eos | stop_sequence | cancelled | timeout | done (a task): it ran; failed: a decode call
-    # raised; rejected: its grammar allowed no token; grammar_slow: its grammar took too long to sample a
-    # token; dropped: the worker lost its lease; aborted: the worker is stopping now; overflow: Redis away
-    # too long
-    reason: str
+    job_id: str
+    deadline: float
+    context: object = None
+    cancelled: bool = False
+    count: int = 0  # outputs so far (embeddings)
+    started_at: float = 0.0
+
+    def step(self, backend: Backend, budget: int) -> tuple[list, bool]:
+        """Do the next piece (one decode call of about ``budget`` tokens): its outputs, and whether the
+        whole job is done."""
+        raise NotImplementedError
+
+
+# --- what a step returns ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenOut:
+    """Text that became safe to send (``text`` may be empty with logprobs: one output per token then)."""
+
+    item: Sequence
     text: str
-    tokens_out: int
+    index: int  # the generated token's index
+    logprobs: dict | None = None  # its piece, logprob and alternatives (logprobs.fields), when asked
+
+
+@dataclass(frozen=True)
+class Finished:
+    item: Sequence | Task
+    reason: FinishReason
+    text: str
+    tokens_out: int  # tokens generated (a task: outputs made)
     decode_time_ms: int
     first_token_ms: int | None
     tokens_per_sec: float
     error: BaseException | None = None
+
+
+@dataclass
+class StepOutput:
+    """Everything a step did, in order: a job's outputs come before its ``Finished``."""
+
+    outputs: list = field(default_factory=list)
+    decoded: int = 0  # sequences in the step's decode call
 
 
 class GrammarTooSlow(InferqError):
@@ -105,106 +136,53 @@ class GrammarTooSlow(InferqError):
                          f"than the worker's {limit_s:g} s; simplify it (fewer alternatives that match the same text)")
 
 
-@dataclass
-class Slot:
-    index: int
-    cached: list[int] = field(default_factory=list)  # tokens whose keys/values this slot holds
-    seq: Sequence | None = None
-    used_at: float = 0.0
-
-
-class Task:
-    """Work for the engine thread that is not a token loop (an embed job), done a step at a time."""
-
-    job_id: str
-    cancelled: threading.Event
-    deadline: float
-    emitter: JobEmitter
-    context: object = None
-    count: int = 0  # outputs so far (embeddings sent)
-    started_at: float = 0.0
-
-    def step(self, backend: Backend, budget: int) -> bool:
-        """Do the next piece (one decode call of about ``budget`` tokens); True when the whole job is done."""
-        raise NotImplementedError
-
-
 class Scheduler:
-    def __init__(self, backend: Backend, on_end: Callable[[Sequence, Ended], None],
-                 publish: Callable[[list], None], on_failure: Callable[[int], object] = lambda slot: None,
+    def __init__(self, backend: Backend, inbox: Inbox, on_failure: Callable[[int], object] = lambda slot: None,
                  grammar_limit_s: float = GRAMMAR_LIMIT_S):
         self.backend = backend
-        self.on_end = on_end  # called on the engine thread; may emit the job's last events
-        self._publish = publish  # a step's events, at once
+        self.inbox = inbox
         self._on_failure = on_failure  # the backend failed: probe it, once, in the free slot given
-        self.slots = [Slot(i) for i in range(backend.slots)]
-        self._incoming: queue.SimpleQueue[Sequence | Task] = queue.SimpleQueue()
+        self.cache = PrefixCache(backend, backend.slots)
+        self.slots: list[Sequence | None] = [None] * backend.slots
+        self._waiting: list[Sequence | Task] = []  # taken from the inbox, not admitted yet (engine thread)
         self._tasks: list[Task] = []  # running, oldest first (engine thread only)
-        self._waiting = 0  # submitted, not yet admitted
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self.slot_freed = threading.Event()
-        self._dropped: set[str] = set()
+        self._early_cancels: OrderedDict[str, None] = OrderedDict()
         self._prefill_s_per_token: float | None = None
-        self._out: list = []  # the step's events
-        self.steps = 0
-        self.last_step_at = time.monotonic()
-        self.batch_sizes: list[int] = []  # sequences per decode call, last few hundred steps
-        self.end_all: str | None = None  # end every running job now, for this reason ("aborted", "overflow")
         # A grammar can be costly to apply to every token of the vocabulary; one sample that takes longer
         # than this ends that job alone (the others in the step are sampled as usual).
         self.grammar_limit_s = grammar_limit_s
         self.decoding_since: float | None = None  # monotonic start of the decode call running now, if any
+        self.steps = 0
+        self.batch_sizes: list[int] = []  # sequences per decode call, last few hundred steps
+        self.slot_freed = threading.Event()  # a job ended: intake may take another
 
-    # --- other threads -----------------------------------------------------------------
-    def submit(self, item: Sequence | Task) -> None:
-        with self._lock:
-            self._waiting += 1
-        self._incoming.put(item)
-        self._wake.set()
-
+    # --- read from other threads ---------------------------------------------------------
     def capacity(self) -> int:
-        """Jobs it can take now (a running task counts as a job)."""
-        with self._lock:
-            busy = sum(1 for s in self.slots if s.seq is not None) + len(self._tasks)
-            return len(self.slots) - busy - self._waiting
-
-    def drop(self, job_id: str) -> None:
-        """Stop a job without another event: this worker no longer holds it."""
-        with self._lock:
-            self._dropped.add(job_id)
-        self._wake.set()
+        """Jobs it can take now (a running task counts as a job; a job posted and not yet taken too)."""
+        busy = sum(1 for s in self.slots if s is not None) + len(self._tasks) + len(self._waiting)
+        return len(self.slots) - busy - self.inbox.submitted()
 
     def running(self) -> list[str]:
-        return [s.seq.job_id for s in self.slots if s.seq is not None] + [t.job_id for t in self._tasks]
+        return [s.job_id for s in self.slots if s is not None] + [t.job_id for t in self._tasks]
 
     def busy(self) -> bool:
-        with self._lock:
-            return self._waiting > 0 or bool(self._tasks) or any(s.seq is not None for s in self.slots)
+        return bool(self.inbox.submitted() or self._waiting or self._tasks or any(s is not None for s in self.slots))
 
-    def wake(self) -> None:
-        self._wake.set()
-
-    # --- the engine thread -------------------------------------------------------------
-    def run(self, until: Callable[[], bool]) -> None:
-        """Step until ``until()`` is true and nothing is running or waiting."""
-        while True:
-            self.last_step_at = time.monotonic()
-            if not self.step():
-                if until() and not self.busy():
-                    return
-                self._wake.wait(0.2)
-                self._wake.clear()
-
-    def step(self) -> bool:
-        """One scheduling step; False if there was nothing to do."""
+    # --- the engine thread ---------------------------------------------------------------------
+    def step(self) -> StepOutput | None:
+        """One scheduling step; None if there was nothing to do."""
+        out = StepOutput()
+        self._apply(self.inbox.drain(), out)
         self._admit()
-        active = [s.seq for s in self.slots if s.seq is not None]
+        active = [s for s in self.slots if s is not None]
         if not active and not self._tasks:
-            return False
-        self._end_stopped(active)
+            if out.outputs:  # jobs stopped before they started
+                self.slot_freed.set()
+                return out
+            return None
+        self._end_stopped(active, out)
         if self._tasks:
-            self._run_task()
+            self._run_task(out)
         chunks, plan = self._plan()
         if chunks:
             started = time.perf_counter()
@@ -214,118 +192,118 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - the job layer decides what it means
                 log.exception("decode failed for %d sequences", len(plan))
                 for seq in plan:
-                    self._end(seq, "failed", exc)
+                    self._end(seq, FinishReason.FAILED, out, exc)
                 self._probe()
             else:
                 self._learn(chunks, time.perf_counter() - started)
-                self._sample(plan, chunks, rows)
+                out.decoded = len(chunks)
+                self._sample(plan, chunks, rows, out)
             finally:
                 self.decoding_since = None
-        self._flush()
         self.steps += 1
-        return True
+        if any(isinstance(o, Finished) for o in out.outputs):
+            self.slot_freed.set()
+        return out
+
+    def _apply(self, messages: list, out: StepOutput) -> None:
+        for message in messages:
+            if isinstance(message, Submit):
+                item = message.item
+                if item.job_id in self._early_cancels:
+                    del self._early_cancels[item.job_id]
+                    item.cancelled = True
+                self._waiting.append(item)
+            elif isinstance(message, Cancel):
+                found = self._find(message.job_id)
+                if found is not None:
+                    found.cancelled = True
+                else:  # it is still being prepared: it ends as it arrives
+                    self._early_cancels[message.job_id] = None
+                    while len(self._early_cancels) > _EARLY_CANCELS:
+                        self._early_cancels.popitem(last=False)
+            elif isinstance(message, Drop):
+                found = self._find(message.job_id)
+                if found is not None:
+                    self._stop(found, FinishReason.DROPPED, out)
+            elif isinstance(message, StopAll):
+                for item in [*(s for s in self.slots if s is not None), *self._tasks, *self._waiting]:
+                    self._stop(item, message.reason, out)
+
+    def _find(self, job_id: str) -> Sequence | Task | None:
+        for item in [*(s for s in self.slots if s is not None), *self._tasks, *self._waiting]:
+            if item.job_id == job_id:
+                return item
+        return None
+
+    def _stop(self, item: Sequence | Task, reason: FinishReason, out: StepOutput) -> None:
+        if item in self._waiting:  # never started: nothing decoded, nothing cached
+            self._waiting.remove(item)
+            out.outputs.append(Finished(item, reason, "", 0, 0, None, 0.0))
+        elif isinstance(item, Task):
+            self._end_task(item, reason, out)
+        else:
+            self._end(item, reason, out)
 
     def _admit(self) -> None:
-        while True:
-            free = [s for s in self.slots if s.seq is None]
+        while self._waiting:
+            free = [i for i, s in enumerate(self.slots) if s is None]
             if len(free) <= len(self._tasks):  # a task holds a job slot, not a cache slot
                 return
-            try:
-                item = self._incoming.get_nowait()
-            except queue.Empty:
-                return
-            with self._lock:
-                self._waiting -= 1
+            item = self._waiting.pop(0)
             if isinstance(item, Sequence):
                 self._place(item, free)
             else:
                 item.started_at = time.perf_counter()
-                item.emitter.sink = self._out.append
-                with self._lock:
-                    self._tasks.append(item)
+                self._tasks.append(item)
 
-    def _place(self, seq: Sequence, free: list[Slot]) -> None:
-        """Put ``seq`` in the free slot that saves the most prefill (copying a busy slot's prefix if longer)."""
-        limit = len(seq.prompt) - 1  # at least one token is evaluated, for the logits
-        # Ties go to the slot used last: idle slots' caches stay in the unified KV cache, and every
-        # decode attends over all occupied cells, so spreading one client over every slot slows it.
-        best_free = max(free, key=lambda s: (_common(s.cached, seq.prompt, limit), s.used_at))
-        keep = _common(best_free.cached, seq.prompt, limit)
-        slot = best_free
-        if self.backend.can_share_prefix:
-            donor = max(self.slots, key=lambda s: _common(s.cached, seq.prompt, limit))
-            shared = _common(donor.cached, seq.prompt, limit)
-            if donor is not best_free and shared > keep:
-                slot = min(free, key=lambda s: s.used_at)  # overwrite the coldest cache
-                self.backend.share(donor.index, slot.index, shared)
-                slot.cached = donor.cached[:shared]
-                keep = shared
-        self.backend.forget(slot.index, keep)
-        del slot.cached[keep:]
-        seq.slot, seq.reused, seq.at = slot.index, keep, keep
+    def _place(self, seq: Sequence, free: list[int]) -> None:
+        slot, keep = self.cache.place(seq.prompt, free)
+        seq.slot, seq.reused, seq.at = slot, keep, keep
         seq.admitted_at = time.perf_counter()
         seq.assembler = TextAssembler(seq.stops)
         if seq.sampler is None:
             seq.sampler = self.backend.sampler(seq.params, seq.prompt)
-        seq.emitter.sink = self._out.append
-        slot.seq, slot.used_at = seq, time.monotonic()
+        self.slots[slot] = seq
 
-    def _end_stopped(self, active: list[Sequence]) -> None:
-        with self._lock:
-            dropped, self._dropped = self._dropped, set()
+    def _end_stopped(self, active: list[Sequence], out: StepOutput) -> None:
         now = time.monotonic()
+        for item in [*active, *self._tasks]:
+            if item.cancelled:
+                self._stop(item, FinishReason.CANCELLED, out)
+            elif now > item.deadline:
+                self._stop(item, FinishReason.TIMEOUT, out)
 
-        def why(item: Sequence | Task) -> str | None:
-            if item.job_id in dropped:
-                return "dropped"
-            if self.end_all:
-                return self.end_all
-            if item.cancelled.is_set():
-                return "cancelled"
-            return "timeout" if now > item.deadline else None
-
-        for seq in active:
-            if reason := why(seq):
-                self._end(seq, reason)
-        for task in list(self._tasks):
-            if reason := why(task):
-                self._end_task(task, reason)
-
-    def _run_task(self) -> None:
+    def _run_task(self, out: StepOutput) -> None:
         task = self._tasks[0]
         try:
-            done = task.step(self.backend, self._prefill_budget())
+            outputs, done = task.step(self.backend, self._prefill_budget())
         except Exception as exc:  # noqa: BLE001 - the job layer decides what it means
             log.exception("job %s: its task failed", task.job_id)
-            self._end_task(task, "failed", exc)
+            self._end_task(task, FinishReason.FAILED, out, exc)
             self._probe()
             return
+        out.outputs += outputs
         if done:
-            self._end_task(task, "done")
+            self._end_task(task, FinishReason.DONE, out)
         elif len(self._tasks) > 1:  # round robin between tasks, one piece each per step
-            with self._lock:
-                self._tasks.append(self._tasks.pop(0))
+            self._tasks.append(self._tasks.pop(0))
 
-    def _end_task(self, task: Task, reason: str, error: BaseException | None = None) -> None:
-        with self._lock:
-            if task not in self._tasks:
-                return
-            self._tasks.remove(task)
+    def _end_task(self, task: Task, reason: FinishReason, out: StepOutput, error: BaseException | None = None) -> None:
+        if task not in self._tasks:
+            return
+        self._tasks.remove(task)
         elapsed = time.perf_counter() - task.started_at
-        self.on_end(task, Ended(reason, "", task.count, int(elapsed * 1000), None,
-                                task.count / elapsed if elapsed > 0 else 0.0, error))
-        self.slot_freed.set()
+        out.outputs.append(Finished(task, reason, "", task.count, int(elapsed * 1000), None,
+                                    task.count / elapsed if elapsed > 0 else 0.0, error))
 
     def _plan(self) -> tuple[list[Chunk], list[Sequence]]:
         chunks, plan = [], []
-        for slot in self.slots:
-            seq = slot.seq
+        for seq in self.slots:
             if seq is not None and seq.pending is not None:
-                chunks.append(Chunk(slot.index, [seq.pending], len(slot.cached), True))
+                chunks.append(Chunk(seq.slot, [seq.pending], self.cache.length(seq.slot), True))
                 plan.append(seq)
         budget = min(self.backend.options.batch_size - len(chunks), self._prefill_budget())
-        for seq in sorted((s.seq for s in self.slots if s.seq is not None and s.seq.prefilling),
-                          key=lambda q: q.admitted_at):
+        for seq in sorted((s for s in self.slots if s is not None and s.prefilling), key=lambda q: q.admitted_at):
             if budget <= 0:
                 break
             n = min(budget, len(seq.prompt) - seq.at)
@@ -349,11 +327,10 @@ class Scheduler:
             old = self._prefill_s_per_token
             self._prefill_s_per_token = per_token if old is None else 0.7 * old + 0.3 * per_token
 
-    def _sample(self, plan: list[Sequence], chunks: list[Chunk], rows: list[int | None]) -> None:
+    def _sample(self, plan: list[Sequence], chunks: list[Chunk], rows: list[int | None], out: StepOutput) -> None:
         backend = self.backend
         for seq, chunk, row in zip(plan, chunks, rows):
-            slot = self.slots[seq.slot]
-            slot.cached.extend(chunk.tokens)
+            self.cache.extend(seq.slot, chunk.tokens)
             if seq.pending is not None:
                 seq.pending = None
             else:
@@ -365,43 +342,41 @@ class Scheduler:
                 token = seq.sampler.sample(row)
             except NoTokenAllowed as exc:
                 # With an EOS in the vocabulary a finished grammar allows it; without one, it is done.
-                self._end(seq, "eos" if backend.eos_token_id < 0 else "rejected", exc)
+                self._end(seq, FinishReason.EOS if backend.eos_token_id < 0 else FinishReason.REJECTED, out, exc)
                 continue
             now = time.perf_counter()
             if seq.params.grammar is not None and now - began > self.grammar_limit_s:
-                self._end(seq, "grammar_slow", GrammarTooSlow(now - began, self.grammar_limit_s))
+                self._end(seq, FinishReason.GRAMMAR_SLOW, out, GrammarTooSlow(now - began, self.grammar_limit_s))
                 continue
             seq.first_at = seq.first_at or now
             seq.last_at = now
             if backend.is_eog(token):
-                self._end(seq, "eos")
+                self._end(seq, FinishReason.EOS, out)
                 continue
             text = seq.assembler.push(backend.token_bytes(token))
-            if seq.logprobs is not None:  # one event per token, its text possibly empty
-                seq.emitter.emit("token", t=text, i=seq.count, **logprobs.fields(backend, row, token, seq.logprobs))
+            if seq.logprobs is not None:  # one output per token, its text possibly empty
+                out.outputs.append(TokenOut(seq, text, seq.count, logprobs.fields(backend, row, token, seq.logprobs)))
             elif text:
-                seq.emitter.emit("token", t=text, i=seq.count)
+                out.outputs.append(TokenOut(seq, text, seq.count))
             seq.count += 1
             if seq.assembler.stopped:
-                self._end(seq, "stop_sequence")
-            elif seq.count >= seq.max_tokens or len(slot.cached) + 1 >= backend.context_length:
-                self._end(seq, "max_tokens")  # the context is full: as far as it can go
+                self._end(seq, FinishReason.STOP_SEQUENCE, out)
+            elif seq.count >= seq.max_tokens or self.cache.length(seq.slot) + 1 >= backend.context_length:
+                self._end(seq, FinishReason.MAX_TOKENS, out)  # the context is full: as far as it can go
             else:
                 seq.pending = token
 
-    def _end(self, seq: Sequence, reason: str, error: BaseException | None = None) -> None:
-        slot = self.slots[seq.slot]
-        if slot.seq is not seq:
+    def _end(self, seq: Sequence, reason: FinishReason, out: StepOutput, error: BaseException | None = None) -> None:
+        if self.slots[seq.slot] is not seq:
             return
-        if reason in ("max_tokens", "eos", "stop_sequence", "cancelled", "timeout"):
+        if reason.ran or reason == FinishReason.TIMEOUT:
             tail = seq.assembler.finish()
             if tail:
-                seq.emitter.emit("token", t=tail, i=max(seq.count - 1, 0))
-        if reason == "failed":
-            self.backend.forget(slot.index, 0)  # what a failed decode left in the cache is unknown
-            slot.cached.clear()
-        slot.seq = None
-        slot.used_at = time.monotonic()
+                out.outputs.append(TokenOut(seq, tail, max(seq.count - 1, 0)))
+        if reason == FinishReason.FAILED:
+            self.cache.forget(seq.slot)  # what a failed decode left in the cache is unknown
+        self.slots[seq.slot] = None
+        self.cache.touch(seq.slot)
         seq.sampler.close()
         elapsed = time.perf_counter() - seq.admitted_at
         if seq.count > 1 and seq.last_at > seq.first_at:
@@ -409,27 +384,13 @@ class Scheduler:
         else:
             rate = seq.count / elapsed if elapsed > 0 else 0.0
         first = None if seq.first_at is None else int((seq.first_at - seq.admitted_at) * 1000)
-        self.on_end(seq, Ended(reason, seq.assembler.text, seq.count, int(elapsed * 1000), first, rate, error))
-        self.slot_freed.set()
+        out.outputs.append(Finished(seq, reason, seq.assembler.text, seq.count, int(elapsed * 1000), first, rate,
+                                    error))
 
     def _probe(self) -> None:
         """After a failed call, one health probe, in a slot no sequence holds: the probe empties it, and
         a slot with a running sequence or a cached prefix would be left with a cache it no longer has."""
-        free = next((s for s in self.slots if s.seq is None), None)
+        free = next((i for i, s in enumerate(self.slots) if s is None), None)
         if free is not None:
-            free.cached.clear()
-            self._on_failure(free.index)
-
-    def _flush(self) -> None:
-        if self._out:  # emitters append to this very list: empty it, never replace it
-            out = self._out[:]
-            self._out.clear()
-            self._publish(out)
-
-
-def _common(cached: list[int], prompt: list[int], limit: int) -> int:
-    n = min(len(cached), limit)
-    i = 0
-    while i < n and cached[i] == prompt[i]:
-        i += 1
-    return i
+            self.cache.cached[free].clear()
+            self._on_failure(free)

@@ -28,11 +28,6 @@ def model_queues(client: redis.Redis, model: str) -> list[Queue]:
     return [queue(client, model, p) for p in keys.PRIORITIES]
 
 
-def queue_key(model: str, priority: str) -> str:
-    """The Redis list RQ keeps for the queue: read without building a Queue."""
-    return keys.rq_queue(keys.queue_name(model, priority))
-
-
 def started_registry(client: redis.Redis, queue_name: str) -> StartedJobRegistry:
     return StartedJobRegistry(queue_name, connection=client, serializer=JSONSerializer)
 
@@ -56,11 +51,6 @@ class QueueSnapshot:
     @property
     def depth(self) -> int:
         return sum(self.lengths.values())
-
-    def ahead(self, priority: str) -> int:
-        """Jobs at ``priority`` or above (every one of them goes before a job enqueued now, in a
-        single-tenant queue)."""
-        return sum(self.lengths[p] for p in keys.PRIORITIES[: keys.PRIORITIES.index(priority) + 1])
 
     def eta(self, position: int) -> float | None:
         """Wait before a job at ``position`` starts: jobs ahead x recent job time / slots serving."""

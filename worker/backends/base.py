@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,7 +119,6 @@ class Backend:
         self.embedding_length = 0
         self.info = None  # GGUFInfo, set by load_backend
         self.reason = ""  # why load_backend chose this backend
-        self._direct: list[int] = []  # what slot 0 holds for ``generate``
 
     # --- what each backend provides -------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
@@ -171,7 +170,6 @@ class Backend:
         one nothing holds) and checks the logits."""
         try:
             self.forget(slot, 0)
-            self._direct.clear()
             row = self.decode([Chunk(slot, [self.eos_token_id], 0, True)])[0]
             ok = bool(np.isfinite(self.logits(row)).all())
             self.forget(slot, 0)
@@ -185,33 +183,3 @@ class Backend:
     # --- shared ---------------------------------------------------------------------
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         return b"".join(self.token_bytes(t) for t in tokens)
-
-    def generate(self, prompt: Sequence[int], params: SamplingParams,
-                 should_stop: Callable[[], bool] = lambda: False) -> Iterator[int]:
-        """Decode one sequence in slot 0, reusing what it shares with the last call's:
-        the engine decoding directly, for tests and for the benchmarks' baselines."""
-        keep = 0
-        limit = min(len(prompt) - 1, len(self._direct))
-        while keep < limit and prompt[keep] == self._direct[keep]:
-            keep += 1
-        self.forget(0, keep)
-        del self._direct[keep:]
-        sampler = self.sampler(params, prompt)
-        try:
-            batch = max(1, self.options.batch_size)
-            row = None
-            for start in range(keep, len(prompt), batch):
-                if should_stop():
-                    return
-                part = list(prompt[start:start + batch])
-                row = self.decode([Chunk(0, part, start, start + batch >= len(prompt))])[0]
-                self._direct.extend(part)
-            while not should_stop() and len(self._direct) < self.context_length:
-                token = sampler.sample(row)
-                if self.is_eog(token):
-                    return
-                yield token
-                row = self.decode([Chunk(0, [token], len(self._direct), True)])[0]
-                self._direct.append(token)
-        finally:
-            sampler.close()
