@@ -6,6 +6,7 @@ own queue uses its own model name.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,10 @@ from queue_schema.lifecycle import connection, registry
 ROOT = Path(__file__).resolve().parent.parent
 # Every API the tests start runs with the settings production uses.
 GUNICORN = [sys.executable, "-m", "gunicorn", "--config", "python:api.gunicorn_conf"]
+# Every process the tests start (and every app they build) inherits this: a lost worker is found in 5 s instead
+# of production's 8, which the tests that kill or freeze workers would otherwise wait out. Renewals come every
+# second, so a busy 2-core machine still has four to miss before a live worker looks lost.
+os.environ.setdefault("INFERQ_LEASE_STALE_S", "5")
 
 
 @pytest.fixture(scope="session")
@@ -119,29 +124,61 @@ def wait_ready(redis_url: str, worker: WorkerProcess) -> None:
     wait_until(ready, what=f"worker for {worker.model}")
 
 
-@pytest.fixture(scope="session")
-def worker_factory(redis_url, tmp_path_factory):
-    """Start real worker processes; all are stopped at the end of the session."""
-    started: list[WorkerProcess] = []
-    tmp = tmp_path_factory.mktemp("workers")
+class WorkerPool:
+    """Starts real worker processes and stops them all when its scope ends: a worker left running would go on
+    heartbeating, renewing and reaping on the shared Redis for the rest of the session."""
 
-    def factory(model: str, path: Path, *extra: str, wait: bool = True) -> WorkerProcess:
-        w = start_worker(redis_url, model, path, tmp, *extra, wait=False)
-        started.append(w)  # before the wait: one that never gets ready is still killed at the end
+    def __init__(self, redis_url: str, tmp: Path):
+        self.redis_url, self.tmp = redis_url, tmp
+        self.started: list[WorkerProcess] = []
+
+    def __call__(self, model: str, path: Path, *extra: str, wait: bool = True) -> WorkerProcess:
+        w = start_worker(self.redis_url, model, path, self.tmp, *extra, wait=False)
+        self.started.append(w)  # before the wait: one that never gets ready is still stopped
         if wait:
-            wait_ready(redis_url, w)
+            wait_ready(self.redis_url, w)
         return w
 
-    yield factory
-    for w in started:
-        if w.proc.poll() is None:
-            w.proc.kill()
-            w.proc.wait()
+    def stop_all(self) -> None:
+        # SIGTERM to all at once, then the waits: an idle worker leaves the registry in well under a second.
+        running = [w for w in self.started if w.proc.poll() is None]
+        for w in running:
+            w.proc.send_signal(signal.SIGTERM)
+        for w in running:
+            try:
+                w.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait()
 
 
 @pytest.fixture(scope="session")
-def tiny_worker(worker_factory, tiny_model) -> WorkerProcess:
-    return worker_factory("tiny", tiny_model)
+def session_workers(redis_url, tmp_path_factory):
+    """Workers the whole session shares (tiny, slow)."""
+    pool = WorkerPool(redis_url, tmp_path_factory.mktemp("workers"))
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_workers(redis_url, tmp_path_factory):
+    """Workers that one module's fixtures share, stopped after its last test."""
+    pool = WorkerPool(redis_url, tmp_path_factory.mktemp("module-workers"))
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture()
+def worker_factory(redis_url, tmp_path):
+    """Workers of one test, stopped when it ends."""
+    pool = WorkerPool(redis_url, tmp_path)
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture(scope="session")
+def tiny_worker(session_workers, tiny_model) -> WorkerProcess:
+    return session_workers("tiny", tiny_model)
 
 
 BACKENDS = ("ctransformers", "llama-cpp")
@@ -157,17 +194,31 @@ def backend_name(request) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny(worker_factory, tiny_model, backend_name) -> str:
+def tiny(session_workers, tiny_model, backend_name) -> str:
     """A model name served by a worker on the backend under test: the pipeline suite runs on each."""
     name = f"tiny-{backend_name}"
-    worker_factory(name, tiny_model, "--backend", backend_name)
+    session_workers(name, tiny_model, "--backend", backend_name)
     return name
 
 
 @pytest.fixture(scope="session")
-def slow_worker(worker_factory, slow_model) -> WorkerProcess:
+def slow_worker(session_workers, slow_model) -> WorkerProcess:
     """One job at a time: the tests that use it queue jobs behind a running one."""
-    return worker_factory("slow", slow_model, "--parallel", "1")
+    return session_workers("slow", slow_model, "--parallel", "1")
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium (Debian's) for the session; each test opens its own context or page."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        yield b
+        b.close()
 
 
 @pytest.fixture()
@@ -186,37 +237,66 @@ def client(app):
 SHARED_SETTINGS = {"BATCH_WINDOW": 4}
 
 
-def start_api(redis_url: str, log_path: Path, workers: int = 1, bind: str = "127.0.0.1",
-              **settings) -> tuple[subprocess.Popen, str]:
-    """gunicorn + gevent serving the API on a free port of ``bind``, with ``INFERQ_<name>`` settings; waits until
-    it answers (at 127.0.0.1)."""
-    port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "INFERQ_KEEPALIVE_S": "1",
-           **{f"INFERQ_{k}": str(v) for k, v in {**SHARED_SETTINGS, **settings}.items()}}
-    proc = subprocess.Popen([*GUNICORN, "--workers", str(workers), "--bind", f"{bind}:{port}", "api.wsgi:app"],
-                            cwd=ROOT, env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+class ApiProcess:
+    """gunicorn + gevent serving the API on a free port of ``bind``, with ``INFERQ_<name>`` settings: the one way
+    the tests start an API process. ``start`` waits until it answers /health (at 127.0.0.1)."""
 
-    def up():
-        if proc.poll() is not None:
-            raise AssertionError(f"gunicorn exited:\n{log_path.read_text()}")
+    def __init__(self, redis_url: str, log_path: Path | None = None, workers: int = 1, bind: str = "127.0.0.1",
+                 args: tuple[str, ...] = (), env: dict | None = None, **settings):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.cmd = [*GUNICORN, "--workers", str(workers), *args, "--bind", f"{bind}:{self.port}", "api.wsgi:app"]
+        self.env = {**os.environ, "REDIS_URL": redis_url, "INFERQ_KEEPALIVE_S": "1",
+                    **{f"INFERQ_{k}": str(v) for k, v in {**SHARED_SETTINGS, **settings}.items()}, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> ApiProcess:
+        out = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        if wait:
+            wait_until(self.answers, what=f"the API at {self.url}")
+        return self
+
+    def answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
         try:
-            return requests.get(url + "/health", timeout=1).ok
+            return requests.get(self.url + "/health", timeout=1).ok
         except requests.RequestException:  # not listening yet, or slow to answer on a busy machine
             return False
 
-    wait_until(up, what="gunicorn")
-    return proc, url
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else "(not kept)"
+
+    def send_signal(self, sig) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 15) -> int:
+        """Signal it (unless it has exited) and wait; killed if it outlives ``timeout``."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> int:
+        return self.stop(signal.SIGKILL)
+
+
+def start_api(redis_url: str, log_path: Path | None = None, **options) -> ApiProcess:
+    return ApiProcess(redis_url, log_path, **options).start()
 
 
 @pytest.fixture(scope="session")
 def live_api(redis_url, tmp_path_factory):
     """The API served for real by gunicorn + gevent on a free port."""
     # Tests open up to 150 streams on one job from this one address (auth off: one principal).
-    proc, url = start_api(redis_url, tmp_path_factory.mktemp("api") / "gunicorn.log", MAX_STREAMS_PER_TOKEN=500)
-    yield url
-    proc.terminate()
-    proc.wait(15)
+    api = start_api(redis_url, tmp_path_factory.mktemp("api") / "gunicorn.log", MAX_STREAMS_PER_TOKEN=500)
+    yield api.url
+    api.stop()
 
 
 class TenantAPI:
@@ -241,7 +321,14 @@ class TenantAPI:
 def tenant_api(redis_url, tmp_path_factory) -> TenantAPI:
     log_path = tmp_path_factory.mktemp("tenant-api") / "gunicorn.log"
     api = TenantAPI("", log_path)
-    proc, api.url = start_api(redis_url, log_path, **api.settings())
+    process = start_api(redis_url, log_path, **api.settings())
+    api.url = process.url
     yield api
-    proc.terminate()
-    proc.wait(15)
+    process.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Across pytest-xdist's processes the slow tests go first: one that started last would hold the end of the
+    run alone while the other processes sat idle. A run in one process keeps the files' order."""
+    if getattr(config.option, "numprocesses", None):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)

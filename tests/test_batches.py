@@ -364,10 +364,10 @@ def test_a_file_comes_back_under_its_name_whatever_the_name_holds(redis_url, r):
 def test_a_batch_survives_its_api_and_its_worker_being_killed_mid_way(redis_url, slow_model, tmp_path):
     """SIGKILL the only API process and the only worker while the batch runs: new ones finish it, each line once."""
     settings = TenantAPI("", tmp_path / "api.log").settings()
-    api, url = start_api(redis_url, tmp_path / "api.log", **settings)
+    api = start_api(redis_url, tmp_path / "api.log", **settings)
     model = "phoenix-" + uuid.uuid4().hex[:6]
     worker = start_worker(redis_url, model, slow_model, tmp_path, "--parallel", "2")
-    oai = client_for(url, TenantAPI.ALICE)
+    oai = client_for(api.url, TenantAPI.ALICE)
     rows = [{"custom_id": f"p{i}", "method": "POST", "url": "/v1/completions",
              "body": {"model": model, "prompt": f"line {i}", "max_tokens": 120, "temperature": 0}}
             for i in range(12)]
@@ -375,14 +375,12 @@ def test_a_batch_survives_its_api_and_its_worker_being_killed_mid_way(redis_url,
     batch = oai.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
     wait_until(lambda: oai.batches.retrieve(batch.id).request_counts.completed >= 3, timeout=30, interval=0.1,
                what="a few lines done")
-    api.send_signal(signal.SIGKILL)
-    worker.proc.send_signal(signal.SIGKILL)
-    api.wait(10)
-    worker.proc.wait(10)
-    api, url = start_api(redis_url, tmp_path / "api.log", **settings)
+    api.kill()
+    worker.stop(signal.SIGKILL, timeout=10)
+    api = start_api(redis_url, tmp_path / "api.log", **settings)
     worker = start_worker(redis_url, model, slow_model, tmp_path, "--parallel", "2")
     try:
-        oai = client_for(url, TenantAPI.ALICE)
+        oai = client_for(api.url, TenantAPI.ALICE)
         done = wait_status(oai, batch.id, {"completed"}, timeout=60)
         out = lines_of(oai, done.output_file_id)
         errors = lines_of(oai, done.error_file_id) if done.error_file_id else {}
@@ -394,6 +392,5 @@ def test_a_batch_survives_its_api_and_its_worker_being_killed_mid_way(redis_url,
         print(f"\nrestarted batch: {len(out)} lines finished, {len(errors)} lost mid-stream")
         assert len({row["response"]["request_id"] for row in [*out.values(), *errors.values()]}) == 12
     finally:
-        api.terminate()
-        api.wait(15)
+        api.stop()
         worker.stop(signal.SIGKILL)

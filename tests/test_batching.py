@@ -8,7 +8,6 @@ import pytest
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from inferq.testmodel import make_llama_gguf
 from queue_schema import keys
 from queue_schema.lifecycle import registry, stats
 from queue_schema.lifecycle import views as job_views
@@ -151,9 +150,8 @@ def test_a_prompt_that_begins_with_a_cached_one_skips_that_prefill(client, worke
 
 
 @pytest.mark.slow
-def test_cancel_lands_within_a_step_during_a_long_prefill(client, worker_factory, model_dir):
-    small = make_llama_gguf(model_dir / "small.gguf", "small", seed=0)
-    worker_factory("prefill", small, "--parallel", "2", "--threads", "2")
+def test_cancel_lands_within_a_step_during_a_long_prefill(client, worker_factory, small_model):
+    worker_factory("prefill", small_model, "--parallel", "2", "--threads", "2")
     other = submit(client, model="prefill", prompt="busy", max_tokens=400, temperature=0, repetition_penalty=1.0)
     events(client, other, until="token")
     job = submit(client, model="prefill", prompt="the data model of the queue worker " * 80, max_tokens=8)

@@ -1,28 +1,13 @@
 """The page at / in a real headless Chromium (Debian's): submit, stream, cancel, workers, auth, resume."""
 import os
-import shutil
-import signal
-import subprocess
 
 import pytest
 
 from inferq.client import Client
-from inferq.embedded_redis import free_port
-from tests.conftest import GUNICORN, ROOT, wait_until
+from tests.conftest import CHROMIUM, start_api
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason="chromium is not installed (make test installs it)")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
-        yield b
-        b.close()
 
 
 @pytest.fixture()
@@ -96,13 +81,13 @@ def shown_job(page, index=0):
 
 
 @pytest.fixture(scope="module")
-def pair_worker(worker_factory, slow_model):
+def pair_worker(module_workers, slow_model):
     """Two slots, ~1 ms a token: two long jobs overlap on one worker."""
     from worker.backends.selection import installed
 
     if "llama-cpp" not in installed():  # ctransformers has one slot
         pytest.skip("llama-cpp is not installed (make test installs it)")
-    return worker_factory("pair", slow_model, "--parallel", "2")
+    return module_workers("pair", slow_model, "--parallel", "2")
 
 
 def test_job_and_worker_states_follow_the_events(page, live_api, pair_worker):
@@ -160,13 +145,9 @@ def test_offline_models_are_shown_offline_and_not_submitted_to(page, live_api, t
 
 
 def test_auth_on_the_page_asks_for_a_token(page, redis_url, tiny_worker):
-    port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "INFERQ_API_TOKENS": "web-token"}
-    api = subprocess.Popen([*GUNICORN, "--bind", f"127.0.0.1:{port}", "api.wsgi:app"], cwd=ROOT, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    api = start_api(redis_url, API_TOKENS="web-token")
+    url = api.url
     try:
-        wait_until(lambda: _health(url), what="the secured API")
         page.goto(url + "/")
         page.wait_for_selector("#auth:not([hidden])")
         page.fill("#token", "web-token")
@@ -177,51 +158,36 @@ def test_auth_on_the_page_asks_for_a_token(page, redis_url, tiny_worker):
         page.wait_for_function("() => document.querySelector('#status').textContent === 'finished'", timeout=30000)
         assert page.evaluate("sessionStorage.getItem('inferq-token')") == "web-token"
     finally:
-        api.send_signal(signal.SIGTERM)
-        api.wait(15)
+        api.stop()
 
 
 def test_a_dropped_connection_resumes_without_duplicating_text(page, redis_url, slow_worker):
     """Kill the API mid-stream and bring it back: EventSource resumes from Last-Event-ID."""
-    port = free_port()
-    cmd = [*GUNICORN, "--bind", f"127.0.0.1:{port}", "api.wsgi:app"]
-    env = {**os.environ, "REDIS_URL": redis_url, "INFERQ_SSE_RETRY_MS": "300"}
-    url = f"http://127.0.0.1:{port}"
-    api = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = start_api(redis_url, SSE_RETRY_MS=300)
+    url = api.url
     try:
-        wait_until(lambda: _health(url), what="the API")
         open_page(page, url, "slow")
         submit(page, "keep going", 1500)
         page.wait_for_function("() => document.querySelector('#output').textContent.length > 20", timeout=30000)
         api.kill()
-        api.wait(10)
-        api = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: _health(url), what="the API to come back")
+        api.start()  # on the same port
         page.wait_for_function("() => ['finished', 'cancelled'].includes(document.querySelector('#status')"
                                ".textContent)", timeout=60000)
         job = page.evaluate("JSON.parse(sessionStorage.getItem('inferq-recent'))[0]")
         stored = Client(url).status(job)["result"]["text"]
         assert page.eval_on_selector("#output", "e => e.textContent") == stored
     finally:
-        api.send_signal(signal.SIGTERM)
-        api.wait(15)
-
-
-def _health(url):
-    try:
-        return Client(url)._request("GET", "/health").ok
-    except Exception:
-        return False
+        api.stop()
 
 
 @pytest.fixture(scope="module")
-def chatml_worker(worker_factory, model_dir):
+def chatml_worker(module_workers, model_dir):
     from inferq.testmodel import make_chat_gguf
     from worker.backends.selection import installed
 
     if "llama-cpp" not in installed():
         pytest.skip("llama-cpp is not installed (make test installs it)")
-    return worker_factory("page-chat", make_chat_gguf(model_dir / "page-chat.gguf", "chatml"))
+    return module_workers("page-chat", make_chat_gguf(model_dir / "page-chat.gguf", "chatml"))
 
 
 def test_a_conversation_in_chat_mode(page, live_api, chatml_worker, tiny_worker):

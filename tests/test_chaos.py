@@ -4,17 +4,15 @@ Every job must end exactly once, with a gap-free stream whose text equals
 its stored result; the only error allowed is WORKER_LOST for jobs the killed
 worker had started.
 """
-import os
 import signal
-import subprocess
 import threading
 import time
 
 import pytest
 
 from inferq.client import Client
-from inferq.embedded_redis import EmbeddedRedis, free_port
-from tests.conftest import GUNICORN, ROOT, start_worker, wait_until
+from inferq.embedded_redis import EmbeddedRedis
+from tests.conftest import start_api, start_worker
 
 pytestmark = pytest.mark.slow
 
@@ -22,19 +20,14 @@ pytestmark = pytest.mark.slow
 @pytest.fixture()
 def chaos_stack(tmp_path, slow_model):
     server = EmbeddedRedis(tmp_path / "redis", appendonly=True).start()
-    port = free_port()
-    api = subprocess.Popen([*GUNICORN, "--bind", f"127.0.0.1:{port}", "api.wsgi:app"], cwd=ROOT,
-                           env={**os.environ, "REDIS_URL": server.url, "INFERQ_KEEPALIVE_S": "1"},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = start_api(server.url, tmp_path / "api.log")
     workers = [start_worker(server.url, "chaos", slow_model, tmp_path) for _ in range(2)]
-    client = Client(f"http://127.0.0.1:{port}", timeout=5)
-    wait_until(lambda: _up(client), what="the chaos API")
+    client = Client(api.url, timeout=5)
     state = {"server": server, "workers": workers, "client": client, "tmp": tmp_path, "model": slow_model}
     yield state
     for w in state["workers"]:
         w.stop(signal.SIGKILL)
-    api.terminate()
-    api.wait(15)
+    api.stop()
     server.stop()
 
 

@@ -32,13 +32,13 @@ def chat_files(model_dir):
 
 
 @pytest.fixture(scope="module")
-def chat_workers(worker_factory, chat_files):
+def chat_workers(module_workers, chat_files):
     from worker.backends.selection import installed
 
     if "llama-cpp" not in installed():
         pytest.skip("llama-cpp is not installed (make test installs it)")
     for flavour, path in chat_files.items():
-        worker_factory(flavour, path, "--parallel", "2")
+        module_workers(flavour, path, "--parallel", "2")
     return chat_files
 
 

@@ -15,7 +15,7 @@ from rq.job import Job
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from tests.test_browser import CHROMIUM, browser  # noqa: F401 - the fixture
+from tests.conftest import CHROMIUM
 
 IMG = '<img src=x onerror="window.__xss=1">'
 SCRIPT = "<script>window.__xss=2</script>"

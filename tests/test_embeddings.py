@@ -11,12 +11,12 @@ from tests.helpers import events
 
 
 @pytest.fixture(scope="module")
-def embed_worker(worker_factory, slow_model):
+def embed_worker(module_workers, slow_model):
     from worker.backends.selection import installed
 
     if "llama-cpp" not in installed():
         pytest.skip("llama-cpp is not installed (make test installs it)")
-    return worker_factory("embedder", slow_model, "--backend", "llama-cpp", "--parallel", "2")
+    return module_workers("embedder", slow_model, "--backend", "llama-cpp", "--parallel", "2")
 
 
 @pytest.fixture()

@@ -1,18 +1,15 @@
 """Open SSE streams are bounded per principal and per API process, and a flood cannot starve /health."""
 import json
-import os
 import selectors
 import socket
 import statistics
-import subprocess
 import time
 
 import pytest
 import requests
 
 from api import create_app
-from inferq.embedded_redis import free_port
-from tests.conftest import GUNICORN, ROOT, wait_until
+from tests.conftest import start_api, wait_until
 
 A, B = "alice:token-of-alice-0001", "bob:token-of-bob-00000001"
 
@@ -109,16 +106,11 @@ def probe(url: str) -> tuple[int, float]:
 @pytest.mark.slow
 def test_a_flood_of_streams_gets_429s_and_health_keeps_answering(redis_url, tmp_path):
     """1,100 streams on one gunicorn+gevent process: 900 open, 200 refused, /health and /ready quick."""
-    port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "INFERQ_KEEPALIVE_S": "1",
-           "INFERQ_MAX_STREAMS_PER_TOKEN": "100000"}  # one address: let the process bound decide
-    log = tmp_path / "gunicorn.log"
-    api = subprocess.Popen([*GUNICORN, "--workers", "1", "--bind", f"127.0.0.1:{port}", "api.wsgi:app"], cwd=ROOT,
-                           env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    # One address: let the process bound decide.
+    api = start_api(redis_url, tmp_path / "gunicorn.log", MAX_STREAMS_PER_TOKEN=100000)
+    url, port = api.url, api.port
     socks: list[socket.socket] = []
     try:
-        wait_until(lambda: _up(url, api, log), what="the API")
         for _ in range(1100):
             s = socket.create_connection(("127.0.0.1", port), timeout=10)
             s.sendall(REQUEST)
@@ -143,19 +135,9 @@ def test_a_flood_of_streams_gets_429s_and_health_keeps_answering(redis_url, tmp_
     try:
         # The slots come back once the keep-alive writes find the clients gone.
         wait_until(lambda: _stream_opens(url), timeout=20, what="a stream to open after the flood")
-        assert api.poll() is None, log.read_text()
+        assert api.proc.poll() is None, api.log()
     finally:
-        api.terminate()
-        api.wait(30)
-
-
-def _up(url, api, log):
-    if api.poll() is not None:
-        raise AssertionError(f"gunicorn exited:\n{log.read_text()}")
-    try:
-        return requests.get(url + "/health", timeout=1).ok
-    except requests.RequestException:
-        return False
+        api.stop(timeout=30)
 
 
 def _stream_opens(url) -> bool:

@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from inferq.testmodel import make_llama_gguf
-from tests.conftest import wait_until
+from tests.conftest import start_api, wait_until
 from tests.helpers import events
 
 pytestmark = pytest.mark.usefixtures("tiny_worker")
@@ -61,8 +61,8 @@ def test_chat_non_streamed_and_streamed(oai):
 def test_stop_and_max_completion_tokens(oai):
     base = oai.completions.create(model="tiny", prompt="queue worker", max_tokens=40, temperature=0).choices[0].text
     words = [w for w in base.split(" ") if w.isalnum() and len(w) > 1]
-    if not words:
-        pytest.skip("no word to stop on in the sample")
+    # Greedy decoding of the seeded test model: the same sample every run, so this holds or always fails.
+    assert words, f"no word to stop on in the sample: {base!r}"
     stop = words[0]
     resp = oai.completions.create(model="tiny", prompt="queue worker", max_tokens=40, temperature=0, stop=stop)
     assert resp.choices[0].finish_reason == "stop"
@@ -274,20 +274,10 @@ def test_the_sdk_never_runs_a_lost_job_twice(live_api, r, worker_factory, slow_m
 
 def test_a_stream_cut_by_the_api_stopping_raises_instead_of_passing_for_whole(redis_url, slow_worker):
     import signal
-    import subprocess
-    import sys
 
-    from inferq.embedded_redis import free_port
-    from tests.conftest import ROOT
-
-    port = free_port()
-    api = subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", "python:api.gunicorn_conf",
-                            "--bind", f"127.0.0.1:{port}", "api.wsgi:app"], cwd=ROOT,
-                           env={**__import__("os").environ, "REDIS_URL": redis_url},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+    api = start_api(redis_url)
+    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0, timeout=30)
     try:
-        wait_until(lambda: _ok(f"http://127.0.0.1:{port}"), what="the API")
         stream = client.completions.create(model="slow", prompt="busy", max_tokens=2000, temperature=0,
                                            stream=True, extra_body={})
         it = iter(stream)
@@ -297,16 +287,7 @@ def test_a_stream_cut_by_the_api_stopping_raises_instead_of_passing_for_whole(re
             for _ in it:
                 pass
     finally:
-        if api.poll() is None:
-            api.kill()
-        api.wait(15)
-
-
-def _ok(url):
-    try:
-        return requests.get(url + "/health", timeout=1).ok
-    except requests.RequestException:
-        return False
+        api.kill()
 
 
 def tiny_token(piece: str) -> int:

@@ -38,11 +38,16 @@ def test_metrics_count_the_jobs_that_ran(client, worker_factory, tiny_model, slo
     for job in done + [bad]:
         events(client, job)
 
-    def counted():  # the worker files a job's stats a moment after its last event
+    tokens = sum(events(client, j)[-1]["tokens_out"] for j in done)
+
+    def counted():
+        # A job's outcome is counted by its settle, its tokens and times a moment later by the worker.
         samples = scrape(client)
         moved = sum(value(samples, f"inferq_jobs_{k}_total", model="metered") -
                     value(before, f"inferq_jobs_{k}_total", model="metered") for k in ("finished", "failed"))
-        return samples if moved == 4 else None
+        generated = value(samples, "inferq_tokens_generated_total", model="metered") - \
+            value(before, "inferq_tokens_generated_total", model="metered")
+        return samples if moved == 4 and generated >= tokens else None
 
     after = wait_until(counted, timeout=20, what="all four jobs in /metrics")
     assert value(after, "inferq_jobs_submitted_total", model="metered") - \
@@ -51,7 +56,6 @@ def test_metrics_count_the_jobs_that_ran(client, worker_factory, tiny_model, slo
         value(before, "inferq_jobs_finished_total", model="metered") == 3
     assert value(after, "inferq_jobs_failed_total", model="metered") - \
         value(before, "inferq_jobs_failed_total", model="metered") == 1
-    tokens = sum(events(client, j)[-1]["tokens_out"] for j in done)
     assert value(after, "inferq_tokens_generated_total", model="metered") - \
         value(before, "inferq_tokens_generated_total", model="metered") == tokens
     assert value(after, "inferq_ttft_seconds_count", model="metered") >= 3

@@ -2,7 +2,6 @@
 import threading
 import time
 
-import pytest
 import requests
 
 from inferq.client import Client
@@ -118,7 +117,8 @@ def split_stop(tokens):
             first = text.find(stop)
             if first > 0:
                 return stop, first
-    pytest.skip("no alphanumeric token boundary in the sample")
+    # The samples are greedy decodes of the seeded test model: the same every run, never a reason to skip.
+    raise AssertionError(f"no alphanumeric token boundary in the sample: {tokens!r}")
 
 
 def test_stop_strings_split_across_tokens_never_leak(client, tiny):

@@ -43,14 +43,14 @@ def stack(tmp_path_factory, tiny_model, slow_model):
                      start_worker(s.server.url, "slow", slow_model, tmp, "--parallel", "1")]
         settings = {**TenantAPI("", tmp).settings(), "MAX_BATCHES_PER_TENANT": 2,
                     "BATCH_BYTES_PER_TENANT": BYTES_CAP, "WEBHOOK_TIMEOUT_S": 2}
-        api, s.url = start_api(s.server.url, tmp / "api.log", **settings)
+        api = start_api(s.server.url, tmp / "api.log", **settings)
+        s.url = api.url
         procs.append(api)
         s.oai = openai.OpenAI(base_url=f"{s.url}/v1", api_key=TenantAPI.ALICE, max_retries=0, timeout=30)
         yield s
     finally:
         for p in procs:
-            p.terminate()
-            p.wait(15)
+            p.stop()
         for w in getattr(s, "workers", []):
             w.proc.kill()
             w.proc.wait()

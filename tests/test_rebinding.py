@@ -26,10 +26,9 @@ def test_host_names_are_read_without_port_brackets_or_case():
 
 @pytest.fixture(scope="module")
 def rebinding_api(redis_url, tmp_path_factory):
-    proc, url = start_api(redis_url, tmp_path_factory.mktemp("rebind") / "gunicorn.log")
-    yield url
-    proc.terminate()
-    proc.wait(15)
+    api = start_api(redis_url, tmp_path_factory.mktemp("rebind") / "gunicorn.log")
+    yield api.url
+    api.stop()
 
 
 def test_a_rebinding_page_is_refused_on_every_route(rebinding_api):
@@ -78,7 +77,8 @@ def test_a_wildcard_bind_answers_the_machines_own_addresses(redis_url, tmp_path)
     own = [a for a in hosts.interface_addresses() if not a.is_loopback and not a.is_link_local]
     if not own:
         pytest.skip("this machine has no address besides loopback")
-    proc, url = start_api(redis_url, tmp_path / "gunicorn.log", bind="0.0.0.0")
+    api = start_api(redis_url, tmp_path / "gunicorn.log", bind="0.0.0.0")
+    url = api.url
     try:
         port = url.rsplit(":", 1)[1]
         address = next(a for a in own if a.version == 4) if any(a.version == 4 for a in own) else own[0]
@@ -88,5 +88,4 @@ def test_a_wildcard_bind_answers_the_machines_own_addresses(redis_url, tmp_path)
         assert not ipaddress.ip_address("203.0.113.9") in hosts.interface_addresses()
         assert _refused(requests.get(url + "/v1/models", headers={"Host": f"203.0.113.9:{port}"}, timeout=10))
     finally:
-        proc.terminate()
-        proc.wait(15)
+        api.stop()

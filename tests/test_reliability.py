@@ -16,7 +16,7 @@ from inferq.embedded_redis import EmbeddedRedis
 from inferq.testmodel import make_llama_gguf
 from queue_schema import keys
 from queue_schema.lifecycle import registry
-from tests.conftest import GUNICORN, ROOT, start_worker, wait_until
+from tests.conftest import ROOT, start_api, start_worker, wait_until
 from tests.helpers import events, submit, text_of
 
 LONG_PROMPT = "the data model of the queue worker " * 120  # ~3,000 tokens: ~2 s of prompt evaluation
@@ -191,28 +191,22 @@ def test_api_sigterm_ends_open_streams_cleanly(redis_url, slow_worker, tiny_work
     import requests
 
     from inferq.client import Client
-    from inferq.embedded_redis import free_port
 
-    port = free_port()
-    api = subprocess.Popen([*GUNICORN, "--graceful-timeout", "30", "--bind", f"127.0.0.1:{port}", "api.wsgi:app"],
-                           cwd=ROOT, env={**__import__("os").environ, "REDIS_URL": redis_url},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    api = start_api(redis_url, args=("--graceful-timeout", "30"))
+    url = api.url
     try:
-        wait_until(lambda: _ok(url), what="the API")
         job = Client(url).submit("long", model="slow", max_tokens=600, temperature=0)["job_id"]
         feed = requests.get(f"{url}/v1/narration", stream=True, timeout=30)
         stream = requests.get(f"{url}/v1/jobs/{job}/stream", stream=True, timeout=30)
         next(stream.iter_content(chunk_size=None))
         t0 = time.monotonic()
         api.send_signal(signal.SIGTERM)
-        assert api.wait(15) == 0
+        assert api.proc.wait(15) == 0
         assert time.monotonic() - t0 < 5  # not the 30 s grace timeout
         feed.close()
         stream.close()
     finally:
-        if api.poll() is None:
-            api.kill()
+        api.kill()
     # The job itself was not touched by the API going away: it runs to its normal end.
     from queue_schema.lifecycle.eventlog import EventLog
 
@@ -221,11 +215,3 @@ def test_api_sigterm_ends_open_streams_cleanly(redis_url, slow_worker, tiny_work
                       timeout=60, what="the job to end")
     assert last.type == "end" and last.stop_reason in ("max_tokens", "eos")
 
-
-def _ok(url):
-    import requests
-
-    try:
-        return requests.get(url + "/health", timeout=1).ok
-    except requests.RequestException:
-        return False

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from api import create_app
-from tests.test_browser import CHROMIUM, browser  # noqa: F401 - the fixture
+from tests.conftest import CHROMIUM
 
 JOB = {"operation": "infer", "model": "no-such-model", "prompt": "x"}
 OPENAI = {"model": "no-such-model", "prompt": "x"}

@@ -6,7 +6,6 @@ the master (clients must wait for the sentinel to promote the replica).
 """
 from __future__ import annotations
 
-import os
 import secrets
 import signal
 import subprocess
@@ -25,7 +24,7 @@ from inferq.embedded_redis import free_port, redis_server_binary
 from queue_schema.lifecycle import connection, registry
 from queue_schema.lifecycle.connection import RedisURLError, masked, parse_sentinel
 from queue_schema.lifecycle.eventlog import EventLog
-from tests.conftest import GUNICORN, ROOT, start_worker, wait_until
+from tests.conftest import ApiProcess, start_worker, wait_until
 
 SERVICE = "inferq"
 
@@ -232,14 +231,6 @@ def test_the_embedded_dashboard_reads_a_sentinel_url(cluster):
 
 # --- the whole stack through kill -9 of the master ------------------------------------------
 
-def _api(redis_url: str, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "INFERQ_KEEPALIVE_S": "1"}
-    proc = subprocess.Popen([*GUNICORN, "--workers", "1", "--bind", f"127.0.0.1:{port}", "api.wsgi:app"],
-                            cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}"
-
-
 class Submitter(threading.Thread):
     """Submits short jobs until told to stop (or a bound is reached), recording every answer."""
 
@@ -288,7 +279,8 @@ def test_killing_the_master_fails_over_without_a_500_a_broken_stream_or_a_dead_w
                                                                                      slow_model):
     url = cluster.url
     worker = start_worker(url, "ha", slow_model, tmp_path, wait=False)
-    api, api_url = _api(url, tmp_path / "api.log")
+    api = ApiProcess(url, tmp_path / "api.log").start(wait=False)  # up once the cluster is
+    api_url = api.url
     submitter = None
     try:
         data = connection.client(url, socket_timeout=2)
@@ -301,7 +293,7 @@ def test_killing_the_master_fails_over_without_a_500_a_broken_stream_or_a_dead_w
                 return False
 
         wait_until(worker_idle, timeout=60, what="the worker")
-        wait_until(lambda: _ready(api_url, api), timeout=30, what="the API")
+        wait_until(lambda: _ready(api_url, api.proc), timeout=30, what="the API")
 
         submitter = Submitter(api_url, "ha")
         submitter.start()
@@ -370,12 +362,7 @@ def test_killing_the_master_fails_over_without_a_500_a_broken_stream_or_a_dead_w
     finally:
         if submitter is not None:
             submitter.stop.set()
-        api.terminate()
-        try:
-            api.wait(15)
-        except subprocess.TimeoutExpired:
-            api.kill()
-            api.wait()
+        api.stop()
         worker.stop(signal.SIGKILL)
 
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from inferq.client import Client
 from queue_schema.lifecycle.eventlog import EventLog
-from tests.test_browser import CHROMIUM, browser  # noqa: F401 - the fixture
+from tests.conftest import CHROMIUM
 from worker.publisher import EventPublisher, JobEmitter
 
 TRICKY = "\u2028\u2029\u0085\r\n\x00\r\n"

@@ -24,17 +24,17 @@ ENOUGH = 300
 
 
 @pytest.fixture(scope="module")
-def llama_worker(worker_factory, tiny_model):
+def llama_worker(module_workers, tiny_model):
     from worker.backends.selection import installed
 
     if "llama-cpp" not in installed():
         pytest.skip("llama-cpp is not installed (make test installs it)")
-    return worker_factory("structured", tiny_model, "--backend", "llama-cpp", "--parallel", "3")
+    return module_workers("structured", tiny_model, "--backend", "llama-cpp", "--parallel", "3")
 
 
 @pytest.fixture(scope="module")
-def ct_worker(worker_factory, tiny_model):
-    return worker_factory("structured-ct", tiny_model, "--backend", "ctransformers")
+def ct_worker(module_workers, tiny_model):
+    return module_workers("structured-ct", tiny_model, "--backend", "ctransformers")
 
 
 @pytest.fixture()

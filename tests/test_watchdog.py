@@ -1,7 +1,8 @@
 """A decode step stuck past the worker's bound: its jobs are handed on, the worker says so and recovers.
 
-The bound is set low (20 ms) so that an ordinary prefill step of the small model passes it: a real step, in
-a real worker, that ran past the bound; what a hung GPU call would look like to the rest of the system.
+The bound is set low (2 ms) so that every step of the small model passes it, a prefill chunk or a one-token
+decode (several ms on 2 cores), whatever the retry finds in the prefix cache: a real step, in a real worker,
+that ran past the bound; what a hung GPU call would look like to the rest of the system.
 """
 import requests
 
@@ -13,7 +14,7 @@ PROMPT = "the data model of the queue worker " * 30
 
 
 def test_a_stuck_step_hands_its_jobs_on_with_a_retriable_error(client, r, worker_factory, small_model, live_api):
-    w = worker_factory("stuck", small_model, "--parallel", "1", "--threads", "2", "--stuck-step-limit", "0.02")
+    w = worker_factory("stuck", small_model, "--parallel", "1", "--threads", "2", "--stuck-step-limit", "0.002")
     job = submit(client, model="stuck", prompt=PROMPT, max_tokens=4, temperature=0)
     evts = events(client, job)
     last = evts[-1]
