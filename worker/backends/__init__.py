@@ -48,7 +48,7 @@ def load_backend(name: str, path: str, options: LoadOptions) -> Backend:
     if choice.backend == "llama-cpp":
         from worker.backends.llama_cpp_backend import LlamaCppBackend
 
-        backend: Backend = LlamaCppBackend(path, options)
+        backend: Backend = LlamaCppBackend(path, options, info)
     else:
         from worker.backends.ctransformers_backend import CTransformersBackend
 

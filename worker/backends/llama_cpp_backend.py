@@ -156,8 +156,9 @@ class LlamaCppBackend(Backend):
     capabilities = frozenset({"logprobs", "grammar", "embeddings"})
     parses_specials = True
 
-    def __init__(self, path: str, options: LoadOptions):
+    def __init__(self, path: str, options: LoadOptions, info=None):
         super().__init__(path, options)
+        self.info = info
         try:
             import llama_cpp
         except ImportError:
@@ -199,7 +200,7 @@ class LlamaCppBackend(Backend):
         self._batch = lib.llama_batch_init(self._batch_size, 0, 1)
         self._pieces: dict[int, bytes] = {}
         self._buf = ctypes.create_string_buffer(256)
-        self._read_vocabulary()
+        self._read_vocabulary(info.longest_token if info is not None else 0)
         self._pooling = self._pooling_type()
         if self._pooling == _POOLING_RANK:  # a reranker: its "embedding" is a score
             self.capabilities = self.capabilities - {"embeddings"}
@@ -212,16 +213,25 @@ class LlamaCppBackend(Backend):
             self._utf8 = Utf8Guard([self.token_bytes(t) for t in range(self.vocab_size)])
         return self._utf8
 
-    def _read_vocabulary(self) -> None:
-        """Control tokens' texts (parsed in chat template text) and the longest piece (prompt size guard)."""
+    def _read_vocabulary(self, longest_text: int) -> None:
+        """Control tokens' texts (parsed in chat template text) and the longest piece (prompt size guard).
+
+        ``longest_text`` is the longest token text in the file (gguf_meta): no piece is longer, so it bounds
+        the guard without a piece per token, which cost a second on a 262k vocabulary. The attributes are
+        asked of the engine for every token all the same: llama.cpp marks some tokens control by their text."""
         lib, vocab = self._lib, self._vocab
         longest, specials = 1, {}
+        special = _ATTR_CONTROL | _ATTR_UNKNOWN
+        get_attr = lib.llama_vocab_get_attr
         for token in range(self.vocab_size):
+            is_special = get_attr(vocab, token) & special
+            if longest_text and not is_special:
+                continue
             text = self._piece(token, special=True)
             longest = max(longest, len(text))
-            if lib.llama_vocab_get_attr(vocab, token) & (_ATTR_CONTROL | _ATTR_UNKNOWN) and text:
+            if is_special and text:
                 specials.setdefault(text.decode("utf-8", errors="replace"), token)
-        self.longest_piece, self.special_tokens = longest, specials
+        self.longest_piece, self.special_tokens = max(longest, longest_text), specials
         self.bos_text = self._piece(self.bos_token_id, special=True).decode("utf-8", "replace") \
             if self.bos_token_id >= 0 else ""
         self.eos_text = self._piece(self.eos_token_id, special=True).decode("utf-8", "replace") \
