@@ -11,7 +11,8 @@ The clients run on the same cores as the API, Redis and the worker, so what
 they spend reading is taken from the server. Two kinds: ``requests`` (the
 usual Python client: urllib3 and inferq's SSE parser per event) and ``raw``
 (a socket read and one JSON parse per event, about what a browser's
-EventSource costs), each in its own rows.
+EventSource costs), each in its own rows. The stream limits are raised to fit the largest round (every
+client is one address), and the run prints them.
 """
 from gevent import monkey
 
@@ -122,10 +123,18 @@ def main(argv=None):
     args = ap.parse_args(argv)
     path = model_file(args.model)
     workers: list = []
-    with stack({"fan": path}, threads=1, procs_out=workers) as (url, redis_url):
+    # Every client here is one address and one principal (auth off): the stream limits of a process (900) and
+    # of a principal (100) would refuse most of them, and the run would measure refusals. Raised to fit the
+    # largest round, below gunicorn's worker_connections (2,000) so /health keeps its room.
+    bound = max(args.clients) + 50
+    if bound > 1950:
+        ap.error("one API process takes at most 1,900 streams (gunicorn's worker_connections is 2,000)")
+    limits = {"INFERQ_MAX_STREAMS": str(bound), "INFERQ_MAX_STREAMS_PER_TOKEN": str(bound)}
+    with stack({"fan": path}, threads=1, procs_out=workers, env_extra=limits) as (url, redis_url):
         rows = [one_round(url, redis_url, workers, n, args.max_tokens, kind)
                 for kind in args.client_kinds for n in args.clients]
-    print(f"fan-out: one job, model={args.model}, {args.max_tokens} tokens, 1 API process (gunicorn+gevent)")
+    print(f"fan-out: one job, model={args.model}, {args.max_tokens} tokens, 1 API process (gunicorn+gevent), "
+          f"stream limits set to {bound} (INFERQ_MAX_STREAMS, INFERQ_MAX_STREAMS_PER_TOKEN)")
     print(f"{'client':>9}{'clients':>8}{'finished':>10}{'gap-free':>10}{'missed':>8}{'token events':>14}"
           f"{'p50 ms':>9}{'p99 ms':>9}"
           f"{'redis conns':>13}")
