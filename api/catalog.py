@@ -15,7 +15,9 @@ bp = Blueprint("catalog", __name__)
 def list_models():
     """Models served now (``online``) or within the grace period (``offline``), in OpenAI's list
     shape plus inferq's fields; ``last_seen`` is the last heartbeat of a worker of the model, and
-    ``capabilities`` what its workers can do (chat_template, grammar, logprobs, embeddings)."""
+    ``capabilities`` what its workers can do (chat_template, grammar, logprobs, embeddings), and
+    ``chat_template`` which template chat is rendered with (``gguf``, a built-in name, ``file:<name>``, or
+    ``none``: plain ``Role: text`` lines)."""
     r = resources().redis
     data = []
     for s in registry.model_statuses(r):
@@ -24,6 +26,7 @@ def list_models():
             "id": m.name, "object": "model", "created": int(m.last_seen), "owned_by": "inferq",
             "status": s.status, "last_seen": m.last_seen,
             "context_length": m.context_length, "backend": m.backend, "capabilities": m.capabilities,
+            "chat_template": m.chat_template,
             "embedding_length": m.embedding_length,
             "workers": s.workers, "serving_workers": s.serving,
             "queued": jobs.depth(r, m.name), "max_queue_depth": m.queue_depth,

@@ -196,9 +196,12 @@ def _check_model_path(path: str) -> None:
               help="Seconds one grammar sample may take; a slower grammar ends its job alone.")
 @click.option("--stuck-step-limit", default=60.0, show_default=True, envvar="INFERQ_STUCK_STEP_S",
               help="Seconds a decode step may run before its jobs are handed on and the worker reports unhealthy.")
+@click.option("--chat-template", default=None, metavar="NAME|PATH",
+              help="Render chat with a built-in template (chatml, llama3, gemma, mistral) or a Jinja file, "
+                   "over the file's own; for files that carry none.")
 @click.option("--redis-url", envvar="REDIS_URL", default="redis://127.0.0.1:6379/0", show_default=True)
 def worker(model, backend, gpu_layers, threads, ctx_size, parallel, device, queue_depth, burst, grammar_limit,
-           stuck_step_limit, redis_url):
+           stuck_step_limit, chat_template, redis_url):
     """Load one model and run its jobs until SIGTERM/Ctrl-C (the running job finishes first).
 
     \b
@@ -212,7 +215,7 @@ def worker(model, backend, gpu_layers, threads, ctx_size, parallel, device, queu
     _check_model_path(path)
     spec = ModelSpec(name, path, backend, LoadOptions(threads=threads, gpu_layers=gpu_layers, ctx_size=ctx_size,
                                                       parallel=parallel),
-                     device, queue_depth, grammar_limit, stuck_step_limit)
+                     device, queue_depth, grammar_limit, stuck_step_limit, chat_template)
     progress = _LoadProgress(name, path)
     try:
         run_worker(redis_url, spec, burst=burst, on_loaded=progress.done)

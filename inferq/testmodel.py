@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from inferq.gguf_llama import BYTE, CONTROL, NORMAL, UNKNOWN, Vocabulary, write_llama_gguf
+from worker.chat_template import builtin
 
 _WORDS = (
     "the of and to in is that for it as with was on be by this are from at or an "
@@ -105,35 +106,9 @@ def bpe_vocabulary(specials: list[str]) -> tuple[list[str], list[int], list[str]
     return tokens + specials, types, merges
 
 
-# The templates as the models' tokenizer_config.json files carry them (Qwen 2 without its tool branch).
-CHATML_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}\n"
-    "    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
-    "{%- else %}\n"
-    "    {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}\n"
-    "{%- endif %}\n"
-    "{%- for message in messages %}\n"
-    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or "
-    "(message.role == \"assistant\") %}\n"
-    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
-    "    {%- endif %}\n"
-    "{%- endfor %}\n"
-    "{%- if add_generation_prompt %}\n"
-    "    {{- '<|im_start|>assistant\\n' }}\n"
-    "{%- endif %}\n")
-LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
-    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-    "{% endif %}")
-GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
-    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+# The templates as the models' tokenizer_config.json files carry them (Qwen 2 without its tool branch): the
+# worker's built-ins, which a file without a template can be served with.
+CHATML_TEMPLATE, LLAMA3_TEMPLATE, GEMMA_TEMPLATE = (builtin(n) for n in ("chatml", "llama3", "gemma"))
 
 
 def chat_vocabulary(flavour: str) -> Vocabulary:

@@ -27,6 +27,8 @@ class WorkerInfo(BaseModel):
     vram_bytes: int = 0
     context_length: int = 0
     capabilities: list[str] = []  # what its backend can do beyond plain generation (see ModelInfo)
+    chat_template: str = "none"  # the template it renders chat with (see ModelInfo)
+    chat_template_digest: str = "none"  # workers of one model must agree on it
     started_at: float = 0.0
     heartbeat_at: float = 0.0
 
@@ -43,5 +45,8 @@ class ModelInfo(BaseModel):
     # its control tokens), grammar (structured output), logprobs, embeddings. Admission refuses a job
     # that needs one the record lacks (UNSUPPORTED_FEATURE).
     capabilities: list[str] = []
+    # The template chat messages are rendered with: "gguf" (the file's own), a built-in name (chatml, llama3,
+    # gemma, mistral), "file:<name>", or "none" (the file has none: messages become plain "Role: text" lines).
+    chat_template: str = "none"
     embedding_length: int = 0  # dimensions of its embeddings (0: it cannot embed)
     last_seen: float = 0.0

@@ -18,6 +18,7 @@ content too. See ``worker.prompt`` for how the parts become tokens.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import re
@@ -25,11 +26,19 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from queue_schema.errors import ConfigError
+
 log = logging.getLogger(__name__)
+
+# Templates for files that carry none (base models, conversions that dropped it), by family, as the families'
+# own tokenizer_config.json files write them; `inferq worker --chat-template NAME` picks one.
+BUILTIN_DIR = Path(__file__).with_name("templates")
+BUILTIN_NAMES = ("chatml", "llama3", "gemma", "mistral")
 
 # A plain, model-agnostic fallback for files that carry no template.
 FALLBACK_TEMPLATE = (
@@ -135,3 +144,40 @@ def _split(marked: str, cut: re.Pattern) -> tuple[tuple[str, bool], ...]:
     if at < len(marked):
         parts.append((marked[at:], True))
     return tuple(parts)
+
+
+def builtin(name: str) -> str:
+    return (BUILTIN_DIR / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class TemplateChoice:
+    """The template a worker renders messages with, and where it came from: ``gguf`` (the file's own), a
+    built-in name, ``file:<name>`` (a Jinja file), or ``none`` (no template: the plain fallback)."""
+
+    name: str
+    source: str | None
+
+    @property
+    def digest(self) -> str:
+        """Workers of one model must render alike: they compare this."""
+        return hashlib.sha256(self.source.encode()).hexdigest()[:16] if self.source else "none"
+
+
+def choose(flag: str | None, in_file: str | None) -> TemplateChoice:
+    """``--chat-template`` (a built-in name or a Jinja file) over the file's own template; ConfigError, naming
+    the flag, for a name that is neither or a file that is no template."""
+    if not flag:
+        return TemplateChoice("gguf", in_file) if in_file else TemplateChoice("none", None)
+    if flag in BUILTIN_NAMES:
+        return TemplateChoice(flag, builtin(flag))
+    path = Path(flag)
+    if not path.is_file():
+        raise ConfigError(f"--chat-template {flag}: neither a built-in template ({', '.join(BUILTIN_NAMES)}) "
+                          f"nor a file")
+    try:
+        source = path.read_text(encoding="utf-8")
+        _compiled(source)
+    except (OSError, UnicodeDecodeError, TemplateError) as exc:
+        raise ConfigError(f"--chat-template {flag}: not a readable Jinja template: {exc}") from None
+    return TemplateChoice(f"file:{path.name}", source)

@@ -108,11 +108,12 @@ _FAILURES: dict[FinishReason, Callable[[Record, Finished, str], tuple[ErrorCode,
 class Jobs:
     def __init__(self, *, worker_id: str, model: str, client: redis.Redis, backend: Backend,
                  publisher: EventPublisher, inbox: Inbox, cancel: CancelWatcher, ending: Ending, leases: Leases,
-                 changed: Callable[[], None], vram_bytes: int = 0):
+                 changed: Callable[[], None], vram_bytes: int = 0, chat_template: str | None = None):
         self.id, self.model, self.redis, self.backend = worker_id, model, client, backend
         self.publisher, self.inbox, self.cancel, self.ending, self.leases = publisher, inbox, cancel, ending, leases
         self.changed = changed  # the jobs held changed: the worker's record says so soon
         self.vram_bytes = vram_bytes
+        self.chat_template = chat_template  # the Jinja source chat is rendered with (None: the plain fallback)
         self.last_tokens_per_sec: float | None = None
         self._records: dict[str, Record] = {}
         self._lock = threading.Lock()
@@ -241,8 +242,8 @@ class Jobs:
                 text = op.prompt
                 prompt = self._prompts.from_text(text, budget)
             else:
-                template = backend.info.chat_template if backend.info else None
-                prompt, text = self._prompts.from_messages([m.model_dump() for m in op.messages], template, budget)
+                prompt, text = self._prompts.from_messages([m.model_dump() for m in op.messages], self.chat_template,
+                                                           budget)
         except PromptTooLong as exc:
             size = "" if exc.exact else " (refused before it was tokenized in full)"
             self._fail(record, ErrorCode.CONTEXT_LENGTH_EXCEEDED, f"prompt is {exc} and max_tokens is {op.max_tokens}: "

@@ -35,6 +35,7 @@ from rq import Worker
 from rq.serializers import JSONSerializer
 
 from queue_schema import log_context, records
+from queue_schema.errors import ConfigError
 from queue_schema.events import Narration
 from queue_schema.lifecycle import registry
 from queue_schema.lifecycle import views as job_views
@@ -43,7 +44,7 @@ from queue_schema.lifecycle.eventlog import EventLog
 from queue_schema.lifecycle.leases import Leases
 from queue_schema.lifecycle.reaper import Reaper
 from queue_schema.settings import DEFAULTS, Settings
-from worker import gpu, narration
+from worker import chat_template, gpu, narration
 from worker.backends import Backend, LoadOptions, load_backend
 from worker.cancel_watcher import CancelWatcher
 from worker.gguf_meta import GGUFInfo
@@ -68,6 +69,7 @@ class ModelSpec:
     queue_depth: int = 1000
     grammar_limit_s: float = 1.0  # one grammar sample slower than this ends its job (worker.scheduler)
     stuck_step_s: float = 60.0  # a decode step running longer hands its jobs on (worker.watchdog)
+    chat_template: str | None = None  # --chat-template: a built-in name or a Jinja file, over the file's own
 
 
 class WorkerRuntime:
@@ -92,6 +94,7 @@ class WorkerRuntime:
         self.state = "loading"
         self.backend: Backend | None = None
         self.info: GGUFInfo | None = None
+        self.template: chat_template.TemplateChoice | None = None
         self.backend_reason = ""
         self.started_at = time.time()
         self.stop_admitting = False  # SIGTERM: finish the running jobs, take no more
@@ -115,6 +118,7 @@ class WorkerRuntime:
         self.backend = load_backend(self.spec.backend, self.spec.path, self.spec.options)
         self.backend.gpu_index = gpu.parse_device(self.spec.device)
         self.info = self.backend.info
+        self.template = self._choose_template()
         self.backend_reason = self.backend.reason
         self.vram_bytes = self.backend.vram_bytes()
         self.scheduler = Scheduler(self.backend, self.inbox, on_failure=self.check_health,
@@ -122,7 +126,8 @@ class WorkerRuntime:
         # The worker's record lists the jobs it holds (Jobs), not the slots: Jobs says when that changes.
         self.jobs = Jobs(worker_id=self.id, model=self.spec.name, client=self.redis, backend=self.backend,
                          publisher=self.publisher, inbox=self.inbox, cancel=self.cancel, ending=self.ending,
-                         leases=self.leases, changed=self.changed, vram_bytes=self.vram_bytes)
+                         leases=self.leases, changed=self.changed, vram_bytes=self.vram_bytes,
+                         chat_template=self.template.source)
         self.renewal = LeaseRenewal(self.id, self.leases, self.jobs)
         seconds = time.perf_counter() - start
         self.narrate(narration.model_loaded(self.id, self.spec.name, size, self.backend.name, self.spec.device,
@@ -132,6 +137,28 @@ class WorkerRuntime:
         self.reaper.start()
         self.watchdog.start()
         self.set_state("idle")
+
+    def _choose_template(self) -> chat_template.TemplateChoice:
+        """The template chat is rendered with; refuses to start if a live worker of the model renders another
+        way (one model, two prompts: the same conversation would get different answers by worker)."""
+        b = self.backend
+        choice = chat_template.choose(self.spec.chat_template, self.info.chat_template if self.info else None)
+        # Its control tokens become single tokens only on a backend that parses them in text.
+        if choice.source and b.parses_specials:
+            b.capabilities = b.capabilities | {"chat_template"}
+        else:
+            b.capabilities = b.capabilities - {"chat_template"}
+        for peer in registry.live_workers(self.redis):
+            if peer.model == self.spec.name and peer.id != self.id and peer.chat_template_digest != choice.digest \
+                    and peer.state != "loading":
+                raise ConfigError(f"workers of model {self.spec.name} render chat with template {peer.chat_template} "
+                                  f"({peer.chat_template_digest}); this one would use {choice.name} ({choice.digest}): "
+                                  f"start it with the same --chat-template")
+        if choice.source is None:
+            log.warning("model %s has no chat template (its GGUF carries none): chat messages are rendered as plain "
+                        "'Role: text' lines; --chat-template chatml|llama3|gemma|mistral|PATH sets one",
+                        self.spec.name)
+        return choice
 
     def serve(self) -> None:
         """Decode until asked to stop and nothing is left running (call from the main thread)."""
@@ -243,7 +270,8 @@ class WorkerRuntime:
             batch_size=round(sum(sizes) / len(sizes), 2) if sizes else 0.0,
             last_tokens_per_sec=self.jobs.last_tokens_per_sec if self.jobs else None, vram_bytes=self.vram_bytes,
             context_length=b.context_length if b else 0, capabilities=sorted(b.capabilities) if b else [],
-            started_at=self.started_at)
+            chat_template=self.template.name if self.template else "none",
+            chat_template_digest=self.template.digest if self.template else "none", started_at=self.started_at)
 
     def model_info(self) -> records.ModelInfo:
         """The model's record; its ``capabilities`` are what admission checks jobs against."""
@@ -252,6 +280,7 @@ class WorkerRuntime:
         return records.ModelInfo(name=self.spec.name, context_length=b.context_length if b else 0,
                                  queue_depth=self.spec.queue_depth, backend=b.name if b else self.spec.backend,
                                  slots=b.slots if b else 1, capabilities=capabilities,
+                                 chat_template=self.template.name if self.template else "none",
                                  embedding_length=b.embedding_length if "embeddings" in capabilities else 0)
 
     def _beat(self) -> None:

@@ -55,8 +55,6 @@ def load_backend(name: str, path: str, options: LoadOptions) -> Backend:
         backend = CTransformersBackend(path, options)
     backend.info = info
     backend.reason = choice.reason
-    if info.chat_template and backend.parses_specials:  # the template's control tokens become tokens
-        backend.capabilities = backend.capabilities | {"chat_template"}
     return backend
 
 
