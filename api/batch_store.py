@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from api import webhooks
+from api import pages, webhooks
 from queue_schema import keys
 from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.lifecycle import scripts
@@ -150,16 +150,10 @@ def get(client: redis.Redis, batch_id: str) -> Batch | None:
 
 def listing(client: redis.Redis, tenant: str, limit: int, after: str | None) -> tuple[list[Batch], bool] | None:
     """The tenant's batches, newest first, after the batch ``after`` (OpenAI's cursor: an id); None when
-    ``after`` names no batch of the tenant's. By rank, not by creation time: batches created in the same
-    millisecond tie on the score, and a page ending inside a tie must not skip the rest of it."""
-    index = keys.tenant_batches(tenant)
-    start = 0
-    if after:
-        rank = client.zrevrank(index, after)
-        if rank is None:
-            return None
-        start = rank + 1
-    ids = [i.decode() for i in client.zrevrange(index, start, start + limit)]  # one more: is there more?
+    ``after`` names no batch of the tenant's."""
+    ids = pages.ids_after(client, keys.tenant_batches(tenant), after, limit)
+    if ids is None:
+        return None
     pipe = client.pipeline(transaction=False)
     for batch_id in ids[:limit]:
         pipe.hgetall(keys.batch(batch_id))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import redis
 
+from api import pages
 from queue_schema import keys
 from queue_schema.errors import ErrorCode, InferqError
 from queue_schema.lifecycle import scripts
@@ -134,19 +135,13 @@ def get(client: redis.Redis, file_id: str) -> FileInfo | None:
 
 def listing(client: redis.Redis, tenant: str, limit: int, after: str | None) -> tuple[list[FileInfo], bool] | None:
     """The tenant's files, newest first, after the file ``after`` (OpenAI's cursor: an id); None when
-    ``after`` names no file of the tenant's. By rank, not by upload time: two files uploaded in the same
-    millisecond are both listed."""
-    index = keys.tenant_files(tenant)
-    start = 0
-    if after:
-        rank = client.zrevrank(index, after)
-        if rank is None:
-            return None
-        start = rank + 1
-    ids = client.zrevrange(index, start, start + limit)  # one more than asked: is there more?
+    ``after`` names no file of the tenant's."""
+    ids = pages.ids_after(client, keys.tenant_files(tenant), after, limit)
+    if ids is None:
+        return None
     pipe = client.pipeline(transaction=False)
     for file_id in ids[:limit]:
-        pipe.hmget(keys.file(file_id.decode()), *_FIELDS)
+        pipe.hmget(keys.file(file_id), *_FIELDS)
     found = [f for f in map(_decode, pipe.execute()) if f is not None]
     return found, len(ids) > limit
 

@@ -9,6 +9,19 @@ from api.openai import errors
 from queue_schema.errors import ErrorCode
 
 
+def ids_after(client, index: str, after: str | None, limit: int) -> list[str] | None:
+    """Up to ``limit + 1`` ids of a newest-first sorted set after the id ``after`` (the one more says whether
+    there are more); None when ``after`` is not in it. By rank, not by score: things made in the same
+    millisecond tie on the score, and a page ending inside a tie must not skip the rest of it."""
+    start = 0
+    if after:
+        rank = client.zrevrank(index, after)
+        if rank is None:
+            return None
+        start = rank + 1
+    return [i.decode() for i in client.zrevrange(index, start, start + limit)]
+
+
 def cursor_page(listing, default_limit: int, max_limit: int, what: str, not_found: ErrorCode):
     """``limit`` and ``after`` (the last id seen) from the query, ``listing(redis, tenant, limit, after)``
     giving ``(items, has_more)`` newest first, or None when ``after`` is not one of the caller's ``what``:
