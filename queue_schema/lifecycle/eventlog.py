@@ -32,6 +32,7 @@ SSE wire format stays the API's business (api/sse.py).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from enum import IntEnum
 
@@ -43,6 +44,7 @@ from queue_schema.lifecycle import clock, scripts
 from queue_schema.settings import DEFAULTS
 
 NARRATION_LOG_MAXLEN = 10_000
+REFRESH_MEMORY = 10_000  # jobs whose last TTL renewal a process remembers
 UNOWNED = ""  # the writer that may write jobs nobody holds a lease on
 _APPEND, _NARRATE = scripts.load("append"), scripts.load("narrate")
 
@@ -79,6 +81,10 @@ class EventLog:
         """``ttl_s``: how long a job's log lives after its last write (the process's Settings.job_ttl_s)."""
         self.redis = client
         self.ttl_s = ttl_s
+        # When this process last renewed each job's log TTL (monotonic): a renewal at every decode step was an
+        # EXPIRE per job per step. Renewed again after a quarter of the TTL, so a log never lapses mid-run.
+        self._refreshed: dict[str, float] = {}
+        self._refresh_s = max(1.0, ttl_s / 4)
 
     def append(self, event: _Event, writer: str = UNOWNED) -> Appended:
         """Write one job event (or narration) as ``writer``."""
@@ -104,7 +110,7 @@ class EventLog:
         more_keys, more_args = [], []
         for job_id, fields in per_job.items():
             more_keys += [keys.job_events(job_id), keys.job_channel(job_id), keys.job_lease(job_id)]
-            more_args += [job_id, len(fields) // 4, *fields]
+            more_args += [job_id, len(fields) // 4, self._refresh(job_id), *fields]
         args = {"writer": writer, "ttl": self.ttl_s, "now": clock.now_ms(self.redis)}
         if not narration:
             statuses = _APPEND(self.redis, {"settling": keys.SETTLING}, args, more_keys, more_args) if per_job else []
@@ -118,6 +124,17 @@ class EventLog:
             results = pipe.execute()
             statuses = results[0] if per_job else []
         return {job_id: Appended(int(s)) for job_id, s in zip(per_job, statuses)}
+
+    def _refresh(self, job_id: str) -> str:
+        """"1" when this write should renew the log's TTL (the script also renews it at a terminal event)."""
+        now = time.monotonic()
+        last = self._refreshed.get(job_id)
+        if last is not None and now - last < self._refresh_s:
+            return "0"
+        if len(self._refreshed) > REFRESH_MEMORY:  # jobs long gone: forget them (one more renewal, no harm)
+            self._refreshed.clear()
+        self._refreshed[job_id] = now
+        return "1"
 
     def replay(self, job_id: str, after_seq: int = -1, until_seq: int | None = None,
                count: int | None = None) -> list[_Event]:

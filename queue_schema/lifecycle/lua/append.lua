@@ -3,21 +3,27 @@
 -- -1 fenced, -2 the first new seq would leave a gap; a seq already logged is skipped (a batch retried after
 -- a lost reply). A terminal event closes the log and puts the job on the settling set: what hangs on a
 -- job's end is settled next (settle.lua), by whoever wrote it or, failing that, the reaper.
+-- This runs once per decode step for every job in it, so each call inside counts (bench.redis_cost): the
+-- owner's next seq comes from the entry count, not the last entry (whose close mark only the owner itself
+-- could have written), and the TTL is renewed only when the writer asks (its first write, then now and
+-- then, and every terminal event), not at every step.
 -- KEYS: settling
 -- ARGV: writer ttl now
 -- USES: log
--- Then, per job, KEYS: its stream, channel, lease; ARGV: its id, n, then n times (seq, type, json, final state
--- or "" for an event that is not terminal).
+-- Then, per job, KEYS: its stream, channel, lease; ARGV: its id, n, refresh ("1": renew the log's TTL), then
+-- n times (seq, type, json, final state or "" for an event that is not terminal).
 local out = {}
 local a = A_REST
 for k = K_REST, #KEYS, 3 do
   local stream, channel, lease = KEYS[k], KEYS[k + 1], KEYS[k + 2]
-  local job, n = ARGV[a], tonumber(ARGV[a + 1])
-  local first = a + 2
+  local job, n, refresh = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2] == '1'
+  local first = a + 3
   a = first + 4 * n
   local status, next_seq, closed = 1, 0, false
   if (redis.call('HGET', lease, 'owner') or '') ~= A.writer then
     status = -1
+  elseif A.writer ~= '' then
+    next_seq = LOG.next_seq(stream)
   else
     next_seq, closed = LOG.tail(stream)
     if closed then status = 0 end
@@ -32,11 +38,12 @@ for k = K_REST, #KEYS, 3 do
         next_seq = seq + 1
         if terminal then
           redis.call('ZADD', K.settling, A.now, job)
+          refresh = true
           break
         end
       end
     end
-    redis.call('EXPIRE', stream, A.ttl)
+    if refresh then redis.call('EXPIRE', stream, A.ttl) end
   end
   out[#out + 1] = status
 end
