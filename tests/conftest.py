@@ -119,9 +119,11 @@ def wait_ready(redis_url: str, worker: WorkerProcess) -> None:
     def ready():
         if proc.poll() is not None:
             raise AssertionError(f"worker exited with {proc.returncode}:\n{worker.log()}")
-        return any(w.pid == proc.pid and w.state == "idle" for w in registry.live_workers(client))
+        # Serving: idle, or already busy with a job that was waiting for it.
+        return any(w.pid == proc.pid and w.state in ("idle", "busy") for w in registry.live_workers(client))
 
-    wait_until(ready, what=f"worker for {worker.model}")
+    # Generous: a worker starts in a second or two, but three test processes on two cores can starve one.
+    wait_until(ready, timeout=60, what=f"worker for {worker.model}")
 
 
 class WorkerPool:
