@@ -44,6 +44,7 @@ _TIMES = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "fail
 
 
 _CREATE, _MOVE, _RECORD = scripts.load("batch_create"), scripts.load("batch_move"), scripts.load("batch_record")
+_USAGE = scripts.load("batch_usage")
 
 
 def schedule(client: redis.Redis) -> Schedule:
@@ -142,6 +143,14 @@ def create(client: redis.Redis, tenant: str, limit_key: str, endpoint: str, inpu
     if status == -1:
         raise QuotaExceeded("bytes", int(rest[0]), int(rest[1]))
     return get(client, batch_id)
+
+
+def usage(client: redis.Redis, tenant: str) -> tuple[int, int]:
+    """The tenant's batches in flight and the bytes of its batch results and outputs: what ``create`` checks
+    against its bounds, counted by the same Lua (lib/quota.lua)."""
+    open_, held = _USAGE(client, {"open": keys.tenant_open_batches(tenant), "files": keys.tenant_files(tenant)},
+                         {"final": ",".join(FINAL)})
+    return int(open_), int(held)
 
 
 def get(client: redis.Redis, batch_id: str) -> Batch | None:
