@@ -135,9 +135,9 @@ def create(client: redis.Redis, tenant: str, limit_key: str, endpoint: str, inpu
     flat = [v for kv in fields.items() for v in kv]
     status, *rest = _CREATE(client, {"open": keys.tenant_open_batches(tenant), "files": keys.tenant_files(tenant),
                                      "batch": keys.batch(batch_id), "index": keys.tenant_batches(tenant),
-                                     "due": keys.BATCHES_DUE},
+                                     "due": keys.BATCHES_DUE, "tenants": keys.BATCH_TENANTS},
                             {"max_open": max_open, "max_bytes": max_bytes, "final": ",".join(FINAL), "id": batch_id,
-                             "now": now_ms, "keep_ms": KEEP_S * 1000}, more_args=flat)
+                             "now": now_ms, "keep_ms": KEEP_S * 1000, "tenant": tenant}, more_args=flat)
     if status == 0:
         raise QuotaExceeded("batches", int(rest[0]), int(rest[1]))
     if status == -1:

@@ -126,7 +126,7 @@ def _quota_families(r: redis.Redis, quotas: dict[str, int]):
         limit.add_metric([quota], quotas.get(quota, 0))
     used = GaugeMetricFamily("inferq_tenant_batch_quota_used", "A tenant's batches in flight, and the bytes of "
                              "its batch results and outputs in Redis", labels=["tenant", "quota"])
-    for tenant in sorted(set(v.decode() for v in r.hvals(keys.TENANTS))):
+    for tenant in sorted(m.decode() for m in r.smembers(keys.BATCH_TENANTS)):
         batches, held = batch_store.usage(r, tenant)
         used.add_metric([tenant, "batches"], batches)
         used.add_metric([tenant, "bytes"], held)

@@ -31,6 +31,7 @@ TENANT_COUNTERS = f"{PREFIX}:stats:tenants"  # hash: "<counter>|<tenant>" -> cou
 WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"  # sorted set: delivery id -> when it is due (ms)
 WEBHOOKS_CLAIMED = f"{PREFIX}:webhooks:claimed"  # sorted set: delivery id -> when its claim lapses (ms)
 BATCHES_DUE = f"{PREFIX}:batches:due"  # sorted set: batch id -> when it next needs advancing (ms)
+BATCH_TENANTS = f"{PREFIX}:batches:tenants"  # set: tenants that have made batches, for /metrics
 BATCHES_CLAIMED = f"{PREFIX}:batches:claimed"  # sorted set: batch id -> when its claim lapses (ms)
 # RQ's own names for the Redis objects it keeps; inferq's Lua scripts touch them, so they are spelled here too.
 RQ_QUEUE_PREFIX = "rq:queue:"

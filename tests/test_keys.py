@@ -44,6 +44,7 @@ def test_key_names_are_pinned():
     assert keys.WEBHOOKS_DUE == "inferq:webhooks:due" and keys.WEBHOOKS_CLAIMED == "inferq:webhooks:claimed"
     assert keys.webhook("job_j1") == "inferq:webhook:job_j1"
     assert keys.BATCHES_DUE == "inferq:batches:due" and keys.BATCHES_CLAIMED == "inferq:batches:claimed"
+    assert keys.BATCH_TENANTS == "inferq:batches:tenants"
     assert keys.file("file-1") == "inferq:file:file-1"
     assert keys.file_content("file-1") == "inferq:file:file-1:content"
     assert keys.batch("batch_1") == "inferq:batch:batch_1"

@@ -19,7 +19,7 @@ def test_metrics_show_redis_quotas_and_webhook_lag(tmp_path):
         app = create_app({"REDIS_URL": server.url, "TESTING": True, "MAX_BATCHES_PER_TENANT": 3,
                           "BATCH_BYTES_PER_TENANT": 1000}).test_client()
         # Alice: one batch in flight holding 120 bytes of results, one that ended, an output file of 300 bytes.
-        r.hset(keys.TENANTS, "alice", "alice")
+        r.sadd(keys.BATCH_TENANTS, "alice")
         r.hset(keys.batch("batch_live"), mapping={"status": "in_progress", "result_bytes": 120})
         r.hset(keys.batch("batch_done"), mapping={"status": "completed", "result_bytes": 999})
         r.sadd(keys.tenant_open_batches("alice"), "batch_live", "batch_done", "batch_expired")

@@ -11,6 +11,7 @@ import openai
 import pytest
 import redis
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from inferq.client import Client
 from inferq.embedded_redis import EmbeddedRedis
@@ -77,9 +78,11 @@ def test_a_tenant_has_a_bounded_number_of_batches_in_flight(stack):
         stack.oai.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
     assert info.value.body["code"] == "too_many_batches" and info.value.response.headers["Retry-After"]
     # /metrics showed it coming: the tenant's batches in flight against the bound.
-    metrics = requests.get(f"{stack.url}/metrics", timeout=10).text
-    assert 'inferq_tenant_batch_quota_used{quota="batches",tenant="alice"} 2.0' in metrics
-    assert 'inferq_tenant_batch_quota_limit{quota="batches"} 2.0' in metrics
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for family in
+               text_string_to_metric_families(requests.get(f"{stack.url}/metrics", timeout=10).text)
+               for s in family.samples}
+    assert samples[("inferq_tenant_batch_quota_used", (("quota", "batches"), ("tenant", "alice")))] == 2
+    assert samples[("inferq_tenant_batch_quota_limit", (("quota", "batches"),))] == 2
     stack.oai.batches.cancel(held[0].id)
     wait_until(lambda: stack.oai.batches.retrieve(held[0].id).status == "cancelled", what="the cancel")
     again = stack.oai.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
