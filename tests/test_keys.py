@@ -73,3 +73,30 @@ def test_no_other_module_spells_a_key():
             if spelled.search(text):
                 offenders.append(str(path.relative_to(root)))
     assert offenders == []
+
+
+def test_histograms_write_one_bucket_and_read_cumulative(r):
+    """An observation is one HINCRBY of its own bucket (and the sum); the scrape sums them into Prometheus's
+    cumulative buckets, on top of the cumulative fields older versions wrote."""
+    from queue_schema.lifecycle import stats
+
+    model = "hist-" + __import__("uuid").uuid4().hex[:6]
+    key = keys.histogram("ttft_seconds", model)
+    try:
+        # What an older version wrote for 0.004 and 0.3: every bound at or above each value, cumulatively.
+        old = {str(bound): sum(v <= bound for v in (0.004, 0.3)) for bound in stats.BUCKETS["ttft_seconds"]}
+        r.hset(key, mapping={**{k: v for k, v in old.items() if v}, "+Inf": 2, "sum": 0.304})
+        pipe = r.pipeline(transaction=False)
+        for value in (0.004, 0.02, 0.3, 7.0, 99.0):
+            stats.observe(pipe, "ttft_seconds", model, value)
+        sent = len(pipe.command_stack)
+        pipe.execute()
+        assert sent == 2 * 5
+        buckets, total = stats.read_histogram(r, "ttft_seconds", model)
+        got = dict(buckets)
+        values = [0.004, 0.3, 0.004, 0.02, 0.3, 7.0, 99.0]
+        for bound in stats.BUCKETS["ttft_seconds"]:
+            assert got[str(bound)] == sum(v <= bound for v in values), bound
+        assert got["+Inf"] == len(values) and abs(total - sum(values)) < 1e-9
+    finally:
+        r.delete(key)

@@ -27,11 +27,12 @@ def count(pipe, counter: str, model: str, n: int = 1) -> None:
 
 
 def observe(pipe, name: str, model: str, value: float) -> None:
+    """Two commands: the one bucket the value falls in (``b:<bound>``, ``b:+Inf`` past the last) and the sum.
+    Prometheus's buckets are cumulative; they are summed at scrape time (``read_histogram``), not written as
+    one HINCRBY per bound the value is under (13 per observation, two observations per job)."""
     key = keys.histogram(name, model)
-    for bound in BUCKETS[name]:
-        if value <= bound:
-            pipe.hincrby(key, str(bound), 1)
-    pipe.hincrby(key, "+Inf", 1)
+    bucket = next((str(bound) for bound in BUCKETS[name] if value <= bound), "+Inf")
+    pipe.hincrby(key, f"b:{bucket}", 1)
     pipe.hincrbyfloat(key, "sum", value)
 
 
@@ -78,6 +79,10 @@ def read_histogram(client: redis.Redis, name: str, model: str) -> tuple[list[tup
     if not raw:
         return None
     values = {k.decode(): v for k, v in raw.items()}
-    buckets = [(str(b), int(values.get(str(b), 0))) for b in BUCKETS[name]]
-    buckets.append(("+Inf", int(values.get("+Inf", 0))))
+    # Fields "<bound>" and "+Inf" are the cumulative counts that older versions wrote: they add to what the
+    # per-bucket fields "b:<bound>" sum up to, so an upgrade keeps its history.
+    buckets, running = [], 0
+    for bound in [*map(str, BUCKETS[name]), "+Inf"]:
+        running += int(values.get(f"b:{bound}", 0))
+        buckets.append((bound, running + int(values.get(bound, 0))))
     return buckets, float(values.get("sum", 0.0))
