@@ -74,3 +74,9 @@ def serve_fake_model(client: redis.Redis, model: str, queue_depth: int = 1000, s
 
 def bearer(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
+
+
+def stopped(pid: int) -> bool:
+    """Whether a SIGSTOP has taken effect: the kernel says the process is stopped ("T")."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"

@@ -12,7 +12,7 @@ from queue_schema import keys
 from queue_schema.lifecycle import registry, stats
 from queue_schema.lifecycle import views as job_views
 from tests.conftest import ROOT, wait_until
-from tests.helpers import events, submit, text_of
+from tests.helpers import events, stopped, submit, text_of
 
 LONG = dict(max_tokens=3000, temperature=0, repetition_penalty=1.0)  # runs for seconds on the slow model
 PROMPTS = ["the data model", "import queue", "def worker", "class token stream"]
@@ -124,6 +124,8 @@ def test_queue_position_and_eta_count_every_slot(client, r, worker_factory, tiny
     per_job = wait_until(lambda: stats.job_seconds(r, "eta2"), what="the job-time average")
     w.proc.send_signal(signal.SIGSTOP)
     try:
+        # Stopped before the first submit: a worker still running could take it, and the position would be 1.
+        wait_until(lambda: stopped(w.proc.pid), what="the worker to stop")
         waiting = [submit(client, model="eta2", prompt=f"wait {i}", max_tokens=2) for i in range(3)]
         queued = events(client, waiting[2], limit=1)[0]
         status = client.get(f"/v1/jobs/{waiting[2]}").get_json()
