@@ -33,7 +33,8 @@ browser:  ## Debian's Chromium for the browser tests (they are skipped without i
 	  echo "chromium could not be installed: the browser tests will be skipped"
 
 # Three processes on two cores: most tests wait on processes and sockets, not the CPU (measured on 2 cores:
-# 4.6 min with 3, 5.8 with 2 handed out by file, 10.5 in one). Each process starts its own Redis and workers.
+# 4.6-5.3 min with 3, 5.8 with 2 handed out by file, 5.9 with 4, 10.5 in one). Each process starts its own
+# Redis and workers.
 PYTEST_WORKERS ?= 3
 test: $(VENV)/.installed browser  ## install everything and run the test suite
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist load $(PYTEST_ARGS)
