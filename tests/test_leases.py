@@ -15,7 +15,7 @@ from api import create_app
 from inferq.client import Client
 from inferq.embedded_redis import EmbeddedRedis
 from queue_schema import keys
-from queue_schema.events import Queued, Token
+from queue_schema.events import End, Queued, Token
 from queue_schema.lifecycle import leases, registry
 from queue_schema.lifecycle import reaper as reaper_mod
 from queue_schema.lifecycle.eventlog import Appended, EventLog
@@ -292,3 +292,27 @@ def test_a_renewal_racing_the_terminal_append_is_not_a_lost_lease():
                                                     stop_reason="eos"))
     assert jobs.really_lost(["ended", "running", "gone"]) == ["running"]
     assert [e.type for e in sent] == ["token", "token", "end"]
+
+
+def test_a_log_ttl_is_renewed_by_the_first_write_that_lands_not_at_every_step(r):
+    """The append renews a job's log TTL on its writer's first write that lands, then once per quarter TTL
+    and at the end: a write refused (fenced here) renews nothing and leaves the renewal due."""
+    job = "ttl-renewal-" + __import__("uuid").uuid4().hex[:6]
+    EventLog(r, ttl_s=3600).append(Queued(job_id=job, seq=0, position=0, queue="q"))  # as admission would
+    log = EventLog(r, ttl_s=3600)  # the worker's: what it renewed is its own to remember
+    r.expire(keys.job_events(job), 100)  # as if it had waited in the queue most of its TTL
+    r.hset(keys.job_lease(job), mapping={"owner": "worker-a", "renewals": 0})
+    try:
+        assert log.append(Token(job_id=job, seq=1, t="x", i=0), writer="worker-b") == Appended.FENCED
+        assert r.ttl(keys.job_events(job)) <= 100
+        assert log.append(Token(job_id=job, seq=1, t="x", i=0), writer="worker-a") == Appended.OK
+        assert r.ttl(keys.job_events(job)) > 3000  # the first write that landed renewed it
+        r.expire(keys.job_events(job), 100)
+        assert log.append(Token(job_id=job, seq=2, t="y", i=1), writer="worker-a") == Appended.OK
+        assert r.ttl(keys.job_events(job)) <= 100  # a quarter TTL has not passed: no EXPIRE this step
+        end = End(job_id=job, seq=3, tokens_out=2, decode_time_ms=1, stop_reason="eos", text="xy")
+        assert log.append(end, writer="worker-a") == Appended.OK
+        assert r.ttl(keys.job_events(job)) > 3000  # the end renews it: the log lives a TTL after it
+    finally:
+        r.zrem(keys.SETTLING, job)
+        r.delete(keys.job_lease(job), keys.job_events(job))

@@ -108,9 +108,10 @@ class EventLog:
             if isinstance(event, Narration):
                 narration.append(data)
         more_keys, more_args = [], []
+        renew = {job_id: self._renewal_due(job_id) for job_id in per_job}
         for job_id, fields in per_job.items():
             more_keys += [keys.job_events(job_id), keys.job_channel(job_id), keys.job_lease(job_id)]
-            more_args += [job_id, len(fields) // 4, self._refresh(job_id), *fields]
+            more_args += [job_id, len(fields) // 4, "1" if renew[job_id] else "0", *fields]
         args = {"writer": writer, "ttl": self.ttl_s, "now": clock.now_ms(self.redis)}
         if not narration:
             statuses = _APPEND(self.redis, {"settling": keys.SETTLING}, args, more_keys, more_args) if per_job else []
@@ -123,18 +124,22 @@ class EventLog:
                          {"event": data, "maxlen": NARRATION_LOG_MAXLEN})
             results = pipe.execute()
             statuses = results[0] if per_job else []
-        return {job_id: Appended(int(s)) for job_id, s in zip(per_job, statuses)}
+        done = {job_id: Appended(int(s)) for job_id, s in zip(per_job, statuses)}
+        self._renewed([job_id for job_id, status in done.items() if renew[job_id] and status == Appended.OK])
+        return done
 
-    def _refresh(self, job_id: str) -> str:
-        """"1" when this write should renew the log's TTL (the script also renews it at a terminal event)."""
-        now = time.monotonic()
+    def _renewal_due(self, job_id: str) -> bool:
+        """Whether this write should renew the log's TTL (the script also renews it at a terminal event)."""
         last = self._refreshed.get(job_id)
-        if last is not None and now - last < self._refresh_s:
-            return "0"
-        if len(self._refreshed) > REFRESH_MEMORY:  # jobs long gone: forget them (one more renewal, no harm)
+        return last is None or time.monotonic() - last >= self._refresh_s
+
+    def _renewed(self, job_ids: list[str]) -> None:
+        # Noted only once the write is in: a write that failed (and is retried) still renews.
+        if len(self._refreshed) + len(job_ids) > REFRESH_MEMORY:  # jobs long gone: forget them
             self._refreshed.clear()
-        self._refreshed[job_id] = now
-        return "1"
+        now = time.monotonic()
+        for job_id in job_ids:
+            self._refreshed[job_id] = now
 
     def replay(self, job_id: str, after_seq: int = -1, until_seq: int | None = None,
                count: int | None = None) -> list[_Event]:
