@@ -76,7 +76,20 @@ def bearer(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
 
 
-def stopped(pid: int) -> bool:
-    """Whether a SIGSTOP has taken effect: the kernel says the process is stopped ("T")."""
+def process_state(pid: int) -> str:
+    """The kernel's one-letter state of a process (R, S, T stopped, Z zombie...), from /proc (Linux)."""
     with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def stopped(pid: int) -> bool:
+    """Whether a SIGSTOP has taken effect."""
+    return process_state(pid) == "T"
+
+
+def metric_samples(text: str) -> dict:
+    """Prometheus text as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}

@@ -8,22 +8,17 @@ import threading
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from api import create_app
 from inferq.client import Client
 from tests.conftest import ROOT, wait_until
-from tests.helpers import events, submit
+from tests.helpers import events, metric_samples, submit
 
 
 def scrape(client) -> dict:
     resp = client.get("/metrics")
     assert resp.status_code == 200 and resp.mimetype.startswith("text/plain")
-    out = {}
-    for family in text_string_to_metric_families(resp.get_data(as_text=True)):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
+    return metric_samples(resp.get_data(as_text=True))
 
 
 def value(samples, name, **labels):

@@ -11,13 +11,12 @@ import openai
 import pytest
 import redis
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from inferq.client import Client
 from inferq.embedded_redis import EmbeddedRedis
 from queue_schema import keys
 from tests.conftest import TenantAPI, start_api, start_worker, wait_until
-from tests.helpers import bearer, serve_fake_model
+from tests.helpers import bearer, metric_samples, serve_fake_model
 from tests.test_webhooks import Trickler
 
 MAXMEMORY = 64 << 20
@@ -78,9 +77,7 @@ def test_a_tenant_has_a_bounded_number_of_batches_in_flight(stack):
         stack.oai.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
     assert info.value.body["code"] == "too_many_batches" and info.value.response.headers["Retry-After"]
     # /metrics showed it coming: the tenant's batches in flight against the bound.
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for family in
-               text_string_to_metric_families(requests.get(f"{stack.url}/metrics", timeout=10).text)
-               for s in family.samples}
+    samples = metric_samples(requests.get(f"{stack.url}/metrics", timeout=10).text)
     assert samples[("inferq_tenant_batch_quota_used", (("quota", "batches"), ("tenant", "alice")))] == 2
     assert samples[("inferq_tenant_batch_quota_limit", (("quota", "batches"),))] == 2
     stack.oai.batches.cancel(held[0].id)

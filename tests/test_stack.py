@@ -15,7 +15,7 @@ import requests
 from inferq.client import Client
 from inferq.embedded_redis import free_port
 from tests.conftest import ROOT, wait_until
-from tests.helpers import events, submit
+from tests.helpers import events, process_state, submit
 from tests.test_demo_model import reference_text
 
 
@@ -100,7 +100,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
+    return Path(f"/proc/{pid}").exists() and process_state(pid) != "Z"
 
 
 @contextmanager
