@@ -8,8 +8,8 @@ does not need; the type names and block sizes are gguf's constants.
 """
 from __future__ import annotations
 
+import math
 import mmap
-import os
 import struct
 from dataclasses import dataclass
 
@@ -133,10 +133,7 @@ def _walk(buf) -> tuple[dict, list[tuple[str, int, int, int]], int]:
         name = h.string().decode("utf-8", errors="replace")
         dims = [h.unpack("<Q") for _ in range(h.unpack("<I"))]
         kind, offset = h.unpack("<I"), h.unpack("<Q")
-        elements = 1
-        for d in dims:
-            elements *= d
-        tensors.append((name, kind, offset, elements))
+        tensors.append((name, kind, offset, math.prod(dims)))
     align = fields.get("general.alignment") or DEFAULT_ALIGNMENT
     start = -(-h.at // align) * align
     return fields, tensors, start
@@ -151,8 +148,8 @@ def read_info(path: str) -> GGUFInfo:
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     try:
-        size = os.path.getsize(path)
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            size = len(buf)
             fields, tensors, start = _walk(buf)
     except (_Damaged, ValueError, OSError, struct.error) as exc:
         raise ModelLoadError(f"damaged or truncated GGUF file {path}: {exc}") from None
