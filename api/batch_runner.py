@@ -275,8 +275,10 @@ def _collect(batch: batches.Batch) -> int:
     for _, line, _, _ in mapped:
         pipe.lindex(keys.batch_lines(batch.id), line)
     lines = [json.loads(raw_line or "{}") for raw_line in pipe.execute()]
+    # Tool lines too: the call syntax is in their ``started`` event, at the log's head.
     whole = [i for i, entry in enumerate(lines)
-             if (entry.get("op") or {}).get("operation") == "embed" or "logprobs" in (entry.get("op") or {})]
+             if (entry.get("op") or {}).get("operation") == "embed" or
+             {"logprobs", "tools"} & set(entry.get("op") or {})]
     for i in whole[WHOLE_LOGS:]:  # left on the ended list for the next pass
         kept.append(mapped[i][0])
     keep = set(whole[WHOLE_LOGS:])
@@ -343,7 +345,9 @@ def _job_result(batch: batches.Batch, line: int, entry: dict, job_id: str, raw_e
             row["_floats"] = True
             floats = sum(len(base64.b64decode(v)) // 4 for v in vectors.values())
         return _result(line, row, True, floats)
-    answer = answers.Completions(bool(entry.get("chat")), job_id, op.get("model", ""), "logprobs" in op, created)
+    names = tuple(t["function"]["name"] for t in op.get("tools") or ())
+    answer = answers.Completions(bool(entry.get("chat")), job_id, op.get("model", ""), "logprobs" in op, created,
+                                 names)
     return _result(line, _http_result(custom_id, job_id, 200, answer.whole([result])), True)
 
 

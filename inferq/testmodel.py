@@ -7,17 +7,20 @@ gibberish, but it is deterministic for a given seed, which is what tests need.
 ``make_chat_gguf`` writes the chat models of today in miniature: their
 tokenizers (SentencePiece or byte-level BPE with merges), their control
 tokens, their end-of-turn token and their real chat templates (ChatML as
-Qwen 2 writes it, Llama 3, Gemma).
+Qwen 2 writes it, Llama 3, Gemma, Mistral).
+
+``make_scripted_gguf`` writes such a chat model whose every reply is a given
+text: a real model that emits exactly the tool call a parser test wants.
 """
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from inferq.gguf_llama import BYTE, CONTROL, NORMAL, UNKNOWN, Vocabulary, write_llama_gguf
+from inferq.gguf_llama import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Vocabulary, write_llama_gguf
 from worker.chat_template import builtin
 
 _WORDS = (
@@ -131,15 +134,26 @@ def chat_vocabulary(flavour: str) -> Vocabulary:
         kinds = [CONTROL, CONTROL, CONTROL, UNKNOWN, CONTROL, CONTROL]
         return Vocabulary(specials + base[3:], [0.0] * 6 + scores[3:], kinds + types[3:], unk_id=3, bos_id=2,
                           eos_id=1, eot_id=5, add_bos=True, add_space_prefix=False)
+    if flavour == "mistral":  # SentencePiece as Llama 2 has it, with Mistral v0.3's tool controls after </s>
+        base, scores, types = vocabulary()
+        # [TOOL_CALLS] is a control token in Mistral's own files, so llama.cpp would never show it; here it
+        # is user-defined: one token in a prompt, and a reply that emits it shows it, as parsers expect.
+        specials = ["[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                    "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]
+        kinds = [CONTROL, CONTROL, USER_DEFINED, CONTROL, CONTROL, CONTROL, CONTROL]
+        return Vocabulary(base[:3] + specials + base[3:], scores[:3] + [0.0] * 7 + scores[3:],
+                          types[:3] + kinds + types[3:], add_bos=True)
     raise ValueError(f"unknown chat flavour {flavour!r}; choose {', '.join(CHAT_TEMPLATES)}")
 
 
-CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "gemma": GEMMA_TEMPLATE}
-CHAT_ARCHS = {"chatml": "qwen2", "llama3": "llama", "gemma": "llama"}
+CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "gemma": GEMMA_TEMPLATE,
+                  "mistral": builtin("mistral")}
+CHAT_ARCHS = {"chatml": "qwen2", "llama3": "llama", "gemma": "llama", "mistral": "llama"}
 
 
 def make_chat_gguf(path: str | Path, flavour: str, shape: ModelShape | str = "tiny", seed: int = 0) -> Path:
-    """A random-weight chat model of ``flavour`` (chatml, llama3, gemma) with its tokenizer and template."""
+    """A random-weight chat model of ``flavour`` (chatml, llama3, gemma, mistral) with its tokenizer and
+    template."""
     return make_llama_gguf(path, shape, seed, chat_template=CHAT_TEMPLATES[flavour], arch=CHAT_ARCHS[flavour],
                            vocab=chat_vocabulary(flavour))
 
@@ -185,3 +199,79 @@ def make_llama_gguf(path: str | Path, shape: ModelShape | str = "tiny", seed: in
     return write_llama_gguf(path, name=f"inferq-test-{d}x{shape.n_layer}-s{seed}", n_ctx=shape.n_ctx,
                             n_head=shape.n_head, n_head_kv=shape.n_head_kv, vocab=vocab, tensors=tensors,
                             arch=arch, chat_template=chat_template)
+
+
+# The scripted model's logit for the next token of its script; every other token gets 0, so even sampling at
+# temperature 1 strays from the script with odds of about vocabulary size × e^-30 a token.
+_SCRIPT_LOGIT = 30.0
+
+
+def script_pieces(script: str, first_id: int = 0) -> list[str]:
+    """The token texts of ``script``'s chain: one byte-fallback token per UTF-8 byte, made unique by its id.
+
+    llama.cpp refuses a vocabulary with two tokens of one text, so a byte the script repeats needs a token
+    of its own at each place; a byte token's value is read from its text's characters 3-4 only ("<0x41>…"),
+    in SentencePiece and BPE alike. No tokenizer makes these tokens from text: nothing in the vocabulary
+    starts with "<0" for SentencePiece to merge up to, BPE has no merge to them, and Llama 3's whole-word
+    lookup never sees "<" and "0" in one word.
+    """
+    return [f"<0x{b:02X}>{first_id + k}" for k, b in enumerate(script.encode("utf-8"))]
+
+
+def scripted_vocabulary(flavour: str, script: str) -> Vocabulary:
+    """The flavour's tokenizer with ``script``'s chain tokens after it: every base id stays where it was."""
+    base = chat_vocabulary(flavour)
+    chain = script_pieces(script, len(base.tokens))
+    scores = None if base.scores is None else base.scores + [0.0] * len(chain)
+    return replace(base, tokens=base.tokens + chain, scores=scores, types=base.types + [BYTE] * len(chain))
+
+
+def _chain_tensors(n_vocab: int, first: int, length: int, end: int, arch: str) -> dict[str, np.ndarray]:
+    """Weights whose greedy next token depends on the current token only: a bigram model of the chain.
+
+    Attention and the FFN write nothing (zero output projections), so the last hidden state is the current
+    token's embedding. Embedding dimension 0 stands for every token outside the chain (whatever ends a
+    prompt), dimension k + 1 for chain token k; the output layer maps dimension j to chain token j, and
+    the dimension of the last chain token to ``end``.
+    """
+    d = -(-(length + 1) // 32) * 32  # one dimension per state, 32 per head
+    embd = np.zeros((n_vocab, d), dtype=np.float32)
+    embd[:, 0] = 1.0
+    embd[first:first + length, 0] = 0.0
+    embd[np.arange(first, first + length), np.arange(1, length + 1)] = 1.0
+    output = np.zeros((n_vocab, d), dtype=np.float32)
+    targets = [first + j for j in range(length)] + [end]
+    # RMS norm scales a one-hot state to sqrt(d): divide it out so the logit is exactly _SCRIPT_LOGIT.
+    output[targets, np.arange(length + 1)] = _SCRIPT_LOGIT / np.sqrt(d)
+    zeros = lambda *dims: np.zeros(dims, dtype=np.float32)  # noqa: E731
+    tensors = {"token_embd.weight": embd, "blk.0.attn_norm.weight": np.ones(d, dtype=np.float32)}
+    for name in ("q", "k", "v", "output"):
+        tensors[f"blk.0.attn_{name}.weight"] = zeros(d, d)
+    if arch == "qwen2":
+        for name in ("q", "k", "v"):
+            tensors[f"blk.0.attn_{name}.bias"] = zeros(d)
+    n_ff = 32
+    tensors.update({"blk.0.ffn_norm.weight": np.ones(d, dtype=np.float32), "blk.0.ffn_gate.weight": zeros(n_ff, d),
+                    "blk.0.ffn_up.weight": zeros(n_ff, d), "blk.0.ffn_down.weight": zeros(d, n_ff),
+                    "output_norm.weight": np.ones(d, dtype=np.float32), "output.weight": output})
+    return tensors
+
+
+def make_scripted_gguf(path: str | Path, script: str, flavour: str = "chatml", n_ctx: int = 512) -> Path:
+    """A chat model of ``flavour`` whose reply to any prompt is ``script``, then its end-of-turn token.
+
+    The file has the flavour's tokenizer, control tokens and template, as ``make_chat_gguf`` writes them,
+    plus one token per byte of ``script`` (see ``script_pieces``), which no prompt tokenizes to. Greedy
+    decoding (and, in practice, sampling) walks that chain from whatever token ends the prompt: the reply's
+    text is ``script`` byte for byte and it stops at end of turn (end of sequence for mistral, which has
+    no end-of-turn token). A request's logit bias or grammar can still steer it off the script.
+    """
+    vocab = scripted_vocabulary(flavour, script)
+    first = len(chat_vocabulary(flavour).tokens)
+    end = vocab.eot_id if vocab.eot_id is not None else vocab.eos_id
+    arch = CHAT_ARCHS[flavour]
+    tensors = _chain_tensors(len(vocab.tokens), first, len(vocab.tokens) - first, end, arch)
+    d = tensors["token_embd.weight"].shape[1]
+    return write_llama_gguf(path, name=f"inferq-scripted-{flavour}", n_ctx=n_ctx, n_head=d // 32,
+                            n_head_kv=d // 32, vocab=vocab, tensors=tensors, arch=arch,
+                            chat_template=CHAT_TEMPLATES[flavour])

@@ -58,6 +58,10 @@ class Started(_Event):
     model: str
     worker: str
     queue_wait_ms: int
+    # Only for a job offered tools: the call syntax its output is read with (the worker's template decides).
+    tool_format: Literal["hermes", "llama3", "mistral", "json"] | None = Field(
+        None, description="hermes: <tool_call>{...}</tool_call>; llama3: a JSON call; mistral: [TOOL_CALLS][...]; "
+                          "json: a call forced by a grammar, one object or an array of them.")
 
 
 class TopLogprob(BaseModel):

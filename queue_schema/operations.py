@@ -47,11 +47,88 @@ _COUNT_KEYS = frozenset({"minItems", "maxItems", "minLength", "maxLength", "minP
 _QUANTIFIER = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 
 
+MAX_TOOLS = 64
+MAX_TOOL_CALLS = 64
+FUNCTION_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+CALL_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+
+
+class FunctionDef(BaseModel):
+    """A function the model may call: OpenAI's ``tools[].function``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str = Field(None, max_length=4096)  # type: ignore[assignment]
+    parameters: dict[str, Any] = Field(None, description="JSON Schema of the arguments (an object); the "  # type: ignore[assignment]
+                                       "grammar of a forced call is built from it.")
+    strict: bool = Field(None, description="Accepted; a forced call always matches the schema.")  # type: ignore[assignment]
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters_bounds(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        return _bounded_schema(schema, "parameters")
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+
+
+class NamedToolChoice(BaseModel):
+    """Force a call of this function."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    arguments: str = Field(max_length=MAX_PROMPT_CHARS, description="The arguments as JSON text.")
+
+
+class ToolCall(BaseModel):
+    """A call an assistant message made (sent back with the conversation)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    id: str = Field(pattern=CALL_ID_PATTERN)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
+    """A turn: ``tool`` turns carry a call's result (``tool_call_id`` names the call), and an ``assistant`` turn
+    may hold ``tool_calls`` instead of (or beside) its content."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_PROMPT_CHARS)
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(None, max_length=MAX_PROMPT_CHARS)  # type: ignore[assignment]
+    tool_calls: list[ToolCall] = Field(None, min_length=1, max_length=MAX_TOOL_CALLS)  # type: ignore[assignment]
+    tool_call_id: str = Field(None, pattern=CALL_ID_PATTERN)  # type: ignore[assignment]
+
+    @model_validator(mode="after")
+    def _shape(self) -> "ChatMessage":
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
+        if self.content is None and self.tool_calls is None:
+            raise ValueError("content is required (an assistant message may give tool_calls instead)")
+        return self
 
 
 class InferOperation(BaseModel):
@@ -88,6 +165,12 @@ class InferOperation(BaseModel):
                                         json_schema_extra={"maxProperties": 64})  # type: ignore[assignment]
     grammar: str = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS,  # type: ignore[assignment]
                          description="The output matches this GBNF grammar (llama.cpp's; rule 'root').")
+    tools: list[Tool] = Field(None, min_length=1, max_length=MAX_TOOLS,  # type: ignore[assignment]
+                              description="Functions the model may call (OpenAI's chat tools); with messages.")
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice = Field(  # type: ignore[assignment]
+        None, description="auto (the default with tools): the model's own call syntax is read; none: tools are "
+                          "not offered; required or a named function: a grammar forces a call.")
+    parallel_tool_calls: bool = Field(True, description="A forced call may be several calls.")
     # The limit is 100 bytes of UTF-8, which JSON Schema cannot say; 25 characters always fit.
     stop: list[Annotated[str, Field(min_length=1, json_schema_extra={"maxLength": 25})]] = Field(
         default_factory=list, max_length=4, description="Up to 4 stop strings of 1..100 bytes of UTF-8.")
@@ -123,14 +206,18 @@ class InferOperation(BaseModel):
     @field_validator("json_schema")
     @classmethod
     def _schema_bounds(cls, schema: dict[str, Any]) -> dict[str, Any]:
-        try:
-            size = len(json.dumps(schema).encode())
-        except (ValueError, RecursionError):
-            raise ValueError("json_schema must be plain JSON") from None
-        if size > MAX_SCHEMA_BYTES:
-            raise ValueError(f"json_schema must serialize to at most {MAX_SCHEMA_BYTES} bytes of JSON")
-        _check_schema(schema, 0)
-        return schema
+        return _bounded_schema(schema, "json_schema")
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_bounds(cls, tools: list[Tool]) -> list[Tool]:
+        names = [t.function.name for t in tools]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: each function name once")
+        # Forced calls become one grammar over all the tools' schemas: bound them together as one schema.
+        if sum(len(json.dumps(t.function.parameters or {})) for t in tools) > MAX_SCHEMA_BYTES:
+            raise ValueError(f"tools: the parameters schemas hold at most {MAX_SCHEMA_BYTES} bytes of JSON in all")
+        return tools
 
     @field_validator("grammar")
     @classmethod
@@ -169,34 +256,76 @@ class InferOperation(BaseModel):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         if self.json_schema is not None and self.grammar is not None:
             raise ValueError("give at most one of 'json_schema' or 'grammar'")
+        if self.tools is not None:
+            if self.messages is None:
+                raise ValueError("tools go with messages (a chat), not a prompt")
+            if self.calls_tools and (self.json_schema is not None or self.grammar is not None):
+                raise ValueError("give tools or a json_schema/grammar, not both (or tool_choice 'none')")
         return self
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_of_the_tools(cls, choice, info):
+        if "tools" not in info.data:
+            return choice  # the tools themselves were refused: that error is the one to see
+        tools = info.data["tools"]
+        if tools is None:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"names {choice.function.name!r}, which is not one of the tools")
+        return choice
+
+    @property
+    def calls_tools(self) -> bool:
+        """The model is offered the tools (rendered in its prompt) and its output is read for calls."""
+        return self.tools is not None and self.tool_choice != "none"
+
+    @property
+    def forced_tool(self) -> str | None:
+        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+
+    @property
+    def must_call(self) -> bool:
+        """``required`` or a named function: a grammar forces the call (inferq's ``json`` call format)."""
+        return self.calls_tools and (self.tool_choice == "required" or self.forced_tool is not None)
 
     def needs(self) -> list[str]:
         """The worker capabilities this job needs (records.ModelInfo.capabilities), checked at submit."""
         out = []
-        if self.json_schema is not None or self.grammar is not None:
+        if self.json_schema is not None or self.grammar is not None or self.must_call:
             out.append("grammar")
         if self.logprobs is not None:
             out.append("logprobs")
         return out
 
 
-def _check_schema(node: Any, depth: int) -> None:
+def _bounded_schema(schema: dict[str, Any], name: str) -> dict[str, Any]:
+    try:
+        size = len(json.dumps(schema).encode())
+    except (ValueError, RecursionError):
+        raise ValueError(f"{name} must be plain JSON") from None
+    if size > MAX_SCHEMA_BYTES:
+        raise ValueError(f"{name} must serialize to at most {MAX_SCHEMA_BYTES} bytes of JSON")
+    _check_schema(schema, 0, name)
+    return schema
+
+
+def _check_schema(node: Any, depth: int, name: str = "json_schema") -> None:
     if depth > MAX_SCHEMA_DEPTH:
-        raise ValueError(f"json_schema nests more than {MAX_SCHEMA_DEPTH} levels")
+        raise ValueError(f"{name} nests more than {MAX_SCHEMA_DEPTH} levels")
     if isinstance(node, dict):
         for key, value in node.items():
             if key in _COUNT_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool) \
                     and value > MAX_SCHEMA_COUNT:
-                raise ValueError(f"json_schema: {key} is at most {MAX_SCHEMA_COUNT} here")
+                raise ValueError(f"{name}: {key} is at most {MAX_SCHEMA_COUNT} here")
             if key == "pattern" and isinstance(value, str):
                 for low, high in _QUANTIFIER.findall(value):
                     if int(low) > MAX_SCHEMA_COUNT or (high and int(high) > MAX_SCHEMA_COUNT):
-                        raise ValueError(f"json_schema: pattern repetitions are at most {MAX_SCHEMA_COUNT}")
-            _check_schema(value, depth + 1)
+                        raise ValueError(f"{name}: pattern repetitions are at most {MAX_SCHEMA_COUNT}")
+            _check_schema(value, depth + 1, name)
     elif isinstance(node, list):
         for value in node:
-            _check_schema(value, depth + 1)
+            _check_schema(value, depth + 1, name)
 
 
 def _check_grammar(text: str) -> None:

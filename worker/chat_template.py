@@ -79,11 +79,12 @@ class Rendered:
 
 
 def render_text(messages: Sequence[dict], template: str | None, bos_token: str = "", eos_token: str = "",
-                add_generation_prompt: bool = True) -> str:
+                add_generation_prompt: bool = True, tools: Sequence[dict] | None = None) -> str:
     """The prompt as one string, exactly as the template writes it."""
+    extra = {"tools": [dict(t) for t in tools]} if tools else {}
     return _compiled(template or FALLBACK_TEMPLATE).render(messages=[dict(m) for m in messages],
                                                            add_generation_prompt=add_generation_prompt,
-                                                           bos_token=bos_token, eos_token=eos_token)
+                                                           bos_token=bos_token, eos_token=eos_token, **extra)
 
 
 # Kept for the callers that want the text only (the tests).
@@ -97,7 +98,8 @@ def _compiled(template: str):
 
 
 def render_parts(messages: Sequence[dict], template: str | None, bos_token: str = "", eos_token: str = "",
-                 add_generation_prompt: bool = True, specials: Sequence[str] = ()) -> Rendered:
+                 add_generation_prompt: bool = True, specials: Sequence[str] = (),
+                 tools: Sequence[dict] | None = None) -> Rendered:
     """The prompt in parts: template text and message contents apart (see the module docstring).
 
     Raises jinja2's TemplateError when the template refuses the conversation
@@ -107,7 +109,7 @@ def render_parts(messages: Sequence[dict], template: str | None, bos_token: str 
     """
     def draw(contents: list[str]) -> str:
         msgs = [{**m, "content": c} for m, c in zip(messages, contents)]
-        return render_text(msgs, template, bos_token, eos_token, add_generation_prompt)
+        return render_text(msgs, template, bos_token, eos_token, add_generation_prompt, tools)
 
     contents = [m.get("content") or "" for m in messages]
     exact = draw(contents)
@@ -181,3 +183,72 @@ def choose(flag: str | None, in_file: str | None) -> TemplateChoice:
     except (OSError, UnicodeDecodeError, TemplateError) as exc:
         raise ConfigError(f"--chat-template {flag}: not a readable Jinja template: {exc}") from None
     return TemplateChoice(f"file:{path.name}", source)
+
+
+# --- tools ----------------------------------------------------------------------------------------
+# Which call syntax a template teaches its model, by what the template writes (the same marks llama-server's
+# parsers key on). A template that never mentions tools gets inferq's plain rendering, in Hermes's syntax.
+TOOL_MARKS = (("<tool_call>", "hermes"), ("[TOOL_CALLS]", "mistral"), ("<|python_tag|>", "llama3"),
+              ("ipython", "llama3"))
+PLAIN_TOOLS_INTRO = (
+    "You can call functions. Their definitions, as JSON, are within <tools></tools>:\n<tools>\n{tools}\n</tools>\n"
+    "To call one, answer with a JSON object of its name and arguments within <tool_call></tool_call> tags:\n"
+    '<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>\n\n')
+
+
+@dataclass(frozen=True)
+class ToolSupport:
+    """How a template takes tools: ``native`` (it renders ``tools``, assistant ``tool_calls`` and ``tool`` turns
+    itself) or not (inferq writes them into the messages' text), and the call syntax to read back."""
+
+    native: bool
+    format: str
+
+
+def tool_support(source: str | None) -> ToolSupport:
+    if not source or "tools" not in source:
+        return ToolSupport(False, "hermes")
+    return ToolSupport(True, next((fmt for mark, fmt in TOOL_MARKS if mark in source), "hermes"))
+
+
+def template_messages(messages: Sequence[dict]) -> list[dict]:
+    """Messages as Hugging Face templates read them: a call's arguments as an object (the templates write
+    them with ``tojson``), not the JSON text OpenAI sends."""
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                fn = dict(call["function"])
+                try:
+                    args = json.loads(fn["arguments"])
+                except ValueError:
+                    args = None
+                fn["arguments"] = args if isinstance(args, dict) else fn["arguments"]
+                calls.append({**call, "function": fn})
+            m = {**m, "tool_calls": calls}
+        out.append(m)
+    return out
+
+
+def plain_tool_messages(messages: Sequence[dict], tools: Sequence[dict] | None) -> list[dict]:
+    """The conversation for a template that knows no tools: the tools' definitions and the calls made go into
+    the messages' text in Hermes's syntax, tool results become user turns, and turns of one role that end up
+    side by side are joined (templates that insist on alternating roles would refuse them)."""
+    out: list[dict] = []
+    for m in messages:
+        role, content = m["role"], m.get("content") or ""
+        if role == "tool":
+            role, content = "user", f"<tool_response>\n{content}\n</tool_response>"
+        for call in m.get("tool_calls") or ():
+            fn = call["function"]
+            content += ("\n" if content else "") + \
+                f'<tool_call>\n{{"name": {json.dumps(fn["name"])}, "arguments": {fn["arguments"]}}}\n</tool_call>'
+        if out and out[-1]["role"] == role and role != "system":
+            out[-1] = {"role": role, "content": out[-1]["content"] + "\n\n" + content}
+        else:
+            out.append({"role": role, "content": content})
+    if tools:
+        intro = PLAIN_TOOLS_INTRO.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        out[0] = {**out[0], "content": intro + out[0]["content"]}
+    return out

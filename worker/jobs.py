@@ -44,7 +44,7 @@ from queue_schema.lifecycle.ending import Ending
 from queue_schema.lifecycle.eventlog import Appended
 from queue_schema.lifecycle.leases import Acquired, Leases
 from queue_schema.operations import EmbedOperation, InferOperation, Operation
-from worker import embedding, grammar, narration
+from worker import chat_template, embedding, grammar, narration
 from worker.backends.base import Backend, SamplingParams
 from worker.cancel_watcher import CancelWatcher
 from worker.inbox import Drop, FinishReason, Inbox
@@ -206,7 +206,8 @@ class Jobs:
         now = clock.now_ms(self.redis)
         submitted = job.meta.get("submitted_ms") or now
         record.wait_ms = wait_ms = max(0, now - int(submitted))
-        events.append(emitter.make("started", model=self.model, worker=self.id, queue_wait_ms=wait_ms))
+        events.append(emitter.make("started", model=self.model, worker=self.id, queue_wait_ms=wait_ms,
+                                   tool_format=self._tool_format(op)))
         if op.ttl_s is not None and wait_ms > op.ttl_s * 1000:
             self._fail(record, ErrorCode.TIMEOUT, f"the job waited {wait_ms / 1000:.1f} s in the queue, longer than "
                        f"its ttl_s={op.ttl_s}", events, retriable=True, raise_=True)
@@ -234,6 +235,12 @@ class Jobs:
         return Sequence(job.id, prompt, params, op.max_tokens, op.stop, time.monotonic() + op.timeout_s,
                         context=record, logprobs=op.logprobs, sampler=sampler)
 
+    def _tool_format(self, op) -> str | None:
+        """The call syntax the job's output is read with (by the API, from the log): none without tools."""
+        if not isinstance(op, InferOperation) or not op.calls_tools:
+            return None
+        return "json" if op.must_call else chat_template.tool_support(self.chat_template).format
+
     def _prompt(self, record: Record, op: InferOperation, events: list) -> list[int]:
         backend = self.backend
         budget = backend.context_length - op.max_tokens
@@ -242,8 +249,9 @@ class Jobs:
                 text = op.prompt
                 prompt = self._prompts.from_text(text, budget)
             else:
-                prompt, text = self._prompts.from_messages([m.model_dump() for m in op.messages], self.chat_template,
-                                                           budget)
+                tools = [t.model_dump(exclude_none=True) for t in op.tools] if op.calls_tools else None
+                prompt, text = self._prompts.from_messages([m.model_dump(exclude_none=True) for m in op.messages],
+                                                           self.chat_template, budget, tools)
         except PromptTooLong as exc:
             size = "" if exc.exact else " (refused before it was tokenized in full)"
             self._fail(record, ErrorCode.CONTEXT_LENGTH_EXCEEDED, f"prompt is {exc} and max_tokens is {op.max_tokens}: "

@@ -19,9 +19,12 @@ buffer it tokenizes everything and only then reports the count.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
+
+from jinja2.exceptions import TemplateError
 
 from queue_schema.errors import ErrorCode, InferqError
 from worker import chat_template
@@ -57,10 +60,20 @@ class PromptBuilder:
         return self._bounded(text, budget, add_bos=True)
 
     # --- chat ----------------------------------------------------------------------------
-    def from_messages(self, messages: Sequence[dict], template: str | None, budget: int) -> tuple[list[int], str]:
-        """The rendered conversation's tokens and its text; TemplateError if the template refuses it."""
+    def from_messages(self, messages: Sequence[dict], template: str | None, budget: int,
+                      tools: Sequence[dict] | None = None) -> tuple[list[int], str]:
+        """The rendered conversation's tokens and its text; TemplateError if the template refuses it.
+
+        Messages and tools are as the contract dumps them; a template that knows no tools gets them written
+        into the messages' text (``chat_template.plain_tool_messages``)."""
         b = self.backend
-        rendered = chat_template.render_parts(messages, template, b.bos_text, b.eos_text, True, tuple(self.specials))
+        if chat_template.tool_support(template).native:
+            messages = chat_template.template_messages(messages)
+            self._no_control_tokens(messages, tools)
+        elif tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            messages, tools = chat_template.plain_tool_messages(messages, tools), None
+        rendered = chat_template.render_parts(messages, template, b.bos_text, b.eos_text, True, tuple(self.specials),
+                                              tools)
         text = rendered.text
         self._check_bytes(len(text.encode("utf-8")), budget)
         runs = self._runs(rendered.parts)
@@ -78,6 +91,15 @@ class PromptBuilder:
             if len(tokens) > budget:
                 raise PromptTooLong(len(tokens), exact=False)
         return tokens, text
+
+    def _no_control_tokens(self, messages: Sequence[dict], tools: Sequence[dict] | None) -> None:
+        """A native template writes tool definitions and calls as its own text, where a control token would be
+        parsed as one and could forge a turn: refuse them (content is kept apart; these cannot be)."""
+        written = [tools or [], [m.get("tool_calls") or [] for m in messages]]
+        text = json.dumps(written, ensure_ascii=False)
+        typed = next((s for s in self.specials if s in text), None)
+        if typed is not None:
+            raise TemplateError(f"a tool definition or call holds the control token {typed!r}; remove it")
 
     def _runs(self, parts) -> list[int | str]:
         """Control tokens (ids) and the plain text between them, adjacent text joined."""

@@ -14,7 +14,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from api.openai import errors
+from api.openai import errors, tool_calls
 
 FINISH = {"eos": "stop", "stop_sequence": "stop", "cancelled": "stop", "max_tokens": "length"}
 
@@ -32,12 +32,15 @@ class JobResult:
     prompt_tokens: int = 0
     end: dict | None = None
     error: dict | None = None
+    tool_format: str | None = None  # the job was offered tools: its text is read for calls in this syntax
 
     def feed(self, event: dict) -> bool:
         """Take one event; True once the job's log has ended."""
         kind = event["type"]
         if kind == "token" and "logprob" in event:
             self.tokens.append(event)
+        elif kind == "started":
+            self.tool_format = event.get("tool_format")
         elif kind == "metrics":
             self.prompt_tokens = event["prompt_tokens"]
         elif kind == "end":
@@ -82,14 +85,33 @@ def legacy_logprobs(events: list[dict], offset: int = 0) -> dict:
     return out
 
 
+def tool_calls_of(calls, key: str) -> list[dict]:
+    """OpenAI's ``tool_calls`` for parsed calls; ids follow from ``key`` (a choice of a job) and the call's
+    place, so an answer built again from the same log names its calls alike."""
+    return [{"id": tool_calls.call_id(key, i), "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments}} for i, c in enumerate(calls)]
+
+
 class Completions:
     """One answer of ``/v1/completions`` (``chat=False``) or ``/v1/chat/completions``: what differs between the
-    two is here, once, for whole answers and stream chunks alike."""
+    two is here, once, for whole answers and stream chunks alike. ``tool_names`` are the functions the request
+    offered: a chat choice whose job was read for calls (``JobResult.tool_format``) answers with the valid ones."""
 
-    def __init__(self, chat: bool, job_id: str, model: str, logprobs: bool = False, created: int | None = None):
+    def __init__(self, chat: bool, job_id: str, model: str, logprobs: bool = False, created: int | None = None,
+                 tool_names: tuple[str, ...] = ()):
         self.chat, self.model, self.logprobs = chat, model, logprobs
         self.id = ("chatcmpl-" if chat else "cmpl-") + job_id
         self.created = int(time.time()) if created is None else created
+        self.tool_names = tool_names
+
+    def call_key(self, index: int) -> str:
+        return f"{self.id}/{index}"
+
+    def tool_stream(self, result: JobResult) -> tool_calls.ToolStream | None:
+        """A chat choice's call reader, once its ``started`` event said it was offered tools."""
+        if not (self.chat and result.tool_format):
+            return None
+        return tool_calls.ToolStream(result.tool_format, self.tool_names)
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -105,8 +127,12 @@ class Completions:
     def choice(self, index: int, result: JobResult) -> dict:
         text, finish, lp = result.end["text"], result.finish_reason, self._logprobs(result.tokens)
         if self.chat:
-            return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": lp, "finish_reason": finish}
+            message = {"role": "assistant", "content": text, "refusal": None}
+            parsed = tool_calls.parse(text, result.tool_format, self.tool_names) if result.tool_format else None
+            if parsed is not None and parsed.calls:
+                message.update(content=parsed.content, tool_calls=tool_calls_of(parsed.calls, self.call_key(index)))
+                finish = "tool_calls"
+            return {"index": index, "message": message, "logprobs": lp, "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
 
     def whole(self, results: list[JobResult]) -> dict:
@@ -124,6 +150,22 @@ class Completions:
         choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None}
         return {**self._base("chat.completion.chunk"), "choices": [choice]}
+
+    def tool_chunks(self, index: int, deltas) -> list[dict]:
+        """Stream chunks for a call reader's deltas: content as content; a call as its id and name first,
+        then its arguments in the pieces the model wrote them."""
+        out = []
+        for d in deltas:
+            if isinstance(d, tool_calls.ContentDelta):
+                delta: dict = {"content": d.text}
+            elif isinstance(d, tool_calls.CallStart):
+                delta = {"tool_calls": [{"index": d.index, "id": tool_calls.call_id(self.call_key(index), d.index),
+                                         "type": "function", "function": {"name": d.name, "arguments": ""}}]}
+            else:
+                delta = {"tool_calls": [{"index": d.index, "function": {"arguments": d.text}}]}
+            out.append({**self._base("chat.completion.chunk"),
+                        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]})
+        return out
 
     def chunk(self, index: int, text: str | None, finish: str | None, tokens: list[dict] | None = None,
               offset: int = 0) -> dict:

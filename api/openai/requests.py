@@ -126,26 +126,101 @@ class ContentPart(BaseModel):
     text: Text | None = None
 
 
+class CalledFunctionIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunctionIn
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | Annotated[list[ContentPart], Field(max_length=256)] | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: keep the text ones
             return "".join(p.text or "" for p in self.content if p.type == "text")
         return self.content or ""
 
+    def message(self) -> dict:
+        """The contract's ChatMessage (as a dict): ``developer`` is ``system``; an assistant turn that made
+        calls may have no content."""
+        out: dict = {"role": "system" if self.role == "developer" else self.role}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+            if self.content is not None:
+                out["content"] = self.text()
+        else:
+            out["content"] = self.text()
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class FunctionIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    function: FunctionIn | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _function_only(cls, value: str) -> str:
+        if value != "function":
+            raise ValueError(f"only function tools are supported, not {value!r}")
+        return value
+
+
+class NamedChoiceIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: Annotated[dict[str, Any], Field(description="{'name': ...}")]
+
+
+ToolChoice = Literal["auto", "none", "required"] | NamedChoiceIn
+
+
+def tool_fields(tools: list[ToolIn] | None, tool_choice: ToolChoice | None, parallel: bool | None) -> dict:
+    """The contract's tool fields; a choice without tools is ignored (SDKs send ``tool_choice`` by default)."""
+    if not tools:
+        return {}
+    out: dict = {"tools": [{"type": "function", "function": t.function.model_dump(exclude_none=True) if t.function
+                            else {}} for t in tools]}
+    if tool_choice is not None:
+        out["tool_choice"] = tool_choice if isinstance(tool_choice, str) else tool_choice.model_dump()
+    if parallel is not None:
+        out["parallel_tool_calls"] = parallel
+    return out
+
 
 class ChatRequest(_Request):
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=256)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token; used with logprobs.")
+    tools: Annotated[list[ToolIn], Field(max_length=64)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def operations(self) -> list[InferOperation]:
-        roles = {"developer": "system"}
-        messages = [{"role": roles.get(m.role, m.role), "content": m.text()} for m in self.messages]
-        return self._operations(256, (self.top_logprobs or 0) if self.logprobs else None, messages=messages)
+        messages = [m.message() for m in self.messages]
+        return self._operations(256, (self.top_logprobs or 0) if self.logprobs else None, messages=messages,
+                                **tool_fields(self.tools, self.tool_choice, self.parallel_tool_calls))
 
 
 EmbedText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]

@@ -134,7 +134,7 @@ def respond(req, chat: bool):
         release()
         raise
     answer = answers.Completions(chat, job_ids[0], ops[0].model, ops[0].logprobs is not None,
-                                 int(submitted) // 1000 if submitted else None)
+                                 int(submitted) // 1000 if submitted else None, tool_names(ops[0]))
     headers = {"X-Inferq-Job-Id": ",".join(job_ids)}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -148,6 +148,10 @@ def respond(req, chat: bool):
         return _wait(job_ids, answer, headers, gone=None if idem else disconnect.watcher())
     finally:
         release()
+
+
+def tool_names(op) -> tuple[str, ...]:
+    return tuple(t.function.name for t in op.tools) if getattr(op, "tools", None) else ()
 
 
 def _wait(job_ids: list[str], answer: answers.Completions, headers: dict, gone):
@@ -182,6 +186,7 @@ def _stream(job_ids: list[str], answer: answers.Completions, include_usage: bool
     """
     done = False
     results = [answers.JobResult() for _ in job_ids]
+    readers: list = [None] * len(job_ids)  # a choice's call reader, once its job says it was offered tools
     offsets = [0] * len(job_ids)  # completions' text_offset, per choice
     keepalive = float(current_app.config["KEEPALIVE_S"])
     try:
@@ -194,11 +199,17 @@ def _stream(job_ids: list[str], answer: answers.Completions, include_usage: bool
                     yield sse.KEEPALIVE
                 out = []
                 for index, frame in batch:
-                    event = json.loads(frame.data) if frame.type in ("token", "metrics", "end", "error") else None
+                    event = json.loads(frame.data) if frame.type in ("started", "token", "metrics", "end", "error") \
+                        else None
                     if event is None:
                         continue
                     results[index].feed(event)
-                    if frame.type == "token":
+                    reader = readers[index]
+                    if frame.type == "started":
+                        readers[index] = answer.tool_stream(results[index])
+                    elif frame.type == "token" and reader is not None:
+                        out += [data(c) for c in answer.tool_chunks(index, reader.feed(event["t"]))]
+                    elif frame.type == "token":
                         tokens = [event] if "logprob" in event else None
                         if event["t"] or tokens:
                             out.append(data(answer.chunk(index, event["t"], None, tokens, offsets[index])))
@@ -208,7 +219,11 @@ def _stream(job_ids: list[str], answer: answers.Completions, include_usage: bool
                         out.append(data(errors.answer(errors.job_failed(event))[1]))
                         break
                     elif frame.type == "end":
-                        out.append(data(answer.chunk(index, None, results[index].finish_reason)))
+                        finish = results[index].finish_reason
+                        if reader is not None:
+                            out += [data(c) for c in answer.tool_chunks(index, reader.close())]
+                            finish = "tool_calls" if reader.result.calls else finish
+                        out.append(data(answer.chunk(index, None, finish)))
                         if all(r.end is not None for r in results):
                             done = True
                             if include_usage:

@@ -157,7 +157,7 @@ class Admission:
         return bool(_FORGET(self.redis, {"idem": keys.idempotency(tenant.name, idempotency.digest)}, {"job": job_id}))
 
 
-_FEATURES = {"grammar": "structured output (response_format, json_schema, grammar)", "logprobs": "logprobs",
+_FEATURES = {"grammar": "structured output (response_format, json_schema, grammar, a forced tool call)", "logprobs": "logprobs",
              "embeddings": "embeddings"}
 
 
