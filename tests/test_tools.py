@@ -32,7 +32,10 @@ SCRIPTS = {
     "prose": "The weather is fine, no call needed.",
     "unknown": '<tool_call>\n{"name": "launch_rocket", "arguments": {}}\n</tool_call>',
     "broken": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',
+    "llama3": '{"name": "get_weather", "parameters": {"city": "Zürich", "days": 2}}',
+    "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Zürich", "days": 2}}]',
 }
+FLAVOURS = {"llama3": "llama3", "mistral": "mistral"}  # the others: chatml (Qwen's template, Hermes calls)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +62,8 @@ def scripted(module_workers, tmp_path_factory):
         pytest.skip("llama-cpp is not installed (make test installs it)")
     root = tmp_path_factory.mktemp("scripted")
     for key, script in SCRIPTS.items():
-        module_workers(f"s-{key}", make_scripted_gguf(root / f"{key}.gguf", script, "chatml", n_ctx=4096), "--backend",
-                       "llama-cpp")
+        path = make_scripted_gguf(root / f"{key}.gguf", script, FLAVOURS.get(key, "chatml"), n_ctx=4096)
+        module_workers(f"s-{key}", path, "--backend", "llama-cpp")
     return SCRIPTS
 
 
@@ -184,9 +187,10 @@ def test_workers_that_cannot_constrain_refuse_forced_calls(module_workers, tools
 
 
 # --- auto: the model's own call syntax ---------------------------------------------------------------
+@pytest.mark.parametrize("family", ["hermes", "llama3", "mistral"])
 @pytest.mark.parametrize("stream", [False, True])
-def test_auto_reads_a_hermes_call(scripted, oai, stream):
-    kwargs = dict(model="s-hermes", messages=ASK, tools=[WEATHER, TIME], temperature=0, max_tokens=300)
+def test_auto_reads_each_familys_call(scripted, oai, stream, family):
+    kwargs = dict(model=f"s-{family}", messages=ASK, tools=[WEATHER, TIME], temperature=0, max_tokens=300)
     if stream:
         content, calls, finish, _ = streamed(oai.chat.completions.create(stream=True, **kwargs))
         assert content == "" and finish == "tool_calls"
@@ -229,3 +233,62 @@ def test_without_tools_the_call_syntax_is_plain_text(scripted, oai, client):
     assert text_of(evts) == HERMES_CALL and evts[1]["type"] == "started" and evts[1]["tool_format"] == "hermes"
     plain = events(client, submit(client, model="s-hermes", messages=ASK, temperature=0))
     assert "tool_format" not in plain[1]
+
+
+# --- batch lines -------------------------------------------------------------------------------------
+def test_batch_chat_lines_answer_calls_as_the_route_does(scripted, tenant_api):
+    from tests.test_batches import client_for, jsonl, lines_of, wait_status
+
+    oai = client_for(tenant_api.url, tenant_api.ALICE)
+    body = {"messages": ASK, "tools": [WEATHER], "temperature": 0, "max_tokens": 300}
+    rows = [{"custom_id": key, "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": f"s-{key}", **body}} for key in ("hermes", "prose")]
+    f = oai.files.create(file=("tools.jsonl", jsonl(rows)), purpose="batch")
+    batch = oai.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    done = wait_status(oai, batch.id, {"completed", "failed"})
+    assert done.status == "completed", done
+    out = lines_of(oai, done.output_file_id)
+    call = out["hermes"]["response"]["body"]["choices"][0]
+    assert call["finish_reason"] == "tool_calls" and call["message"]["content"] is None
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in call["message"]["tool_calls"]] \
+        == [("get_weather", {"city": "Zürich", "days": 2})]
+    prose = out["prose"]["response"]["body"]["choices"][0]
+    assert prose["finish_reason"] == "stop" and prose["message"]["content"] == SCRIPTS["prose"]
+
+
+# --- rendering ---------------------------------------------------------------------------------------
+CALLED = ASK + [{"role": "assistant", "content": "", "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "content": "21 °C", "tool_call_id": "call_1"}]
+
+
+@pytest.mark.parametrize("name,call,result", [
+    ("chatml", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+     "<tool_response>\n21 °C\n</tool_response>"),
+    ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+     "<|start_header_id|>ipython<|end_header_id|>\n\n21 °C<|eot_id|>"),
+    ("mistral", '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "call_1"}]',
+     '[TOOL_RESULTS] {"content": "21 °C", "call_id": "call_1"}[/TOOL_RESULTS]'),
+])
+def test_the_built_in_templates_render_tools_calls_and_results_natively(name, call, result):
+    from worker import chat_template
+
+    source = chat_template.builtin(name)
+    text = chat_template.render_text(chat_template.template_messages(CALLED), source, "<s>", "</s>",
+                                     tools=[WEATHER])
+    assert '"get_weather"' in text.split(ASK[0]["content"])[0] or name == "mistral"
+    assert call in text and result in text and text.count("get_weather") >= 2
+    assert chat_template.tool_support(source).native
+
+
+def test_a_template_without_tools_gets_them_as_text_with_alternating_turns():
+    from worker import chat_template
+
+    plain = chat_template.plain_tool_messages(CALLED + [{"role": "user", "content": "and tomorrow?"}], [WEATHER])
+    assert [m["role"] for m in plain] == ["user", "assistant", "user"]  # the result and the next question joined
+    assert plain[0]["content"].startswith("You can call functions.") and '"get_weather"' in plain[0]["content"]
+    assert plain[1]["content"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert plain[2]["content"] == "<tool_response>\n21 °C\n</tool_response>\n\nand tomorrow?"
+    # Gemma's template (no tools, strict alternation) takes it.
+    assert "<tool_response>" in chat_template.render_text(plain, chat_template.builtin("gemma"))
+    assert chat_template.tool_support(chat_template.builtin("gemma")) == chat_template.ToolSupport(False, "hermes")
