@@ -82,12 +82,27 @@ class Client:
             for event in parse_sse(chunk_lines(resp.iter_content(chunk_size=None))):
                 yield json.loads(event["data"])
 
+    def text(self, job_id: str) -> str:
+        """The job's generated text once it ended (``ApiError``-free: an ``error`` event gives what came before
+        it). A ``started`` event naming another run than the one before means the job began again after its
+        earlier take was lost: the text so far is dropped, as the log says it is void."""
+        out, run = [], None
+        for event in self.events(job_id):
+            if event["type"] == "started":
+                if run is not None and event.get("run") != run:
+                    out.clear()
+                run = event.get("run")
+            elif event["type"] == "token":
+                out.append(event["t"])
+        return "".join(out)
+
     def events(self, job_id: str, last_event_id: int | None = None, reconnects: int = 20) -> Iterator[dict]:
         """Yield the job's events until ``end``/``error``.
 
         A dropped stream, or an API that answers 503 while Redis is away, is
         retried with backoff and resumed with Last-Event-ID: no event is
-        missed or repeated.
+        missed or repeated. A second ``started`` with another ``run`` is a
+        restart marker: the tokens before it are void (``text`` drops them).
         """
         delay = 0.1
         while True:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
 
 from queue_schema.errors import EventDecodeError
 
@@ -40,6 +40,8 @@ class _Event(BaseModel):
     job_id: str
     seq: int = Field(ge=0)
     ts: int = Field(default_factory=now_ms)
+    # Not part of the event: the lease owner a worker writes it as (queue_schema.lifecycle.eventlog).
+    _writer: str | None = PrivateAttr(None)
 
     @property
     def terminal(self) -> bool:
@@ -58,6 +60,8 @@ class Started(_Event):
     model: str
     worker: str
     queue_wait_ms: int
+    run: int | None = Field(None, ge=1, description="Which take of the job this run is (1, 2...). A started "
+                            "event after another one means the job began again: what came between is void.")
     # Only for a job offered tools: the call syntax its output is read with (the worker's template decides).
     tool_format: Literal["hermes", "llama3", "mistral", "json"] | None = Field(
         None, description="hermes: <tool_call>{...}</tool_call>; llama3: a JSON call; mistral: [TOOL_CALLS][...]; "

@@ -21,7 +21,7 @@ from queue_schema.lifecycle import reaper as reaper_mod
 from queue_schema.lifecycle.eventlog import Appended, EventLog
 from queue_schema.lifecycle.reaper import Reaper
 from tests.conftest import start_worker, wait_until
-from tests.helpers import events, submit, text_of
+from tests.helpers import events, stopped, submit, text_of
 
 LONG = dict(temperature=0, repetition_penalty=1.0)
 
@@ -316,3 +316,64 @@ def test_a_log_ttl_is_renewed_by_the_first_write_that_lands_not_at_every_step(r)
     finally:
         r.zrem(keys.SETTLING, job)
         r.delete(keys.job_lease(job), keys.job_events(job))
+
+
+def test_a_job_its_own_worker_lost_and_took_again_runs_once_in_the_log(client, r, worker_factory, slow_model):
+    """The fencing token: the worker's heartbeat stalls (SIGSTOP) past the reaper's patience while the job is
+    in prefill, the reaper gives the job back, and once the worker runs again (SIGCONT) its intake takes the
+    job back. Both takes are the same worker; the lease's generation tells them apart, so the earlier take's
+    writes are refused and one run's events alone reach the log."""
+    w = worker_factory("retaken", slow_model, "--parallel", "2")
+    job = submit(client, model="retaken", prompt="the " * 1300, max_tokens=12, **LONG)
+    stream = keys.job_events(job)
+    wait_until(lambda: any(b'"started"' in f[b"e"] for _, f in r.xrange(stream)), timeout=30, interval=0.005,
+               what="the job to start")
+    w.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: stopped(w.proc.pid), what="the worker to stop")
+        assert not any(b'"token"' in f[b"e"] for _, f in r.xrange(stream)), "prefill ended before the stop"
+        first_owner = r.hget(keys.job_lease(job), "owner").decode()
+        reaper = Reaper(r, "fence-reaper")
+
+        def requeued():
+            reaper.tick()
+            return r.hget(keys.rq_job(job), "status") == b"queued" or r.exists(keys.job_lease(job)) == 0
+
+        wait_until(requeued, timeout=40, interval=0.5, what="the reaper to give the job back")
+    finally:
+        w.proc.send_signal(signal.SIGCONT)
+    evts = events(client, job)
+    assert_one_clean_stream(evts)
+    assert evts[-1]["type"] == "end" and evts[-1]["stop_reason"] == "max_tokens"
+    started = [e for e in evts if e["type"] == "started"]
+    assert len(started) == 2 and started[0]["worker"] == started[1]["worker"]  # one worker, two takes
+    assert started[0]["run"] == leases.generation(first_owner) < started[1]["run"]
+    tokens = [e for e in evts if e["type"] == "token"]
+    assert all(e["seq"] > started[-1]["seq"] for e in tokens)  # every token is the last take's
+    assert [e["i"] for e in tokens] == list(range(12)) and evts[-1]["tokens_out"] == 12
+    assert "".join(e["t"] for e in tokens) == evts[-1]["text"]
+
+
+def test_a_second_run_in_a_log_voids_what_the_first_one_streamed(r, live_api):
+    """Failover can leave a lost run's events in a log (a replica promoted without the lease's last moves):
+    the next run's ``started`` names another run, and readers drop what came before it."""
+    from api.openai.answers import JobResult
+    from queue_schema.events import Started
+
+    log, job = EventLog(r), "restart-marker-test"
+    r.hset(keys.job_info(job), mapping={"tenant": "default", "submitted": int(time.time() * 1000)})
+    evts = [Queued(job_id=job, seq=0, position=0, queue="q"),
+            Started(job_id=job, seq=1, model="m", worker="w", queue_wait_ms=0, run=1),
+            Token(job_id=job, seq=2, t="lost ", i=0),
+            Started(job_id=job, seq=3, model="m", worker="w", queue_wait_ms=0, run=2),
+            Token(job_id=job, seq=4, t="kept", i=0),
+            End(job_id=job, seq=5, tokens_out=1, decode_time_ms=1, stop_reason="eos", text="kept")]
+    try:
+        assert log.append_many(evts) == {job: Appended.OK}
+        assert Client(live_api).text(job) == "kept"
+        result = JobResult()
+        for e in evts:
+            result.feed(e.model_dump(exclude_none=True))
+        assert result.restarted and result.run == 2
+    finally:
+        r.delete(keys.job_events(job), keys.job_info(job))

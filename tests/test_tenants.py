@@ -122,7 +122,7 @@ def test_queued_and_running_limits_follow_the_jobs_own_moves(r, redis_url):
     # A worker takes one: it moves from queued to running in the lease script.
     taken = Leases(r).acquire("w-test", "w-test", [keys.queue_name(model, "normal")], 1, int(time.time() * 1000),
                               "2026-01-01T00:00:00.000000Z")
-    assert [t.job_id for t in taken] == [a]
+    assert [t.job_id for t in taken] == [a] and taken[0].owner == "w-test#1"
     assert r.smembers(keys.limit_running(T.alice)) == {a.encode()}
     assert r.smembers(keys.limit_queued(T.alice)) == {c.encode()}
     busy = post(client, T.ALICE, model)
@@ -132,7 +132,7 @@ def test_queued_and_running_limits_follow_the_jobs_own_moves(r, redis_url):
     from queue_schema.lifecycle.ending import Ending
 
     assert Ending(r, EventLog(r)).end(End(job_id=a, seq=1, tokens_out=0, decode_time_ms=0, stop_reason="eos",
-                                          text=""), "w-test") == 1
+                                          text=""), taken[0].owner) == 1
     assert not r.exists(keys.job_lease(a))
     assert not r.smembers(keys.limit_running(T.alice))
     assert post(client, T.ALICE, model).status_code == 202

@@ -50,7 +50,11 @@ class Cancel:
 
 @dataclass(frozen=True)
 class Drop:
+    """Stop a job's sequence without a word more: its lease is someone else's. ``owner`` names which take of
+    the job (its lease owner string) when the worker may hold two: one it lost, and one it took again."""
+
     job_id: str
+    owner: str | None = None
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from queue_schema.lifecycle import books, clock, stats
 from queue_schema.lifecycle.admission import EMBED_FUNC, INFER_FUNC
 from queue_schema.lifecycle.ending import Ending
 from queue_schema.lifecycle.eventlog import Appended
-from queue_schema.lifecycle.leases import Acquired, Leases
+from queue_schema.lifecycle.leases import Acquired, Leases, generation
 from queue_schema.operations import EmbedOperation, InferOperation, Operation
 from worker import chat_template, embedding, grammar, narration
 from worker.backends.base import Backend, SamplingParams
@@ -64,6 +64,7 @@ class Record:
 
     job: Job
     emitter: JobEmitter
+    owner: str = ""  # the lease owner string this take of the job writes as ("<worker>#<generation>")
     execution: Execution | None = None
     op: Operation | None = None
     wait_ms: int | None = None
@@ -119,10 +120,10 @@ class Jobs:
         self._lock = threading.Lock()
         self._prompts = PromptBuilder(backend)
 
-    def held(self) -> list[str]:
-        """The jobs whose leases this worker renews."""
+    def held(self) -> list[tuple[str, str]]:
+        """The jobs whose leases this worker renews, with the owner strings it holds them as."""
         with self._lock:
-            return list(self._records)
+            return [(job_id, r.owner) for job_id, r in self._records.items()]
 
     def really_lost(self, job_ids) -> list[str]:
         """Of the jobs whose leases a renewal found gone, those this worker really lost. A job whose
@@ -140,10 +141,16 @@ class Jobs:
                 self._records.pop(job_id, None)
         self.changed()
 
-    def _forget(self, job_id: str) -> None:
+    def _forget(self, job_id: str, record: Record | None = None) -> None:
+        """Drop the job's record (only ``record``'s, when given: the job may have been taken again since)."""
         with self._lock:
-            self._records.pop(job_id, None)
+            if record is None or self._records.get(job_id) is record:
+                self._records.pop(job_id, None)
         self.changed()
+
+    def current(self, record: Record) -> bool:
+        with self._lock:
+            return self._records.get(record.job.id) is record
 
     def _narrate(self, record: Record, fields: dict, events: list) -> None:
         log.info("%s", fields["human"])  # one line per narration event: the story, never the prompt
@@ -159,9 +166,14 @@ class Jobs:
             if acq.closed:  # its log ended as it was taken (a cancel): settled, if nobody has
                 self.ending.settle(job.id, worker_name=self.id)
                 continue
-            record = Record(job, JobEmitter(acq.job_id, acq.next_seq))
+            record = Record(job, JobEmitter(acq.job_id, acq.next_seq, acq.owner), owner=acq.owner)
             with self._lock:
+                stale = self._records.get(acq.job_id)
                 self._records[acq.job_id] = record
+            if stale is not None:  # taken again after a reaper gave it back: the earlier take is fenced already
+                log.warning("job %s: taken again as %s; its earlier take (%s) stops", acq.job_id, acq.owner,
+                            stale.owner)
+                self.inbox.post(Drop(acq.job_id, stale.owner))
             records.append(record)
         if not records:
             return []
@@ -207,7 +219,7 @@ class Jobs:
         submitted = job.meta.get("submitted_ms") or now
         record.wait_ms = wait_ms = max(0, now - int(submitted))
         events.append(emitter.make("started", model=self.model, worker=self.id, queue_wait_ms=wait_ms,
-                                   tool_format=self._tool_format(op)))
+                                   tool_format=self._tool_format(op), run=generation(record.owner) or None))
         if op.ttl_s is not None and wait_ms > op.ttl_s * 1000:
             self._fail(record, ErrorCode.TIMEOUT, f"the job waited {wait_ms / 1000:.1f} s in the queue, longer than "
                        f"its ttl_s={op.ttl_s}", events, retriable=True, raise_=True)
@@ -302,7 +314,8 @@ class Jobs:
 
     def _fail(self, record: Record, code: ErrorCode, message: str, events: list, retriable: bool = False,
               raise_: bool = False) -> None:
-        self.cancel.unwatch(record.job.id)
+        if self.current(record):  # a take of the job the worker lost must not unwatch the one it holds
+            self.cancel.unwatch(record.job.id)
         self._narrate(record, narration.job_failed(self.id, record.job.id, code.value, message), events)
         events.append(record.emitter.make("error", code=code.value, message=message, retriable=retriable))
         record.outcome, record.reason = "failed", f"{code.value}: {message}"
@@ -327,10 +340,11 @@ class Jobs:
 
     def _finished(self, fin: Finished, record: Record, events: list) -> None:
         job_id = record.job.id
-        self.cancel.unwatch(job_id)
+        if self.current(record):
+            self.cancel.unwatch(job_id)
         record.tokens, record.first_token_ms = fin.tokens_out, fin.first_token_ms
         if fin.reason == FinishReason.DROPPED:  # the lease is someone else's: not a word more from us
-            self._forget(job_id)
+            self._forget(job_id, record)
             return
         if fin.reason == FinishReason.ABORTED and fin.tokens_out == 0 and books.may_requeue(record.job):
             record.requeue = True
@@ -382,13 +396,18 @@ class Jobs:
         log.info("job %s on %s: %d embeddings, %d tokens, %s", task.job_id, self.id, fin.tokens_out, tokens, reason)
 
     # --- publisher thread ----------------------------------------------------------------
-    def logged(self, job_id: str, status: Appended, terminal_written: bool) -> None:
-        if status != Appended.OK:  # the log refused this worker's events: it no longer holds the job
-            self.inbox.post(Drop(job_id))
-            self.cancel.unwatch(job_id)
-            self._forget(job_id)
+    def logged(self, job_id: str, owner: str | None, status: Appended, terminal_written: bool) -> None:
+        """What the log said of the events written as ``owner`` (None: whichever take the worker holds)."""
+        with self._lock:
+            record = self._records.get(job_id)
+        current = record is not None and owner in (None, record.owner)
+        if status != Appended.OK:  # the log refused these events: that take of the job is no longer ours
+            self.inbox.post(Drop(job_id, owner))
+            if current:
+                self.cancel.unwatch(job_id)
+                self._forget(job_id, record)
             return
-        if not terminal_written:
+        if not terminal_written or not current:
             return
         with self._lock:
             record = self._records.pop(job_id, None)
@@ -421,7 +440,7 @@ class Jobs:
             job = record.job
             try:
                 books.count_requeue(job)
-                books.give_back(self.redis, self.leases, job, self.id, job.origin, self.model)
+                books.give_back(self.redis, self.leases, job, record.owner, job.origin, self.model)
             except redis.RedisError as exc:  # the lease stays ours and stands still: the reaper requeues it
                 log.warning("job %s: could not give it back: %s", job.id, exc)
-            self._forget(job.id)
+            self._forget(job.id, record)

@@ -35,7 +35,7 @@ MAX_PENDING = 200_000  # events held while Redis is away (about 40 MB)
 LINGER_S = 0.002
 BURST_S = 0.005
 
-OnResult = Callable[[str, Appended, bool], None]  # job id, what the log said, a terminal event was written
+OnResult = Callable[[str, str, Appended, bool], None]  # job id, owner written as, what the log said, terminal
 
 
 class EventPublisher:
@@ -106,7 +106,7 @@ class EventPublisher:
         delay = 0.05
         while True:
             try:
-                results = self.eventlog.append_many(events, self.writer)
+                results = self.eventlog.append_runs(events, self.writer)
                 break
             except Exception as exc:
                 if not unavailable(exc):
@@ -120,11 +120,12 @@ class EventPublisher:
         self.redis_down_since = None
         if self.on_result is None:
             return
-        terminal = {e.job_id for e in events if e.job_id is not None and e.terminal}
-        for job_id, status in results.items():
+        terminal = {(e.job_id, e._writer or self.writer) for e in events if e.job_id is not None and e.terminal}
+        for (job_id, owner), status in results.items():
             if status != Appended.OK:
-                log.warning("job %s: the event log refused this worker's events (%s)", job_id, status.name)
-            self.on_result(job_id, status, status == Appended.OK and job_id in terminal)
+                log.warning("job %s: the event log refused the events written as %s (%s)", job_id, owner,
+                            status.name)
+            self.on_result(job_id, owner, status, status == Appended.OK and (job_id, owner) in terminal)
 
 
 def _count(item) -> int:
@@ -139,9 +140,10 @@ class JobEmitter:
     """Makes a job's events with consecutive seqs; where they go is the caller's business (the job layer hands
     a step's events to the publisher together)."""
 
-    def __init__(self, job_id: str, first_seq: int):
+    def __init__(self, job_id: str, first_seq: int, owner: str | None = None):
         self.job_id = job_id
         self.seq = first_seq
+        self.owner = owner  # the lease owner string its events are written as (None: the publisher's writer)
         self.ended = False  # a terminal event was made: its append closes the log
         self.terminal: _Event | None = None  # that event
 
@@ -153,5 +155,6 @@ class JobEmitter:
             event = cls(job_id=self.job_id, seq=self.seq, **fields)
             if event.terminal:
                 self.ended, self.terminal = True, event
+        event._writer = self.owner
         self.seq += 1
         return event

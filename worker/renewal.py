@@ -41,6 +41,8 @@ class LeaseRenewal:
                 log.exception("worker %s: lease renewal failed", self.id)
 
     def renew(self) -> None:
-        for job_id in self.jobs.really_lost(self.leases.renew(self.id, self.jobs.held())):
+        held = self.jobs.held()
+        owners = dict(held)
+        for job_id in self.jobs.really_lost(self.leases.renew(held)):
             log.warning("worker %s: lost the lease of job %s; stopping it", self.id, job_id)
-            self.jobs.logged(job_id, Appended.FENCED, False)
+            self.jobs.logged(job_id, owners[job_id], Appended.FENCED, False)

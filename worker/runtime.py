@@ -232,9 +232,9 @@ class WorkerRuntime:
         log.info("%s", fields["human"])  # one line per narration event: the story, never the prompt
         self.publisher.put(Narration(**fields))
 
-    def _logged(self, job_id, status, terminal_written) -> None:
+    def _logged(self, job_id, owner, status, terminal_written) -> None:
         if self.jobs is not None:
-            self.jobs.logged(job_id, status, terminal_written)
+            self.jobs.logged(job_id, owner, status, terminal_written)
 
     # --- RQ's view of this worker --------------------------------------------------------
     def _register_with_rq(self) -> None:
@@ -257,7 +257,7 @@ class WorkerRuntime:
     # --- heartbeat -------------------------------------------------------------------
     def worker_info(self) -> records.WorkerInfo:
         b, s = self.backend, self.scheduler
-        running = self.jobs.held() if self.jobs else []  # taken and not yet ended in the log
+        running = [job_id for job_id, _ in self.jobs.held()] if self.jobs else []  # taken, not yet ended in the log
         sizes = s.batch_sizes[-64:] if s else []
         state = self.state
         if state in ("idle", "busy"):

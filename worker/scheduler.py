@@ -222,16 +222,16 @@ class Scheduler:
                     while len(self._early_cancels) > _EARLY_CANCELS:
                         self._early_cancels.popitem(last=False)
             elif isinstance(message, Drop):
-                found = self._find(message.job_id)
+                found = self._find(message.job_id, message.owner)
                 if found is not None:
                     self._stop(found, FinishReason.DROPPED, out)
             elif isinstance(message, StopAll):
                 for item in [*(s for s in self.slots if s is not None), *self._tasks, *self._waiting]:
                     self._stop(item, message.reason, out)
 
-    def _find(self, job_id: str) -> Sequence | Task | None:
+    def _find(self, job_id: str, owner: str | None = None) -> Sequence | Task | None:
         for item in [*(s for s in self.slots if s is not None), *self._tasks, *self._waiting]:
-            if item.job_id == job_id:
+            if item.job_id == job_id and (owner is None or getattr(item.context, "owner", None) == owner):
                 return item
         return None
 

@@ -73,6 +73,9 @@ class StepWatchdog:
         stats.count(pipe, "stuck_steps", rt.spec.name)
         pipe.execute()
         why = f"worker {rt.id}'s decode step was stuck for more than {self.limit_s:g} s"
+        owners = dict(rt.jobs.held())
         for job_id in running:
-            if rt.leases.take_over(job_id, rt.id, rt.reaper.id):
-                rt.reaper.handle_lost(job_id, rt.id, code="INFERENCE_FAILED", message=why)
+            owner = owners.get(job_id)
+            writer = owner and rt.leases.take_over(job_id, owner, rt.reaper.id)
+            if writer:
+                rt.reaper.handle_lost(job_id, owner, writer, code="INFERENCE_FAILED", message=why)

@@ -33,6 +33,8 @@ class JobResult:
     end: dict | None = None
     error: dict | None = None
     tool_format: str | None = None  # the job was offered tools: its text is read for calls in this syntax
+    run: int | None = None  # which take of the job the events are of (its last ``started``)
+    restarted: bool = False  # a later take began after an earlier one's events: what came before is void
 
     def feed(self, event: dict) -> bool:
         """Take one event; True once the job's log has ended."""
@@ -41,6 +43,10 @@ class JobResult:
             self.tokens.append(event)
         elif kind == "started":
             self.tool_format = event.get("tool_format")
+            if self.run is not None and event.get("run") != self.run:
+                self.restarted = True
+                self.tokens.clear()
+            self.run = event.get("run")
         elif kind == "metrics":
             self.prompt_tokens = event["prompt_tokens"]
         elif kind == "end":

@@ -54,6 +54,12 @@ def interrupted(job_id: str) -> OpenAIError:
                        openai_code="stream_interrupted", ran=True)
 
 
+def restarted(job_id: str) -> OpenAIError:
+    return OpenAIError(ErrorCode.WORKER_LOST, f"job {job_id} began again on a worker after part of its answer was "
+                       "sent (its earlier run was lost): the answer so far is void; send the request again", 500,
+                       openai_code="job_restarted", ran=True)
+
+
 def cancelled() -> OpenAIError:
     return OpenAIError(ErrorCode.CANCELLED, "the job was cancelled", 500, openai_code="cancelled", ran=True)
 

@@ -187,6 +187,7 @@ def _stream(job_ids: list[str], answer: answers.Completions, include_usage: bool
     done = False
     results = [answers.JobResult() for _ in job_ids]
     readers: list = [None] * len(job_ids)  # a choice's call reader, once its job says it was offered tools
+    sent = [False] * len(job_ids)  # a choice's reader sent something (content held back is not sent)
     offsets = [0] * len(job_ids)  # completions' text_offset, per choice
     keepalive = float(current_app.config["KEEPALIVE_S"])
     try:
@@ -205,10 +206,18 @@ def _stream(job_ids: list[str], answer: answers.Completions, include_usage: bool
                         continue
                     results[index].feed(event)
                     reader = readers[index]
+                    if frame.type == "started" and results[index].restarted and (offsets[index] or sent[index]):
+                        # A take that was lost sent part of this answer: it cannot be taken back.
+                        done = True
+                        out.append(data(errors.answer(errors.restarted(job_ids[index]))[1]))
+                        cancel_open(job_ids)
+                        break
                     if frame.type == "started":
                         readers[index] = answer.tool_stream(results[index])
                     elif frame.type == "token" and reader is not None:
-                        out += [data(c) for c in answer.tool_chunks(index, reader.feed(event["t"]))]
+                        chunks = answer.tool_chunks(index, reader.feed(event["t"]))
+                        sent[index] = sent[index] or bool(chunks)
+                        out += [data(c) for c in chunks]
                     elif frame.type == "token":
                         tokens = [event] if "logprob" in event else None
                         if event["t"] or tokens:

@@ -8,6 +8,7 @@ const state = { token: sessionStorage.getItem("inferq-token") || "", job: null,
                 follows: new Map(),  // job id -> {source, lastSeq}: the open event streams, one per job
                 rows: new Map(),     // job id -> what the recent-jobs table shows
                 startedOn: new Map(),  // job id -> {worker, ts}: its `started` event, until it ends
+                runs: new Map(),  // job id -> the run (take) its last `started` event named
                 ended: new Set(),    // jobs whose `end`/`error` this page received
                 workers: [], models: [], workersAsked: 0, started: 0, firstToken: null, shownEnded: false,
                 chat: [],            // the conversation: [{role, content}], sent whole with every message
@@ -198,6 +199,16 @@ function onEvent(ev, f) {
       if (ev.model) r.model = ev.model;
       state.startedOn.set(ev.job_id, { worker: ev.worker, ts: ev.ts });
       if (shown) setStatus(`running on ${ev.worker}`);
+      // A later take of the job (its earlier one was lost): what the earlier one streamed is void.
+      if (state.runs.has(ev.job_id) && state.runs.get(ev.job_id) !== ev.run) {
+        r.tokens = 0;
+        if (shown) {
+          $("output").textContent = "";
+          state.firstToken = null;
+          setStatus(`restarted on ${ev.worker}: the earlier output is void`);
+        }
+      }
+      state.runs.set(ev.job_id, ev.run);
       renderJobs();
       renderWorkers();
       refreshWorkers().catch(() => {});

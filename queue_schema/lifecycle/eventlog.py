@@ -94,25 +94,31 @@ class EventLog:
         return self.append_many([event], writer)[event.job_id]
 
     def append_many(self, events: Sequence[_Event], writer: str = UNOWNED) -> dict[str, Appended]:
-        """Write events in order, in one round trip; what happened, per job.
+        """Write events in order, in one round trip; what happened, per job (see ``append_runs``)."""
+        return {job_id: status for (job_id, _), status in self.append_runs(events, writer).items()}
 
-        Each job's events must have consecutive seqs. Narration is also added
-        to the operators' feed (one more script call in the same pipeline).
+    def append_runs(self, events: Sequence[_Event], writer: str = UNOWNED) -> dict[tuple[str, str], Appended]:
+        """Write events in order, in one round trip; what happened, per (job, writer).
+
+        Each event is written as its own ``_writer`` when it has one (a worker's events name the take of the
+        job they belong to), else as ``writer``. Each job's events must have consecutive seqs. Narration is
+        also added to the operators' feed (one more script call in the same pipeline).
         """
-        per_job: dict[str, list] = {}
+        per_job: dict[tuple[str, str], list] = {}
         narration = []
         for event in events:
             data = event.model_dump_json(exclude_none=True)
             if event.job_id is not None:
-                per_job.setdefault(event.job_id, []).extend((event.seq, event.type, data, final_state(event) or ""))
+                run = (event.job_id, event._writer or writer)
+                per_job.setdefault(run, []).extend((event.seq, event.type, data, final_state(event) or ""))
             if isinstance(event, Narration):
                 narration.append(data)
         more_keys, more_args = [], []
-        renew = {job_id: self._renewal_due(job_id) for job_id in per_job}
-        for job_id, fields in per_job.items():
+        renew = {job_id: self._renewal_due(job_id) for job_id, _ in per_job}
+        for (job_id, by), fields in per_job.items():
             more_keys += [keys.job_events(job_id), keys.job_channel(job_id), keys.job_lease(job_id)]
-            more_args += [job_id, len(fields) // 4, "1" if renew[job_id] else "0", *fields]
-        args = {"writer": writer, "ttl": self.ttl_s, "now": clock.now_ms(self.redis)}
+            more_args += [job_id, by, len(fields) // 4, "1" if renew[job_id] else "0", *fields]
+        args = {"ttl": self.ttl_s, "now": clock.now_ms(self.redis)}
         if not narration:
             statuses = _APPEND(self.redis, {"settling": keys.SETTLING}, args, more_keys, more_args) if per_job else []
         else:
@@ -124,8 +130,8 @@ class EventLog:
                          {"event": data, "maxlen": NARRATION_LOG_MAXLEN})
             results = pipe.execute()
             statuses = results[0] if per_job else []
-        done = {job_id: Appended(int(s)) for job_id, s in zip(per_job, statuses)}
-        self._renewed([job_id for job_id, status in done.items() if renew[job_id] and status == Appended.OK])
+        done = {run: Appended(int(s)) for run, s in zip(per_job, statuses)}
+        self._renewed([job_id for (job_id, _), status in done.items() if renew[job_id] and status == Appended.OK])
         return done
 
     def _renewal_due(self, job_id: str) -> bool:

@@ -8,6 +8,13 @@ lease, so ``kill -9`` at any point loses nothing: a lease whose owner stops
 renewing it is found by the reaper (``queue_schema.lifecycle.reaper``), whichever
 inferq process runs it.
 
+A lease's owner is ``<worker>#<generation>``: the generation grows every time
+the job is taken (dequeued, taken over by a reaper, handed to a worker's own
+reaper, adopted), so each take is a writer of its own. Without it the fence
+compared worker ids only: a worker whose heartbeat stalled past the reaper's
+patience, and whose intake took the requeued job back, ran two copies that
+both passed it.
+
 A lease has no Redis expiry. The owner bumps ``renewals`` every second; the
 reaper declares a lease lost only after watching it stand still for a while
 on its own clock, with Redis answering all along. A Redis freeze therefore
@@ -48,7 +55,19 @@ class Acquired:
     queue_key: str
     next_seq: int  # the seq its next event gets
     closed: bool  # its log already ended (cancelled while queued, say): not leased, nothing to run
+    owner: str  # the lease owner it is written as ("<worker>#<generation>"; "" if closed)
     fields: dict[bytes, bytes]  # RQ's job hash, as Job.restore takes it
+
+
+def worker_of(owner: str) -> str:
+    """The process behind a lease owner string (its generation cut off)."""
+    return owner.rpartition("#")[0] if "#" in owner else owner
+
+
+def generation(owner: str) -> int:
+    """Which take of its job a lease owner string is (0 for none)."""
+    head, _, gen = owner.rpartition("#")
+    return int(gen) if head and gen.isdigit() else 0
 
 
 @dataclass(frozen=True)
@@ -71,32 +90,36 @@ class Leases:
                         {"owner": owner, "worker": rq_worker, "now_ms": now_ms, "now_rq": now_rq, "want": want},
                         queue_keys)
         out = []
-        for job_id, queue_key, next_seq, closed, flat in rows:
+        for job_id, queue_key, next_seq, closed, owner_, flat in rows:
             fields = dict(zip(flat[::2], flat[1::2]))
-            out.append(Acquired(job_id.decode(), queue_key.decode(), int(next_seq), bool(closed), fields))
+            out.append(Acquired(job_id.decode(), queue_key.decode(), int(next_seq), bool(closed), owner_.decode(),
+                                fields))
         return out
 
-    def renew(self, owner: str, job_ids: Sequence[str]) -> list[str]:
-        """Renew ``owner``'s leases; the ids among ``job_ids`` it no longer holds."""
-        if not job_ids:
+    def renew(self, held: Sequence[tuple[str, str]]) -> list[str]:
+        """Renew leases given as (job id, owner); the ids whose owner no longer holds them."""
+        if not held:
             return []
-        held = _RENEW(self.redis, {}, {"owner": owner}, [keys.job_lease(j) for j in job_ids])
-        return [j for j, ok in zip(job_ids, held) if not ok]
+        ok = _RENEW(self.redis, {}, {}, [keys.job_lease(j) for j, _ in held], [o for _, o in held])
+        return [j for (j, _), kept in zip(held, ok) if not kept]
 
     def observe(self, limit: int = 100_000) -> list[LeaseView]:
         """Every lease's owner and renewal count, in one call."""
         rows = _OBSERVE(self.redis, {"leases": keys.LEASES}, {"limit": limit})
         return [LeaseView(j.decode(), o.decode(), r.decode()) for j, o, r in rows]
 
-    def claim(self, seen: LeaseView, new_owner: str) -> bool:
-        """Take the lease over if it still stands exactly as ``seen``."""
-        return bool(_CLAIM(self.redis, {"lease": keys.job_lease(seen.job_id)},
-                           {"owner": seen.owner, "renewals": seen.renewals, "new_owner": new_owner}))
+    def claim(self, seen: LeaseView, new_owner: str) -> str | None:
+        """Take the lease over if it still stands exactly as ``seen``: the owner string to write as, or None."""
+        got = _CLAIM(self.redis, {"lease": keys.job_lease(seen.job_id)},
+                     {"id": seen.job_id, "owner": seen.owner, "renewals": seen.renewals, "new_owner": new_owner})
+        return got.decode() if got else None
 
-    def take_over(self, job_id: str, owner: str, new_owner: str) -> bool:
+    def take_over(self, job_id: str, owner: str, new_owner: str) -> str | None:
         """Move ``owner``'s lease to ``new_owner`` (a worker handing its own job to its reaper: its engine
-        thread's later writes are then fenced)."""
-        return bool(_TAKE_OVER(self.redis, {"lease": keys.job_lease(job_id)}, {"owner": owner, "new_owner": new_owner}))
+        thread's later writes are then fenced): the owner string to write as, or None."""
+        got = _TAKE_OVER(self.redis, {"lease": keys.job_lease(job_id)},
+                         {"id": job_id, "owner": owner, "new_owner": new_owner})
+        return got.decode() if got else None
 
     def requeue(self, job_id: str, owner: str, queue_name: str, model: str) -> bool:
         """Give the job back, to the front of its queue (and its queue to the front of the ring),
@@ -122,7 +145,9 @@ def cancel_queued(client: redis.Redis, job_id: str, queue_name: str) -> int:
                                        "job": keys.rq_job(job_id)}, {"id": job_id}))
 
 
-def adopt(client: redis.Redis, job_id: str, owner: str, now_ms: int) -> bool:
-    """Lease a job that shows as running but has no lease (one lost in a Redis restart), to close it."""
-    return bool(_ADOPT(client, {"lease": keys.job_lease(job_id), "leases": keys.LEASES},
-                       {"owner": owner, "id": job_id, "now_ms": now_ms}))
+def adopt(client: redis.Redis, job_id: str, owner: str, now_ms: int) -> str | None:
+    """Lease a job that shows as running but has no lease (one lost in a Redis restart), to close it: the owner
+    string to write as, or None."""
+    got = _ADOPT(client, {"lease": keys.job_lease(job_id), "leases": keys.LEASES},
+                 {"owner": owner, "id": job_id, "now_ms": now_ms})
+    return got.decode() if got else None

@@ -117,23 +117,26 @@ class Reaper:
         self._seen = current
         done = []
         for view in lost:
-            if self.leases.claim(view, self.id):
+            writer = self.leases.claim(view, self.id)
+            if writer:
                 self._seen.pop(view.job_id, None)
-                done.append((view.job_id, self.handle_lost(view.job_id, view.owner)))
+                done.append((view.job_id, self.handle_lost(view.job_id, view.owner, writer)))
         if looked >= self._next_sweep:
             self._next_sweep = looked + SWEEP_S
             done += self.sweep()
         return done
 
     # --- lost jobs -----------------------------------------------------------------------
-    def handle_lost(self, job_id: str, owner: str, code: str = "WORKER_LOST", message: str | None = None) -> str:
-        """The job's lease is ours now: requeue it once if it streamed nothing, else end it with ``code``
-        (retriable) and ``message`` (by default: its worker stopped renewing its lease)."""
+    def handle_lost(self, job_id: str, owner: str, writer: str, code: str = "WORKER_LOST",
+                    message: str | None = None) -> str:
+        """The job's lease is ours now (``writer``, the owner string the take gave us; ``owner``, the one that
+        lost it): requeue it once if it streamed nothing, else end it with ``code`` (retriable) and
+        ``message`` (by default: its worker stopped renewing its lease)."""
         job = books.fetch(self.redis, job_id)
         history = self.eventlog.replay(job_id)
         tokens = sum(1 for e in history if e.type in ("token", "embedding"))  # what a client may have seen
         seq = history[-1].seq + 1 if history else 0
-        worker = owner or "unknown"
+        worker = leases.worker_of(owner) or "unknown"
         if history and history[-1].terminal:  # its writer died between its end and the settle
             self.ending.settle(job_id, history[-1])
             return "settled"
@@ -148,13 +151,13 @@ class Reaper:
                          human=f"Worker {worker} was lost before the first token; "
                                "the job goes back to the front of its queue")
             self.eventlog.append_many([Narration(job_id=job_id, seq=seq, **story),
-                                       Queued(job_id=job_id, seq=seq + 1, position=0, queue=queue)], self.id)
-            books.give_back(self.redis, self.leases, job, self.id, queue, model)
+                                       Queued(job_id=job_id, seq=seq + 1, position=0, queue=queue)], writer)
+            books.give_back(self.redis, self.leases, job, writer, queue, model)
             action = "requeued"
         else:
             message = (message or f"worker {worker} was lost (it stopped renewing its lease)") + \
                 f" after {tokens} tokens; the job can be submitted again"
-            self.ending.end(Error(job_id=job_id, seq=seq, code=code, message=message, retriable=True), self.id)
+            self.ending.end(Error(job_id=job_id, seq=seq, code=code, message=message, retriable=True), writer)
             action = "failed"
         log.warning("job %s: worker %s lost; %s by %s", job_id, worker, action, self.id)
         return action
@@ -234,9 +237,10 @@ class Reaper:
             action = "cancelled"
         elif status in (JobStatus.STARTED.value, JobStatus.FINISHED.value, JobStatus.FAILED.value):
             # Shown as running (or ended by RQ itself) with no lease and an open log: nobody will end it.
-            if not leases.adopt(self.redis, job_id, self.id, clock.now_ms(self.redis)):
+            writer = leases.adopt(self.redis, job_id, self.id, clock.now_ms(self.redis))
+            if not writer:
                 return None
-            return self.handle_lost(job_id, "")
+            return self.handle_lost(job_id, "", writer)
         else:
             return None  # queued: it is waiting for a worker
         if self.ending.end(event) != 1:

@@ -7,22 +7,25 @@
 -- owner's next seq comes from the entry count, not the last entry (whose close mark only the owner itself
 -- could have written), and the TTL is renewed only when the writer asks (its first write, then now and
 -- then, and every terminal event), not at every step.
+-- Each job names its writer: the lease owner it wrote as, "<worker>#<generation>", whose generation grows each
+-- time the job is taken (lease_acquire.lua), so a copy of a job that its own worker lost and took again is
+-- fenced like any other writer.
 -- KEYS: settling
--- ARGV: writer ttl now
+-- ARGV: ttl now
 -- USES: log
--- Then, per job, KEYS: its stream, channel, lease; ARGV: its id, n, refresh ("1": renew the log's TTL), then
--- n times (seq, type, json, final state or "" for an event that is not terminal).
+-- Then, per job, KEYS: its stream, channel, lease; ARGV: its id, writer, n, refresh ("1": renew the log's TTL),
+-- then n times (seq, type, json, final state or "" for an event that is not terminal).
 local out = {}
 local a = A_REST
 for k = K_REST, #KEYS, 3 do
   local stream, channel, lease = KEYS[k], KEYS[k + 1], KEYS[k + 2]
-  local job, n, refresh = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2] == '1'
-  local first = a + 3
+  local job, writer, n, refresh = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3] == '1'
+  local first = a + 4
   a = first + 4 * n
   local status, next_seq, closed = 1, 0, false
-  if (redis.call('HGET', lease, 'owner') or '') ~= A.writer then
+  if (redis.call('HGET', lease, 'owner') or '') ~= writer then
     status = -1
-  elseif A.writer ~= '' then
+  elseif writer ~= '' then
     next_seq = LOG.next_seq(stream)
   else
     next_seq, closed = LOG.tail(stream)

@@ -3,7 +3,10 @@
 -- tenants' queues take turns (fair share): the ring's head moves to its tail and gives one job; a queue
 -- that runs empty leaves the ring. The job moves from its limit key's queued set to its running set. A job
 -- whose log already ended (cancelled as it was taken) comes back closed and unleased.
--- Answers {id, queue, next seq, closed (0/1), RQ's job hash as field/value pairs} per job.
+-- The lease's owner is "<owner>#<generation>": the generation counts the times the job was taken (kept in
+-- RQ's job hash, which lives as long as the job), so every take writes as a writer of its own.
+-- Answers {id, queue, next seq, closed (0/1), the lease owner ("" if closed), RQ's job hash as field/value
+-- pairs} per job.
 -- KEYS: leases
 -- ARGV: owner worker now_ms now_rq want
 -- USES: log keys
@@ -14,8 +17,10 @@ local function take(id, queue)
   local job = KEY.rq_job(id)
   if redis.call('HGET', job, 'status') ~= 'queued' then return end
   local next_seq, closed = LOG.tail(KEY.job_events(id))
+  local owner = ''
   if not closed then
-    redis.call('HSET', KEY.job_lease(id), 'owner', A.owner, 'renewals', 0, 'taken_ms', A.now_ms)
+    owner = A.owner .. '#' .. redis.call('HINCRBY', job, 'lease_gen', 1)
+    redis.call('HSET', KEY.job_lease(id), 'owner', owner, 'renewals', 0, 'taken_ms', A.now_ms)
     redis.call('ZADD', K.leases, A.now_ms, id)
     redis.call('HSET', job, 'status', 'started', 'worker_name', A.worker, 'started_at', A.now_rq,
                'last_heartbeat', A.now_rq)
@@ -26,7 +31,7 @@ local function take(id, queue)
       redis.call('SADD', KEY.limit_running(limit), id)
     end
   end
-  out[#out + 1] = {id, queue, next_seq, closed and 1 or 0, redis.call('HGETALL', job)}
+  out[#out + 1] = {id, queue, next_seq, closed and 1 or 0, owner, redis.call('HGETALL', job)}
 end
 for k = K_REST, #KEYS, 2 do
   local ring, own = KEYS[k], KEYS[k + 1]

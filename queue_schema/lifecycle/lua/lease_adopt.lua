@@ -1,7 +1,10 @@
--- Lease a job that shows as running but has no lease (one lost in a Redis restart), so it can be closed.
+-- Lease a job that shows as running but has no lease (one lost in a Redis restart), so it can be closed, as a
+-- new generation: the owner string, or "" if it has a lease.
 -- KEYS: lease leases
 -- ARGV: owner id now_ms
-if redis.call('EXISTS', K.lease) == 1 then return 0 end
-redis.call('HSET', K.lease, 'owner', A.owner, 'renewals', 0, 'taken_ms', A.now_ms)
+-- USES: keys
+if redis.call('EXISTS', K.lease) == 1 then return '' end
+local owner = A.owner .. '#' .. redis.call('HINCRBY', KEY.rq_job(A.id), 'lease_gen', 1)
+redis.call('HSET', K.lease, 'owner', owner, 'renewals', 0, 'taken_ms', A.now_ms)
 redis.call('ZADD', K.leases, A.now_ms, A.id)
-return 1
+return owner

@@ -1,7 +1,10 @@
--- Take a lease over if it still stands exactly as the reaper saw it (owner and renewals): 1 taken, 0 moved on.
+-- Take a lease over if it still stands exactly as the reaper saw it (owner and renewals), as a new generation
+-- of the job (lease_acquire.lua): the new owner string, or "" if the lease moved on.
 -- KEYS: lease
--- ARGV: owner renewals new_owner
+-- ARGV: id owner renewals new_owner
+-- USES: keys
 local lease = redis.call('HMGET', K.lease, 'owner', 'renewals')
-if (lease[1] or '') ~= A.owner or (lease[2] or '') ~= A.renewals then return 0 end
-redis.call('HSET', K.lease, 'owner', A.new_owner, 'renewals', 0)
-return 1
+if (lease[1] or '') ~= A.owner or (lease[2] or '') ~= A.renewals then return '' end
+local owner = A.new_owner .. '#' .. redis.call('HINCRBY', KEY.rq_job(A.id), 'lease_gen', 1)
+redis.call('HSET', K.lease, 'owner', owner, 'renewals', 0)
+return owner

@@ -1,6 +1,9 @@
--- Move a lease from its owner to another writer (a worker handing its own job to its reaper identity).
+-- Move a lease from its owner to another writer (a worker handing its own job to its reaper identity), as a
+-- new generation: the new owner string, or "" if `owner` no longer held it.
 -- KEYS: lease
--- ARGV: owner new_owner
-if (redis.call('HGET', K.lease, 'owner') or '') ~= A.owner then return 0 end
-redis.call('HSET', K.lease, 'owner', A.new_owner, 'renewals', 0)
-return 1
+-- ARGV: id owner new_owner
+-- USES: keys
+if (redis.call('HGET', K.lease, 'owner') or '') ~= A.owner then return '' end
+local owner = A.new_owner .. '#' .. redis.call('HINCRBY', KEY.rq_job(A.id), 'lease_gen', 1)
+redis.call('HSET', K.lease, 'owner', owner, 'renewals', 0)
+return owner
