@@ -25,6 +25,7 @@ from api import (
     stream,
     ui,
 )
+from api.openai import responses as openai_responses
 from api.openai import routes as openai_routes
 
 
@@ -48,7 +49,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     limits.init_app(app)
     background.init_app(app)
     for bp in (health.bp, metrics.bp, jobs.bp, stream.bp, catalog.bp, openai_routes.bp, files.bp, batches.bp,
-               openapi.bp, ui.bp):
+               openapi.bp, ui.bp, openai_responses.bp):
         app.register_blueprint(bp)
     dashboard.init_app(app)
     return app

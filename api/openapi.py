@@ -39,11 +39,12 @@ def _schemas() -> dict:
     schemas = {"Error": _ERROR}
     from api.batches import BatchRequest
     from api.openai.requests import ChatRequest, CompletionRequest, EmbeddingRequest
+    from api.openai.responses import ResponseRequest
 
     for name, model in (("InferOperation", InferOperation), ("EmbedOperation", EmbedOperation),
                         ("JobAccepted", JobAccepted), ("CompletionRequest", CompletionRequest),
                         ("ChatRequest", ChatRequest), ("EmbeddingRequest", EmbeddingRequest),
-                        ("BatchRequest", BatchRequest)):
+                        ("BatchRequest", BatchRequest), ("ResponseRequest", ResponseRequest)):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}", by_alias=True)
         schemas.update(schema.pop("$defs", {}))
         schemas[name] = schema
@@ -72,6 +73,11 @@ def document() -> dict:
     openai_call = {"description": "an OpenAI object", "content": {"application/json": {"schema": {"type": "object"}}}}
     openai_errors = {str(s): openai_call for s in (400, 401, 404, 409, 413, 415, 422, 503)}
     file_id = [{"name": "file_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    response_id = [{"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    response_answers = {**openai_responses, "200": {
+        "description": "a Response (JSON, or SSE when stream is true)",
+        "content": {"application/json": {"schema": {"type": "object"}},
+                    "text/event-stream": {"schema": {"type": "string"}}}}}
     batch_id = [{"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     upload = {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file", "purpose"],
@@ -114,6 +120,27 @@ def document() -> dict:
                                         "requestBody": embedding_body, "parameters": _IDEMPOTENCY,
                                         "responses": {"200": job_obj, **{str(s): job_obj for s in
                                                                          (400, 401, 404, 422, 429, 500, 503)}}}},
+            "/v1/responses": {"post": {"summary": "OpenAI's Responses API: one infer job, stored for GET "
+                                                  "(background, stream, previous_response_id)",
+                                       "requestBody": {"required": True, **_json("ResponseRequest")},
+                                       "parameters": _IDEMPOTENCY, "responses": response_answers}},
+            "/v1/responses/{response_id}": {
+                "get": {"summary": "A stored response; stream=true&starting_after=N streams it again from N+1",
+                        "parameters": response_id + [
+                            _query("stream", {"enum": ["true", "false"]}),
+                            _query("starting_after", {"type": "integer", "minimum": -1})],
+                        "responses": response_answers},
+                "delete": {"summary": "Delete a stored response (its job cancelled if still running)",
+                           "parameters": response_id, "responses": {"200": openai_call, **openai_errors}}},
+            "/v1/responses/{response_id}/cancel": {"post": {
+                "summary": "Cancel a background response", "parameters": response_id,
+                "responses": {"200": openai_call, **openai_errors}}},
+            "/v1/responses/{response_id}/input_items": {"get": {
+                "summary": "The input items the model was given (the whole conversation)",
+                "parameters": response_id + [_query("limit", {"type": "integer", "minimum": 1, "maximum": 100}),
+                                             _query("order", {"enum": ["asc", "desc"]}),
+                                             _query("after", {"type": "string"})],
+                "responses": {"200": openai_call, **openai_errors}}},
             "/v1/files": {"post": {"summary": "Upload a JSONL file of batch requests (OpenAI's Files API)",
                                    "requestBody": upload, "responses": {"200": openai_call, **openai_errors}},
                           "get": {"summary": "The caller's files", "responses": {"200": openai_call,

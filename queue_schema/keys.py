@@ -202,3 +202,10 @@ def split(key_function) -> tuple[str, str]:
     marker = "\x00"
     before, _, after = key_function(marker).partition(marker)
     return before, after
+
+
+# The Responses API (api/response_store.py).
+def response(response_id: str) -> str:
+    """Hash of one stored Responses API response (api/response_store.py): tenant, job, created_at, model, the
+    request's settings it echoes and its input items; its output is the job's log."""
+    return f"{PREFIX}:response:{response_id}"

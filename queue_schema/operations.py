@@ -109,11 +109,23 @@ class ToolCall(BaseModel):
     function: CalledFunction
 
 
+MESSAGE_SHAPES = [
+    {"properties": {"role": {"const": "tool"}}, "required": ["role", "content", "tool_call_id"],
+     "not": {"required": ["tool_calls"]}},
+    {"properties": {"role": {"const": "assistant"}}, "required": ["role"],
+     "anyOf": [{"required": ["content"]}, {"required": ["tool_calls"]}], "not": {"required": ["tool_call_id"]}},
+    {"properties": {"role": {"enum": ["system", "user"]}}, "required": ["role", "content"],
+     "not": {"anyOf": [{"required": ["tool_calls"]}, {"required": ["tool_call_id"]}]}},
+]
+
+
 class ChatMessage(BaseModel):
     """A turn: ``tool`` turns carry a call's result (``tool_call_id`` names the call), and an ``assistant`` turn
     may hold ``tool_calls`` instead of (or beside) its content."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # The document says what _shape enforces.
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=lambda schema, _: schema.update(
+        oneOf=MESSAGE_SHAPES))
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str = Field(None, max_length=MAX_PROMPT_CHARS)  # type: ignore[assignment]
@@ -137,7 +149,10 @@ class InferOperation(BaseModel):
     # The document says what the validators enforce: exactly one of prompt/messages.
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, json_schema_extra={
         "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}],
-        "not": {"required": ["json_schema", "grammar"]}})
+        "not": {"anyOf": [{"required": ["json_schema", "grammar"]}, {"required": ["tools", "json_schema"]},
+                          {"required": ["tools", "grammar"]}, {"required": ["tools", "prompt"]}]},
+        # tool_choice needs tools (that a named one must be one of them, no schema can say).
+        "anyOf": [{"not": {"required": ["tool_choice"]}}, {"required": ["tools"]}]})
 
     operation: Literal["infer"]
     model: str = Field(pattern=MODEL_NAME_PATTERN, description="Name a worker serves.")
@@ -259,8 +274,8 @@ class InferOperation(BaseModel):
         if self.tools is not None:
             if self.messages is None:
                 raise ValueError("tools go with messages (a chat), not a prompt")
-            if self.calls_tools and (self.json_schema is not None or self.grammar is not None):
-                raise ValueError("give tools or a json_schema/grammar, not both (or tool_choice 'none')")
+            if self.json_schema is not None or self.grammar is not None:
+                raise ValueError("give tools or a json_schema/grammar, not both")
         return self
 
     @field_validator("tool_choice")

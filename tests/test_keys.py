@@ -9,6 +9,7 @@ def test_key_names_are_pinned():
     assert keys.job_cancel("j1") == "inferq:job:j1:cancel"
     assert keys.worker("w1") == "inferq:worker:w1"
     assert keys.job_lease("j1") == "inferq:job:j1:lease"
+    assert keys.response("resp_j1") == "inferq:response:resp_j1"
     assert keys.model_wake("tiny") == "inferq:model:tiny:wake"
     assert keys.rq_queue("inferq.tiny.high") == "rq:queue:inferq.tiny.high"
     assert keys.rq_job("j1") == "rq:job:j1"

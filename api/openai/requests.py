@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from api.openai import errors
 from queue_schema.operations import (
+    CALL_ID_PATTERN,
+    FUNCTION_NAME_PATTERN,
     MAX_EMBED_INPUTS,
     MAX_EMBED_TOKENS_PER_INPUT,
     MAX_LOGIT_BIAS,
@@ -126,25 +128,40 @@ class ContentPart(BaseModel):
     text: Text | None = None
 
 
+FunctionName = Annotated[str, Field(pattern=FUNCTION_NAME_PATTERN)]
+CallId = Annotated[str, Field(pattern=CALL_ID_PATTERN)]
+
+
 class CalledFunctionIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    name: str
-    arguments: str
+    name: FunctionName
+    arguments: Text
 
 
 class ToolCallIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    id: str
+    id: CallId
     type: Literal["function"] = "function"
     function: CalledFunctionIn
 
 
+# The document says what the contract's ChatMessage enforces on what a message becomes.
+_MESSAGE_SHAPES = [
+    {"properties": {"role": {"const": "tool"}, "tool_call_id": {"type": "string"}}, "required": ["role", "tool_call_id"],
+     "not": {"required": ["tool_calls"]}},
+    {"properties": {"role": {"const": "assistant"}}, "required": ["role"], "not": {"required": ["tool_call_id"]}},
+    {"properties": {"role": {"enum": ["system", "developer", "user"]}}, "required": ["role"],
+     "not": {"anyOf": [{"required": ["tool_calls"]}, {"required": ["tool_call_id"]}]}},
+]
+
+
 class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=lambda schema, _: schema.update(
+        oneOf=_MESSAGE_SHAPES))
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | Annotated[list[ContentPart], Field(max_length=256)] | None = None
-    tool_calls: list[ToolCallIn] | None = None
-    tool_call_id: str | None = None
+    tool_calls: Annotated[list[ToolCallIn], Field(min_length=1, max_length=64)] | None = None
+    tool_call_id: CallId | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: keep the text ones
@@ -168,16 +185,16 @@ class ChatMessageIn(BaseModel):
 
 class FunctionIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    name: str
-    description: str | None = None
+    name: FunctionName
+    description: Annotated[str, Field(max_length=4096)] | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
 class ToolIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: str
-    function: FunctionIn | None = None
+    type: str = Field(json_schema_extra={"enum": ["function"]})  # a str: other types get a message naming them
+    function: FunctionIn
 
     @field_validator("type")
     @classmethod
@@ -187,10 +204,15 @@ class ToolIn(BaseModel):
         return value
 
 
+class ChoiceFunctionIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: FunctionName
+
+
 class NamedChoiceIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["function"]
-    function: Annotated[dict[str, Any], Field(description="{'name': ...}")]
+    function: ChoiceFunctionIn
 
 
 ToolChoice = Literal["auto", "none", "required"] | NamedChoiceIn
@@ -200,8 +222,7 @@ def tool_fields(tools: list[ToolIn] | None, tool_choice: ToolChoice | None, para
     """The contract's tool fields; a choice without tools is ignored (SDKs send ``tool_choice`` by default)."""
     if not tools:
         return {}
-    out: dict = {"tools": [{"type": "function", "function": t.function.model_dump(exclude_none=True) if t.function
-                            else {}} for t in tools]}
+    out: dict = {"tools": [{"type": "function", "function": t.function.model_dump(exclude_none=True)} for t in tools]}
     if tool_choice is not None:
         out["tool_choice"] = tool_choice if isinstance(tool_choice, str) else tool_choice.model_dump()
     if parallel is not None:
@@ -210,6 +231,8 @@ def tool_fields(tools: list[ToolIn] | None, tool_choice: ToolChoice | None, para
 
 
 class ChatRequest(_Request):
+    # A schema for the output and tools do not go together (the contract refuses them).
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"not": {"required": ["tools", "response_format"]}})
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=256)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token; used with logprobs.")
