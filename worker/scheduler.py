@@ -214,10 +214,11 @@ class Scheduler:
                     item.cancelled = True
                 self._waiting.append(item)
             elif isinstance(message, Cancel):
-                found = self._find(message.job_id)
-                if found is not None:
-                    found.cancelled = True
-                else:  # it is still being prepared: it ends as it arrives
+                # Every take of the job the engine holds (a lost one may linger until its Drop arrives).
+                found = [i for i in self._items() if i.job_id == message.job_id]
+                for item in found:
+                    item.cancelled = True
+                if not found:  # it is still being prepared: it ends as it arrives
                     self._early_cancels[message.job_id] = None
                     while len(self._early_cancels) > _EARLY_CANCELS:
                         self._early_cancels.popitem(last=False)
@@ -229,8 +230,11 @@ class Scheduler:
                 for item in [*(s for s in self.slots if s is not None), *self._tasks, *self._waiting]:
                     self._stop(item, message.reason, out)
 
+    def _items(self) -> list:
+        return [*(s for s in self.slots if s is not None), *self._tasks, *self._waiting]
+
     def _find(self, job_id: str, owner: str | None = None) -> Sequence | Task | None:
-        for item in [*(s for s in self.slots if s is not None), *self._tasks, *self._waiting]:
+        for item in self._items():
             if item.job_id == job_id and (owner is None or getattr(item.context, "owner", None) == owner):
                 return item
         return None
