@@ -159,7 +159,7 @@ def cancel_latency(url: str, model: str, runs: int = 5) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["tiny", "slow", "small"], default="small")
+    ap.add_argument("--model", choices=["tiny", "slow", "small", "gemma"], default="small")
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--per-client", type=int, default=4)

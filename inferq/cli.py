@@ -79,7 +79,11 @@ def _demo_model() -> tuple[str, str]:
               help="Seconds the API, then the workers, get to stop on Ctrl-C before they are killed.")
 @click.option("--redis-maxmemory", default="1gb", show_default=True, envvar="INFERQ_REDIS_MAXMEMORY",
               help="The embedded Redis's memory bound (noeviction); the API refuses new work 10% before it.")
-def up(models, host, port, backend, gpu_layers, threads, gpus, redis_url, stop_timeout, redis_maxmemory):
+@click.option("--chat-template", default=None, metavar="NAME|PATH",
+              help="Render chat with a built-in template (chatml, llama3, gemma, mistral) or a Jinja file, "
+                   "over the file's own, in every worker; for files that carry none.")
+def up(models, host, port, backend, gpu_layers, threads, gpus, redis_url, stop_timeout, redis_maxmemory,
+       chat_template):
     """Run the whole stack on this machine until Ctrl-C.
 
     \b
@@ -91,9 +95,12 @@ def up(models, host, port, backend, gpu_layers, threads, gpus, redis_url, stop_t
     models = list(models) or [_demo_model()]
     for name, path in models:
         _check_model_path(path)
+    if chat_template:
+        _check_chat_template(chat_template)
     share = threads or max(1, ((os.cpu_count() or 2) - 1) // len(models))
     devices = _gpu_devices(gpus) if gpus else ["cpu"]
-    stack = Stack([WorkerArgs(n, p, backend, gpu_layers, share, device) for n, p in models for device in devices],
+    stack = Stack([WorkerArgs(n, p, backend, gpu_layers, share, device, chat_template)
+                   for n, p in models for device in devices],
                   host, port, DATA_DIR, redis_url, stop_timeout=stop_timeout, redis_maxmemory=redis_maxmemory)
 
     def ready(stack):
@@ -179,6 +186,17 @@ def _check_model_path(path: str) -> None:
         check_model_file(path)
     except ModelLoadError as exc:
         _fail(f"{exc.code.value}: {exc.message}")
+
+
+def _check_chat_template(flag: str) -> None:
+    """A bad name or file fails here, in one line, before the stack starts (each worker would refuse it)."""
+    from queue_schema.errors import ConfigError
+    from worker import chat_template
+
+    try:
+        chat_template.choose(flag, None)
+    except ConfigError as exc:
+        _fail(str(exc))
 
 
 @main.command()
@@ -269,6 +287,9 @@ def _stream_job(client: Client, prompt: str, model: str, fields: dict, as_json: 
             first = first or time.monotonic()
             click.echo(event["t"], nl=False)
         elif event["type"] == "started" and not as_json:
+            if first is not None:  # a later take of the job: what was printed is void
+                click.echo("\n[the job began again on another take; the text above is void]", err=True)
+                first = None
             click.echo(f"started on {event['worker']} after {event['queue_wait_ms']} ms in the queue", err=True)
         elif event["type"] == "end":
             ttft = f"{(first - start) * 1000:.0f} ms" if first else "-"

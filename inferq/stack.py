@@ -36,6 +36,7 @@ class WorkerArgs:
     gpu_layers: int = 0
     threads: int = 0
     device: str = "cpu"
+    chat_template: str | None = None  # NAME|PATH for `inferq worker --chat-template`; None: the file's own
 
 
 class StackError(StartError):
@@ -107,6 +108,8 @@ class Stack:
         for w, label in zip(self.workers, worker_labels(self.workers)):
             cmd = [sys.executable, "-m", "inferq", "worker", "--model", f"{w.name}={w.path}", "--backend", w.backend,
                    "--gpu-layers", str(w.gpu_layers), "--threads", str(w.threads), "--device", w.device]
+            if w.chat_template:
+                cmd += ["--chat-template", w.chat_template]
             self._spawn(label, cmd)
         api_cmd = [sys.executable, "-m", "gunicorn", "--config", "python:api.gunicorn_conf", "--workers",
                    str(self.api_processes), "--bind", f"{self.host}:{self.port}", "--graceful-timeout", "10",
