@@ -6,6 +6,7 @@ stream quietly (the status line is long sent; the client resumes from the log).
 """
 from __future__ import annotations
 
+import json
 import logging
 
 import redis
@@ -27,8 +28,21 @@ def job_stream(job_id: str):
     if not res.eventlog.exists(job_id) or not auth.can_see(tenants.owner(res.redis, job_id)):
         raise InferqError(ErrorCode.JOB_NOT_FOUND, f"no event log for job {job_id!r} (unknown, or expired)")
     after = _last_event_id()
+    end = res.eventlog.next_seq(job_id)
+    if 0 <= end <= after:
+        # The client read events this log does not hold: a failover lost them, and what the client has may be
+        # of a run that is gone. Going on from its seq would splice two runs; it is told to read again.
+        return sse_response(iter([restart(job_id, after, end)]), f"the stream of job {job_id}")
     keepalive = float(current_app.config["KEEPALIVE_S"])
     return sse_response(relay.job_messages(job_id, after, keepalive), f"the stream of job {job_id}")
+
+
+def restart(job_id: str, after: int, end: int) -> str:
+    """The restart marker: not an event of the log (no seq, no SSE id), the one thing such a stream sends."""
+    return sse.frame(json.dumps({
+        "type": "restart", "job_id": job_id, "last_event_id": after, "log_end": end,
+        "message": f"the log holds events up to {end - 1}, not the {after} this client read (a Redis failover "
+                   "lost the rest): drop what was read and read the stream again from the start"}), "restart")
 
 
 @bp.get("/v1/narration")

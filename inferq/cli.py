@@ -286,6 +286,9 @@ def _stream_job(client: Client, prompt: str, model: str, fields: dict, as_json: 
                 click.echo(prompt, nl=False)  # the continuation reads as one text
             first = first or time.monotonic()
             click.echo(event["t"], nl=False)
+        elif event["type"] == "restart" and not as_json:
+            click.echo(f"\n[{event['message']}]", err=True)
+            first = None
         elif event["type"] == "started" and not as_json:
             if first is not None:  # a later take of the job: what was printed is void
                 click.echo("\n[the job began again on another take; the text above is void]", err=True)

@@ -88,7 +88,10 @@ class Client:
         earlier take was lost: the text so far is dropped, as the log says it is void."""
         out, run = [], None
         for event in self.events(job_id):
-            if event["type"] == "started":
+            if event["type"] == "restart":  # read again from the start: what was read is void
+                out.clear()
+                run = None
+            elif event["type"] == "started":
                 if run is not None and event.get("run") != run:
                     out.clear()
                 run = event.get("run")
@@ -101,8 +104,11 @@ class Client:
 
         A dropped stream, or an API that answers 503 while Redis is away, is
         retried with backoff and resumed with Last-Event-ID: no event is
-        missed or repeated. A second ``started`` with another ``run`` is a
-        restart marker: the tokens before it are void (``text`` drops them).
+        missed or repeated. A second ``started`` with another ``run`` means the
+        job began again: the tokens before it are void (``text`` drops them).
+        A ``restart`` (no seq) means the log lost events this client read (a
+        Redis failover): it is yielded, and the log is read again from its
+        start; drop what was read before it.
         """
         delay = 0.1
         while True:
@@ -112,6 +118,10 @@ class Client:
                                    timeout=(self.timeout, 60)) as resp:
                     for event in parse_sse(chunk_lines(resp.iter_content(chunk_size=None))):
                         data = json.loads(event["data"])
+                        if data["type"] == "restart":
+                            last_event_id = None
+                            yield data
+                            break
                         last_event_id = data["seq"]
                         delay = 0.1
                         yield data

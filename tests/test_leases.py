@@ -371,6 +371,14 @@ def test_a_second_run_in_a_log_voids_what_the_first_one_streamed(r, live_api):
     try:
         assert log.append_many(evts) == {job: Appended.OK}
         assert Client(live_api).text(job) == "kept"
+        # A client that read further than the log holds (a failover lost the rest) is told to read it again,
+        # and the client does, from the start.
+        api = Client(live_api)
+        resp = api.session.get(f"{live_api}/v1/jobs/{job}/stream", headers={"Last-Event-ID": "9"}, timeout=10)
+        assert resp.status_code == 200 and resp.text.count("event: restart") == 1 and "id:" not in resp.text
+        again = list(api.events(job, last_event_id=9))
+        assert again[0]["type"] == "restart" and again[0]["log_end"] == 6
+        assert [e["seq"] for e in again[1:]] == list(range(6))
         result = JobResult()
         for e in evts:
             result.feed(e.model_dump(exclude_none=True))

@@ -168,6 +168,18 @@ function follow(jobId, sseUrl) {
   for (const type of ["queued", "started", "token", "narration", "metrics", "end", "error"]) {
     source.addEventListener(type, handle);
   }
+  // The log lost events this page read (a Redis failover): read it again from the start, dropping them.
+  source.addEventListener("restart", () => {
+    unfollow(jobId);
+    state.runs.delete(jobId);
+    row(jobId).tokens = 0;
+    if (state.job === jobId) {
+      $("output").textContent = "";
+      state.firstToken = null;
+      setStatus("the stream was reset (its log lost events): reading it again");
+    }
+    follow(jobId, sseUrl);
+  });
   source.onerror = () => { if (state.job === jobId && !state.shownEnded) setStatus("reconnecting…"); };
 }
 
