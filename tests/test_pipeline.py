@@ -1,4 +1,5 @@
 """Submit -> Redis -> worker -> event log -> SSE, with a real worker process."""
+import json
 import threading
 import time
 
@@ -6,7 +7,7 @@ import requests
 
 from inferq.client import Client
 from tests.conftest import wait_until
-from tests.helpers import events, submit, text_of
+from tests.helpers import events, sse_frames, submit, text_of
 
 
 def run(client, model, **fields):
@@ -292,13 +293,16 @@ def test_more_watchers_than_the_api_has_redis_connections(live_api, worker_facto
     assert first == list(range(len(first))) and all(r == first for r in results.values())
 
 
-def test_a_client_ahead_of_the_log_still_gets_its_end(client, tiny):
-    """After a failover the new master may have lost events a client saw: resuming past the log's end
-    must still end the stream, not wait for seqs that will never come again."""
+def test_a_client_ahead_of_the_log_is_told_to_read_it_again(client, tiny):
+    """After a failover the new master may have lost events a client saw: resuming past the log's end must
+    end the stream, not wait for seqs that will never come again, and must not go on from the client's seq
+    (what it read may be of a run the log lost): one restart marker, then the stream ends."""
     job = submit(client, model=tiny, prompt="ahead", max_tokens=3, temperature=0)
     evts = events(client, job)
-    resumed = events(client, job, last_event_id=evts[-1]["seq"] + 5)
-    assert resumed == [evts[-1]]
+    frames = sse_frames(client, job, last_event_id=evts[-1]["seq"] + 5)
+    assert [(f["event"], f.get("id")) for f in frames] == [("restart", None)]
+    marker = json.loads(frames[0]["data"])
+    assert marker["log_end"] == evts[-1]["seq"] + 1 and marker["last_event_id"] == evts[-1]["seq"] + 5
     assert events(client, job, last_event_id=evts[-1]["seq"]) == []
 
 

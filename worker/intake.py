@@ -65,6 +65,10 @@ class Intake:
                 for item in ready:
                     rt.inbox.post(Submit(item))
                 delay = 0.1
+                if len(taken) < want and not self.burst:
+                    # The walk took all there was: another now would walk every priority for nothing (eight
+                    # commands a job). A job submitted since pushed a wake, which this sees at once.
+                    self.wake_client.blpop([keys.model_wake(rt.spec.name)], timeout=WAKE_WAIT_S)
             except Exception as exc:
                 if not unavailable(exc):
                     log.exception("worker %s: taking jobs failed", rt.id)
