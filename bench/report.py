@@ -108,8 +108,28 @@ def scaleout() -> Path | None:
     data = load("scaleout")
     if not data:
         return None
-    fig, (ax,) = figure(f"Scale-out: aggregate tokens/s, one queue ({data['model']} model)")
-    bars(ax, [f"{r['workers']} worker(s)" for r in data["rows"]], [r["rate"] for r in data["rows"]], "tokens/s")
+    rows = data["rows"]
+    fig, (ax,) = figure(f"Scale-out: N workers on one Redis ({data['model']} model, "
+                        f"--parallel {data['parallel']})")
+    workers = [r["workers"] for r in rows]
+    ax.plot(workers, [r["ceiling_tok_s"] for r in rows], "o-", label="fleet tok/s one Redis core carries")
+    ax.plot(workers, [r["rate"] for r in rows], "s-", label="fleet tok/s measured (2 shared cores)")
+    ax.plot(workers, [r["floor_ceiling_tok_s"] for r in rows], ":", color="grey",
+            label="floor: XADD + PUBLISH per token")
+    for r in rows:
+        ax.annotate(f"{r['cpu_us_per_token']:.0f} µs/tok", (r["workers"], r["ceiling_tok_s"]),
+                    textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(workers, [str(w) for w in workers])
+    ax.set_xlim(min(workers) / 1.3, max(workers) * 1.3)
+    ax.set_yscale("log")
+    ax.set_xlabel("workers")
+    ax.set_ylabel("tokens/s")
+    per_gpu = data.get("gpu_worker_tok_s", 1000)
+    gpus = ax.secondary_yaxis("right", functions=(lambda y: y / per_gpu, lambda n: n * per_gpu))
+    gpus.set_ylabel(f"GPU workers at {per_gpu:,} tok/s")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    ax.grid(alpha=0.3)
     return finish(fig, "scaleout")
 
 
