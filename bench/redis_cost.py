@@ -126,6 +126,22 @@ def floor(r: redis.Redis, events: int) -> dict:
     return {"cpu_us_per_token": spent / events * 1e6, "calls_per_token": 2}
 
 
+def phases(url: str, r: redis.Redis, model: str, clients: int, rounds: int, max_tokens: int, jobs: int,
+           idle_s: float):
+    """The load, then 1-token jobs, each metered against the stack's idle rate, then the floor on the same
+    Redis: (tokens, the load's meter reading, the jobs', the floor, the meter)."""
+    load(url, model, clients, 1, 4)  # warm-up: each worker's first decode, the API's imports
+    meter = Meter(r, idle_s)
+    meter.start()
+    tokens = load(url, model, clients, rounds, max_tokens)
+    per_token = meter.stop()
+    meter.start()
+    for i in range(jobs):
+        stream_job(url, model, f"one token {i}", 1)
+    per_job = meter.stop()
+    return tokens, per_token, per_job, floor(r, max(tokens, 4000)), meter
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["tiny", "slow", "small"], default="small")
@@ -142,17 +158,8 @@ def main(argv=None):
     env = {"INFERQ_MAX_STREAMS_PER_TOKEN": "100000"}
     with stack({"cost": path}, threads=args.threads, worker_args=("--parallel", str(args.parallel)),
                env_extra=env) as (url, redis_url):
-        r = redis.Redis.from_url(redis_url)
-        load(url, "cost", args.clients, 1, 4)  # warm-up: the model's first decode, the API's imports
-        meter = Meter(r, args.idle_s)
-        meter.start()
-        tokens = load(url, "cost", args.clients, args.rounds, args.tokens)
-        per_token = meter.stop()
-        meter.start()
-        for i in range(args.jobs):
-            stream_job(url, "cost", f"one token {i}", 1)
-        per_job = meter.stop()
-        base = floor(r, max(tokens, 4000))
+        tokens, per_token, per_job, base, meter = phases(url, redis.Redis.from_url(redis_url), "cost", args.clients,
+                                                         args.rounds, args.tokens, args.jobs, args.idle_s)
     cpu_us = per_token["cpu_s"] / tokens * 1e6
     calls = per_token["calls"] / tokens
     print(f"redis cost: model={args.model} --parallel {args.parallel}, {args.clients} clients, "

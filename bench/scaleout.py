@@ -27,7 +27,7 @@ import argparse
 import redis
 
 from bench.harness import model_file, save, stack
-from bench.redis_cost import Meter, floor, load, stream_job
+from bench.redis_cost import phases
 
 GPU_WORKER_TOK_S = 1000
 
@@ -36,17 +36,8 @@ def measure(path, workers: int, args) -> dict:
     env = {"INFERQ_MAX_STREAMS_PER_TOKEN": "100000"}  # every client shares one address: let the load decide
     with stack({"scale": path}, threads=1, workers_per_model=workers,
                worker_args=("--parallel", str(args.parallel)), env_extra=env) as (url, redis_url):
-        r = redis.Redis.from_url(redis_url)
-        load(url, "scale", args.clients, 1, 4)  # warm-up: each worker's first decode, the API's imports
-        meter = Meter(r, args.idle_s)
-        meter.start()
-        tokens = load(url, "scale", args.clients, args.rounds, args.tokens)
-        per_token = meter.stop()
-        meter.start()
-        for i in range(args.jobs):
-            stream_job(url, "scale", f"one token {i}", 1)
-        per_job = meter.stop()
-        base = floor(r, max(tokens, 4000))
+        tokens, per_token, per_job, base, meter = phases(url, redis.Redis.from_url(redis_url), "scale", args.clients,
+                                                         args.rounds, args.tokens, args.jobs, args.idle_s)
     cpu_us = per_token["cpu_s"] / tokens * 1e6
     return {"workers": workers, "tokens": tokens, "jobs": args.clients * args.rounds,
             "seconds": per_token["seconds"], "rate": tokens / per_token["seconds"],

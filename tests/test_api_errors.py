@@ -184,10 +184,10 @@ def test_huge_or_odd_last_event_ids_are_422(client, r):
             resp = client.get(f"/v1/jobs/{job}/stream", **kw)
             assert resp.status_code == 422 and resp.get_json()["error"]["code"] == "INVALID_REQUEST", (value, kw)
     # The largest allowed: past the log's end (a client that saw events a failed-over Redis lost),
-    # so the ended stream sends its terminal event once, and closes.
+    # so the stream sends the restart marker once (read again from the start), and closes.
     resp = client.get(f"/v1/jobs/{job}/stream", headers={"Last-Event-ID": str(2**53)}, buffered=True)
     body = resp.get_data(as_text=True)
-    assert resp.status_code == 200 and body.count("event:") == 1 and "event: end" in body
+    assert resp.status_code == 200 and body.count("event:") == 1 and "event: restart" in body
 
 
 def _copy_of(server, tmp):

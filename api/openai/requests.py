@@ -196,12 +196,14 @@ class ToolIn(BaseModel):
     type: str = Field(json_schema_extra={"enum": ["function"]})  # a str: other types get a message naming them
     function: FunctionIn
 
-    @field_validator("type")
-    @classmethod
-    def _function_only(cls, value: str) -> str:
-        if value != "function":
-            raise ValueError(f"only function tools are supported, not {value!r}")
-        return value
+    _function_only = field_validator("type")(lambda cls, value: function_only(value))
+
+
+def function_only(kind: str) -> str:
+    """Tools' ``type``: a plain string in the models, so other kinds (web_search...) get this message."""
+    if kind != "function":
+        raise ValueError(f"only function tools are supported, not {kind!r}")
+    return kind
 
 
 class ChoiceFunctionIn(BaseModel):

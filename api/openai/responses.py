@@ -43,7 +43,7 @@ from api import auth, disconnect, limits, relay, response_store, shutdown, sse
 from api.extensions import resources
 from api.jobs import idempotency, request_cancel, submit
 from api.openai import errors
-from api.openai.requests import MODEL, JsonSchemaFormat, Text, parse
+from api.openai.requests import MODEL, JsonSchemaFormat, Text, function_only, parse
 from api.openai.response_events import FED, Builder, Meta, as_input, build, to_messages
 from api.openai.routes import ClientGone, abandoned, cancel_open, events, queue_bound
 from queue_schema import keys
@@ -108,18 +108,13 @@ ITEMS = {"message": MessageItem, "function_call": CallItem, "function_call_outpu
 
 class FunctionTool(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: str
+    type: str = Field(json_schema_extra={"enum": ["function"]})
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
-    @field_validator("type")
-    @classmethod
-    def _function_only(cls, value: str) -> str:
-        if value != "function":
-            raise ValueError(f"only function tools are supported, not {value!r} tools")
-        return value
+    _function_only = field_validator("type")(lambda cls, value: function_only(value))
 
 
 class NamedChoice(BaseModel):
