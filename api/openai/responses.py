@@ -7,7 +7,7 @@ events are built from the job's log by ``api/openai/response_events.py``, so
 ``GET /v1/responses/{id}?stream=true&starting_after=N`` replays the log and
 goes on live with event N+1, after any API process died.
 
-- ``background: true``: the create answers at once (status queued); the job
+- ``background: true``: the create answers at once, with the response as created (status queued); the job
   goes on whoever leaves. Otherwise the create streams (``stream: true``) or
   waits for the answer, and a client that leaves first has its job cancelled,
   as chat completions do (unless it sent an Idempotency-Key).
@@ -316,7 +316,11 @@ def create():
     if req.stream:
         return _sse(meta, -1, leaving_cancels, release, headers)
     if background:
-        return jsonify(_built(meta).response()), 200, headers
+        # As created (OpenAI's answer is always queued here): a quick worker may have begun already, and
+        # the answer must not depend on that race. GET says how it goes on.
+        created = Builder(meta)
+        created.feed({"type": "queued"})
+        return jsonify(created.response()), 200, headers
     try:
         return _wait(meta, disconnect.watcher() if leaving_cancels else None, headers)
     finally:
