@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import redis
+import requests
 
 from inferq.client import chunk_lines, parse_sse
 
@@ -93,3 +95,19 @@ def metric_samples(text: str) -> dict:
 
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def skip_without_llama_cpp(why: str = "") -> None:
+    """Skip the test (or fixture) when llama-cpp-python is absent: ``make test`` installs it."""
+    from worker.backends.selection import installed
+
+    if "llama-cpp" not in installed():
+        pytest.skip(f"llama-cpp is not installed (make test installs it){why}")
+
+
+def models_at(url: str) -> dict:
+    """``GET /v1/models`` of a running API by model id; empty while it does not answer yet."""
+    try:
+        return {m["id"]: m for m in requests.get(url + "/v1/models", timeout=2).json()["data"]}
+    except requests.RequestException:
+        return {}

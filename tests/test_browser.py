@@ -5,6 +5,7 @@ import pytest
 
 from inferq.client import Client
 from tests.conftest import CHROMIUM, start_api
+from tests.helpers import skip_without_llama_cpp
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason="chromium is not installed (make test installs it)")
@@ -83,10 +84,7 @@ def shown_job(page, index=0):
 @pytest.fixture(scope="module")
 def pair_worker(module_workers, slow_model):
     """Two slots, ~1 ms a token: two long jobs overlap on one worker."""
-    from worker.backends.selection import installed
-
-    if "llama-cpp" not in installed():  # ctransformers has one slot
-        pytest.skip("llama-cpp is not installed (make test installs it)")
+    skip_without_llama_cpp()  # ctransformers has one slot
     return module_workers("pair", slow_model, "--parallel", "2")
 
 
@@ -183,10 +181,7 @@ def test_a_dropped_connection_resumes_without_duplicating_text(page, redis_url, 
 @pytest.fixture(scope="module")
 def chatml_worker(module_workers, model_dir):
     from inferq.testmodel import make_chat_gguf
-    from worker.backends.selection import installed
-
-    if "llama-cpp" not in installed():
-        pytest.skip("llama-cpp is not installed (make test installs it)")
+    skip_without_llama_cpp()
     return module_workers("page-chat", make_chat_gguf(model_dir / "page-chat.gguf", "chatml"))
 
 

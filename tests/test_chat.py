@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from inferq.testmodel import CHAT_TEMPLATES, make_chat_gguf
-from tests.helpers import events, submit
+from tests.helpers import events, skip_without_llama_cpp, submit
 from worker import chat_template
 
 FLAVOURS = ("chatml", "llama3", "gemma")
@@ -33,10 +33,7 @@ def chat_files(model_dir):
 
 @pytest.fixture(scope="module")
 def chat_workers(module_workers, chat_files):
-    from worker.backends.selection import installed
-
-    if "llama-cpp" not in installed():
-        pytest.skip("llama-cpp is not installed (make test installs it)")
+    skip_without_llama_cpp()
     for flavour, path in chat_files.items():
         module_workers(flavour, path, "--parallel", "2")
     return chat_files

@@ -14,6 +14,7 @@ import pytest
 from inferq.testmodel import CHAT_ARCHS, CHAT_TEMPLATES, chat_vocabulary, make_chat_gguf, make_llama_gguf
 from queue_schema.errors import ConfigError
 from tests.conftest import ROOT
+from tests.helpers import skip_without_llama_cpp
 from worker import chat_template
 
 MESSAGES = [{"role": "system", "content": "You are a helpful model"}, {"role": "user", "content": "hello there"}]
@@ -21,10 +22,7 @@ MESSAGES = [{"role": "system", "content": "You are a helpful model"}, {"role": "
 
 @pytest.fixture(scope="module")
 def files(model_dir):
-    from worker.backends.selection import installed
-
-    if "llama-cpp" not in installed():
-        pytest.skip("llama-cpp is not installed (make test installs it)")
+    skip_without_llama_cpp()
     bare = make_llama_gguf(model_dir / "bare-chatml.gguf", "tiny", 0, arch=CHAT_ARCHS["chatml"],
                            vocab=chat_vocabulary("chatml"))
     return {"bare": bare, "templated": make_chat_gguf(model_dir / "flag-chatml.gguf", "chatml")}

@@ -6,12 +6,12 @@ import subprocess
 import sys
 
 import pytest
-import requests
 from click.testing import CliRunner
 
 from inferq.cli import main
 from inferq.embedded_redis import free_port
 from tests.conftest import ROOT, wait_until
+from tests.helpers import models_at
 
 COMMANDS = ["up", "demo", "api", "worker", "submit", "status", "cancel", "models", "make-test-model"]
 
@@ -91,13 +91,6 @@ def test_make_test_model(tmp_path):
     assert (tmp_path / "m.gguf").read_bytes()[:4] == b"GGUF"
 
 
-def _models(url):
-    try:
-        return {m["id"]: m for m in requests.get(url + "/v1/models", timeout=2).json()["data"]}
-    except requests.RequestException:
-        return {}
-
-
 @pytest.mark.slow
 def test_a_model_an_earlier_up_served_shows_offline(tmp_path, tiny_model):
     """`inferq up --model small=...`, stopped, then a plain `inferq up` on the same data: Redis
@@ -114,16 +107,16 @@ def test_a_model_an_earlier_up_served_shows_offline(tmp_path, tiny_model):
 
     first, url = up("--model", f"small={tiny_model}")
     try:
-        wait_until(lambda: _models(url).get("small", {}).get("status") == "online", timeout=60,
+        wait_until(lambda: models_at(url).get("small", {}).get("status") == "online", timeout=60,
                    what="the first stack")
     finally:
         first.send_signal(signal.SIGINT)
         assert first.wait(60) == 0
     second, url = up()
     try:
-        wait_until(lambda: _models(url).get("demo", {}).get("status") == "online", timeout=60,
+        wait_until(lambda: models_at(url).get("demo", {}).get("status") == "online", timeout=60,
                    what="the second stack")
-        small = _models(url)["small"]
+        small = models_at(url)["small"]
         assert small["status"] == "offline" and small["workers"] == 0 and small["last_seen"] > 0
     finally:
         second.send_signal(signal.SIGINT)

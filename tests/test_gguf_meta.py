@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inferq.testmodel import make_chat_gguf, make_llama_gguf
+from tests.helpers import skip_without_llama_cpp
 from worker.backends.base import ModelLoadError
 from worker.gguf_meta import GGUFInfo, read_info
 
@@ -60,10 +61,7 @@ def test_every_truncation_is_refused(files, tmp_path):
 def test_no_piece_is_longer_than_its_text_so_the_files_longest_bounds_the_prompt_guard(files):
     """The llama.cpp backend takes its longest piece from the file's longest token text instead of asking the
     engine for every piece; that holds only if no piece is longer than its text. Every token of every file."""
-    from worker.backends.selection import installed
-
-    if "llama-cpp" not in installed():
-        pytest.skip("llama-cpp is not installed (make test installs it)")
+    skip_without_llama_cpp()
     from worker.backends import LoadOptions, load_backend
 
     for path in files:

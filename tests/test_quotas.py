@@ -16,7 +16,7 @@ from inferq.client import Client
 from inferq.embedded_redis import EmbeddedRedis
 from queue_schema import keys
 from tests.conftest import TenantAPI, start_api, start_worker, wait_until
-from tests.helpers import bearer, metric_samples, serve_fake_model
+from tests.helpers import bearer, metric_samples, serve_fake_model, skip_without_llama_cpp
 from tests.test_webhooks import Trickler
 
 MAXMEMORY = 64 << 20
@@ -29,10 +29,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model, slow_model):
-    from worker.backends.selection import installed
-
-    if "llama-cpp" not in installed():
-        pytest.skip("llama-cpp is not installed (make test installs it): embeddings need it")
+    skip_without_llama_cpp(": embeddings need it")
     tmp = tmp_path_factory.mktemp("quotas")
     s = Stack()
     s.server = EmbeddedRedis(tmp / "redis", appendonly=False, maxmemory=MAXMEMORY).start()

@@ -11,7 +11,7 @@ import requests
 from inferq.testmodel import make_scripted_gguf
 from queue_schema.lifecycle import books
 from tests.conftest import start_api, wait_until
-from tests.helpers import bearer
+from tests.helpers import bearer, skip_without_llama_cpp
 
 pytestmark = pytest.mark.usefixtures("tiny_worker")
 ENDED = ("completed", "incomplete", "failed", "cancelled")
@@ -240,10 +240,7 @@ def test_tenants_see_only_their_own_responses(tenant_api):
 @pytest.fixture(scope="module")
 def scripted(module_workers, tmp_path_factory):
     """A chatml model whose every reply is the one call (``auto``: the model's own syntax is read)."""
-    from worker.backends.selection import installed
-
-    if "llama-cpp" not in installed():
-        pytest.skip("llama-cpp is not installed (make test installs it)")
+    skip_without_llama_cpp()
     path = make_scripted_gguf(tmp_path_factory.mktemp("responses") / "call.gguf", CALL, "chatml", n_ctx=4096)
     module_workers("resp-call", path, "--backend", "llama-cpp")
     return "resp-call"

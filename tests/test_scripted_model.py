@@ -6,7 +6,7 @@ for byte, from any prompt, and that a worker serves it as it serves any chat mod
 import pytest
 
 from inferq.testmodel import chat_vocabulary, make_scripted_gguf, script_pieces
-from tests.helpers import events, submit, text_of
+from tests.helpers import events, skip_without_llama_cpp, submit, text_of
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -49,10 +49,7 @@ def test_the_chain_tokens_are_bytes_made_unique_by_their_ids():
 
 
 def test_a_worker_replies_with_the_script(tmp_path, worker_factory, client):
-    from worker.backends.selection import installed
-
-    if "llama-cpp" not in installed():
-        pytest.skip("llama-cpp is not installed (make test installs it)")
+    skip_without_llama_cpp()
     path = make_scripted_gguf(tmp_path / "scripted.gguf", HERMES, "chatml")
     worker_factory("scripted-chatml", path, "--backend", "llama-cpp")
     messages = [{"role": "user", "content": "What is the weather in Zürich?"}]

@@ -5,7 +5,7 @@ import jsonschema_rs
 import openai
 import pytest
 
-from tests.helpers import events, submit, text_of
+from tests.helpers import events, skip_without_llama_cpp, submit, text_of
 
 SCHEMA = {
     "type": "object",
@@ -25,10 +25,7 @@ ENOUGH = 300
 
 @pytest.fixture(scope="module")
 def llama_worker(module_workers, tiny_model):
-    from worker.backends.selection import installed
-
-    if "llama-cpp" not in installed():
-        pytest.skip("llama-cpp is not installed (make test installs it)")
+    skip_without_llama_cpp()
     return module_workers("structured", tiny_model, "--backend", "llama-cpp", "--parallel", "3")
 
 
@@ -158,10 +155,7 @@ def test_a_raw_grammar_is_bounded_like_a_schema(client):
 def test_a_grammar_too_slow_to_sample_ends_its_job_alone(worker_factory, tiny_model, client):
     """A grammar sample past the worker's bound ends that job; a plain job decoded in the same steps
     finishes. The bound is set low here so that an ordinary grammar passes it."""
-    from worker.backends.selection import installed
-
-    if "llama-cpp" not in installed():
-        pytest.skip("llama-cpp is not installed (make test installs it)")
+    skip_without_llama_cpp()
     worker_factory("slow-grammar", tiny_model, "--backend", "llama-cpp", "--parallel", "2", "--grammar-limit",
                    "0.000001")
     plain = submit(client, model="slow-grammar", prompt="go", max_tokens=40, temperature=0)

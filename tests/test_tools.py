@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from inferq.testmodel import ModelShape, make_llama_gguf, make_scripted_gguf
-from tests.helpers import events, submit, text_of
+from tests.helpers import events, skip_without_llama_cpp, submit, text_of
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
@@ -46,20 +46,14 @@ def tools_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama_worker(module_workers, tools_model):
-    from worker.backends.selection import installed
-
-    if "llama-cpp" not in installed():
-        pytest.skip("llama-cpp is not installed (make test installs it)")
+    skip_without_llama_cpp()
     return module_workers("tools", tools_model, "--backend", "llama-cpp", "--parallel", "2")
 
 
 @pytest.fixture(scope="module")
 def scripted(module_workers, tmp_path_factory):
     """One chatml worker per script: model name ``s-<key>``."""
-    from worker.backends.selection import installed
-
-    if "llama-cpp" not in installed():
-        pytest.skip("llama-cpp is not installed (make test installs it)")
+    skip_without_llama_cpp()
     root = tmp_path_factory.mktemp("scripted")
     for key, script in SCRIPTS.items():
         path = make_scripted_gguf(root / f"{key}.gguf", script, FLAVOURS.get(key, "chatml"), n_ctx=4096)

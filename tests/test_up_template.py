@@ -6,20 +6,17 @@ import sys
 
 import openai
 import pytest
-import requests
 
 from inferq.embedded_redis import free_port
 from inferq.testmodel import CHAT_ARCHS, chat_vocabulary, make_llama_gguf
 from tests.conftest import ROOT, wait_until
+from tests.helpers import models_at, skip_without_llama_cpp
 
 
 @pytest.fixture(scope="module")
 def bare_chatml(model_dir):
     """ChatML's tokenizer and no template: what the flag is for."""
-    from worker.backends.selection import installed
-
-    if "llama-cpp" not in installed():
-        pytest.skip("llama-cpp is not installed (make test installs it)")
+    skip_without_llama_cpp()
     return make_llama_gguf(model_dir / "up-bare-chatml.gguf", "tiny", 0, arch=CHAT_ARCHS["chatml"],
                            vocab=chat_vocabulary("chatml"))
 
@@ -28,13 +25,6 @@ def _env(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env["INFERQ_DATA_DIR"] = str(tmp_path / "data")
     return env
-
-
-def _models(url):
-    try:
-        return {m["id"]: m for m in requests.get(url + "/v1/models", timeout=2).json()["data"]}
-    except requests.RequestException:
-        return {}
 
 
 @pytest.mark.slow
@@ -48,10 +38,10 @@ def test_up_passes_the_chat_template_to_its_workers(tmp_path, bare_chatml):
     try:
         def online():
             assert proc.poll() is None, log.read_text(errors="replace")
-            return _models(url).get("bare", {}).get("status") == "online"
+            return models_at(url).get("bare", {}).get("status") == "online"
 
         wait_until(online, timeout=90, what="inferq up")
-        bare = _models(url)["bare"]
+        bare = models_at(url)["bare"]
         assert bare["chat_template"] == "chatml" and "chat_template" in bare["capabilities"], bare
         oai = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         resp = oai.chat.completions.create(model="bare", messages=[{"role": "user", "content": "hi"}],
