@@ -29,7 +29,7 @@ from api.extensions import now_ms, resources
 from api.jobs import request_cancel
 
 # The OpenAI routes' own request models, answers and errors: a batch line is answered exactly as the route would.
-from api.openai import answers
+from api.openai import answers, tool_calls
 from api.openai import errors as openai_errors
 from api.openai.requests import ChatRequest, CompletionRequest, EmbeddingRequest
 from queue_schema import keys
@@ -345,7 +345,7 @@ def _job_result(batch: batches.Batch, line: int, entry: dict, job_id: str, raw_e
             row["_floats"] = True
             floats = sum(len(base64.b64decode(v)) // 4 for v in vectors.values())
         return _result(line, row, True, floats)
-    names = tuple(t["function"]["name"] for t in op.get("tools") or ())
+    names = tuple(tool_calls.call_names(op.get("tools")))
     answer = answers.Completions(bool(entry.get("chat")), job_id, op.get("model", ""), "logprobs" in op, created,
                                  names)
     return _result(line, _http_result(custom_id, job_id, 200, answer.whole([result])), True)

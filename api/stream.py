@@ -28,7 +28,7 @@ def job_stream(job_id: str):
     if not res.eventlog.exists(job_id) or not auth.can_see(tenants.owner(res.redis, job_id)):
         raise InferqError(ErrorCode.JOB_NOT_FOUND, f"no event log for job {job_id!r} (unknown, or expired)")
     after = _last_event_id()
-    end = res.eventlog.next_seq(job_id)
+    end = res.eventlog.next_seq(job_id) if after >= 0 else -1  # a fresh stream cannot be ahead of the log
     if 0 <= end <= after:
         # The client read events this log does not hold: a failover lost them, and what the client has may be
         # of a run that is gone. Going on from its seq would splice two runs; it is told to read again.

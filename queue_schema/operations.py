@@ -325,7 +325,7 @@ def _bounded_schema(schema: dict[str, Any], name: str) -> dict[str, Any]:
     return schema
 
 
-def _check_schema(node: Any, depth: int, name: str = "json_schema") -> None:
+def _check_schema(node: Any, depth: int, name: str) -> None:
     if depth > MAX_SCHEMA_DEPTH:
         raise ValueError(f"{name} nests more than {MAX_SCHEMA_DEPTH} levels")
     if isinstance(node, dict):

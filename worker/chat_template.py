@@ -205,7 +205,9 @@ class ToolSupport:
     format: str
 
 
+@functools.lru_cache(maxsize=16)
 def tool_support(source: str | None) -> ToolSupport:
+    """Asked for every chat job (its prompt and its ``started`` event) of a template that never changes."""
     if not source or "tools" not in source:
         return ToolSupport(False, "hermes")
     return ToolSupport(True, next((fmt for mark, fmt in TOOL_MARKS if mark in source), "hermes"))

@@ -64,7 +64,6 @@ class Record:
 
     job: Job
     emitter: JobEmitter
-    owner: str = ""  # the lease owner string this take of the job writes as ("<worker>#<generation>")
     execution: Execution | None = None
     op: Operation | None = None
     wait_ms: int | None = None
@@ -75,6 +74,11 @@ class Record:
     first_token_ms: int | None = None
     started: float = field(default_factory=time.monotonic)
     requeue: bool = False  # given back on an abort, once its last events are written
+
+    @property
+    def owner(self) -> str:
+        """The lease owner string this take of the job writes as (``<worker>#<generation>``)."""
+        return self.emitter.owner or ""
 
 
 class JobFailed(CodedError):
@@ -166,7 +170,7 @@ class Jobs:
             if acq.closed:  # its log ended as it was taken (a cancel): settled, if nobody has
                 self.ending.settle(job.id, worker_name=self.id)
                 continue
-            record = Record(job, JobEmitter(acq.job_id, acq.next_seq, acq.owner), owner=acq.owner)
+            record = Record(job, JobEmitter(acq.job_id, acq.next_seq, acq.owner))
             with self._lock:
                 stale = self._records.get(acq.job_id)
                 self._records[acq.job_id] = record

@@ -227,7 +227,7 @@ class Scheduler:
                 if found is not None:
                     self._stop(found, FinishReason.DROPPED, out)
             elif isinstance(message, StopAll):
-                for item in [*(s for s in self.slots if s is not None), *self._tasks, *self._waiting]:
+                for item in self._items():
                     self._stop(item, message.reason, out)
 
     def _items(self) -> list:

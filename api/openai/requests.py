@@ -21,6 +21,8 @@ from queue_schema.operations import (
     MAX_EMBED_TOKENS_PER_INPUT,
     MAX_LOGIT_BIAS,
     MAX_PROMPT_CHARS,
+    MAX_TOOL_CALLS,
+    MAX_TOOLS,
     EmbedOperation,
     InferOperation,
 )
@@ -160,7 +162,7 @@ class ChatMessageIn(BaseModel):
         oneOf=_MESSAGE_SHAPES))
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | Annotated[list[ContentPart], Field(max_length=256)] | None = None
-    tool_calls: Annotated[list[ToolCallIn], Field(min_length=1, max_length=64)] | None = None
+    tool_calls: Annotated[list[ToolCallIn], Field(min_length=1, max_length=MAX_TOOL_CALLS)] | None = None
     tool_call_id: CallId | None = None
 
     def text(self) -> str:
@@ -238,7 +240,7 @@ class ChatRequest(_Request):
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=256)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token; used with logprobs.")
-    tools: Annotated[list[ToolIn], Field(max_length=64)] | None = None
+    tools: Annotated[list[ToolIn], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
@@ -295,12 +297,17 @@ def _infer(**fields) -> InferOperation:
 _PARAMS = {"json_schema": "response_format"}  # the operation's field -> the OpenAI request's
 
 
-def _invalid(exc: ValidationError) -> errors.OpenAIError:
-    """The contract refused the operation a request became: OpenAI's 400 naming the request's field."""
+def refused(exc: ValidationError, params: dict[str, str], whole: str | None) -> errors.OpenAIError:
+    """The contract refused the operation a request became: OpenAI's 400 naming the request's field (``params``
+    maps the operation's fields to the request's; ``whole`` is the param of an error about no one field)."""
     err = exc.errors(include_input=False, include_url=False)[0]
     loc = [str(p) for p in err["loc"]]
-    param = _PARAMS.get(loc[0], loc[0]) if loc else "body"
+    param = params.get(loc[0], loc[0]) if loc else whole
     return errors.invalid(param, f"{'.'.join(loc) or 'body'}: {err['msg']}")
+
+
+def _invalid(exc: ValidationError) -> errors.OpenAIError:
+    return refused(exc, _PARAMS, "body")
 
 
 def parse(model_cls, raw: bytes):

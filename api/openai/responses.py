@@ -43,7 +43,7 @@ from api import auth, disconnect, limits, relay, response_store, shutdown, sse
 from api.extensions import resources
 from api.jobs import idempotency, request_cancel, submit
 from api.openai import errors
-from api.openai.requests import MODEL, JsonSchemaFormat, Text, function_only, parse
+from api.openai.requests import MODEL, JsonSchemaFormat, Text, function_only, parse, refused
 from api.openai.response_events import FED, Builder, Meta, as_input, build, to_messages
 from api.openai.routes import ClientGone, abandoned, cancel_open, events, queue_bound
 from queue_schema import keys
@@ -259,10 +259,7 @@ def operation(req: ResponseRequest, conversation: list[dict], settings: dict) ->
     try:
         return InferOperation.model_validate(fields)
     except ValidationError as exc:  # the contract refused what the request became: name the request's field
-        err = exc.errors(include_input=False, include_url=False)[0]
-        loc = [str(p) for p in err["loc"]]
-        raise errors.invalid(_PARAMS.get(loc[0], loc[0]) if loc else None,
-                             f"{'.'.join(loc) or 'body'}: {err['msg']}") from None
+        raise refused(exc, _PARAMS, None) from None
 
 
 def previous(response_id: str) -> list[dict]:

@@ -157,8 +157,8 @@ class Admission:
         return bool(_FORGET(self.redis, {"idem": keys.idempotency(tenant.name, idempotency.digest)}, {"job": job_id}))
 
 
-_FEATURES = {"grammar": "structured output (response_format, json_schema, grammar, a forced tool call)", "logprobs": "logprobs",
-             "embeddings": "embeddings"}
+_FEATURES = {"grammar": "structured output (response_format, json_schema, grammar, a forced tool call)",
+             "logprobs": "logprobs", "embeddings": "embeddings"}
 
 
 def _refusal(op: Operation, tenant: Tenant, status: int, rest: list, busy_s: float) -> InferqError:
