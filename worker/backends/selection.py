@@ -41,33 +41,40 @@ def ctransformers_refusal(info: GGUFInfo) -> str | None:
     return None
 
 
+MODULES = {"ctransformers": "ctransformers", "llama-cpp": "llama_cpp"}
+
+
+def is_installed(backend: str) -> bool:
+    """Whether the backend's module imports (a broken install counts as absent). Asked only of a backend
+    that might serve the file: importing ctransformers brings in huggingface_hub, half a second of a
+    llama-cpp worker's start."""
+    try:
+        __import__(MODULES[backend])
+    except ImportError:
+        return False
+    return True
+
+
 def installed() -> set[str]:
-    found = set()
-    for name, module in (("ctransformers", "ctransformers"), ("llama-cpp", "llama_cpp")):
-        try:
-            __import__(module)
-            found.add(name)
-        except ImportError:
-            pass
-    return found
+    return {name for name in MODULES if is_installed(name)}
 
 
 def choose(info: GGUFInfo, requested: str = "auto", available: set[str] | None = None) -> Choice:
-    available = installed() if available is None else available
+    has = is_installed if available is None else available.__contains__
     refusal = ctransformers_refusal(info)
     if requested != "auto":
         if requested not in INSTALL_HINT:
             raise ModelLoadError(f"unknown backend {requested!r}; choose auto, ctransformers or llama-cpp")
-        if requested not in available:
+        if not has(requested):
             raise ModelLoadError(f"backend {requested} is not installed: {INSTALL_HINT[requested]}")
         if requested == "ctransformers" and refusal:
             raise ModelLoadError(f"ctransformers cannot serve this file ({refusal}); use --backend llama-cpp")
         return Choice(requested, "requested with --backend")
-    if "llama-cpp" in available:
+    if has("llama-cpp"):
         why = f"only llama-cpp can serve it ({refusal})" if refusal else \
             "llama-cpp is installed and decodes faster than ctransformers"
         return Choice("llama-cpp", why)
-    if refusal is None and "ctransformers" in available:
+    if refusal is None and has("ctransformers"):
         return Choice("ctransformers", f"{info.architecture} file; llama-cpp is not installed")
     raise ModelLoadError(f"no installed backend can serve this file: {refusal}; "
                          f"install the llama extra: {INSTALL_HINT['llama-cpp']}")
