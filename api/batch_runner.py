@@ -259,7 +259,7 @@ def _collect(batch: batches.Batch) -> int:
     pipe = r.pipeline(transaction=False)
     for job_id in ended:
         pipe.hget(keys.batch_jobs(batch.id), f"j:{job_id}")
-        pipe.xrevrange(keys.job_events(job_id), count=6)
+        pipe.xrevrange(keys.job_events(job_id), count=8)
         pipe.hget(keys.job_info(job_id), "submitted")
     raw = pipe.execute()
     mapped, kept = [], []
@@ -292,7 +292,7 @@ def _collect(batch: batches.Batch) -> int:
         mapped[i][2] = entries
     done = []
     for (job_id, line, entries, created), entry in zip(mapped, lines):
-        raw_events = [json.loads(fields[b"e"]) for _, fields in entries]
+        raw_events = [json.loads(fields[b"e"]) for _, fields in entries if b"e" in fields]  # fences left out
         done.append(_job_result(batch, line, entry, job_id, raw_events, created))
     _record(batch, done)
     pipe = r.pipeline(transaction=False)

@@ -16,7 +16,7 @@ from inferq.client import Client
 from inferq.embedded_redis import EmbeddedRedis
 from queue_schema import keys
 from queue_schema.events import End, Queued, Token
-from queue_schema.lifecycle import leases, registry
+from queue_schema.lifecycle import leases, registry, scripts
 from queue_schema.lifecycle import reaper as reaper_mod
 from queue_schema.lifecycle.eventlog import Appended, EventLog
 from queue_schema.lifecycle.reaper import Reaper
@@ -36,20 +36,39 @@ def assert_one_clean_stream(evts):
     assert evts[-1]["type"] in ("end", "error")
 
 
-def test_a_write_by_anyone_but_the_lease_owner_is_refused(r):
+def take(r, job: str, owner: str, new_owner: str) -> str:
+    """``new_owner``'s take of ``job`` from ``owner`` ("" for a job nobody holds), as the reaper's and the
+    intake's takes do: a lease of a new generation, and its fence in the log. The lease owner string."""
+    if owner == "":
+        r.hset(keys.job_lease(job), "owner", "")
+    return scripts.load("lease_take_over")(r, keys={"lease": keys.job_lease(job)},
+                                             args={"id": job, "owner": owner, "new_owner": new_owner}).decode()
+
+
+def test_a_write_by_any_take_but_the_last_is_refused(r):
     log, job = EventLog(r), "fence-test"
+    r.hset(keys.rq_job(job), "status", "queued")
     log.append(Queued(job_id=job, seq=0, position=0, queue="q"))
-    r.hset(keys.job_lease(job), mapping={"owner": "worker-a", "renewals": 0})
+    first = take(r, job, "", "worker-a")
+    second = take(r, job, first, "worker-a")  # the same worker took its job again: a writer of its own
     try:
-        assert log.append(Token(job_id=job, seq=1, t="x", i=0), writer="worker-b") == Appended.FENCED
+        assert log.append(Token(job_id=job, seq=1, t="x", i=0), writer=first) == Appended.FENCED
         assert log.append(Token(job_id=job, seq=1, t="x", i=0)) == Appended.FENCED  # the API, unowned
-        assert log.append(Token(job_id=job, seq=1, t="a", i=0), writer="worker-a") == Appended.OK
-        # The same event again (a retried batch) is a duplicate, not a second event; a gap is refused.
-        assert log.append(Token(job_id=job, seq=1, t="a", i=0), writer="worker-a") == Appended.OK
-        assert log.append(Token(job_id=job, seq=5, t="z", i=4), writer="worker-a") == Appended.GAP
+        assert log.append(Token(job_id=job, seq=1, t="a", i=0), writer=second) == Appended.OK
+        # The same event again (a retried batch) is a duplicate, not a second event.
+        assert log.append(Token(job_id=job, seq=1, t="a", i=0), writer=second) == Appended.OK
+        # The old take is refused past the new one's seqs too: the fence is the log's order, not a seq.
+        assert log.append(Token(job_id=job, seq=2, t="y", i=1), writer=first) == Appended.FENCED
+        # A terminal event is checked against the log's end: a gap is refused.
+        end = End(job_id=job, seq=5, tokens_out=1, decode_time_ms=1, stop_reason="eos", text="a")
+        assert log.append(end, writer=second) == Appended.GAP
         assert [e.seq for e in log.replay(job)] == [0, 1] and log.replay(job)[1].t == "a"
+        # Once it ended nothing follows, not even from the take that ended it.
+        assert log.append(end.model_copy(update={"seq": 2}), writer=second) == Appended.OK
+        assert log.append(Token(job_id=job, seq=3, t="b", i=1), writer=second) == Appended.CLOSED
+        assert [e.type for e in log.replay(job)] == ["queued", "token", "end"]
     finally:
-        r.delete(keys.job_lease(job), keys.job_events(job))
+        r.delete(keys.job_lease(job), keys.job_events(job), keys.rq_job(job))
 
 
 def test_the_only_worker_killed_mid_stream_ends_worker_lost_within_15_s(live_api, worker_factory, slow_model):
@@ -296,26 +315,30 @@ def test_a_renewal_racing_the_terminal_append_is_not_a_lost_lease():
 
 def test_a_log_ttl_is_renewed_by_the_first_write_that_lands_not_at_every_step(r):
     """The append renews a job's log TTL on its writer's first write that lands, then once per quarter TTL
-    and at the end: a write refused (fenced here) renews nothing and leaves the renewal due."""
+    and at the end: a write refused (fenced here) leaves the renewal due."""
     job = "ttl-renewal-" + __import__("uuid").uuid4().hex[:6]
+    r.hset(keys.rq_job(job), "status", "queued")
     EventLog(r, ttl_s=3600).append(Queued(job_id=job, seq=0, position=0, queue="q"))  # as admission would
     log = EventLog(r, ttl_s=3600)  # the worker's: what it renewed is its own to remember
     r.expire(keys.job_events(job), 100)  # as if it had waited in the queue most of its TTL
-    r.hset(keys.job_lease(job), mapping={"owner": "worker-a", "renewals": 0})
+    stale = take(r, job, "", "worker-b")
+    held = take(r, job, stale, "worker-a")
     try:
-        assert log.append(Token(job_id=job, seq=1, t="x", i=0), writer="worker-b") == Appended.FENCED
-        assert r.ttl(keys.job_events(job)) <= 100
-        assert log.append(Token(job_id=job, seq=1, t="x", i=0), writer="worker-a") == Appended.OK
+        assert log.append(Token(job_id=job, seq=1, t="x", i=0), writer=stale) == Appended.FENCED
+        # The plain append sends its EXPIRE beside its XADDs, so a refused one may have renewed the log; what
+        # matters is that the refusal leaves the renewal due.
+        r.expire(keys.job_events(job), 100)
+        assert log.append(Token(job_id=job, seq=1, t="x", i=0), writer=held) == Appended.OK
         assert r.ttl(keys.job_events(job)) > 3000  # the first write that landed renewed it
         r.expire(keys.job_events(job), 100)
-        assert log.append(Token(job_id=job, seq=2, t="y", i=1), writer="worker-a") == Appended.OK
+        assert log.append(Token(job_id=job, seq=2, t="y", i=1), writer=held) == Appended.OK
         assert r.ttl(keys.job_events(job)) <= 100  # a quarter TTL has not passed: no EXPIRE this step
         end = End(job_id=job, seq=3, tokens_out=2, decode_time_ms=1, stop_reason="eos", text="xy")
-        assert log.append(end, writer="worker-a") == Appended.OK
+        assert log.append(end, writer=held) == Appended.OK
         assert r.ttl(keys.job_events(job)) > 3000  # the end renews it: the log lives a TTL after it
     finally:
         r.zrem(keys.SETTLING, job)
-        r.delete(keys.job_lease(job), keys.job_events(job))
+        r.delete(keys.job_lease(job), keys.job_events(job), keys.rq_job(job))
 
 
 def test_a_job_its_own_worker_lost_and_took_again_runs_once_in_the_log(client, r, worker_factory, slow_model):
@@ -326,12 +349,12 @@ def test_a_job_its_own_worker_lost_and_took_again_runs_once_in_the_log(client, r
     w = worker_factory("retaken", slow_model, "--parallel", "2")
     job = submit(client, model="retaken", prompt="the " * 1300, max_tokens=12, **LONG)
     stream = keys.job_events(job)
-    wait_until(lambda: any(b'"started"' in f[b"e"] for _, f in r.xrange(stream)), timeout=30, interval=0.005,
+    wait_until(lambda: any(b'"started"' in f.get(b"e", b"") for _, f in r.xrange(stream)), timeout=30, interval=0.005,
                what="the job to start")
     w.proc.send_signal(signal.SIGSTOP)
     try:
         wait_until(lambda: stopped(w.proc.pid), what="the worker to stop")
-        assert not any(b'"token"' in f[b"e"] for _, f in r.xrange(stream)), "prefill ended before the stop"
+        assert not any(b'"token"' in f.get(b"e", b"") for _, f in r.xrange(stream)), "prefill ended before the stop"
         first_owner = r.hget(keys.job_lease(job), "owner").decode()
         reaper = Reaper(r, "fence-reaper")
 

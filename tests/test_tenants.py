@@ -122,7 +122,7 @@ def test_queued_and_running_limits_follow_the_jobs_own_moves(r, redis_url):
     # A worker takes one: it moves from queued to running in the lease script.
     taken = Leases(r).acquire("w-test", "w-test", [keys.queue_name(model, "normal")], 1, int(time.time() * 1000),
                               "2026-01-01T00:00:00.000000Z")
-    assert [t.job_id for t in taken] == [a] and taken[0].owner == "w-test#1"
+    assert [t.job_id for t in taken] == [a] and taken[0].owner == "w-test#2"  # its queued event is #1
     assert r.smembers(keys.limit_running(T.alice)) == {a.encode()}
     assert r.smembers(keys.limit_queued(T.alice)) == {c.encode()}
     busy = post(client, T.ALICE, model)

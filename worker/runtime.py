@@ -37,7 +37,7 @@ from rq.serializers import JSONSerializer
 from queue_schema import log_context, records
 from queue_schema.errors import ConfigError
 from queue_schema.events import Narration
-from queue_schema.lifecycle import registry
+from queue_schema.lifecycle import log_format, registry
 from queue_schema.lifecycle import views as job_views
 from queue_schema.lifecycle.ending import Ending
 from queue_schema.lifecycle.eventlog import EventLog
@@ -112,6 +112,7 @@ class WorkerRuntime:
     # --- lifecycle -------------------------------------------------------------------
     def load(self) -> None:
         """Load the model (once, before any job) and start heartbeating."""
+        log_format.check(self.redis, self.id)
         self._heartbeat.start()
         start = time.perf_counter()
         size = os.path.getsize(self.spec.path)

@@ -1,34 +1,35 @@
 """The event log: each job's events in a Redis Stream, relayed live on pub/sub.
 
-``append_many`` writes events to their jobs' streams *and* publishes them on
-the jobs' channels in one round trip: one script call for any number of jobs
-(``lua/append.lua``), so a worker decoding eight sequences writes a decode
-step's events with one command, and a rejected write is never published. The
-log's conventions (entry ids, the closed mark, the live message) are written
-once, in ``lua/lib/log.lua``, and every script that reads or writes a log uses
-them: this one, admission's ``queued`` event, the lease script's look at a
-log's end, the tenants' tidy.
+A job's log is a stream whose entry ids are ``<generation>-<seq>``: the
+generation of the lease take that wrote the entry (``queue_schema.lifecycle.leases``:
+it grows every time the job is taken), then the event's seq. Redis refuses an
+XADD whose id is not above the stream's last, and every take first writes a
+fence entry at its own generation (``lua/lib/log.lua``), so a worker that lost
+its job (it froze, or was cut off while another process took the job over, or
+its own intake took the job back) can never write into the new take's run: the
+fence is the stream's order, and a write pays no read for it.
 
-Every write is fenced. A job being run has a lease naming its one owner
-(``queue_schema.lifecycle.leases``); the script compares the writer with the
-owner in the same call and refuses the write if they differ, so a worker that
-lost its job (it froze, or was cut off from Redis while another process took
-the job over) can never interleave events with the new owner's. A job without
-a lease (queued) can be written by the unowned writer ``""`` only: the API,
-logging a cancel.
+A decode step's events go through ``lua/step.lua``: per event one XADD and,
+if Redis took it, one PUBLISH on the job's channel (a refused event never
+reaches a live stream), for every job of the step in one call. It used to read
+the lease and the log's end for every job at every step as well
+(``bench.redis_cost`` counts it). The writers that need checks use
+``lua/append.lua``: the unowned writer ``""`` (the API, logging a cancel of a
+queued job; it takes a generation of its own, and so fences too) and every
+batch with a terminal event, which closes the log at a generation of its own
+and puts the job on the settling set in the same step. What hangs on a job's
+end (its lease, its tenant's counts, a webhook, a batch, RQ's books) is settled
+next, once, by ``queue_schema.lifecycle.ending``. A job's stream therefore ends
+with exactly one ``end`` or ``error``.
 
-The stream entry id is ``<seq>-1``, so a replay from a given seq is a plain
-XRANGE and Redis itself keeps seqs unique. An event whose seq is already in
-the log is skipped as a duplicate (a batch retried after a lost reply); a
-seq that would leave a gap is refused. A terminal event closes the log (the
-script refuses any write after it), so a job's stream ends with exactly one
-``end`` or ``error``, and puts the job on the settling set: what hangs on a
-job's end (its lease, its tenant's counts, a webhook, a batch, RQ's books) is
-settled next, once, by ``queue_schema.lifecycle.ending``.
+Seqs grow by one along the log across takes, so a client's ``Last-Event-ID`` is
+a seq, and a replay from it finds its place in the first generation holding a
+later seq (``LOG.after``). An event already in the log is refused by its id and
+counted as written (a batch retried after a lost reply).
 
-The published message is ``"<seq> <type> <json>"`` (``-`` for no seq): the
-API's relay learns an event's seq and type without parsing its JSON, and the
-SSE wire format stays the API's business (api/sse.py).
+The published message is ``"<seq> <type> <json>"``: the API's relay learns an
+event's seq and type without parsing its JSON, and the SSE wire format stays
+the API's business (api/sse.py).
 """
 from __future__ import annotations
 
@@ -41,12 +42,14 @@ import redis
 from queue_schema import keys
 from queue_schema.events import Narration, _Event, parse_event
 from queue_schema.lifecycle import clock, scripts
+from queue_schema.lifecycle.leases import generation
 from queue_schema.settings import DEFAULTS
 
 NARRATION_LOG_MAXLEN = 10_000
 REFRESH_MEMORY = 10_000  # jobs whose last TTL renewal a process remembers
 UNOWNED = ""  # the writer that may write jobs nobody holds a lease on
-_APPEND, _NARRATE = scripts.load("append"), scripts.load("narrate")
+_STEP, _APPEND, _NARRATE = scripts.load("step"), scripts.load("append"), scripts.load("narrate")
+_READ = scripts.load("log_read")
 
 
 class Appended(IntEnum):
@@ -70,8 +73,15 @@ def final_state(event: _Event) -> str | None:
     return "cancelled" if event.code == "CANCELLED" else "failed"
 
 
-def _entry_id(seq: int) -> str:
-    return f"{seq}-1"
+def entry_seq(entry_id: bytes | str) -> int:
+    """The seq of a log entry (a fence's is that of the event before it)."""
+    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(raw.rpartition("-")[2])
+
+
+def logged_events(entries) -> list[_Event]:
+    """The events among a log's entries (XRANGE's pairs), fences left out."""
+    return [parse_event(fields[b"e"]) for _, fields in entries if b"e" in fields]
 
 
 class EventLog:
@@ -101,7 +111,8 @@ class EventLog:
         """Write events in order, in one round trip; what happened, per (job, writer).
 
         Each event is written as its own ``_writer`` when it has one (a worker's events name the take of the
-        job they belong to), else as ``writer``. Each job's events must have consecutive seqs. Narration is
+        job they belong to), else as ``writer``. Each job's events must have consecutive seqs. A take's
+        events without a terminal one are plain XADDs; the rest go through the checked script. Narration is
         also added to the operators' feed (one more script call in the same pipeline).
         """
         per_job: dict[tuple[str, str], list] = {}
@@ -110,32 +121,46 @@ class EventLog:
             data = event.model_dump_json(exclude_none=True)
             if event.job_id is not None:
                 run = (event.job_id, event._writer or writer)
-                per_job.setdefault(run, []).extend((event.seq, event.type, data, final_state(event) or ""))
+                per_job.setdefault(run, []).append((event.seq, event.type, data, final_state(event) or ""))
             if isinstance(event, Narration):
                 narration.append(data)
-        more_keys, more_args = [], []
-        renew = {job_id: self._renewal_due(job_id) for job_id, _ in per_job}
-        for (job_id, by), fields in per_job.items():
-            more_keys += [keys.job_events(job_id), keys.job_channel(job_id), keys.job_lease(job_id)]
-            more_args += [job_id, by, len(fields) // 4, "1" if renew[job_id] else "0", *fields]
-        args = {"ttl": self.ttl_s, "now": clock.now_ms(self.redis)}
-        if not narration:
-            statuses = _APPEND(self.redis, {"settling": keys.SETTLING}, args, more_keys, more_args) if per_job else []
-        else:
-            pipe = self.redis.pipeline(transaction=False)
-            if per_job:
-                _APPEND(pipe, {"settling": keys.SETTLING}, args, more_keys, more_args)
-            for data in narration:
-                _NARRATE(pipe, {"log": keys.NARRATION_LOG, "channel": keys.NARRATION_CHANNEL},
-                         {"event": data, "maxlen": NARRATION_LOG_MAXLEN})
-            results = pipe.execute()
-            statuses = results[0] if per_job else []
-        done = {run: Appended(int(s)) for run, s in zip(per_job, statuses)}
-        self._renewed([job_id for (job_id, _), status in done.items() if renew[job_id] and status == Appended.OK])
-        return done
+        plain = [run for run, rows in per_job.items() if generation(run[1]) > 0 and not any(r[3] for r in rows)]
+        checked = [run for run in per_job if run not in set(plain)]
+        renew = {job_id: self._renewal_due(job_id) for job_id, _ in plain}
+        # A pipeline that holds a script first asks Redis whether it has it (redis-py's SCRIPT EXISTS, a round
+        # trip of its own): a step's one call goes alone, as EVALSHA.
+        alone = bool(plain) and not checked and not narration
+        pipe = self.redis if alone else self.redis.pipeline(transaction=False)
+        if plain:
+            more_keys, more_args = [], []
+            for job_id, by in plain:
+                rows = per_job[(job_id, by)]
+                more_keys += [keys.job_events(job_id), keys.job_channel(job_id)]
+                more_args += [generation(by), len(rows), "1" if renew[job_id] else "0"]
+                more_args += [x for seq, type_, data, _ in rows for x in (seq, type_, data)]
+            steps = _STEP(pipe, {}, {"ttl": self.ttl_s}, more_keys, more_args)
+        if checked:
+            more_keys, more_args = [], []
+            for job_id, by in checked:
+                rows = per_job[(job_id, by)]
+                more_keys += [keys.job_events(job_id), keys.job_channel(job_id), keys.job_lease(job_id)]
+                more_args += [job_id, by, len(rows)] + [x for row in rows for x in row]
+            _APPEND(pipe, {"settling": keys.SETTLING}, {"ttl": self.ttl_s, "now": clock.now_ms(self.redis)},
+                    more_keys, more_args)
+        for data in narration:
+            _NARRATE(pipe, {"log": keys.NARRATION_LOG, "channel": keys.NARRATION_CHANNEL},
+                     {"event": data, "maxlen": NARRATION_LOG_MAXLEN})
+        results = iter([steps] if alone else pipe.execute() if len(pipe) else ())
+        done: dict[tuple[str, str], Appended] = {}
+        if plain:
+            done.update({run: Appended(int(status)) for run, status in zip(plain, next(results))})
+        if checked:
+            done.update({run: Appended(int(status)) for run, status in zip(checked, next(results))})
+        self._renewed([job_id for job_id, by in plain if renew[job_id] and done[(job_id, by)] == Appended.OK])
+        return {run: done[run] for run in per_job}
 
     def _renewal_due(self, job_id: str) -> bool:
-        """Whether this write should renew the log's TTL (the script also renews it at a terminal event)."""
+        """Whether this write should renew the log's TTL (the checked script renews it at every write)."""
         last = self._refreshed.get(job_id)
         return last is None or time.monotonic() - last >= self._refresh_s
 
@@ -147,20 +172,48 @@ class EventLog:
         for job_id in job_ids:
             self._refreshed[job_id] = now
 
+    def entries(self, job_id: str, after_seq: int = -1, count: int = 1_000_000) -> list:
+        """Up to ``count`` entries (fences included) after the event ``after_seq``, as XRANGE gives them."""
+        key = keys.job_events(job_id)
+        if after_seq < 0:
+            return self.redis.xrange(key, count=count)
+        raw = _READ(self.redis, {"log": key}, {"after": after_seq, "count": count})
+        return [(entry_id, dict(zip(flat[::2], flat[1::2]))) for entry_id, flat in raw]
+
     def replay(self, job_id: str, after_seq: int = -1, until_seq: int | None = None,
                count: int | None = None) -> list[_Event]:
-        """Events with ``after_seq < seq`` (and ``seq <= until_seq`` if given), in order; at most ``count``."""
-        end = "+" if until_seq is None else _entry_id(until_seq)
-        entries = self.redis.xrange(keys.job_events(job_id), f"{after_seq + 1}-0", end, count=count)
-        return [parse_event(fields[b"e"]) for _, fields in entries]
+        """Events with ``after_seq < seq`` (and ``seq <= until_seq`` if given), in order; at most ``count``
+        (fewer only at the log's end)."""
+        want = count or 1_000_000
+        if until_seq is not None:  # seqs are consecutive: so many events at most
+            want = min(want, max(0, until_seq - after_seq))
+            if want == 0:
+                return []
+        asked = want
+        entries = self.entries(job_id, after_seq, asked)
+        events = logged_events(entries)
+        while entries and len(entries) == asked and len(events) < want:  # fences took places in the page
+            asked = want - len(events)
+            entries = self.redis.xrange(keys.job_events(job_id), f"({entries[-1][0].decode()}", count=asked)
+            events += logged_events(entries)
+        return events if until_seq is None else [e for e in events if e.seq <= until_seq]
 
     def last(self, job_id: str) -> _Event | None:
-        entries = self.redis.xrevrange(keys.job_events(job_id), count=1)
-        return parse_event(entries[0][1][b"e"]) if entries else None
+        """The log's last event (fences are passed over)."""
+        key, end = keys.job_events(job_id), "+"
+        while True:
+            entries = self.redis.xrevrange(key, end, count=4)
+            for entry_id, fields in entries:
+                if b"e" in fields:
+                    return parse_event(fields[b"e"])
+            if len(entries) < 4:
+                return None
+            end = f"({entries[-1][0].decode()}"
 
     def next_seq(self, job_id: str) -> int:
-        last = self.last(job_id)
-        return 0 if last is None else last.seq + 1
+        """The seq the next event takes: past the last entry, a take's fence included."""
+        entries = self.redis.xrevrange(keys.job_events(job_id), count=1)
+        return entry_seq(entries[0][0]) + 1 if entries else 0
 
     def exists(self, job_id: str) -> bool:
         return bool(self.redis.exists(keys.job_events(job_id)))

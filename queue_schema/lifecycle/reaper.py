@@ -135,7 +135,7 @@ class Reaper:
         job = books.fetch(self.redis, job_id)
         history = self.eventlog.replay(job_id)
         tokens = sum(1 for e in history if e.type in ("token", "embedding"))  # what a client may have seen
-        seq = history[-1].seq + 1 if history else 0
+        seq = self.eventlog.next_seq(job_id)  # past the claim's fence too
         worker = leases.worker_of(owner) or "unknown"
         if history and history[-1].terminal:  # its writer died between its end and the settle
             self.ending.settle(job_id, history[-1])

@@ -54,13 +54,17 @@ def remove_worker(client: redis.Redis, worker_id: str, model: str) -> None:
 
 
 def live_workers(client: redis.Redis) -> list[WorkerInfo]:
+    return [WorkerInfo.model_validate_json(b) for b in live_worker_records(client)]
+
+
+def live_worker_records(client: redis.Redis) -> list[bytes]:
+    """The live workers' records as they wrote them (JSON)."""
     now = clock.now_s(client)
     ids = [i.decode() for i in client.zrangebyscore(keys.WORKERS, now - WORKER_TTL_S, "+inf")]
     client.zremrangebyscore(keys.WORKERS, "-inf", now - 3600)
     if not ids:
         return []
-    blobs = client.mget([keys.worker(i) for i in ids])
-    return [WorkerInfo.model_validate_json(b) for b in blobs if b]
+    return [b for b in client.mget([keys.worker(i) for i in ids]) if b]
 
 
 def known_models(client: redis.Redis) -> list[ModelInfo]:

@@ -14,7 +14,7 @@ so the body reads ``K.lease`` and ``A.owner``, never a bare position; the call
 passes ``keys={...}`` and ``args={...}`` by name, and a missing or unknown name
 fails at the call, in Python, with the script's name. ``USES`` names libraries in
 ``lua/lib/`` whose code goes in front too: ``log`` holds the event log's
-conventions (entry ids, the closed mark, the live message), so every script that
+conventions (entry ids, the closed mark, the fence, the live message), so every script that
 reads or writes a log goes through the same few functions; ``keys`` is made here
 from ``queue_schema/keys.py`` (``KEY.job_lease(id)``...), so a script that reaches
 a job's keys from its id spells no name either.

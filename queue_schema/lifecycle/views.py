@@ -131,7 +131,7 @@ def views(client: redis.Redis, job_ids: list[str]) -> list[JobView | None]:
     pipe = client.pipeline(transaction=False)
     for job_id in job_ids:
         pipe.hgetall(keys.rq_job(job_id))
-        pipe.xrevrange(keys.job_events(job_id), count=1)
+        pipe.xrevrange(keys.job_events(job_id), count=4)  # a take's fence or two may be last
     raw = pipe.execute()
     out = []
     for i, job_id in enumerate(job_ids):
@@ -143,7 +143,7 @@ def views(client: redis.Redis, job_ids: list[str]) -> list[JobView | None]:
                 job.restore(fields)
             except Exception:  # a hash that is not an RQ job's
                 job = None
-        last = parse_event(entries[0][1][b"e"]) if entries else None
+        last = next((parse_event(f[b"e"]) for _, f in entries if b"e" in f), None)
         out.append(_view(client, job_id, job, last, with_position=False))
     return out
 

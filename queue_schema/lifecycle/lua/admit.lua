@@ -86,6 +86,8 @@ end
 local fields = {}
 for i = A_REST, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', K.job, unpack(fields))
+-- The queued event is generation 1 (a stream id must be above 0-0); takes count on from there.
+redis.call('HSET', K.job, 'lease_gen', 1)
 if redis.call('RPUSH', K.queue, id) == 1 then
   redis.call('LREM', K.ring, 0, member)
   redis.call('RPUSH', K.ring, member)
@@ -110,7 +112,7 @@ redis.call('HINCRBY', K.tenant_counters, 'submitted|' .. tenant, 1)
 redis.call('HSET', K.tenants, limit_key, tenant)
 if idem ~= '' then redis.call('SET', K.idem, idem, 'EX', A.idem_ttl) end
 local event = string.gsub((string.gsub(A.event, '"@@position@@"', position)), '"@@eta@@"', eta)
-LOG.write(K.events, K.channel, 0, 'queued', event, false)
+LOG.write(K.events, K.channel, 1, 0, 'queued', event, false)
 redis.call('EXPIRE', K.events, A.ttl)
 redis.call('ZADD', K.open_jobs, now, id)
 redis.call('HINCRBY', K.counters, 'submitted|' .. A.model, 1)

@@ -4,7 +4,8 @@
 -- that runs empty leaves the ring. The job moves from its limit key's queued set to its running set. A job
 -- whose log already ended (cancelled as it was taken) comes back closed and unleased.
 -- The lease's owner is "<owner>#<generation>": the generation counts the times the job was taken (kept in
--- RQ's job hash, which lives as long as the job), so every take writes as a writer of its own.
+-- RQ's job hash, which lives as long as the job), so every take writes as a writer of its own, and its
+-- fence in the log (log.lua) shuts out the takes before it.
 -- Answers {id, queue, next seq, closed (0/1), the lease owner ("" if closed), RQ's job hash as field/value
 -- pairs} per job.
 -- KEYS: leases
@@ -16,10 +17,11 @@ local out = {}
 local function take(id, queue)
   local job = KEY.rq_job(id)
   if redis.call('HGET', job, 'status') ~= 'queued' then return end
-  local next_seq, closed = LOG.tail(KEY.job_events(id))
+  local stream = KEY.job_events(id)
+  local next_seq, closed = LOG.tail(stream)
   local owner = ''
   if not closed then
-    owner = A.owner .. '#' .. redis.call('HINCRBY', job, 'lease_gen', 1)
+    owner, next_seq = LOG.take(stream, job, A.owner)
     redis.call('HSET', KEY.job_lease(id), 'owner', owner, 'renewals', 0, 'taken_ms', A.now_ms)
     redis.call('ZADD', K.leases, A.now_ms, id)
     redis.call('HSET', job, 'status', 'started', 'worker_name', A.worker, 'started_at', A.now_rq,

@@ -2,9 +2,9 @@
 -- new generation: the owner string, or "" if it has a lease.
 -- KEYS: lease leases
 -- ARGV: owner id now_ms
--- USES: keys
+-- USES: keys log
 if redis.call('EXISTS', K.lease) == 1 then return '' end
-local owner = A.owner .. '#' .. redis.call('HINCRBY', KEY.rq_job(A.id), 'lease_gen', 1)
+local owner = LOG.take(KEY.job_events(A.id), KEY.rq_job(A.id), A.owner)
 redis.call('HSET', K.lease, 'owner', owner, 'renewals', 0, 'taken_ms', A.now_ms)
 redis.call('ZADD', K.leases, A.now_ms, A.id)
 return owner

@@ -2,9 +2,9 @@
 -- of the job (lease_acquire.lua): the new owner string, or "" if the lease moved on.
 -- KEYS: lease
 -- ARGV: id owner renewals new_owner
--- USES: keys
+-- USES: keys log
 local lease = redis.call('HMGET', K.lease, 'owner', 'renewals')
 if (lease[1] or '') ~= A.owner or (lease[2] or '') ~= A.renewals then return '' end
-local owner = A.new_owner .. '#' .. redis.call('HINCRBY', KEY.rq_job(A.id), 'lease_gen', 1)
+local owner = LOG.take(KEY.job_events(A.id), KEY.rq_job(A.id), A.new_owner)
 redis.call('HSET', K.lease, 'owner', owner, 'renewals', 0)
 return owner

@@ -2,8 +2,8 @@
 -- new generation: the new owner string, or "" if `owner` no longer held it.
 -- KEYS: lease
 -- ARGV: id owner new_owner
--- USES: keys
+-- USES: keys log
 if (redis.call('HGET', K.lease, 'owner') or '') ~= A.owner then return '' end
-local owner = A.new_owner .. '#' .. redis.call('HINCRBY', KEY.rq_job(A.id), 'lease_gen', 1)
+local owner = LOG.take(KEY.job_events(A.id), KEY.rq_job(A.id), A.new_owner)
 redis.call('HSET', K.lease, 'owner', owner, 'renewals', 0)
 return owner
