@@ -2,7 +2,9 @@
 
 Workers and API processes write counters and histogram buckets to Redis
 (``queue_schema.lifecycle.stats``); queue depths and worker states are read live. So
-every gunicorn process answers the same, with no multiprocess directory.
+every gunicorn process answers the same, with no multiprocess directory. What shows the
+Redis primary's limits coming is in ``api.operator_metrics``, each tenant's quota use in
+``api.quota_metrics``.
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from api import batch_store
+from api import operator_metrics, quota_metrics
 from api.extensions import resources
+from api.jobs import tenant_limits
 from queue_schema import keys
 from queue_schema.lifecycle import clock, registry, stats, tenants
 from queue_schema.lifecycle import views as jobs
@@ -23,16 +26,21 @@ bp = Blueprint("metrics", __name__)
 _HELP = {
     "submitted": "Jobs accepted by the API", "finished": "Jobs that ended normally",
     "failed": "Jobs that ended with an error event", "cancelled": "Jobs cancelled by a client",
-    "tokens": "Tokens generated",
+    "tokens": "Tokens generated (inferq_redis_cpu_seconds_total over it is the queue's Redis cost per token)",
     "stuck_steps": "Decode steps that ran past the worker's bound (their jobs were handed on)",
 }
 _NAMES = {"tokens": "inferq_tokens_generated", "stuck_steps": "inferq_worker_stuck_steps"}
 
 
 class RedisCollector:
-    def __init__(self, client: redis.Redis, quotas: dict[str, int] | None = None):
+    def __init__(self, client: redis.Redis, quotas: quota_metrics.Quotas | None = None,
+                 configured: dict[str, set[str] | None] | None = None, cost: operator_metrics.RedisCost | None = None,
+                 headroom: float = 0.0):
         self.redis = client
-        self.quotas = quotas or {}  # the batch bounds each tenant is held to: batches, bytes (0: none)
+        self.quotas = quotas or quota_metrics.Quotas()
+        # The tenants whose quotas are shown, and their limit keys (quota_metrics.configured_tenants).
+        self.configured = configured if configured is not None else quota_metrics.configured_tenants(None)
+        self.cost, self.headroom = cost, headroom
 
     def collect(self):
         r = self.redis
@@ -57,9 +65,10 @@ class RedisCollector:
         yield depth
         yield oldest
         yield from _tenant_families(r)
-        yield from _quota_families(r, self.quotas)
-        yield from _redis_families(r)
-        yield from _webhook_families(r)
+        yield from quota_metrics.families(r, self.quotas, self.configured)
+        yield from operator_metrics.redis_families(r, sum(counters.get("tokens", {}).values()), self.cost,
+                                                   self.headroom)
+        yield from operator_metrics.webhook_families(r)
         for name, help_text in (("ttft_seconds", "Time from a job's start to its first token"),
                                 ("queue_wait_seconds", "Time jobs waited in the queue")):
             family = HistogramMetricFamily(f"inferq_{name}", help_text, labels=["model"])
@@ -118,53 +127,6 @@ def _tenant_families(r: redis.Redis):
     yield running
 
 
-def _quota_families(r: redis.Redis, quotas: dict[str, int]):
-    """Each tenant's batch quota use beside its bounds: a tenant about to get 429s shows first here."""
-    limit = GaugeMetricFamily("inferq_tenant_batch_quota_limit", "The bound each tenant's batches are held to "
-                              "(0: none)", labels=["quota"])
-    for quota in ("batches", "bytes"):
-        limit.add_metric([quota], quotas.get(quota, 0))
-    used = GaugeMetricFamily("inferq_tenant_batch_quota_used", "A tenant's batches in flight, and the bytes of "
-                             "its batch results and outputs in Redis", labels=["tenant", "quota"])
-    for tenant in sorted(m.decode() for m in r.smembers(keys.BATCH_TENANTS)):
-        batches, held = batch_store.usage(r, tenant)
-        used.add_metric([tenant, "batches"], batches)
-        used.add_metric([tenant, "bytes"], held)
-    yield limit
-    yield used
-
-
-def _redis_families(r: redis.Redis):
-    """What the queue's Redis spends: its CPU over tokens generated is the fleet's cost per token
-    (rate(inferq_redis_cpu_seconds_total) / rate(inferq_tokens_generated_total)); its memory against
-    maxmemory is how close admission is to STORAGE_FULL."""
-    pipe = r.pipeline(transaction=False)
-    for section in ("cpu", "memory", "stats"):
-        pipe.info(section)
-    cpu, memory, stats_info = pipe.execute()
-    total = CounterMetricFamily("inferq_redis_cpu_seconds", "CPU the queue's Redis has used (user and system)")
-    total.add_metric([], float(cpu.get("used_cpu_user", 0)) + float(cpu.get("used_cpu_sys", 0)))
-    commands = CounterMetricFamily("inferq_redis_commands", "Commands the queue's Redis has run")
-    commands.add_metric([], int(stats_info.get("total_commands_processed", 0)))
-    used = GaugeMetricFamily("inferq_redis_used_memory_bytes", "Memory the queue's Redis uses")
-    used.add_metric([], int(memory.get("used_memory", 0)))
-    limit = GaugeMetricFamily("inferq_redis_maxmemory_bytes", "The queue's Redis maxmemory (0: none)")
-    limit.add_metric([], int(memory.get("maxmemory", 0)))
-    yield from (total, commands, used, limit)
-
-
-def _webhook_families(r: redis.Redis):
-    due = r.zrange(keys.WEBHOOKS_DUE, 0, 0, withscores=True)
-    lag = GaugeMetricFamily("inferq_webhook_delivery_lag_seconds", "How long the oldest webhook delivery that "
-                            "is due has waited (0: none waits)")
-    now = clock.now_ms(r)
-    lag.add_metric([], max(0.0, (now - due[0][1]) / 1000) if due else 0.0)
-    pending = GaugeMetricFamily("inferq_webhook_deliveries_pending", "Webhook deliveries waiting to be sent")
-    pending.add_metric([], r.zcard(keys.WEBHOOKS_DUE))
-    yield lag
-    yield pending
-
-
 def _oldest_age(r: redis.Redis, queue_name: str) -> float:
     head = r.lindex(keys.rq_queue(queue_name), 0)
     if head is None:
@@ -180,7 +142,10 @@ def _oldest_age(r: redis.Redis, queue_name: str) -> float:
 @bp.get("/metrics")
 def metrics():
     reg = CollectorRegistry(auto_describe=False)
-    cfg = current_app.config
-    quotas = {"batches": int(cfg["MAX_BATCHES_PER_TENANT"]), "bytes": int(cfg["BATCH_BYTES_PER_TENANT"])}
-    reg.register(RedisCollector(resources().redis, quotas))
+    app = current_app
+    # The process's own window of samples outlives the request; the registry is made per scrape.
+    cost = app.extensions.setdefault("inferq_redis_cost", operator_metrics.RedisCost())
+    reg.register(RedisCollector(resources().redis, quota_metrics.Quotas.from_config(app.config, tenant_limits()),
+                                quota_metrics.configured_tenants(app.extensions["inferq_auth"].tokens), cost,
+                                float(app.config["REDIS_HEADROOM"])))
     return Response(generate_latest(reg), mimetype=CONTENT_TYPE_LATEST)

@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 import redis
 
+from api import webhook_lag
 from queue_schema import keys
 from queue_schema.errors import ConfigError
 from queue_schema.lifecycle.ending import WEBHOOK_RECORD_TTL_S
@@ -129,15 +130,25 @@ class Deliveries:
 
     def claim(self, now_ms: int, count: int = 20) -> list[tuple[Claim, Delivery]]:
         out = []
-        for claim in self.schedule.claim(now_ms, count):
+        claims = self.schedule.claim(now_ms, count)
+        if not claims:  # every tick of every API process asks: nothing more to write then
+            return out
+        lag = self.redis.pipeline(transaction=False)
+        for claim in claims:
             raw = self.redis.hgetall(keys.webhook(claim.member))
             if not raw or b"url" not in raw:  # its record expired: nothing to send
                 self.schedule.finish(claim)
+                webhook_lag.ended(lag, claim.member)
                 continue
             f = {k.decode(): v for k, v in raw.items()}
-            out.append((claim, Delivery(claim.member, f["url"].decode(), f["type"].decode(), f["target"].decode(),
-                                        f.get("state", b"").decode(), f.get("tenant", b"").decode(),
-                                        int(f.get("created", b"0")), int(f.get("attempts", b"0")), f.get("body"))))
+            delivery = Delivery(claim.member, f["url"].decode(), f["type"].decode(), f["target"].decode(),
+                                f.get("state", b"").decode(), f.get("tenant", b"").decode(),
+                                int(f.get("created", b"0")), int(f.get("attempts", b"0")), f.get("body"))
+            # Off the due set while it is tried and after a failure: its age is kept from here on.
+            webhook_lag.claimed(lag, delivery.id, delivery.created_ms or now_ms)
+            out.append((claim, delivery))
+        webhook_lag.forget_before(lag, now_ms - RECORD_TTL_S * 1000)
+        lag.execute()
         return out
 
     def keep_body(self, delivery: Delivery, body: dict) -> bytes:
@@ -152,6 +163,7 @@ class Deliveries:
         pipe.hset(key, mapping={"result": "delivered", "attempts": delivery.attempts + 1, "last_status": status,
                                 "last_ms": now_ms})
         pipe.expire(key, DELIVERED_TTL_S)
+        webhook_lag.delivered(pipe, delivery.id, delivery.created_ms, now_ms)
         pipe.execute()
         self.schedule.finish(claim)
 
@@ -165,6 +177,7 @@ class Deliveries:
                                 **({"result": "abandoned"} if give_up else {})})
         if give_up:
             pipe.expire(key, DELIVERED_TTL_S)
+            webhook_lag.ended(pipe, delivery.id)
         pipe.execute()
         if give_up:
             self.schedule.finish(claim)

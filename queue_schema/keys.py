@@ -30,6 +30,10 @@ TENANTS = f"{PREFIX}:tenants"  # hash: limit key -> tenant name, for /metrics
 TENANT_COUNTERS = f"{PREFIX}:stats:tenants"  # hash: "<counter>|<tenant>" -> count, for /metrics
 WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"  # sorted set: delivery id -> when it is due (ms)
 WEBHOOKS_CLAIMED = f"{PREFIX}:webhooks:claimed"  # sorted set: delivery id -> when its claim lapses (ms)
+# sorted set: delivery id -> when its event happened (ms), from its first claim until it is delivered or given up
+WEBHOOKS_UNDELIVERED = f"{PREFIX}:webhooks:undelivered"
+# hash: the event -> delivered seconds of webhook deliveries ("b:<bound>" bucket counts and "sum"), for /metrics
+WEBHOOK_DELIVERY_HIST = f"{PREFIX}:stats:hist:webhook_delivery_seconds"
 BATCHES_DUE = f"{PREFIX}:batches:due"  # sorted set: batch id -> when it next needs advancing (ms)
 BATCH_TENANTS = f"{PREFIX}:batches:tenants"  # set: tenants that have made batches, for /metrics
 BATCHES_CLAIMED = f"{PREFIX}:batches:claimed"  # sorted set: batch id -> when its claim lapses (ms)

@@ -4,8 +4,8 @@ from queue_schema import keys
 
 def test_key_names_are_pinned():
     assert keys.queue_name("tiny", "high") == "inferq.tiny.high"
-    assert keys.job_events("j1") == "inferq:job:j1:events"
     assert keys.job_channel("j1") == "inferq:job:j1:live"
+    assert keys.job_events("j1") == "inferq:job:j1:events"
     assert keys.job_cancel("j1") == "inferq:job:j1:cancel"
     assert keys.worker("w1") == "inferq:worker:w1"
     assert keys.job_lease("j1") == "inferq:job:j1:lease"
@@ -43,6 +43,8 @@ def test_key_names_are_pinned():
     assert keys.TENANTS == "inferq:tenants"
     assert keys.TENANT_COUNTERS == "inferq:stats:tenants"
     assert keys.WEBHOOKS_DUE == "inferq:webhooks:due" and keys.WEBHOOKS_CLAIMED == "inferq:webhooks:claimed"
+    assert keys.WEBHOOKS_UNDELIVERED == "inferq:webhooks:undelivered"
+    assert keys.WEBHOOK_DELIVERY_HIST == "inferq:stats:hist:webhook_delivery_seconds"
     assert keys.webhook("job_j1") == "inferq:webhook:job_j1"
     assert keys.BATCHES_DUE == "inferq:batches:due" and keys.BATCHES_CLAIMED == "inferq:batches:claimed"
     assert keys.BATCH_TENANTS == "inferq:batches:tenants"
