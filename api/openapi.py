@@ -18,7 +18,8 @@ _ERROR = {
 }
 _JOB_ID = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
 _IDEMPOTENCY = [{"name": "Idempotency-Key", "in": "header", "required": False,
-                 "schema": {"type": "string", "pattern": "^[\\x20-\\x7e]{1,255}$"},
+                 "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]([\\x20-\\x7e]{0,253}[\\x21-\\x7e])?$"},
+                 # HTTP drops a header value's outer spaces: a key that begins or ends with one arrives another.
                  "description": "The same key from the same tenant within 24 h answers with the first "
                                 "request's job (the OpenAI routes: its jobs, one per choice)."}]
 

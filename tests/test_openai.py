@@ -311,7 +311,10 @@ def test_chat_logprobs_streamed_and_not(oai):
     assert text == resp.choices[0].message.content
     chunks = list(oai.chat.completions.create(stream=True, **kwargs))
     streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
-    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    # Two runs of a greedy job: the same tokens; their logprobs can differ in the last digit (the second
+    # run's prompt comes from the prefix cache, computed in another batch shape).
+    assert [e.token for e in streamed] == [e.token for e in entries]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-4)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == resp.choices[0].message.content
     plain = oai.chat.completions.create(**{**kwargs, "logprobs": False, "top_logprobs": None})
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == resp.choices[0].message.content
