@@ -19,6 +19,7 @@ buffer it tokenizes everything and only then reports the count.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -51,8 +52,13 @@ class PromptBuilder:
         self.longest = max(1, backend.longest_piece)
         specials = {text: token for text, token in backend.special_tokens.items() if text}
         self.specials = specials
-        self._split = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) \
-            if specials else None
+
+    @functools.cached_property
+    def _split(self) -> re.Pattern | None:
+        # Built at the first chat prompt, not at start: over Gemma 3's 6,250 control tokens it takes 0.2 s.
+        if not self.specials:
+            return None
+        return re.compile("|".join(map(re.escape, sorted(self.specials, key=len, reverse=True))))
 
     # --- plain prompts -------------------------------------------------------------------
     def from_text(self, text: str, budget: int) -> list[int]:
