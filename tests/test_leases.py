@@ -65,6 +65,8 @@ def test_a_write_by_any_take_but_the_last_is_refused(r):
         assert [e.seq for e in log.replay(job)] == [0, 1] and log.replay(job)[1].t == "a"
         # Once it ended nothing follows, not even from the take that ended it.
         assert log.append(end.model_copy(update={"seq": 2}), writer=second) == Appended.OK
+        # The same end again (its reply was lost): written, not refused as closed.
+        assert log.append(end.model_copy(update={"seq": 2}), writer=second) == Appended.OK
         assert log.append(Token(job_id=job, seq=3, t="b", i=1), writer=second) == Appended.CLOSED
         assert [e.type for e in log.replay(job)] == ["queued", "token", "end"]
     finally:

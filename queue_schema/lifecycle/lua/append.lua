@@ -33,7 +33,8 @@ for k = K_REST, #KEYS, 3 do
   if (redis.call('HGET', lease, 'owner') or '') ~= writer then
     status = -1
   elseif closed then
-    status = 0
+    -- A batch retried after a lost reply finds the log closed by its own terminal: written, then.
+    status = tonumber(ARGV[first + 4 * (n - 1)]) < next_seq and writer ~= '' and 1 or 0
   elseif writer == '' then
     gen = next_gen(job, top_gen)
   else

@@ -1,9 +1,11 @@
 -- Give a job back to the front of its queue (and its queue to the front of its ring) if `owner` holds its
 -- lease; it moves back from its limit key's running set to its queued set, and the model's idle workers wake.
+-- The giving take is fenced off the log here (log.lua), not at the next take: it may still be writing.
 -- KEYS: lease leases queue job wake ring info
 -- ARGV: owner job queue_name
--- USES: keys
+-- USES: keys log
 if (redis.call('HGET', K.lease, 'owner') or '') ~= A.owner then return 0 end
+LOG.take(KEY.job_events(A.job), K.job, 'queue')
 redis.call('DEL', K.lease)
 redis.call('ZREM', K.leases, A.job)
 redis.call('HSET', K.job, 'status', 'queued', 'worker_name', '')

@@ -24,6 +24,9 @@ for k = K_REST, #KEYS, 2 do
       status = 0
       break
     elseif type(id) == 'table' and id.err then
+      -- Only a refused id is an answer here; anything else (out of memory, a read-only replica) is the
+      -- caller's to retry, as an error.
+      if not string.find(id.err, 'equal or smaller', 1, true) then return redis.error_reply(id.err) end
       local _, closed, top = LOG.tail(stream)
       if closed then status = 0 break end
       if top > gen then status = -1 break end
