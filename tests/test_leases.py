@@ -73,6 +73,42 @@ def test_a_write_by_any_take_but_the_last_is_refused(r):
         r.delete(keys.job_lease(job), keys.job_events(job), keys.rq_job(job))
 
 
+def test_a_take_that_gave_its_job_back_is_fenced_at_once(r):
+    """A give-back (a worker's, or the reaper's requeue) fences the giving take in the same step: while the
+    job waits for its next take, the one that gave it back cannot write into its log."""
+    log, job = EventLog(r), "give-back-" + __import__("uuid").uuid4().hex[:6]
+    r.hset(keys.rq_job(job), "status", "queued")
+    log.append(Queued(job_id=job, seq=0, position=0, queue="q"))
+    held = take(r, job, "", "worker-a")
+    try:
+        assert log.append(Token(job_id=job, seq=1, t="a", i=0), writer=held) == Appended.OK
+        assert leases.Leases(r).requeue(job, held, "inferq.m.normal", "m")
+        assert log.append(Token(job_id=job, seq=2, t="b", i=1), writer=held) == Appended.FENCED
+        assert [e.seq for e in log.replay(job)] == [0, 1] and log.next_seq(job) == 2
+    finally:
+        r.delete(keys.job_lease(job), keys.job_events(job), keys.rq_job(job), keys.rq_queue("inferq.m.normal"),
+                 keys.queue_ring("inferq.m.normal"), keys.model_wake("m"))
+
+
+def test_a_write_redis_cannot_take_is_an_error_to_retry_not_an_event_written(own_redis):
+    """Out of memory (or a read-only replica) is not a refused id: the append raises, and the publisher keeps
+    the events and retries, instead of counting them written."""
+    client = redis.Redis.from_url(own_redis.url)
+    log, job = EventLog(client), "oom-" + __import__("uuid").uuid4().hex[:6]
+    client.hset(keys.rq_job(job), "status", "queued")
+    log.append(Queued(job_id=job, seq=0, position=0, queue="q"))
+    held = take(client, job, "", "worker-a")
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 1)
+    try:
+        with pytest.raises(redis.ResponseError):
+            log.append(Token(job_id=job, seq=1, t="a", i=0), writer=held)
+    finally:
+        client.config_set("maxmemory", 0)
+    assert log.append(Token(job_id=job, seq=1, t="a", i=0), writer=held) == Appended.OK
+    assert [e.seq for e in log.replay(job)] == [0, 1]
+
+
 def test_the_only_worker_killed_mid_stream_ends_worker_lost_within_15_s(live_api, worker_factory, slow_model):
     """No other worker of the model is alive: the API process's reaper notices."""
     victim = worker_factory("lonely", slow_model, "--parallel", "2")
