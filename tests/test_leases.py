@@ -73,6 +73,34 @@ def test_a_write_by_any_take_but_the_last_is_refused(r):
         r.delete(keys.job_lease(job), keys.job_events(job), keys.rq_job(job))
 
 
+def test_a_log_of_two_takes_replays_from_any_seq(client, r):
+    """Entry ids lead with the take's generation, seqs run on across takes: a stream resumed from any seq
+    gets exactly the events after it, the second run's ``started`` included, and the take's fences never."""
+    from queue_schema.events import Started
+
+    log, job = EventLog(r), "two-takes-" + __import__("uuid").uuid4().hex[:6]
+    r.hset(keys.rq_job(job), "status", "queued")
+    log.append(Queued(job_id=job, seq=0, position=0, queue="q"))
+    first = take(r, job, "", "worker-a")
+    second = None
+    try:
+        started = dict(model="m", worker="worker-a", queue_wait_ms=1)
+        assert log.append_many([Started(job_id=job, seq=1, run=1, **started), Token(job_id=job, seq=2, t="a", i=0)],
+                               first) == {job: Appended.OK}
+        second = take(r, job, first, "worker-a")
+        end = End(job_id=job, seq=5, tokens_out=1, decode_time_ms=1, stop_reason="eos", text="b")
+        assert log.append_many([Started(job_id=job, seq=3, run=2, **started), Token(job_id=job, seq=4, t="b", i=0),
+                                end], second) == {job: Appended.OK}
+        whole = [(e["seq"], e["type"]) for e in events(client, job)]
+        assert whole == [(0, "queued"), (1, "started"), (2, "token"), (3, "started"), (4, "token"), (5, "end")]
+        for after in range(-1, 6):
+            assert [(e["seq"], e["type"]) for e in events(client, job, last_event_id=after)] == \
+                [x for x in whole if x[0] > after]
+    finally:
+        r.zrem(keys.SETTLING, job)
+        r.delete(keys.job_lease(job), keys.job_events(job), keys.rq_job(job))
+
+
 def test_a_take_that_gave_its_job_back_is_fenced_at_once(r):
     """A give-back (a worker's, or the reaper's requeue) fences the giving take in the same step: while the
     job waits for its next take, the one that gave it back cannot write into its log."""
