@@ -18,7 +18,7 @@ worker's batch holds fewer jobs at large N, a decode step's one script call is s
 and the cost per token rises for that reason rather than for the number of workers.
 
 The baseline, on the same Redis in the same run for each N, is ``bench.redis_cost``'s floor: one XADD
-and one PUBLISH of a token event per token, pipelined. The ratio inferq / floor is printed per N.
+of a token event per token, pipelined. The ratio inferq / floor is printed per N.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def main(argv=None):
               f"{w['cpu_us_per_token'] / w['floor_cpu_us_per_token']:8.1f}{w['job_cpu_us']:8.0f}"
               f"{w['job_calls']:8.0f}{w['ceiling_tok_s']:11,.0f}{w['ceiling_tok_s'] / GPU_WORKER_TOK_S:9.1f}")
     print("  µs/tok: Redis CPU per token over the load, less the idle rate; cmd µs: the commands' own time by "
-          "commandstats (no event loop, no socket I/O); floor: XADD + PUBLISH per token, pipelined, same Redis")
+          "commandstats (no event loop, no socket I/O); floor: one XADD per token, pipelined, same Redis")
     print("  job µs / job cmd: one 1-token job, submit to its stream's end; "
           f"tok/s/core = 1e6 / µs/tok; GPU wkrs = that / {GPU_WORKER_TOK_S:,} tok/s each")
     top = sorted(rows[0]["by_command_per_token"], key=lambda k: -rows[0]["by_command_per_token"][k][1])[:6]
