@@ -11,6 +11,7 @@ from __future__ import annotations
 import redis
 
 from queue_schema import keys
+from queue_schema.lifecycle import stats
 
 # From a delivery on the next tick to one that waited out a day of retries.
 BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
@@ -28,10 +29,7 @@ def ended(pipe, delivery_id: str) -> None:
 def delivered(pipe, delivery_id: str, event_ms: int, now_ms: int) -> None:
     ended(pipe, delivery_id)
     if event_ms > 0:  # a record from before "created" was kept has no event time to measure from
-        seconds = max(0.0, (now_ms - event_ms) / 1000)
-        bucket = next((str(bound) for bound in BUCKETS if seconds <= bound), "+Inf")
-        pipe.hincrby(keys.WEBHOOK_DELIVERY_HIST, f"b:{bucket}", 1)
-        pipe.hincrbyfloat(keys.WEBHOOK_DELIVERY_HIST, "sum", seconds)
+        stats.observe_at(pipe, keys.WEBHOOK_DELIVERY_HIST, BUCKETS, max(0.0, (now_ms - event_ms) / 1000))
 
 
 def forget_before(pipe, before_ms: int) -> None:
@@ -50,11 +48,4 @@ def oldest_event_ms(client: redis.Redis) -> float | None:
 
 def histogram(client: redis.Redis) -> tuple[list[tuple[str, int]], float] | None:
     """Prometheus's cumulative buckets and the sum, or None before any delivery."""
-    raw = {k.decode(): v for k, v in client.hgetall(keys.WEBHOOK_DELIVERY_HIST).items()}
-    if not raw:
-        return None
-    buckets, running = [], 0
-    for bound in [*map(str, BUCKETS), "+Inf"]:
-        running += int(raw.get(f"b:{bound}", 0))
-        buckets.append((bound, running))
-    return buckets, float(raw.get("sum", 0.0))
+    return stats.read_histogram_at(client, keys.WEBHOOK_DELIVERY_HIST, BUCKETS)

@@ -30,8 +30,12 @@ def observe(pipe, name: str, model: str, value: float) -> None:
     """Two commands: the one bucket the value falls in (``b:<bound>``, ``b:+Inf`` past the last) and the sum.
     Prometheus's buckets are cumulative; they are summed at scrape time (``read_histogram``), not written as
     one HINCRBY per bound the value is under (13 per observation, two observations per job)."""
-    key = keys.histogram(name, model)
-    bucket = next((str(bound) for bound in BUCKETS[name] if value <= bound), "+Inf")
+    observe_at(pipe, keys.histogram(name, model), BUCKETS[name], value)
+
+
+def observe_at(pipe, key: str, bounds: tuple[float, ...], value: float) -> None:
+    """``observe`` into the histogram hash at ``key`` with these bucket bounds (one not kept per model)."""
+    bucket = next((str(bound) for bound in bounds if value <= bound), "+Inf")
     pipe.hincrby(key, f"b:{bucket}", 1)
     pipe.hincrbyfloat(key, "sum", value)
 
@@ -75,14 +79,20 @@ def read_counters(client: redis.Redis) -> dict[str, dict[str, int]]:
 
 
 def read_histogram(client: redis.Redis, name: str, model: str) -> tuple[list[tuple[str, int]], float] | None:
-    raw = client.hgetall(keys.histogram(name, model))
+    return read_histogram_at(client, keys.histogram(name, model), BUCKETS[name])
+
+
+def read_histogram_at(client: redis.Redis, key: str,
+                      bounds: tuple[float, ...]) -> tuple[list[tuple[str, int]], float] | None:
+    """Prometheus's cumulative buckets and the sum of the histogram hash at ``key``; None before any value."""
+    raw = client.hgetall(key)
     if not raw:
         return None
     values = {k.decode(): v for k, v in raw.items()}
     # Fields "<bound>" and "+Inf" are the cumulative counts that older versions wrote: they add to what the
     # per-bucket fields "b:<bound>" sum up to, so an upgrade keeps its history.
     buckets, running = [], 0
-    for bound in [*map(str, BUCKETS[name]), "+Inf"]:
+    for bound in [*map(str, bounds), "+Inf"]:
         running += int(values.get(f"b:{bound}", 0))
         buckets.append((bound, running + int(values.get(bound, 0))))
     return buckets, float(values.get("sum", 0.0))
