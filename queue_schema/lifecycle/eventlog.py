@@ -84,6 +84,14 @@ def logged_events(entries) -> list[_Event]:
     return [parse_event(fields[b"e"]) for _, fields in entries if b"e" in fields]
 
 
+LAST_LOOK = 4  # entries read back from a log's end for its last event: a take's fence or two may be last
+
+
+def last_logged(entries) -> _Event | None:
+    """The last event among entries read from a log's end (XREVRANGE's pairs), fences passed over."""
+    return next((parse_event(fields[b"e"]) for _, fields in entries if b"e" in fields), None)
+
+
 class EventLog:
     """Append and replay job events. Safe to share between threads."""
 
@@ -125,7 +133,8 @@ class EventLog:
             if isinstance(event, Narration):
                 narration.append(data)
         plain = [run for run, rows in per_job.items() if generation(run[1]) > 0 and not any(r[3] for r in rows)]
-        checked = [run for run in per_job if run not in set(plain)]
+        plain_runs = set(plain)
+        checked = [run for run in per_job if run not in plain_runs]
         renew = {job_id: self._renewal_due(job_id) for job_id, _ in plain}
         # A pipeline that holds a script first asks Redis whether it has it (redis-py's SCRIPT EXISTS, a round
         # trip of its own): a step's one call goes alone, as EVALSHA.
@@ -202,12 +211,10 @@ class EventLog:
         """The log's last event (fences are passed over)."""
         key, end = keys.job_events(job_id), "+"
         while True:
-            entries = self.redis.xrevrange(key, end, count=4)
-            for entry_id, fields in entries:
-                if b"e" in fields:
-                    return parse_event(fields[b"e"])
-            if len(entries) < 4:
-                return None
+            entries = self.redis.xrevrange(key, end, count=LAST_LOOK)
+            last = last_logged(entries)
+            if last is not None or len(entries) < LAST_LOOK:
+                return last
             end = f"({entries[-1][0].decode()}"
 
     def next_seq(self, job_id: str) -> int:

@@ -14,9 +14,9 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from queue_schema import keys, records
-from queue_schema.events import End, _Event, parse_event
+from queue_schema.events import End, _Event
 from queue_schema.lifecycle import clock, registry, stats
-from queue_schema.lifecycle.eventlog import EventLog, final_state
+from queue_schema.lifecycle.eventlog import LAST_LOOK, EventLog, final_state, last_logged
 
 
 def queue(client: redis.Redis, model: str, priority: str) -> Queue:
@@ -131,7 +131,7 @@ def views(client: redis.Redis, job_ids: list[str]) -> list[JobView | None]:
     pipe = client.pipeline(transaction=False)
     for job_id in job_ids:
         pipe.hgetall(keys.rq_job(job_id))
-        pipe.xrevrange(keys.job_events(job_id), count=4)  # a take's fence or two may be last
+        pipe.xrevrange(keys.job_events(job_id), count=LAST_LOOK)
     raw = pipe.execute()
     out = []
     for i, job_id in enumerate(job_ids):
@@ -143,7 +143,7 @@ def views(client: redis.Redis, job_ids: list[str]) -> list[JobView | None]:
                 job.restore(fields)
             except Exception:  # a hash that is not an RQ job's
                 job = None
-        last = next((parse_event(f[b"e"]) for _, f in entries if b"e" in f), None)
+        last = last_logged(entries)
         out.append(_view(client, job_id, job, last, with_position=False))
     return out
 

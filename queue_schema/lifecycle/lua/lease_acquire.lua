@@ -18,10 +18,10 @@ local function take(id, queue)
   local job = KEY.rq_job(id)
   if redis.call('HGET', job, 'status') ~= 'queued' then return end
   local stream = KEY.job_events(id)
-  local next_seq, closed = LOG.tail(stream)
+  local next_seq, closed, top = LOG.tail(stream)
   local owner = ''
   if not closed then
-    owner, next_seq = LOG.take(stream, job, A.owner)
+    owner, next_seq = LOG.take(stream, job, A.owner, {next_seq, closed, top})
     redis.call('HSET', KEY.job_lease(id), 'owner', owner, 'renewals', 0, 'taken_ms', A.now_ms)
     redis.call('ZADD', K.leases, A.now_ms, id)
     redis.call('HSET', job, 'status', 'started', 'worker_name', A.worker, 'started_at', A.now_rq,

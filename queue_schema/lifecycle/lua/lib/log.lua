@@ -1,7 +1,7 @@
 -- The event log's conventions, the one place they are written (queue_schema/lifecycle/eventlog.py):
 -- a job's log is a Redis Stream whose entry id is "<generation>-<seq>": the generation of the lease take that
 -- wrote it, then the event's seq. Redis refuses an XADD whose id is not above the stream's last, so once a
--- take has written (or been fenced in, LOG.fence) no earlier take can write again: the fence costs no read.
+-- take has written (or been fenced in, LOG.take) no earlier take can write again: the fence costs no read.
 -- An event's entry holds its type in "t" and its JSON in "e"; the one terminal entry also carries "closed",
 -- after which nothing is written. A fence entry holds "f" (the take's owner) and no event. What is written
 -- is published on the job's channel, for the API's live relay; what is refused is not.
@@ -63,8 +63,10 @@ end
 -- takes before could still write, so Redis refuses their next XADD (a closed log needs none: it refuses
 -- everything). Answers the lease owner string ("<taker>#<generation>"), the seq the take writes next, and
 -- whether the log is closed. A job with no log yet gets one here: its fence takes seq 0, its events start at 1.
-function LOG.take(stream, rq_job, taker)
-  local next_seq, closed, top = LOG.tail(stream)
+-- A caller that has just read the log's end (LOG.tail) passes it on, `tail` = {next_seq, closed, top}.
+function LOG.take(stream, rq_job, taker, tail)
+  local next_seq, closed, top
+  if tail then next_seq, closed, top = tail[1], tail[2], tail[3] else next_seq, closed, top = LOG.tail(stream) end
   local gen = LOG.next_gen(rq_job, top)
   local owner = taker .. '#' .. gen
   if closed then return owner, next_seq, true end
