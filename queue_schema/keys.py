@@ -36,6 +36,10 @@ WEBHOOKS_UNDELIVERED = f"{PREFIX}:webhooks:undelivered"
 WEBHOOK_DELIVERY_HIST = f"{PREFIX}:stats:hist:webhook_delivery_seconds"
 BATCHES_DUE = f"{PREFIX}:batches:due"  # sorted set: batch id -> when it next needs advancing (ms)
 BATCH_TENANTS = f"{PREFIX}:batches:tenants"  # set: tenants that have made batches, for /metrics
+# Which store holds the job logs (INFERQ_EVENTS_URL, secrets left out; "" for this Redis), and who uses one:
+# a process that names another store refuses to start (queue_schema.lifecycle.events_url).
+EVENTS_STORE = f"{PREFIX}:events:store"  # string
+EVENTS_USERS = f"{PREFIX}:events:users"  # sorted set: "<store>\t<process>" -> last seen (ms, the fleet clock)
 BATCHES_CLAIMED = f"{PREFIX}:batches:claimed"  # sorted set: batch id -> when its claim lapses (ms)
 # RQ's own names for the Redis objects it keeps; inferq's Lua scripts touch them, so they are spelled here too.
 RQ_QUEUE_PREFIX = "rq:queue:"
@@ -64,19 +68,32 @@ def queue_ring(name: str) -> str:
     return f"{PREFIX}:ring:{base_queue_name(name)}"
 
 
+# A job's log keys carry its id as a hash tag ({id}): on an events cluster (INFERQ_EVENTS_URL) the stream and
+# its channel share a slot, so one script writes both.
 def job_events(job_id: str) -> str:
     """Redis Stream holding the job's events: the durable log."""
-    return f"{PREFIX}:job:{job_id}:events"
+    return f"{PREFIX}:job:{{{job_id}}}:events"
 
 
 def job_channel(job_id: str) -> str:
-    """Pub/sub channel relaying the job's events live."""
-    return f"{PREFIX}:job:{job_id}:live"
+    """Pub/sub channel relaying the job's events live (a shard channel on an events cluster)."""
+    return f"{PREFIX}:job:{{{job_id}}}:live"
+
+
+def old_job_events(job_id: str) -> str:
+    """The log's name before the hash tag (log format 2): only the upgrade check looks for it."""
+    return f"{PREFIX}:job:{job_id}:events"
 
 
 def job_cancel(job_id: str) -> str:
     """Flag set when a client asked to cancel the job."""
     return f"{PREFIX}:job:{job_id}:cancel"
+
+
+def job_settled(job_id: str) -> str:
+    """Set once what hangs on the job's end has been settled (queue_schema.lifecycle.ending): the settle's
+    guard, whoever calls it and however often."""
+    return f"{PREFIX}:job:{job_id}:settled"
 
 
 def job_info(job_id: str) -> str:

@@ -4,8 +4,10 @@ from queue_schema import keys
 
 def test_key_names_are_pinned():
     assert keys.queue_name("tiny", "high") == "inferq.tiny.high"
-    assert keys.job_channel("j1") == "inferq:job:j1:live"
-    assert keys.job_events("j1") == "inferq:job:j1:events"
+    assert keys.job_channel("j1") == "inferq:job:{j1}:live"
+    assert keys.job_events("j1") == "inferq:job:{j1}:events"
+    assert keys.job_settled("j1") == "inferq:job:j1:settled"
+    assert keys.EVENTS_STORE == "inferq:events:store" and keys.EVENTS_USERS == "inferq:events:users"
     assert keys.job_cancel("j1") == "inferq:job:j1:cancel"
     assert keys.worker("w1") == "inferq:worker:w1"
     assert keys.job_lease("j1") == "inferq:job:j1:lease"

@@ -12,14 +12,24 @@ until one is promoted its commands fail with ``redis.ConnectionError``, which
 callers already treat as "Redis is unavailable" (``queue_schema.lifecycle.redis_errors``).
 The URL is parsed by ``redis_sentinel_url``, the parser rq-dashboard uses, so the
 dashboard the API embeds reads the same URL the same way.
+
+The job logs may live on another store (``INFERQ_EVENTS_URL``, see
+``events_client``), which may also be a Redis Cluster::
+
+    redis+cluster://[:password@]host:port[,host:port...][?option=...]   (rediss+cluster:// for TLS)
+
+The hosts are seeds: the client learns every node and slot from them.
+``REDIS_URL`` cannot be a cluster: RQ keeps a job's keys in one Redis and runs
+multi-key commands across queues.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis_sentinel_url import parse_sentinel_url
 
@@ -31,6 +41,8 @@ SENTINEL_SCHEME = "redis+sentinel"
 # that stopped answering must not hold a reconnect for ever.
 SENTINEL_TIMEOUT_S = 2.0
 _SECRETS = re.compile(r"(^|&)((?:sentinel_)?password)=[^&]*")
+CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
+CLUSTER_FORM = "redis+cluster://[:password@]host:port[,host:port...]"
 
 
 class RedisURLError(ConfigError):
@@ -47,8 +59,76 @@ def masked(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
+def store_identity(url: str | None) -> str:
+    """The text that names a store without its secrets, for processes to compare: ``""`` for none (the
+    queue's own Redis), else ``url`` with its passwords left out. Two URLs that differ only in a password
+    name one store; the seeds of a cluster are kept in their order, so list them alike everywhere."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = (f"{parts.username}@" if parts.username else "") + netloc.rpartition("@")[2]
+    query = "&".join(p for p in parts.query.split("&") if p and not _SECRETS.match(p))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
 def is_sentinel(url: str) -> bool:
     return urlsplit(url).scheme == SENTINEL_SCHEME
+
+
+def is_cluster(url: str) -> bool:
+    return urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
+def parse_cluster(url: str) -> tuple[list[tuple[str, int]], dict]:
+    """The seeds of a cluster URL, and the client options it gives (password, TLS, its query's)."""
+    parts = urlsplit(url)
+    if parts.scheme not in CLUSTER_SCHEMES:
+        raise RedisURLError(f"not a {CLUSTER_FORM} URL: {masked(url)}")
+    # One reading for every process: a user name or a db that some of them ignored would split the fleet.
+    if parts.username:
+        raise RedisURLError(f"{parts.scheme}:// URLs take a password only (:password@host), not a user name: "
+                            f"{masked(url)}")
+    if parts.path not in ("", "/"):
+        raise RedisURLError(f"a Redis Cluster has no db numbers: drop the path of {masked(url)}")
+    seeds = []
+    for seed in parts.netloc.rpartition("@")[2].split(","):
+        try:
+            address = urlsplit(f"//{seed}")
+            host, port = address.hostname, address.port or 6379
+        except ValueError:
+            host = None
+        if not host:
+            raise RedisURLError(f"cannot read {masked(url)}: the seeds are host:port, as in {CLUSTER_FORM}")
+        seeds.append((host, port))
+    try:
+        options = redis.connection.parse_url(f"redis://?{parts.query}")
+    except ValueError as exc:
+        raise RedisURLError(f"cannot read {masked(url)}: {exc}") from None
+    if "db" in options:
+        raise RedisURLError(f"a Redis Cluster has no db numbers: drop db= from {masked(url)}")
+    if parts.password is not None:
+        options["password"] = unquote(parts.password)
+    options["ssl"] = CLUSTER_SCHEMES[parts.scheme]
+    return seeds, options
+
+
+def events_client(url: str, **options) -> redis.Redis | RedisCluster:
+    """A client for the job logs' store: a ``RedisCluster`` for a cluster URL (it reads the cluster's
+    layout from the seeds now, so an unreachable cluster fails here), else ``client(url)``. ``options``
+    are redis-py connection options, the URL's own win; RedisCluster ignores those its nodes' connections
+    do not take (``health_check_interval``)."""
+    if not is_cluster(url):
+        return client(url, **options)
+    seeds, url_options = parse_cluster(url)
+    return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in seeds], **{**options, **url_options})
+
+
+def _refuse_cluster(url: str) -> None:
+    if is_cluster(url):
+        raise RedisURLError(f"REDIS_URL cannot be a Redis Cluster ({masked(url)}): RQ needs one Redis; "
+                            f"only INFERQ_EVENTS_URL, where the job logs live, can be a cluster")
 
 
 @dataclass(frozen=True)
@@ -98,6 +178,7 @@ def sentinel_password(url: str) -> str | None:
 
 def client(url: str, **options) -> redis.Redis:
     """A client for ``url``; ``options`` are redis-py connection options (the URL's own win)."""
+    _refuse_cluster(url)
     if not is_sentinel(url):
         return redis.Redis.from_url(url, **options)
     target = parse_sentinel(url, **options)
@@ -107,6 +188,7 @@ def client(url: str, **options) -> redis.Redis:
 def blocking_client(url: str, max_connections: int, timeout: float, **options) -> redis.Redis:
     """A client whose pool holds at most ``max_connections``: a caller past that waits up to
     ``timeout`` seconds for a free one, then gets ``redis.ConnectionError``."""
+    _refuse_cluster(url)
     if not is_sentinel(url):
         pool = redis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout,
                                                      **options)
