@@ -30,12 +30,13 @@ from flask import Flask
 from api import webhook_sender, webhooks
 from api.config import csv_setting
 from queue_schema.errors import ConfigError
-from queue_schema.lifecycle import clock
+from queue_schema.lifecycle import clock, connection, events_url
 from queue_schema.lifecycle import views as jobs
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
 SENDERS = 8
+EVENTS_STORE_RENEW_MS = 5_000  # well inside events_url.USER_TTL_MS
 NO_KEY_RETRY_MS = 10_000  # a delivery this process cannot sign: back to the schedule, for one that can
 
 
@@ -76,6 +77,7 @@ class Background:
         self._senders = ThreadPoolExecutor(SENDERS, thread_name_prefix="inferq-webhook")
         self._in_flight = 0
         self._lock = threading.Lock()
+        self._said_store_ms = 0
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="inferq-background", daemon=True)
@@ -96,10 +98,20 @@ class Background:
 
     def tick(self) -> None:
         with self.app.app_context():
+            self._say_events_store()
             self.deliver_webhooks()
             from api import batch_runner  # late: it imports the OpenAI routes' request models
 
             batch_runner.advance_due(self.id)
+
+    def _say_events_store(self) -> None:
+        """Renew this process's use of its events store (queue_schema.lifecycle.events_url), every few seconds."""
+        now = clock.now_ms(self.app.extensions["inferq"].redis)
+        if now - self._said_store_ms < EVENTS_STORE_RENEW_MS:
+            return
+        self._said_store_ms = now
+        events_url.renew(self.app.extensions["inferq"].redis,
+                         connection.store_identity(self.app.extensions["inferq_events_url"]), self.id, now)
 
     def idle(self) -> bool:
         """No delivery attempt in flight (tests wait for this)."""

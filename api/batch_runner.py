@@ -256,15 +256,16 @@ def _collect(batch: batches.Batch) -> int:
     ended = [j.decode() for j in r.lrange(keys.batch_ended(batch.id), 0, COLLECT - 1)]
     if not ended:
         return 0
-    pipe = r.pipeline(transaction=False)
+    events = resources().eventlog.redis  # the logs' store: the queue's Redis unless INFERQ_EVENTS_URL
+    pipe, log_pipe = r.pipeline(transaction=False), events.pipeline(transaction=False)
     for job_id in ended:
         pipe.hget(keys.batch_jobs(batch.id), f"j:{job_id}")
-        pipe.xrevrange(keys.job_events(job_id), count=8)
+        log_pipe.xrevrange(keys.job_events(job_id), count=8)
         pipe.hget(keys.job_info(job_id), "submitted")
-    raw = pipe.execute()
+    raw, tails = pipe.execute(), log_pipe.execute()
     mapped, kept = [], []
     for i, job_id in enumerate(ended):
-        line, entries, submitted = raw[3 * i: 3 * i + 3]
+        (line, submitted), entries = raw[2 * i: 2 * i + 2], tails[i]
         if line is None:  # admitted, not yet mapped (the submit step was cut short): it maps it on retry
             kept.append(job_id)
         else:
@@ -285,7 +286,7 @@ def _collect(batch: batches.Batch) -> int:
     mapped = [m for i, m in enumerate(mapped) if i not in keep]
     lines = [x for i, x in enumerate(lines) if i not in keep]
     whole = whole[:WHOLE_LOGS]
-    pipe = r.pipeline(transaction=False)
+    pipe = events.pipeline(transaction=False)
     for i in whole:  # one event per vector, or per token
         pipe.xrange(keys.job_events(mapped[i][0]))
     for i, entries in zip(whole, pipe.execute()):
@@ -372,7 +373,7 @@ def _cancel_outstanding(batch: batches.Batch) -> None:
     if not lines:
         return
     job_ids = [j.decode() for j in r.hmget(keys.batch_jobs(batch.id), lines) if j is not None]
-    for job_id, view in zip(job_ids, jobs.views(r, job_ids)):
+    for job_id, view in zip(job_ids, jobs.views(r, job_ids, resources().eventlog.redis)):
         if view is not None and view.terminal is None:
             request_cancel(job_id, view.state)
 

@@ -9,6 +9,9 @@ from queue_schema.settings import DAY_S, RetryAfter, Settings
 
 DEFAULTS = {
     "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+    # Where the job logs and their live channels go (redis://, redis+sentinel://, redis+cluster://...); None
+    # (unset): the queue's Redis (queue_schema/lifecycle/eventlog.py; docs/DESIGN.md, Scale-out).
+    "EVENTS_URL": None,
     # Comma-separated `token` or `name:token` entries (api/auth.py); None (unset) turns auth off.
     "API_TOKENS": None,
     # Tokens that see every tenant's jobs, files and batches (same format; the name defaults to "admin").
@@ -70,7 +73,7 @@ DEFAULTS = {
 
 # Lists of names and secrets, taken as written: from_prefixed_env would JSON-parse them, and
 # `0`, `false`, `null` or `[]` would quietly turn auth off (`true` became the token `True`).
-RAW_SETTINGS = ("API_TOKENS", "ADMIN_TOKENS", "HIGH_PRIORITY_TENANTS", "TRUSTED_ORIGINS", "ALLOWED_HOSTS",
+RAW_SETTINGS = ("EVENTS_URL", "API_TOKENS", "ADMIN_TOKENS", "HIGH_PRIORITY_TENANTS", "TRUSTED_ORIGINS", "ALLOWED_HOSTS",
                 "WEBHOOK_SECRET", "WEBHOOK_SECRETS", "WEBHOOK_ALLOW_HOSTS")
 
 

@@ -17,6 +17,13 @@ covers it, so callers can subscribe, then replay the event log, and know that
 anything published after the replay reaches them. If the connection breaks,
 every subscription is failed (``redis.ConnectionError`` from ``get``): the
 stream ends and its client resumes with Last-Event-ID, from the log.
+
+On an events cluster (INFERQ_EVENTS_URL) a job's channel is a shard channel
+(SSUBSCRIBE: a classic PUBLISH would go to every node), and ``ShardedHubs``
+keeps one such connection per master, each hub for the channels whose slots
+that master serves. A master that fails over breaks its hub's connection, and
+its streams resume from the log, which the cluster client finds on the
+promoted replica.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import time
 from collections.abc import Callable
 
 import redis
+from redis.cluster import RedisCluster
 
 log = logging.getLogger(__name__)
 IDLE_S = 5.0
@@ -113,9 +121,16 @@ class Subscription:
         self.close()
 
 
+# The pub/sub message types by kind, for classic and for sharded channels.
+_KINDS = {"message": "message", "subscribe": "subscribe", "unsubscribe": "unsubscribe",
+          "smessage": "message", "ssubscribe": "subscribe", "sunsubscribe": "unsubscribe"}
+
+
 class ChannelHub:
-    def __init__(self, client: redis.Redis, decode: Callable[[bytes], object] = bytes):
+    def __init__(self, client: redis.Redis, decode: Callable[[bytes], object] = bytes, sharded: bool = False):
+        """``sharded``: the channels are shard channels (SSUBSCRIBE), all served by ``client``'s node."""
         self._client = client
+        self._sharded = sharded
         self._decode = decode  # once per message, however many listeners share it
         self._lock = threading.Lock()
         self._channels: dict[str, _Channel] = {}
@@ -140,7 +155,7 @@ class ChannelHub:
             if len(listeners) == 1:
                 self._sent[channel] = self._sent.get(channel, 0) + 1
                 try:
-                    self._pubsub.subscribe(channel)
+                    (self._pubsub.ssubscribe if self._sharded else self._pubsub.subscribe)(channel)
                 except (redis.ConnectionError, redis.TimeoutError, OSError):
                     self._drop(sub)
                     raise
@@ -155,7 +170,7 @@ class ChannelHub:
         with self._lock:
             if self._drop(sub) and self._pubsub is not None:
                 try:
-                    self._pubsub.unsubscribe(sub.channel)
+                    (self._pubsub.sunsubscribe if self._sharded else self._pubsub.unsubscribe)(sub.channel)
                 except (redis.ConnectionError, redis.TimeoutError, OSError):
                     pass  # the reader sees the broken connection and resets
 
@@ -215,23 +230,25 @@ class ChannelHub:
                     if self._stop_if_idle():
                         return
                     continue
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            except (redis.ConnectionError, redis.TimeoutError, OSError, redis.ResponseError) as exc:
+                # A ResponseError: a shard channel's slot moved to another node (MOVED) after a failover.
                 log.warning("pub/sub connection lost (%s); failing %d streams", exc, self.listener_count())
                 self._reset()
                 time.sleep(0.2)
                 continue
             channel = m["channel"].decode() if isinstance(m["channel"], bytes) else m["channel"]
+            kind = _KINDS.get(m["type"])
             with self._lock:
                 shared = self._channels.get(channel)
-                if m["type"] == "subscribe":
+                if kind == "subscribe":
                     self._confirmed[channel] = self._confirmed.get(channel, 0) + 1
                     if shared is not None and self._confirmed[channel] == self._sent.get(channel, 0):
                         for sub in shared.listeners:
                             sub.ready.set()
-                elif m["type"] == "unsubscribe" and shared is None and \
+                elif kind == "unsubscribe" and shared is None and \
                         self._confirmed.get(channel) == self._sent.get(channel):
                     del self._confirmed[channel], self._sent[channel]  # nothing in flight: forget it
-            if m["type"] == "message" and shared is not None:
+            if kind == "message" and shared is not None:
                 try:
                     payload = self._decode(m["data"])
                 except Exception:  # one malformed message must not stop every stream
@@ -263,3 +280,33 @@ class ChannelHub:
                     sub.ready.set()  # a waiter wakes, then finds the connection broken in get_batch
             self._channels.clear()
             self._fresh_connection()
+
+
+class ShardedHubs:
+    """The job channels of an events cluster: a ChannelHub per master node, each for the shard channels whose
+    slots that node serves."""
+
+    def __init__(self, cluster: RedisCluster, decode: Callable[[bytes], object] = bytes):
+        self._cluster = cluster
+        self._decode = decode
+        self._lock = threading.Lock()
+        self._hubs: dict[str, ChannelHub] = {}
+
+    def subscribe(self, channel: str, timeout: float = 5.0) -> Subscription:
+        node = self._cluster.get_node_from_key(channel)
+        with self._lock:
+            hub = self._hubs.get(node.name)
+            if hub is None:
+                hub = self._hubs[node.name] = ChannelHub(self._cluster.get_redis_connection(node), self._decode,
+                                                         sharded=True)
+        try:
+            return hub.subscribe(channel, timeout)
+        except redis.ConnectionError:
+            # The node may be gone (a failover): the next subscribe asks the cluster where the slot is now.
+            self._cluster.nodes_manager.initialize()
+            raise
+
+    def listener_count(self) -> int:
+        with self._lock:
+            hubs = list(self._hubs.values())
+        return sum(hub.listener_count() for hub in hubs)

@@ -47,7 +47,7 @@ def parse_cursor(cursor: str | None) -> tuple[float, str] | None:
 
 
 def page(client: redis.Redis, index_key: str, *, state: str | None = None, model: str | None = None,
-         limit: int = 20, cursor: str | None = None) -> Page:
+         limit: int = 20, cursor: str | None = None, events: redis.Redis | None = None) -> Page:
     after = parse_cursor(cursor)
     high = "+inf" if after is None else repr(after[0])
     found: list[tuple[jobs.JobView, str]] = []
@@ -67,7 +67,7 @@ def page(client: redis.Redis, index_key: str, *, state: str | None = None, model
             entries.append((job_id, score))
         scanned += len(rows)
         gone = []
-        for (job_id, score), view in zip(entries, jobs.views(client, [j for j, _ in entries])):
+        for (job_id, score), view in zip(entries, jobs.views(client, [j for j, _ in entries], events)):
             last_cursor = f"{int(score)}_{job_id}"
             if view is None:
                 gone.append(job_id)

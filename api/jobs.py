@@ -109,7 +109,7 @@ def list_jobs():
         tenant = args.get("tenant") if who.admin else who.name
         index = keys.tenant_jobs(tenant)
     found = listing.page(resources().redis, index, state=state, model=model, limit=limit,
-                         cursor=args.get("cursor") or args.get("after"))
+                         cursor=args.get("cursor") or args.get("after"), events=resources().eventlog.redis)
     return jsonify(object="list", data=[v.to_dict() for v in found.data], has_more=found.has_more,
                    next_cursor=found.next_cursor)
 

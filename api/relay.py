@@ -160,7 +160,7 @@ def narration_messages(keepalive_s: float, backlog: int, follow: bool = True) ->
     """The narration of every worker and of the jobs the caller may see: recent ones from the log, then
     live (if ``follow``)."""
     visible = _narration_filter()
-    with resources().channels.subscribe(keys.NARRATION_CHANNEL, SUBSCRIBE_WAIT_S) as sub:
+    with resources().narration.subscribe(keys.NARRATION_CHANNEL, SUBSCRIBE_WAIT_S) as sub:
         for event in resources().eventlog.recent_narration(backlog):
             if visible is None or visible(event.job_id):
                 yield sse.logged(event, with_id=False).text

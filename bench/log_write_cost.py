@@ -87,7 +87,7 @@ def run_mode(r: redis.Redis, mode: str, jobs: int, step_s: float, steps: int) ->
         if mode == "ping":
             r.ping()
         elif mode == "step":
-            step(r, {}, {"ttl": 3600}, [k for name in names for k in (name, name + ":live")],
+            step(r, {}, {"ttl": 3600, "pub": "PUBLISH"}, [k for name in names for k in (name, name + ":live")],
                  [x for _ in names for x in (1, 1, "0", seq, "token", payload)])
         elif mode == "checked":
             checked(keys=names, args=[seq, payload, "w#1"])

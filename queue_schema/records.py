@@ -31,7 +31,7 @@ class WorkerInfo(BaseModel):
     chat_template_digest: str = "none"  # workers of one model must agree on it
     started_at: float = 0.0
     heartbeat_at: float = 0.0
-    log_format: int = 2  # the job log layout it writes (queue_schema.lifecycle.log_format.LOG_FORMAT)
+    log_format: int = 3  # the job log layout it writes (queue_schema.lifecycle.log_format.LOG_FORMAT)
 
 
 class ModelInfo(BaseModel):

@@ -42,7 +42,7 @@ def take(r, job: str, owner: str, new_owner: str) -> str:
     if owner == "":
         r.hset(keys.job_lease(job), "owner", "")
     return scripts.load("lease_take_over")(r, keys={"lease": keys.job_lease(job)},
-                                             args={"id": job, "owner": owner, "new_owner": new_owner}).decode()
+                                             args={"id": job, "owner": owner, "new_owner": new_owner, "apart": 0}).decode()
 
 
 def test_a_write_by_any_take_but_the_last_is_refused(r):

@@ -45,3 +45,19 @@ def test_a_worker_refuses_to_start_while_jobs_of_the_old_layout_are_open(r, redi
         r.zrem(keys.OPEN_JOBS, job)
         r.delete(keys.job_events(job))
     log_format.check(r)
+
+
+def test_a_worker_refuses_to_start_while_an_open_jobs_log_is_under_its_old_name(r, redis_url, tiny_model):
+    """Log format 3 put the job id in the log's name as a hash tag: a log format 2 wrote is not found under
+    the new name, so its open job would lose its history."""
+    job = "format-2-job"
+    r.xadd(keys.old_job_events(job), {"t": "queued", "e": json.dumps({"job_id": job, "seq": 0, "type": "queued"})},
+           id="1-0")
+    r.zadd(keys.OPEN_JOBS, {job: 1})
+    try:
+        errors = start_refused(redis_url, tiny_model)
+        assert "old layout" in errors[0] and job in errors[0]
+    finally:
+        r.zrem(keys.OPEN_JOBS, job)
+        r.delete(keys.old_job_events(job))
+    log_format.check(r)

@@ -14,6 +14,7 @@ import redis
 
 from queue_schema.errors import ConfigError, InferqError, StartError
 from queue_schema.lifecycle import connection
+from queue_schema.lifecycle import events_url as events_url_setting
 from queue_schema.lifecycle.connection import masked
 from queue_schema.settings import Settings
 from worker import gpu
@@ -51,7 +52,18 @@ def run_worker(redis_url: str, spec: ModelSpec, burst: bool = False, on_loaded=N
         client.ping()
     except redis.RedisError as exc:
         raise WorkerStartError(f"cannot reach Redis at {masked(redis_url)}: {exc}") from None
-    runtime = WorkerRuntime(client, spec, listen_client=blocking, settings=settings or Settings.from_env())
+    events_url = events_url_setting.from_env()
+    events = None
+    if events_url:
+        try:
+            events = connection.events_client(events_url, socket_connect_timeout=2, socket_timeout=SOCKET_TIMEOUT_S)
+            events.ping()
+        except (ValueError, ConfigError) as exc:
+            raise WorkerStartError(f"bad INFERQ_EVENTS_URL: {exc}") from None
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            raise WorkerStartError(f"cannot reach the events store at {masked(events_url)}: {exc}") from None
+    runtime = WorkerRuntime(client, spec, listen_client=blocking, settings=settings or Settings.from_env(),
+                            events=events, events_url=events_url)
     try:
         runtime.load()
     except InferqError as exc:

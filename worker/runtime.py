@@ -37,7 +37,7 @@ from rq.serializers import JSONSerializer
 from queue_schema import log_context, records
 from queue_schema.errors import ConfigError
 from queue_schema.events import Narration
-from queue_schema.lifecycle import log_format, registry
+from queue_schema.lifecycle import clock, connection, events_url, log_format, registry
 from queue_schema.lifecycle import views as job_views
 from queue_schema.lifecycle.ending import Ending
 from queue_schema.lifecycle.eventlog import EventLog
@@ -75,14 +75,17 @@ class ModelSpec:
 
 class WorkerRuntime:
     def __init__(self, client: redis.Redis, spec: ModelSpec, worker_id: str | None = None,
-                 listen_client: redis.Redis | None = None, settings: Settings = DEFAULTS):
-        """``listen_client`` serves the connections that block (cancel pub/sub); it needs no socket timeout."""
+                 listen_client: redis.Redis | None = None, settings: Settings = DEFAULTS,
+                 events: redis.Redis | None = None, events_url: str | None = None):
+        """``listen_client`` serves the connections that block (cancel pub/sub); it needs no socket timeout.
+        ``events``: the job logs' store, where that is not ``client`` (INFERQ_EVENTS_URL)."""
         self.redis = client
         self.spec = spec
         self.id = worker_id or f"{spec.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.settings = settings
-        self.eventlog = EventLog(client, ttl_s=settings.job_ttl_s)
-        self.leases = Leases(client)
+        self.events_store = connection.store_identity(events_url)  # checked against the fleet's at load
+        self.eventlog = EventLog(events if events is not None else client, ttl_s=settings.job_ttl_s, queue=client)
+        self.leases = Leases(client, self.eventlog)
         self.ending = Ending(client, self.eventlog)
         self.inbox = Inbox()
         self.publisher = EventPublisher(self.eventlog, writer=self.id, on_result=self._logged)
@@ -112,7 +115,8 @@ class WorkerRuntime:
     # --- lifecycle -------------------------------------------------------------------
     def load(self) -> None:
         """Load the model (once, before any job) and start heartbeating."""
-        log_format.check(self.redis, self.id)
+        events_url.claim(self.redis, self.events_store, self.id, clock.now_ms(self.redis))
+        log_format.check(self.redis, self.id, self.eventlog.redis)
         self._heartbeat.start()
         start = time.perf_counter()
         size = os.path.getsize(self.spec.path)
@@ -204,6 +208,7 @@ class WorkerRuntime:
             self._heartbeat.join(10)  # its last beat must not land after the removal below
         try:
             registry.remove_worker(self.redis, self.id, self.spec.name)
+            events_url.leave(self.redis, self.events_store, self.id)
             if self._rq_worker is not None:
                 self._rq_worker.register_death()
         except redis.RedisError:
@@ -303,6 +308,10 @@ class WorkerRuntime:
                 if time.monotonic() >= next_info:
                     next_info = time.monotonic() + registry.HEARTBEAT_INTERVAL_S
                     self._rq_heartbeat(bool(self.publish_record().jobs))
+                    events_url.renew(self.redis, self.events_store, self.id, clock.now_ms(self.redis))
+            except events_url.EventsStoreMismatch as exc:  # the fleet moved its logs while this one was away
+                log.error("worker %s: %s; stopping", self.id, exc)
+                self.request_stop()
             except redis.RedisError as exc:
                 log.warning("worker %s: heartbeat failed: %s", self.id, exc)
             except Exception:  # never let a surprise stop the heartbeats

@@ -409,7 +409,7 @@ def _pin(meta: Meta, made: Builder) -> None:
 
 def _cancel_job(job_id: str) -> bool:
     """Ask a job that has not ended to stop; False if it had ended."""
-    view = views.views(resources().redis, [job_id])[0]
+    view = views.views(resources().redis, [job_id], resources().eventlog.redis)[0]
     if view is None or view.terminal is not None:
         return False
     request_cancel(job_id, view.state)

@@ -79,7 +79,7 @@ def submit_all(ops, idem: Idempotency | None) -> list[Admitted]:
 
 def cancel_open(job_ids: list[str]) -> None:
     try:
-        for job_id, view in zip(job_ids, views.views(resources().redis, job_ids)):  # one round trip
+        for job_id, view in zip(job_ids, views.views(resources().redis, job_ids, resources().eventlog.redis)):  # one round trip
             if view is not None and view.terminal is None:
                 request_cancel(job_id, view.state)
     except redis.RedisError:

@@ -94,8 +94,11 @@ class Admitted:
 
 
 class Admission:
-    def __init__(self, client: redis.Redis, settings: Settings = DEFAULTS):
+    def __init__(self, client: redis.Redis, settings: Settings = DEFAULTS, eventlog=None):
+        """``eventlog``: the job logs' (an EventLog), where they live on a store of their own: the ``queued``
+        event is written there after the script, which leaves it in RQ's job hash for a take that comes first."""
         self.redis = client
+        self.eventlog = eventlog if eventlog is not None and eventlog.apart else None
         self.settings = settings
         self.log_ttl_s = settings.job_ttl_s
 
@@ -141,12 +144,14 @@ class Admission:
             "max_running": limits.max_running,
             "idem": f"{job_id} {idempotency.fingerprint}" if idempotency else "", "idem_ttl": IDEMPOTENCY_TTL_S,
             "horizon": 2 * self.log_ttl_s * 1000, "webhook": op.webhook_url or "", "batch": batch or "",
-            "needs": json.dumps(op.needs()), "listed": submitted_us,
+            "needs": json.dumps(op.needs()), "listed": submitted_us, "apart": int(self.eventlog is not None),
         }, [keys.queue_ring(keys.queue_name(op.model, p)) for p in keys.INTERACTIVE], flat)
         status = result[0]
         if status == 2:
             return Admitted(result[1].decode(), queue, 0, None, replayed=True)
         if status == 1:
+            if self.eventlog is not None:
+                self.eventlog.write_queued(job_id, result[3])
             eta = result[2].decode() if isinstance(result[2], bytes) else result[2]
             return Admitted(job_id, queue, int(result[1]), None if eta == "null" else float(eta))
         raise _refusal(op, tenant, status, result[1:], self.settings.retry_after.busy_s)

@@ -73,7 +73,8 @@ class Ending:
                                          "counters": keys.COUNTERS, "webhooks_due": keys.WEBHOOKS_DUE,
                                          "batches_due": keys.BATCHES_DUE, "batches_claimed": keys.BATCHES_CLAIMED},
                             {"job": job_id, "state": final_state(terminal), "now": clock.now_ms(self.redis),
-                             "record_ttl": WEBHOOK_RECORD_TTL_S, "info_ttl": self.eventlog.ttl_s}))
+                             "record_ttl": WEBHOOK_RECORD_TTL_S, "info_ttl": self.eventlog.ttl_s,
+                             "settled_ttl": self.eventlog.ttl_s}))
 
     def unsettled(self, older_than_ms: int, limit: int = 500) -> list[str]:
         """Jobs whose log ended more than ``older_than_ms`` ago and whose end is not settled: their writer died

@@ -27,6 +27,17 @@ a seq, and a replay from it finds its place in the first generation holding a
 later seq (``LOG.after``). An event already in the log is refused by its id and
 counted as written (a batch retried after a lost reply).
 
+**The log's own store.** With ``INFERQ_EVENTS_URL`` the logs and their channels
+live on another Redis than the queue's, a Redis Cluster even (each job's keys
+share a hash slot, ``{job id}``; the live message goes by sharded pub/sub, and
+a call writes one job, since a script's keys must share a slot). The scripts of
+the queue's Redis then only count a take's generation, and the take fences the
+log after (``fence``); admission leaves the ``queued`` event in RQ's job hash,
+written to the log next (``write_queued``); a terminal batch first puts its job
+on the settling set of the queue's Redis, then closes the log, then settles
+(``queue_schema.lifecycle.ending``). Unset, both are one Redis, and those steps
+stay inside the queue's scripts.
+
 The published message is ``"<seq> <type> <json>"``: the API's relay learns an
 event's seq and type without parsing its JSON, and the SSE wire format stays
 the API's business (api/sse.py).
@@ -38,6 +49,7 @@ from collections.abc import Sequence
 from enum import IntEnum
 
 import redis
+from redis.cluster import RedisCluster
 
 from queue_schema import keys
 from queue_schema.events import Narration, _Event, parse_event
@@ -49,7 +61,7 @@ NARRATION_LOG_MAXLEN = 10_000
 REFRESH_MEMORY = 10_000  # jobs whose last TTL renewal a process remembers
 UNOWNED = ""  # the writer that may write jobs nobody holds a lease on
 _STEP, _APPEND, _NARRATE = scripts.load("step"), scripts.load("append"), scripts.load("narrate")
-_READ = scripts.load("log_read")
+_READ, _FENCE = scripts.load("log_read"), scripts.load("fence")
 
 
 class Appended(IntEnum):
@@ -62,6 +74,11 @@ class Appended(IntEnum):
 
 
 
+
+
+def _joined(groups) -> tuple[list, list]:
+    """Per-job (keys, args) groups as one script call's lists."""
+    return [k for ks, _ in groups for k in ks], [a for _, args in groups for a in args]
 
 
 def final_state(event: _Event) -> str | None:
@@ -95,9 +112,14 @@ def last_logged(entries) -> _Event | None:
 class EventLog:
     """Append and replay job events. Safe to share between threads."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int = DEFAULTS.job_ttl_s):
-        """``ttl_s``: how long a job's log lives after its last write (the process's Settings.job_ttl_s)."""
+    def __init__(self, client: redis.Redis, ttl_s: int = DEFAULTS.job_ttl_s, queue: redis.Redis | None = None):
+        """``client``: the store the logs live on; ``queue``: the queue's Redis, where that is another store
+        (INFERQ_EVENTS_URL); ``ttl_s``: how long a job's log lives after its last write (Settings.job_ttl_s)."""
         self.redis = client
+        self.queue = client if queue is None else queue
+        self.apart = self.queue is not client
+        self.clustered = isinstance(client, RedisCluster)
+        self.pub = "SPUBLISH" if self.clustered else "PUBLISH"
         self.ttl_s = ttl_s
         # When this process last renewed each job's log TTL (monotonic): a renewal at every decode step was an
         # EXPIRE per job per step. Renewed again after a quarter of the TTL, so a log never lapses mid-run.
@@ -136,37 +158,84 @@ class EventLog:
         plain_runs = set(plain)
         checked = [run for run in per_job if run not in plain_runs]
         renew = {job_id: self._renewal_due(job_id) for job_id, _ in plain}
-        # A pipeline that holds a script first asks Redis whether it has it (redis-py's SCRIPT EXISTS, a round
-        # trip of its own): a step's one call goes alone, as EVALSHA.
-        alone = bool(plain) and not checked and not narration
-        pipe = self.redis if alone else self.redis.pipeline(transaction=False)
-        if plain:
-            more_keys, more_args = [], []
-            for job_id, by in plain:
-                rows = per_job[(job_id, by)]
-                more_keys += [keys.job_events(job_id), keys.job_channel(job_id)]
-                more_args += [generation(by), len(rows), "1" if renew[job_id] else "0"]
-                more_args += [x for seq, type_, data, _ in rows for x in (seq, type_, data)]
-            steps = _STEP(pipe, {}, {"ttl": self.ttl_s}, more_keys, more_args)
-        if checked:
-            more_keys, more_args = [], []
-            for job_id, by in checked:
-                rows = per_job[(job_id, by)]
-                more_keys += [keys.job_events(job_id), keys.job_channel(job_id), keys.job_lease(job_id)]
-                more_args += [job_id, by, len(rows)] + [x for row in rows for x in row]
-            _APPEND(pipe, {"settling": keys.SETTLING}, {"ttl": self.ttl_s, "now": clock.now_ms(self.redis)},
-                    more_keys, more_args)
+        plain_groups = []
+        for job_id, by in plain:
+            rows = per_job[(job_id, by)]
+            plain_groups.append(([keys.job_events(job_id), keys.job_channel(job_id)],
+                                 [generation(by), len(rows), "1" if renew[job_id] else "0",
+                                  *(x for seq, type_, data, _ in rows for x in (seq, type_, data))]))
+        checked_groups = []
+        for job_id, by in checked:
+            rows = per_job[(job_id, by)]
+            job_keys = [keys.job_events(job_id), keys.job_channel(job_id)]
+            checked_groups.append((job_keys if self.apart else [*job_keys, keys.job_lease(job_id)],
+                                   [job_id, by, len(rows), *(x for row in rows for x in row)]))
+        now = clock.now_ms(self.queue) if checked else 0
+        if self.apart:
+            ending = {job_id: now for job_id, by in checked if any(r[3] for r in per_job[(job_id, by)])}
+            pipe = self.queue.pipeline(transaction=False)
+            if ending:  # the reaper's to-do list first: a writer that dies after the end leaves it there
+                pipe.zadd(keys.SETTLING, ending)
+            self._narrate(pipe, narration)
+            if len(pipe):
+                pipe.execute()
+            narration = []
+        step_args = {"ttl": self.ttl_s, "pub": self.pub}
+        append_args = {"ttl": self.ttl_s, "now": now, "apart": int(self.apart), "pub": self.pub}
+
+        def settling(group) -> dict:
+            # Apart, the script touches only the log: its settling key is not used, and the call's first log
+            # stands in (on a cluster every key of a call must share the job's slot).
+            return {"settling": group[0][0] if self.apart else keys.SETTLING}
+
+        if self.clustered:  # a script's keys must share a slot: one call per job
+            step_out = [_STEP(self.redis, {}, step_args, k, a)[0] for k, a in plain_groups]
+            append_out = [_APPEND(self.redis, settling((k, a)), append_args, k, a)[0] for k, a in checked_groups]
+        else:
+            # A pipeline that holds a script first asks Redis whether it has it (redis-py's SCRIPT EXISTS, a
+            # round trip of its own): a step's one call goes alone, as EVALSHA.
+            alone = bool(plain) and not checked and not narration
+            pipe = self.redis if alone else self.redis.pipeline(transaction=False)
+            step_out = _STEP(pipe, {}, step_args, *_joined(plain_groups)) if plain else []
+            if checked:
+                _APPEND(pipe, settling(checked_groups[0]), append_args, *_joined(checked_groups))
+            self._narrate(pipe, narration)
+            if not alone:
+                results = iter(pipe.execute() if len(pipe) else ())
+                step_out = next(results) if plain else []
+                append_out = next(results) if checked else []
+            else:
+                append_out = []
+        done = {run: Appended(int(status)) for run, status in zip(plain, step_out)}
+        done.update({run: Appended(int(status)) for run, status in zip(checked, append_out)})
+        self._renewed([job_id for job_id, by in plain if renew[job_id] and done[(job_id, by)] == Appended.OK])
+        return {run: done[run] for run in per_job}
+
+    @staticmethod
+    def _narrate(pipe, narration: list[str]) -> None:
         for data in narration:
             _NARRATE(pipe, {"log": keys.NARRATION_LOG, "channel": keys.NARRATION_CHANNEL},
                      {"event": data, "maxlen": NARRATION_LOG_MAXLEN})
-        results = iter([steps] if alone else pipe.execute() if len(pipe) else ())
-        done: dict[tuple[str, str], Appended] = {}
-        if plain:
-            done.update({run: Appended(int(status)) for run, status in zip(plain, next(results))})
-        if checked:
-            done.update({run: Appended(int(status)) for run, status in zip(checked, next(results))})
-        self._renewed([job_id for job_id, by in plain if renew[job_id] and done[(job_id, by)] == Appended.OK])
-        return {run: done[run] for run in per_job}
+
+    def fence(self, job_id: str, owner: str, queued: bytes | str = "") -> tuple[int, int]:
+        """The log's side of a take counted on the queue's Redis (only where the log is apart): (the seq the
+        take writes next, 1 fenced in / 0 the log was closed / -1 a later take fenced it first). ``queued``: the
+        job's ``queued`` event from RQ's job hash, written first if the log does not exist yet."""
+        next_seq, state = _FENCE(self.redis, {"log": keys.job_events(job_id)},
+                                 {"gen": generation(owner), "owner": owner, "queued": queued, "ttl": self.ttl_s})
+        return int(next_seq), int(state)
+
+    def write_queued(self, job_id: str, event: bytes | str) -> None:
+        """The ``queued`` event admission left in RQ's job hash, where the log is apart: its first entry
+        (refused, and already there, if the job's first take wrote it)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(keys.job_events(job_id), {"t": "queued", "e": event}, id="1-0")
+        pipe.expire(keys.job_events(job_id), self.ttl_s)
+        try:
+            pipe.execute()
+        except redis.ResponseError as exc:
+            if "equal or smaller" not in str(exc):
+                raise
 
     def _renewal_due(self, job_id: str) -> bool:
         """Whether this write should renew the log's TTL (the checked script renews it at every write)."""

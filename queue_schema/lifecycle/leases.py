@@ -31,6 +31,12 @@ job taken moves the ring's head to its tail (LMOVE, O(1)), so tenants take
 turns whatever their backlog, and a queue that runs empty leaves the ring
 (LREM of the tail just moved, O(1)). In the same step the job moves from its
 limit key's queued set to its running set (queue_schema.lifecycle.tenants).
+
+Where the logs live on a store of their own (INFERQ_EVENTS_URL), a take is
+two steps: the queue's script moves the lease and counts the generation, then
+the log is fenced at it (``EventLog.fence``). Until the fence is in, the take
+before may still write; a take whose fence finds a later one's is stale, and
+gives up (the job is that later take's).
 """
 from __future__ import annotations
 
@@ -78,8 +84,18 @@ class LeaseView:
 
 
 class Leases:
-    def __init__(self, client: redis.Redis):
+    def __init__(self, client: redis.Redis, eventlog=None):
+        """``eventlog``: the job logs' (an EventLog), where they live on a store of their own."""
         self.redis = client
+        self.eventlog = eventlog if eventlog is not None and eventlog.apart else None
+        self._apart = int(self.eventlog is not None)
+
+    def _fenced(self, job_id: str, owner: bytes | None) -> str | None:
+        """The owner string a take gave, once its log is fenced (where apart); None if the take came to nothing."""
+        owner = owner.decode() if owner else None
+        if owner and self.eventlog is not None and self.eventlog.fence(job_id, owner)[1] == -1:
+            return None
+        return owner
 
     def acquire(self, owner: str, rq_worker: str, queue_names: Sequence[str], want: int, now_ms: int,
                 now_rq: str) -> list[Acquired]:
@@ -87,11 +103,16 @@ class Leases:
         (highest priority first), the tenants' queues under each taken in turn."""
         queue_keys = [k for q in queue_names for k in (keys.queue_ring(q), keys.rq_queue(q))]
         rows = _ACQUIRE(self.redis, {"leases": keys.LEASES},
-                        {"owner": owner, "worker": rq_worker, "now_ms": now_ms, "now_rq": now_rq, "want": want},
+                        {"owner": owner, "worker": rq_worker, "now_ms": now_ms, "now_rq": now_rq, "want": want,
+                         "apart": self._apart},
                         queue_keys)
         out = []
         for job_id, queue_key, next_seq, closed, owner_, flat in rows:
             fields = dict(zip(flat[::2], flat[1::2]))
+            if self.eventlog is not None and owner_:
+                next_seq, state = self.eventlog.fence(job_id.decode(), owner_.decode(),
+                                                      fields.get(b"queued_event", b""))
+                closed = state != 1  # closed, or a later take's (then nothing to run here either)
             out.append(Acquired(job_id.decode(), queue_key.decode(), int(next_seq), bool(closed), owner_.decode(),
                                 fields))
         return out
@@ -111,24 +132,34 @@ class Leases:
     def claim(self, seen: LeaseView, new_owner: str) -> str | None:
         """Take the lease over if it still stands exactly as ``seen``: the owner string to write as, or None."""
         got = _CLAIM(self.redis, {"lease": keys.job_lease(seen.job_id)},
-                     {"id": seen.job_id, "owner": seen.owner, "renewals": seen.renewals, "new_owner": new_owner})
-        return got.decode() if got else None
+                     {"id": seen.job_id, "owner": seen.owner, "renewals": seen.renewals, "new_owner": new_owner,
+                      "apart": self._apart})
+        return self._fenced(seen.job_id, got)
 
     def take_over(self, job_id: str, owner: str, new_owner: str) -> str | None:
         """Move ``owner``'s lease to ``new_owner`` (a worker handing its own job to its reaper: its engine
         thread's later writes are then fenced): the owner string to write as, or None."""
         got = _TAKE_OVER(self.redis, {"lease": keys.job_lease(job_id)},
-                         {"id": job_id, "owner": owner, "new_owner": new_owner})
-        return got.decode() if got else None
+                         {"id": job_id, "owner": owner, "new_owner": new_owner, "apart": self._apart})
+        return self._fenced(job_id, got)
 
     def requeue(self, job_id: str, owner: str, queue_name: str, model: str) -> bool:
         """Give the job back, to the front of its queue (and its queue to the front of the ring),
         if ``owner`` holds it."""
-        return bool(_REQUEUE(self.redis, {"lease": keys.job_lease(job_id), "leases": keys.LEASES,
-                                          "queue": keys.rq_queue(queue_name), "job": keys.rq_job(job_id),
-                                          "wake": keys.model_wake(model), "ring": keys.queue_ring(queue_name),
-                                          "info": keys.job_info(job_id)},
-                             {"owner": owner, "job": job_id, "queue_name": queue_name}))
+        fence = _REQUEUE(self.redis, {"lease": keys.job_lease(job_id), "leases": keys.LEASES,
+                                      "queue": keys.rq_queue(queue_name), "job": keys.rq_job(job_id),
+                                      "wake": keys.model_wake(model), "ring": keys.queue_ring(queue_name),
+                                      "info": keys.job_info(job_id)},
+                         {"owner": owner, "job": job_id, "queue_name": queue_name, "apart": self._apart})
+        self._fenced(job_id, fence)  # a take after the requeue may have fenced it already: fine
+        return bool(fence)
+
+    def adopt(self, job_id: str, owner: str, now_ms: int) -> str | None:
+        """Lease a job that shows as running but has no lease (one lost in a Redis restart), to close it: the
+        owner string to write as, or None."""
+        got = _ADOPT(self.redis, {"lease": keys.job_lease(job_id), "leases": keys.LEASES},
+                     {"owner": owner, "id": job_id, "now_ms": now_ms, "apart": self._apart})
+        return self._fenced(job_id, got)
 
     def owners(self, job_ids: Iterable[str]) -> dict[str, str]:
         pipe = self.redis.pipeline(transaction=False)
@@ -143,11 +174,3 @@ def cancel_queued(client: redis.Redis, job_id: str, queue_name: str) -> int:
     -1 it is in no queue (a worker is taking it, or it ended)."""
     return int(_CANCEL_QUEUED(client, {"lease": keys.job_lease(job_id), "queue": keys.rq_queue(queue_name),
                                        "job": keys.rq_job(job_id)}, {"id": job_id}))
-
-
-def adopt(client: redis.Redis, job_id: str, owner: str, now_ms: int) -> str | None:
-    """Lease a job that shows as running but has no lease (one lost in a Redis restart), to close it: the owner
-    string to write as, or None."""
-    got = _ADOPT(client, {"lease": keys.job_lease(job_id), "leases": keys.LEASES},
-                 {"owner": owner, "id": job_id, "now_ms": now_ms})
-    return got.decode() if got else None

@@ -60,7 +60,7 @@ class Reaper:
         self.id = identity  # the lease owner it writes as, once it took a lost job over
         self.eventlog = eventlog or EventLog(client, settings.job_ttl_s)
         self.ending = Ending(client, self.eventlog)
-        self.leases = leases.Leases(client)
+        self.leases = leases.Leases(client, self.eventlog)
         self.stale_s = settings.lease_stale_s
         self._seen: dict[str, tuple[leases.LeaseView, float]] = {}
         self._last_look: float | None = None
@@ -237,7 +237,7 @@ class Reaper:
             action = "cancelled"
         elif status in (JobStatus.STARTED.value, JobStatus.FINISHED.value, JobStatus.FAILED.value):
             # Shown as running (or ended by RQ itself) with no lease and an open log: nobody will end it.
-            writer = leases.adopt(self.redis, job_id, self.id, clock.now_ms(self.redis))
+            writer = self.leases.adopt(job_id, self.id, clock.now_ms(self.redis))
             if not writer:
                 return None
             return self.handle_lost(job_id, "", writer)

@@ -77,7 +77,7 @@ def load(name: str) -> Script:
 
 
 # The key builders a script may need from an id (a job's, a limit key's, a queue name).
-_KEY_BUILDERS = ("job_events", "job_channel", "job_cancel", "job_info", "job_lease", "rq_queue", "rq_job",
+_KEY_BUILDERS = ("job_events", "job_channel", "job_cancel", "job_info", "job_lease", "rq_queue", "rq_job", "job_settled",
                  "limit_queued", "limit_running", "limit_bucket", "webhook", "batch", "batch_ended", "file")
 
 

@@ -101,6 +101,7 @@ def tidy(client: redis.Redis) -> int:
     for limit_key in client.hkeys(keys.TENANTS):
         limit_key = limit_key.decode()
         dropped += int(_TIDY(client, {"queued": keys.limit_queued(limit_key), "running": keys.limit_running(limit_key),
-                                      "bucket": keys.limit_bucket(limit_key), "tenants": keys.TENANTS},
+                                      "bucket": keys.limit_bucket(limit_key), "tenants": keys.TENANTS,
+                                      "open_jobs": keys.OPEN_JOBS},
                              {"limit_key": limit_key}))
     return dropped

@@ -126,16 +126,23 @@ def view(client: redis.Redis, log: EventLog, job_id: str) -> JobView | None:
     return _view(client, job_id, job, log.last(job_id), with_position=True)
 
 
-def views(client: redis.Redis, job_ids: list[str]) -> list[JobView | None]:
-    """Many jobs' states in one round trip, without queue positions (listings)."""
+def views(client: redis.Redis, job_ids: list[str], events: redis.Redis | None = None) -> list[JobView | None]:
+    """Many jobs' states in one round trip (one per store, where the logs have their own: ``events``), without
+    queue positions (listings)."""
+    events = client if events is None else events
     pipe = client.pipeline(transaction=False)
+    log_pipe = pipe if events is client else events.pipeline(transaction=False)
     for job_id in job_ids:
         pipe.hgetall(keys.rq_job(job_id))
-        pipe.xrevrange(keys.job_events(job_id), count=LAST_LOOK)
-    raw = pipe.execute()
+        log_pipe.xrevrange(keys.job_events(job_id), count=LAST_LOOK)
+    if log_pipe is pipe:
+        raw = pipe.execute()
+        books, tails = raw[::2], raw[1::2]
+    else:
+        books, tails = pipe.execute(), log_pipe.execute()
     out = []
     for i, job_id in enumerate(job_ids):
-        fields, entries = raw[2 * i], raw[2 * i + 1]
+        fields, entries = books[i], tails[i]
         job = None
         if fields:
             try:

@@ -6,11 +6,13 @@
 -- model's idle workers.
 -- Answers {1, position, eta} admitted, {2, job id} replayed; refusals {-1} no such model, {-8, capability,
 -- backend} unsupported feature, {-3} offline, {-4, wait ms} rate, {-5, n} queued, {-6, n} running,
--- {-2, bound} queue full, {-7, job id} idempotency key reused.
+-- {-2, bound} queue full, {-7, job id} idempotency key reused. With `apart` ("1": the log lives on the events
+-- store) the event is not written here but kept in RQ's job hash (`queued_event`) and answered as a fourth
+-- element: the API writes it there next, or the job's first take does if it comes first (fence.lua).
 -- KEYS: model job events channel open_jobs rq_queues counters wake serving eta info queue ring queued running
 -- KEYS: bucket idem tenant_jobs all_jobs tenant_counters tenants
 -- ARGV: now bound priority id ttl event worker_ttl model queue_name tenant limit_key rate burst max_queued
--- ARGV: max_running idem idem_ttl horizon webhook batch needs listed
+-- ARGV: max_running idem idem_ttl horizon webhook batch needs listed apart
 -- USES: log keys
 -- Then KEYS: the rings of the interactive priorities, in order; ARGV: the job hash's field/value pairs.
 local now, id, idem = tonumber(A.now), A.id, A.idem
@@ -112,10 +114,14 @@ redis.call('HINCRBY', K.tenant_counters, 'submitted|' .. tenant, 1)
 redis.call('HSET', K.tenants, limit_key, tenant)
 if idem ~= '' then redis.call('SET', K.idem, idem, 'EX', A.idem_ttl) end
 local event = string.gsub((string.gsub(A.event, '"@@position@@"', position)), '"@@eta@@"', eta)
-LOG.write(K.events, K.channel, 1, 0, 'queued', event, false)
-redis.call('EXPIRE', K.events, A.ttl)
+if A.apart == '1' then
+  redis.call('HSET', K.job, 'queued_event', event)
+else
+  LOG.write(K.events, K.channel, 1, 0, 'queued', event, false)
+  redis.call('EXPIRE', K.events, A.ttl)
+end
 redis.call('ZADD', K.open_jobs, now, id)
 redis.call('HINCRBY', K.counters, 'submitted|' .. A.model, 1)
 redis.call('RPUSH', K.wake, 1)
 redis.call('LTRIM', K.wake, -64, -1)
-return {1, position, eta}
+return {1, position, eta, event}

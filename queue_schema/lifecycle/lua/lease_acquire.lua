@@ -7,9 +7,10 @@
 -- RQ's job hash, which lives as long as the job), so every take writes as a writer of its own, and its
 -- fence in the log (log.lua) shuts out the takes before it.
 -- Answers {id, queue, next seq, closed (0/1), the lease owner ("" if closed), RQ's job hash as field/value
--- pairs} per job.
+-- pairs} per job. With `apart` ("1": the log is on the events store) the log is not read here: the next seq
+-- is -1 and closed 0, and the caller fences the log next (fence.lua) to learn both.
 -- KEYS: leases
--- ARGV: owner worker now_ms now_rq want
+-- ARGV: owner worker now_ms now_rq want apart
 -- USES: log keys
 -- Then, per priority (highest first), KEYS: its ring, the model's own queue.
 local want = tonumber(A.want)
@@ -18,10 +19,12 @@ local function take(id, queue)
   local job = KEY.rq_job(id)
   if redis.call('HGET', job, 'status') ~= 'queued' then return end
   local stream = KEY.job_events(id)
-  local next_seq, closed, top = LOG.tail(stream)
+  local apart = A.apart == '1'
+  local next_seq, closed, top = -1, false, 0
+  if not apart then next_seq, closed, top = LOG.tail(stream) end
   local owner = ''
   if not closed then
-    owner, next_seq = LOG.take(stream, job, A.owner, {next_seq, closed, top})
+    owner, next_seq = LOG.take(stream, job, A.owner, {next_seq, closed, top}, apart)
     redis.call('HSET', KEY.job_lease(id), 'owner', owner, 'renewals', 0, 'taken_ms', A.now_ms)
     redis.call('ZADD', K.leases, A.now_ms, id)
     redis.call('HSET', job, 'status', 'started', 'worker_name', A.worker, 'started_at', A.now_rq,

@@ -1,12 +1,15 @@
 -- What hangs on a job's end, settled once (queue_schema/lifecycle/ending.py): its lease of record and its
 -- places in the leases and open-jobs indexes go; it leaves its limit key's queued and running sets; it is
 -- counted by tenant and by model; a webhook delivery is made due if it has one, and its batch told if it is
--- a batch line. Idempotent: only the call that takes the job off the settling set does it (1); any later one
--- (a retry after a lost reply, the reaper's sweep) answers 0.
+-- a batch line. Idempotent: only the first call does it (1), guarded by the job's settled mark, not by the
+-- settling set (a to-do list the reaper reads: where the log lives on the events store, the writer puts the job
+-- there before it writes the end, and a sweep may see it before the end is in); any later call (a retry after
+-- a lost reply, the reaper's sweep) answers 0.
 -- KEYS: settling leases open_jobs tenant_counters counters webhooks_due batches_due batches_claimed
--- ARGV: job state now record_ttl info_ttl
+-- ARGV: job state now record_ttl info_ttl settled_ttl
 -- USES: keys
-if redis.call('ZREM', K.settling, A.job) == 0 then return 0 end
+redis.call('ZREM', K.settling, A.job)
+if not redis.call('SET', KEY.job_settled(A.job), 1, 'NX', 'EX', A.settled_ttl) then return 0 end
 local job, state, now = A.job, A.state, A.now
 redis.call('DEL', KEY.job_lease(job))
 redis.call('ZREM', K.leases, job)

@@ -5,10 +5,11 @@
 -- already logged, a batch retried after a lost reply, counts as written), 0 the log was closed or is gone,
 -- -1 fenced. Terminal events do not come here (append.lua closes a log).
 -- KEYS:
--- ARGV: ttl
+-- ARGV: ttl pub
 -- USES: log
 -- Then, per job, KEYS: its stream, channel; ARGV: its generation, n, refresh ("1": renew the log's TTL),
 -- then n times (seq, type, json).
+LOG.pub = A.pub
 local out = {}
 local a = A_REST
 for k = K_REST, #KEYS, 2 do

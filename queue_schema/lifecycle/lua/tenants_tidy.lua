@@ -1,13 +1,13 @@
--- Members of a limit key's sets whose job is gone or ended: only a Redis that lost writes leaves any (every
+-- Members of a limit key's sets whose job is gone or ended (out of the open-jobs index: its end settled): only a Redis that lost writes leaves any (every
 -- script that ends or moves a job keeps them). Then the limit key itself leaves the tenants hash once nothing
 -- of it is left (no job, no bucket): with auth off there is one per client address, and the hash would grow
 -- for ever; admission writes it again at the key's next submit. Answers how many members were dropped.
--- KEYS: queued running bucket tenants
+-- KEYS: queued running bucket tenants open_jobs
 -- ARGV: limit_key
--- USES: log keys
+-- USES: keys
 local dropped = 0
 for _, id in ipairs(redis.call('SMEMBERS', K.queued)) do
-  if LOG.closed_or_gone(KEY.job_events(id)) then
+  if not redis.call('ZSCORE', K.open_jobs, id) then
     redis.call('SREM', K.queued, id)
     dropped = dropped + 1
   end

@@ -6,7 +6,10 @@
 -- after which nothing is written. A fence entry holds "f" (the take's owner) and no event. What is written
 -- is published on the job's channel, for the API's live relay; what is refused is not.
 -- Seqs grow by one along the log across takes; a fence repeats the seq of the event before it.
-local LOG = {}
+-- Where the logs live on a store of their own (INFERQ_EVENTS_URL), the scripts of the queue's Redis only count
+-- generations (LOG.take with `apart`), and the log's side of a take is fence.lua there; on an events cluster
+-- the live message goes by sharded pub/sub (LOG.pub = 'SPUBLISH', set by the scripts that write logs).
+local LOG = {pub = 'PUBLISH'}
 
 local function has(fields, name)
   for i = 1, #fields, 2 do
@@ -28,15 +31,9 @@ function LOG.tail(stream)
   return seq + 1, has(last[2], 'closed'), gen
 end
 
--- Whether a log that may be gone (expired) is closed, or gone.
-function LOG.closed_or_gone(stream)
-  local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
-  return (not last) or has(last[2], 'closed')
-end
-
 -- The live message is "<seq> <type> <json>": the relay learns seq and type without parsing the JSON.
 function LOG.publish(channel, seq, kind, json)
-  redis.call('PUBLISH', channel, seq .. ' ' .. kind .. ' ' .. json)
+  redis.call(LOG.pub, channel, seq .. ' ' .. kind .. ' ' .. json)
 end
 
 function LOG.write(stream, channel, gen, seq, kind, json, terminal)
@@ -64,7 +61,10 @@ end
 -- everything). Answers the lease owner string ("<taker>#<generation>"), the seq the take writes next, and
 -- whether the log is closed. A job with no log yet gets one here: its fence takes seq 0, its events start at 1.
 -- A caller that has just read the log's end (LOG.tail) passes it on, `tail` = {next_seq, closed, top}.
-function LOG.take(stream, rq_job, taker, tail)
+-- `apart`: the log is on the events store, where the caller fences it next (fence.lua); here only the
+-- generation is counted, and the next seq (-1) and closedness are the fence's to say.
+function LOG.take(stream, rq_job, taker, tail, apart)
+  if apart then return taker .. '#' .. LOG.next_gen(rq_job, 0), -1, false end
   local next_seq, closed, top
   if tail then next_seq, closed, top = tail[1], tail[2], tail[3] else next_seq, closed, top = LOG.tail(stream) end
   local gen = LOG.next_gen(rq_job, top)
