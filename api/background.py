@@ -20,6 +20,8 @@ without the key a delivery needs gives it back for a process that has it.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -110,8 +112,14 @@ class Background:
         if now - self._said_store_ms < EVENTS_STORE_RENEW_MS:
             return
         self._said_store_ms = now
-        events_url.renew(self.app.extensions["inferq"].redis,
-                         connection.store_identity(self.app.extensions["inferq_events_url"]), self.id, now)
+        try:
+            events_url.renew(self.app.extensions["inferq"].redis,
+                             connection.store_identity(self.app.extensions["inferq_events_url"]), self.id, now)
+        except events_url.EventsStoreMismatch as exc:
+            # The fleet moved its logs while this process went unseen: it must not serve streams from the old
+            # store. Its gunicorn worker stops; the one started in its place is refused at boot, loudly.
+            log.error("background %s: %s; stopping this API process", self.id, exc)
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def idle(self) -> bool:
         """No delivery attempt in flight (tests wait for this)."""

@@ -28,13 +28,23 @@ from bench.harness import model_file, save, stack
 from inferq.client import chunk_lines, parse_sse
 
 
-def cpu_s(r: redis.Redis) -> float:
+def cpu_s(r) -> float:
+    """Redis's CPU seconds so far (summed over the nodes, given a list: a cluster's)."""
+    if isinstance(r, (list, tuple)):
+        return sum(cpu_s(node) for node in r)
     info = r.info("cpu")
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
-def command_calls(r: redis.Redis) -> dict[str, tuple[int, int]]:
-    """command -> (calls, µs) since Redis started."""
+def command_calls(r) -> dict[str, tuple[int, int]]:
+    """command -> (calls, µs) since Redis started (summed over the nodes, given a list)."""
+    if isinstance(r, (list, tuple)):
+        out: dict[str, tuple[int, int]] = {}
+        for node in r:
+            for name, (calls, usec) in command_calls(node).items():
+                before = out.get(name, (0, 0))
+                out[name] = (before[0] + calls, before[1] + usec)
+        return out
     return {name[len("cmdstat_"):]: (int(v["calls"]), int(v["usec"]))
             for name, v in r.info("commandstats").items()}
 
@@ -126,19 +136,39 @@ def floor(r: redis.Redis, events: int) -> dict:
 
 
 def phases(url: str, r: redis.Redis, model: str, clients: int, rounds: int, max_tokens: int, jobs: int,
-           idle_s: float):
+           idle_s: float, also=None):
     """The load, then 1-token jobs, each metered against the stack's idle rate, then the floor on the same
-    Redis: (tokens, the load's meter reading, the jobs', the floor, the meter)."""
+    Redis: (tokens, the load's meter reading, the jobs', the floor, the meter). ``also``: another store's
+    nodes (the events cluster), metered over the same stretches; their (load, jobs) readings are then
+    ``meter.also``."""
     load(url, model, clients, 1, 4)  # warm-up: each worker's first decode, the API's imports
-    meter = Meter(r, idle_s)
-    meter.start()
+    meters = [Meter(r, idle_s)] if also is None else _side_by_side(r, also, idle_s)
+    for m in meters:
+        m.start()
     tokens = load(url, model, clients, rounds, max_tokens)
-    per_token = meter.stop()
-    meter.start()
+    readings = [m.stop() for m in meters]
+    for m in meters:
+        m.start()
     for i in range(jobs):
         stream_job(url, model, f"one token {i}", 1)
-    per_job = meter.stop()
-    return tokens, per_token, per_job, floor(r, max(tokens, 4000)), meter
+    per_job = [m.stop() for m in meters]
+    meter = meters[0]
+    meter.also = (readings[1], per_job[1]) if also is not None else None
+    return tokens, readings[0], per_job[0], floor(r, max(tokens, 4000)), meter
+
+
+def _side_by_side(r, also, idle_s: float) -> list[Meter]:
+    """Two meters whose idle rates are measured over the same seconds."""
+    import threading
+
+    out = {}
+    threads = [threading.Thread(target=lambda k=k, c=c: out.__setitem__(k, Meter(c, idle_s)))
+               for k, c in (("queue", r), ("also", also))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [out["queue"], out["also"]]
 
 
 def main(argv=None):

@@ -112,10 +112,14 @@ def scaleout() -> Path | None:
     fig, (ax,) = figure(f"Scale-out: N workers on one Redis ({data['model']} model, "
                         f"--parallel {data['parallel']})")
     workers = [r["workers"] for r in rows]
-    ax.plot(workers, [r["ceiling_tok_s"] for r in rows], "o-", label="fleet tok/s one Redis core carries")
-    ax.plot(workers, [r["rate"] for r in rows], "s-", label="fleet tok/s measured (2 shared cores)")
+    ax.plot(workers, [r["ceiling_tok_s"] for r in rows], "o-", label="tok/s one Redis core carries")
+    ax.plot(workers, [r["rate"] for r in rows], "s-", label="tok/s measured (2 shared cores)")
     ax.plot(workers, [r["floor_ceiling_tok_s"] for r in rows], ":", color="grey",
-            label="floor: XADD + PUBLISH per token")
+            label="floor: one XADD a token")
+    moved = data.get("events_cluster_rows") or []
+    if moved:  # the queue's Redis core once the job logs are on an events cluster
+        ax.plot([r["workers"] for r in moved], [r["ceiling_tok_s"] for r in moved], "^--",
+                label="queue Redis core, logs on a cluster")
     for r in rows:
         ax.annotate(f"{r['cpu_us_per_token']:.0f} µs/tok", (r["workers"], r["ceiling_tok_s"]),
                     textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)

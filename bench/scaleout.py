@@ -19,27 +19,45 @@ and the cost per token rises for that reason rather than for the number of worke
 
 The baseline, on the same Redis in the same run for each N, is ``bench.redis_cost``'s floor: one XADD
 of a token event per token, pipelined. The ratio inferq / floor is printed per N.
+
+``--events cluster`` runs each N again with the job logs on a 3-master Redis Cluster with a replica each
+(``INFERQ_EVENTS_URL``; inferq/local_cluster.py, on the same machine): the queue's Redis is metered as
+before, and the cluster's six nodes, summed, over the same stretches: what moved off the queue's primary.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import redis
 
 from bench.harness import model_file, save, stack
 from bench.redis_cost import phases
+from inferq.local_cluster import RedisCluster
 
 GPU_WORKER_TOK_S = 1000
 
 
-def measure(path, workers: int, args) -> dict:
+def measure(path, workers: int, args, events: str = "queue") -> dict:
     env = {"INFERQ_MAX_STREAMS_PER_TOKEN": "100000"}  # every client shares one address: let the load decide
-    with stack({"scale": path}, threads=1, workers_per_model=workers,
-               worker_args=("--parallel", str(args.parallel)), env_extra=env) as (url, redis_url):
+    with contextlib.ExitStack() as stacks:
+        nodes = None
+        if events == "cluster":
+            cluster = stacks.enter_context(RedisCluster())
+            env["INFERQ_EVENTS_URL"] = cluster.url
+            nodes = [node.client for node in cluster.nodes]
+        url, redis_url = stacks.enter_context(stack({"scale": path}, threads=1, workers_per_model=workers,
+                                                    worker_args=("--parallel", str(args.parallel)), env_extra=env))
         tokens, per_token, per_job, base, meter = phases(url, redis.Redis.from_url(redis_url), "scale", args.clients,
-                                                         args.rounds, args.tokens, args.jobs, args.idle_s)
+                                                         args.rounds, args.tokens, args.jobs, args.idle_s, nodes)
     cpu_us = per_token["cpu_s"] / tokens * 1e6
-    return {"workers": workers, "tokens": tokens, "jobs": args.clients * args.rounds,
+    moved = {}
+    if meter.also is not None:
+        load_, jobs_ = meter.also
+        moved = {"events_cpu_us_per_token": load_["cpu_s"] / tokens * 1e6,
+                 "events_calls_per_token": load_["calls"] / tokens,
+                 "events_job_cpu_us": jobs_["cpu_s"] / args.jobs * 1e6, "events_job_calls": jobs_["calls"] / args.jobs}
+    return {"events": events, **moved, "workers": workers, "tokens": tokens, "jobs": args.clients * args.rounds,
             "seconds": per_token["seconds"], "rate": tokens / per_token["seconds"],
             "idle_cpu_ms_per_s": meter.idle_cpu_per_s * 1e3, "idle_calls_per_s": meter.idle_calls_per_s,
             "cpu_us_per_token": cpu_us, "calls_per_token": per_token["calls"] / tokens,
@@ -63,9 +81,14 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=64, help="max_tokens per job")
     ap.add_argument("--jobs", type=int, default=20, help="1-token jobs for the per-job cost")
     ap.add_argument("--idle-s", type=float, default=4.0)
+    ap.add_argument("--events", nargs="+", choices=["queue", "cluster"], default=["queue"],
+                    help="where the job logs live: the queue's Redis, and/or a 3-master events cluster")
     args = ap.parse_args(argv)
     path = model_file(args.model)
-    rows = [measure(path, n, args) for n in args.workers]
+    rows = [measure(path, n, args, "queue") for n in args.workers] if "queue" in args.events else []
+    moved = [measure(path, n, args, "cluster") for n in args.workers] if "cluster" in args.events else []
+    if not rows:
+        rows = moved
     print(f"scale-out: model={args.model}, 1 thread and --parallel {args.parallel} per worker, "
           f"{args.clients} clients x {args.rounds} jobs of max_tokens {args.tokens}, one Redis, one API process")
     print(f"{'workers':>7}{'tokens':>7}{'tok/s':>7}{'idle ms/s':>10}{'µs/tok':>8}{'cmd µs':>8}{'cmd/tok':>8}"
@@ -91,9 +114,23 @@ def main(argv=None):
               f"{last['cpu_us_per_token'] / first['cpu_us_per_token']:.2f}x, commands per token "
               f"{last['calls_per_token'] / first['calls_per_token']:.2f}x, fleet tok/s "
               f"{last['rate'] / first['rate']:.2f}x")
+    if moved:
+        print("  job logs on a 3-master events cluster (INFERQ_EVENTS_URL), same load, per N: the queue's Redis "
+              "and the cluster's six nodes summed")
+        print(f"    {'workers':>7}{'queue µs/tok':>13}{'cmd/tok':>8}{'job µs':>8}{'job cmd':>8}{'tok/s/core':>11}"
+              f"{'cluster µs/tok':>15}{'cmd/tok':>8}{'job µs':>8}{'job cmd':>8}")
+        for w in moved:
+            print(f"    {w['workers']:7d}{w['cpu_us_per_token']:13.1f}{w['calls_per_token']:8.2f}{w['job_cpu_us']:8.0f}"
+                  f"{w['job_calls']:8.0f}{w['ceiling_tok_s']:11,.0f}{w['events_cpu_us_per_token']:15.1f}"
+                  f"{w['events_calls_per_token']:8.2f}{w['events_job_cpu_us']:8.0f}{w['events_job_calls']:8.0f}")
+        if rows is not moved:
+            for q, c in zip(rows, moved):
+                print(f"  {q['workers']} worker(s): the queue's Redis CPU per token {q['cpu_us_per_token']:.1f} -> "
+                      f"{c['cpu_us_per_token']:.1f} µs ({c['cpu_us_per_token'] / q['cpu_us_per_token']:.2f}x) with "
+                      "the logs moved off it")
     save("scaleout", {"model": args.model, "parallel": args.parallel, "clients": args.clients,
                       "rounds": args.rounds, "max_tokens": args.tokens, "gpu_worker_tok_s": GPU_WORKER_TOK_S,
-                      "rows": rows})
+                      "rows": rows, "events_cluster_rows": moved if rows is not moved else []})
 
 
 if __name__ == "__main__":

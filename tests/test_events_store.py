@@ -132,7 +132,7 @@ def test_a_stream_resumes_from_any_seq(stack):
 
 def test_cancel_a_queued_and_a_running_job(stack):
     api, _, queue, events, _, _ = stack
-    running = _submit(api, model="slow", prompt="long", max_tokens=400)
+    running = _submit(api, model="slow", prompt="long", max_tokens=2000)
     _stream(api, running, until="token")
     queued = _submit(api, model="slow", prompt="behind it", max_tokens=5)
     for job_id in (queued, running):
@@ -291,3 +291,63 @@ def _resumed(api, job_id, seen) -> list[dict] | None:
     except (requests.RequestException, AssertionError):
         return None
     return rest if rest and rest[-1]["type"] in ("end", "error") else None
+
+
+@pytest.fixture()
+def two_stores(tmp_path):
+    """A queue Redis and an events Redis of this test's own, the second to be stopped mid-way."""
+    queue = EmbeddedRedis(tmp_path / "queue", appendonly=False).start()
+    events = EmbeddedRedis(tmp_path / "events", appendonly=False).start()
+    yield queue, events
+    for server in (queue, events):
+        try:
+            server.stop()
+        except Exception:  # the test stopped it already
+            pass
+
+
+def test_the_events_store_failing_between_admission_and_take_loses_no_job(two_stores):
+    """The two-store steps fail in the middle: the admission is kept (its queued event written later by the
+    reaper's sweep), and a take whose fence cannot be written gives its job straight back to its queue."""
+    from queue_schema.lifecycle.admission import Admission
+    from queue_schema.lifecycle.eventlog import EventLog
+    from queue_schema.lifecycle.leases import Leases
+    from queue_schema.lifecycle.reaper import Reaper
+    from queue_schema.operations import InferOperation
+    from tests.helpers import serve_fake_model
+
+    queue_server, events_server = two_stores
+    queue, events = redis.Redis.from_url(queue_server.url), redis.Redis.from_url(events_server.url)
+    log = EventLog(events, queue=queue)
+    serve_fake_model(queue, "m")
+    op = InferOperation(operation="infer", model="m", prompt="x", max_tokens=1)
+    events_server.stop()
+    admitted = Admission(queue, eventlog=log).admit(op, 10)  # admitted, though its event could not be written
+    queue_key = keys.rq_queue(admitted.queue)
+    assert queue.lrange(queue_key, 0, -1) == [admitted.job_id.encode()]
+    taken = Leases(queue, log).acquire("w1", "w1", [keys.queue_name("m", "normal")], 1, 0, "now")
+    assert taken == []  # its fence could not be written: back at the front of its queue, not stranded
+    assert queue.lrange(queue_key, 0, -1) == [admitted.job_id.encode()]
+    assert queue.hget(keys.rq_job(admitted.job_id), "status") == b"queued"
+    assert not queue.exists(keys.job_lease(admitted.job_id))
+    events_server.start()
+    events = redis.Redis.from_url(events_server.url)
+    log = EventLog(events, queue=queue)
+    queue.zadd(keys.OPEN_JOBS, {admitted.job_id: 0})  # old enough for the sweep
+    assert (admitted.job_id, "queued event written") in Reaper(queue, "r1", log).sweep()
+    assert [e.type for e in log.replay(admitted.job_id)] == ["queued"]
+    assert queue.zscore(keys.OPEN_JOBS, admitted.job_id) is not None  # still open: it has not run
+    taken = Leases(queue, log).acquire("w1", "w1", [keys.queue_name("m", "normal")], 1, 0, "now")
+    assert [(t.job_id, t.next_seq, t.closed) for t in taken] == [(admitted.job_id, 1, False)]
+
+
+def test_narration_is_replayed_from_the_queues_redis(two_stores):
+    from queue_schema.events import Narration
+    from queue_schema.lifecycle.eventlog import EventLog
+
+    queue_server, events_server = two_stores
+    queue, events = redis.Redis.from_url(queue_server.url), redis.Redis.from_url(events_server.url)
+    log = EventLog(events, queue=queue)
+    log.append(Narration(actor="w1", action="loading", target="m", human="Loading m"))
+    assert [e.human for e in log.recent_narration()] == ["Loading m"]
+    assert not events.exists(keys.NARRATION_LOG)

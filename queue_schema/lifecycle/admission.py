@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 
@@ -56,6 +57,8 @@ IDEMPOTENCY_TTL_S = 24 * 3600
 _POSITION, _ETA = '"@@position@@"', '"@@eta@@"'
 
 _ADMIT, _FORGET = scripts.load("admit"), scripts.load("forget")
+
+log = logging.getLogger(__name__)
 
 
 def new_job_id() -> str:
@@ -151,7 +154,12 @@ class Admission:
             return Admitted(result[1].decode(), queue, 0, None, replayed=True)
         if status == 1:
             if self.eventlog is not None:
-                self.eventlog.write_queued(job_id, result[3])
+                try:
+                    self.eventlog.write_queued(job_id, result[3])
+                except redis.RedisError as exc:
+                    # The job is admitted: its first take, or the reaper's sweep, writes the event from RQ's
+                    # job hash. Failing the request would have its client submit it twice.
+                    log.warning("job %s: its queued event waits for the events store (%s)", job_id, exc)
             eta = result[2].decode() if isinstance(result[2], bytes) else result[2]
             return Admitted(job_id, queue, int(result[1]), None if eta == "null" else float(eta))
         raise _refusal(op, tenant, status, result[1:], self.settings.retry_after.busy_s)

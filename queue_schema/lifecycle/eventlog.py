@@ -297,5 +297,5 @@ class EventLog:
     def recent_narration(self, count: int = 100) -> list[_Event]:
         if count <= 0:
             return []
-        entries = self.redis.xrevrange(keys.NARRATION_LOG, count=count)
+        entries = self.queue.xrevrange(keys.NARRATION_LOG, count=count)  # narration stays on the queue's Redis
         return [parse_event(fields[b"e"]) for _, fields in reversed(entries)]

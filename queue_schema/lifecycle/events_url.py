@@ -60,7 +60,9 @@ def renew(queue_client, identity: str, process: str, now_ms: int) -> None:
     if store is None:  # the queue's Redis lost its data (a restart without persistence): claim again
         return claim(queue_client, identity, process, now_ms)
     if _text(store) != identity:
-        # Only after this process went unseen past USER_TTL_MS (paused, cut off) can the fleet have moved.
+        # Only after this process went unseen past USER_TTL_MS (paused, cut off) can the fleet have moved. Its
+        # entry goes again, or the fleet's next restart would see it as a user of the old store.
+        leave(queue_client, identity, process)
         raise EventsStoreMismatch(f"this process keeps job logs on {_name(identity)}, but the fleet moved them to "
                                   f"{_name(_text(store))} while it went unseen: {FIX}")
 

@@ -110,12 +110,33 @@ class Leases:
         for job_id, queue_key, next_seq, closed, owner_, flat in rows:
             fields = dict(zip(flat[::2], flat[1::2]))
             if self.eventlog is not None and owner_:
-                next_seq, state = self.eventlog.fence(job_id.decode(), owner_.decode(),
-                                                      fields.get(b"queued_event", b""))
+                try:
+                    next_seq, state = self.eventlog.fence(job_id.decode(), owner_.decode(),
+                                                          fields.get(b"queued_event", b""))
+                except (redis.RedisError, redis.exceptions.RedisClusterException):
+                    # The events store failed between the two steps: the job goes back to the front of its
+                    # queue now, not after the reaper's patience (which would spend its one requeue).
+                    self._give_back(job_id.decode(), owner_.decode(), queue_key.decode())
+                    continue
                 closed = state != 1  # closed, or a later take's (then nothing to run here either)
             out.append(Acquired(job_id.decode(), queue_key.decode(), int(next_seq), bool(closed), owner_.decode(),
                                 fields))
         return out
+
+    def _give_back(self, job_id: str, owner: str, queue_key: str) -> None:
+        queue_name = queue_key[len(keys.RQ_QUEUE_PREFIX):]
+        model = keys.base_queue_name(queue_name)[len(keys.QUEUE_PREFIX):].rpartition(".")[0]
+        try:
+            self._requeue(job_id, owner, queue_name, model)
+        except redis.RedisError:
+            pass  # the queue's Redis too: the reaper finds the lease standing still
+
+    def _requeue(self, job_id: str, owner: str, queue_name: str, model: str):
+        return _REQUEUE(self.redis, {"lease": keys.job_lease(job_id), "leases": keys.LEASES,
+                                     "queue": keys.rq_queue(queue_name), "job": keys.rq_job(job_id),
+                                     "wake": keys.model_wake(model), "ring": keys.queue_ring(queue_name),
+                                     "info": keys.job_info(job_id)},
+                        {"owner": owner, "job": job_id, "queue_name": queue_name, "apart": self._apart})
 
     def renew(self, held: Sequence[tuple[str, str]]) -> list[str]:
         """Renew leases given as (job id, owner); the ids whose owner no longer holds them."""
@@ -146,11 +167,7 @@ class Leases:
     def requeue(self, job_id: str, owner: str, queue_name: str, model: str) -> bool:
         """Give the job back, to the front of its queue (and its queue to the front of the ring),
         if ``owner`` holds it."""
-        fence = _REQUEUE(self.redis, {"lease": keys.job_lease(job_id), "leases": keys.LEASES,
-                                      "queue": keys.rq_queue(queue_name), "job": keys.rq_job(job_id),
-                                      "wake": keys.model_wake(model), "ring": keys.queue_ring(queue_name),
-                                      "info": keys.job_info(job_id)},
-                         {"owner": owner, "job": job_id, "queue_name": queue_name, "apart": self._apart})
+        fence = self._requeue(job_id, owner, queue_name, model)
         self._fenced(job_id, fence)  # a take after the requeue may have fenced it already: fine
         return bool(fence)
 

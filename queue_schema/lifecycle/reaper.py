@@ -222,6 +222,13 @@ class Reaper:
 
     def _orphan(self, job_id: str, status: str) -> str | None:
         last = self.eventlog.last(job_id)
+        if last is None and status == JobStatus.QUEUED.value and self.eventlog.apart:
+            # Admitted, and its queued event not written yet (the events store failed right after admission):
+            # it is in RQ's job hash.
+            event = self.redis.hget(keys.rq_job(job_id), "queued_event")
+            if event:
+                self.eventlog.write_queued(job_id, event)
+                return "queued event written"
         if last is None:  # the log expired: nothing is open any more
             self.redis.zrem(keys.OPEN_JOBS, job_id)
             return None
