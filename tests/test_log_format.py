@@ -34,30 +34,28 @@ def test_a_worker_refuses_to_start_beside_a_worker_of_the_old_layout(r, redis_ur
     log_format.check(r)  # gone: nothing stands in the way
 
 
-def test_a_worker_refuses_to_start_while_jobs_of_the_old_layout_are_open(r, redis_url, tiny_model):
-    job = "old-layout-job"
-    r.xadd(keys.job_events(job), {"e": json.dumps({"job_id": job, "seq": 0, "type": "queued"})}, id="0-1")
+def refused_while_open(r, redis_url, tiny_model, job: str, log_key: str, fields: dict, entry_id: str) -> None:
+    """A worker refuses to start while ``job`` is open with this log entry, and starts once it is gone."""
+    r.xadd(log_key, fields, id=entry_id)
     r.zadd(keys.OPEN_JOBS, {job: 1})
     try:
         errors = start_refused(redis_url, tiny_model)
         assert "old layout" in errors[0] and job in errors[0]
     finally:
         r.zrem(keys.OPEN_JOBS, job)
-        r.delete(keys.job_events(job))
+        r.delete(log_key)
     log_format.check(r)
+
+
+def test_a_worker_refuses_to_start_while_jobs_of_the_old_layout_are_open(r, redis_url, tiny_model):
+    job = "old-layout-job"
+    refused_while_open(r, redis_url, tiny_model, job, keys.job_events(job),
+                       {"e": json.dumps({"job_id": job, "seq": 0, "type": "queued"})}, "0-1")
 
 
 def test_a_worker_refuses_to_start_while_an_open_jobs_log_is_under_its_old_name(r, redis_url, tiny_model):
     """Log format 3 put the job id in the log's name as a hash tag: a log format 2 wrote is not found under
     the new name, so its open job would lose its history."""
     job = "format-2-job"
-    r.xadd(keys.old_job_events(job), {"t": "queued", "e": json.dumps({"job_id": job, "seq": 0, "type": "queued"})},
-           id="1-0")
-    r.zadd(keys.OPEN_JOBS, {job: 1})
-    try:
-        errors = start_refused(redis_url, tiny_model)
-        assert "old layout" in errors[0] and job in errors[0]
-    finally:
-        r.zrem(keys.OPEN_JOBS, job)
-        r.delete(keys.old_job_events(job))
-    log_format.check(r)
+    refused_while_open(r, redis_url, tiny_model, job, keys.old_job_events(job),
+                       {"t": "queued", "e": json.dumps({"job_id": job, "seq": 0, "type": "queued"})}, "1-0")
