@@ -63,6 +63,11 @@ def base_queue_name(name: str) -> str:
     return name.partition(TENANT_QUEUE_SEP)[0]
 
 
+def queue_model(name: str) -> str:
+    """The model a queue (a model's, or a tenant's under it) is for: ``queue_name``'s first part."""
+    return base_queue_name(name)[len(QUEUE_PREFIX):].rpartition(".")[0]
+
+
 def queue_ring(name: str) -> str:
     """List of the queues under one model queue that have jobs waiting, taken in turn (fair share)."""
     return f"{PREFIX}:ring:{base_queue_name(name)}"

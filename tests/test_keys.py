@@ -30,6 +30,7 @@ def test_key_names_are_pinned():
     assert keys.INTERACTIVE == ("high", "normal", "low")
     assert keys.queue_name("tiny", "low", "alice") == "inferq.tiny.low@alice"
     assert keys.base_queue_name("inferq.tiny.low@alice") == "inferq.tiny.low"
+    assert keys.queue_model("inferq.tiny.v2.low@alice") == keys.queue_model("inferq.tiny.v2.low") == "tiny.v2"
     ring = "inferq:ring:inferq.tiny.low"
     assert keys.queue_ring("inferq.tiny.low@alice") == keys.queue_ring("inferq.tiny.low") == ring
     assert keys.job_info("j1") == "inferq:job:j1:info"

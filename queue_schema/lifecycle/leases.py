@@ -125,9 +125,8 @@ class Leases:
 
     def _give_back(self, job_id: str, owner: str, queue_key: str) -> None:
         queue_name = queue_key[len(keys.RQ_QUEUE_PREFIX):]
-        model = keys.base_queue_name(queue_name)[len(keys.QUEUE_PREFIX):].rpartition(".")[0]
         try:
-            self._requeue(job_id, owner, queue_name, model)
+            self._requeue(job_id, owner, queue_name, keys.queue_model(queue_name))
         except redis.RedisError:
             pass  # the queue's Redis too: the reaper finds the lease standing still
 
